@@ -16,11 +16,15 @@ class ConfigError(SmartDNSError):
 
 
 class WireError(SmartDNSError):
-    """A query that cannot be answered normally: `rcode` to reply with, or None to drop it."""
+    """A query that cannot be answered normally: `rcode` to reply with, or None to drop it.
 
-    def __init__(self, rcode: int | None, reason: str) -> None:
+    `question` holds the question section when it was readable, so the error reply can echo it.
+    """
+
+    def __init__(self, rcode: int | None, reason: str, question: bytes = b"") -> None:
         super().__init__(reason)
         self.rcode = rcode
+        self.question = question
 
 
 class UpstreamError(SmartDNSError):
