@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 
 from smartdns.config import Region, UnblockConfig
+from smartdns.errors import WireError
 from smartdns.wire import (
     FLAG_AA,
     FLAG_AD,
@@ -17,11 +18,13 @@ from smartdns.wire import (
     QTYPE_A,
     QTYPE_AAAA,
     QTYPE_SOA,
+    RCODE_BADVERS,
     RCODE_NOERROR,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     ForwardedAnswer,
     Query,
+    build_error,
     build_opt,
     build_reply,
     encode_name,
@@ -96,12 +99,20 @@ def _soa_record(zone_wire: bytes, ttl: int) -> bytes:
 class Responder:
     """Builds replies for one configuration: our OPT variants are prepared once."""
 
-    __slots__ = ("_opt_do", "_opt_plain", "edns_udp_size")
+    __slots__ = ("_opt_badvers", "_opt_do", "_opt_plain", "edns_udp_size")
 
     def __init__(self, edns_udp_size: int) -> None:
         self.edns_udp_size = edns_udp_size
         self._opt_plain = build_opt(edns_udp_size, dnssec_ok=False)
         self._opt_do = build_opt(edns_udp_size, dnssec_ok=True)
+        self._opt_badvers = build_opt(edns_udp_size, dnssec_ok=False, extended_rcode=RCODE_BADVERS)
+
+    def error(self, packet: bytes, error: WireError) -> bytes:
+        """FORMERR, NOTIMP or BADVERS for a query with a readable header. BADVERS carries our
+        OPT (version 0) with the upper rcode bits, as RFC 6891 §6.1.3 requires."""
+        assert error.rcode is not None
+        opt = self._opt_badvers if error.rcode == RCODE_BADVERS else b""
+        return build_error(packet, error.rcode, error.question, opt)
 
     def opt_for(self, query: Query) -> bytes:
         """Our OPT when the query had one (RFC 6891 §7), DO copied (RFC 3225 §3)."""

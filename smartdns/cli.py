@@ -1,0 +1,184 @@
+"""Command line: argparse subcommands, exit codes, output. `__main__` only calls `main()`.
+
+Exit codes: 0 success, 1 runtime failure (listen address taken, database unusable, stale
+write), 2 invalid configuration or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from smartdns.config import Config, describe, load_config
+from smartdns.entries import (
+    format_network,
+    parse_addresses,
+    parse_snapshot_document,
+    validate_account_id,
+)
+from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
+from smartdns.registry import AccountRecord, RegistrationStore
+
+DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
+EXIT_FAILURE: Final = 1
+EXIT_INVALID: Final = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --config is accepted before and after the subcommand; SUPPRESS keeps the later one
+    # from overwriting the earlier one with its default.
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="configuration file"
+    )
+    parser = argparse.ArgumentParser(
+        prog="smartdns",
+        description="MediaStreamer DNS authorization server",
+        parents=[config_option],
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", parents=[config_option], help="run the server in the foreground")
+    commands.add_parser("check-config", parents=[config_option], help="validate the configuration")
+    registrations = commands.add_parser(
+        "registrations", parents=[config_option], help="manage registered addresses"
+    )
+    actions = registrations.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", parents=[config_option], help="add addresses to an account")
+    add.add_argument("account")
+    add.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    remove = actions.add_parser(
+        "remove", parents=[config_option], help="remove addresses, or the whole account"
+    )
+    remove.add_argument("account")
+    remove.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    listing = actions.add_parser("list", parents=[config_option], help="list registrations")
+    listing.add_argument("account", nargs="?")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    importing = actions.add_parser(
+        "import", parents=[config_option], help="replace all registrations with a snapshot"
+    )
+    importing.add_argument("file", type=Path)
+    actions.add_parser("export", parents=[config_option], help="print a snapshot document")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = getattr(args, "config", None) or Path(os.environ.get("SMARTDNS_CONFIG", DEFAULT_CONFIG))
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        if args.command == "check-config":
+            print(describe(config))
+            return 0
+        if args.command == "serve":
+            from smartdns.daemon import serve  # the server's imports are not needed elsewhere
+
+            return serve(config)
+        return asyncio.run(_registrations(config, args))
+    except RegistrationError as error:
+        print(f"smartdns: invalid input: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    except SmartDNSError as error:
+        print(f"smartdns: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+async def _registrations(config: Config, args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[Config, RegistrationStore, argparse.Namespace], Awaitable[int]]]
+    handlers = {
+        "add": _add,
+        "remove": _remove,
+        "list": _list,
+        "import": _import,
+        "export": _export,
+    }
+    # Writers create the database; readers must find it (an empty one would hide a mistake).
+    create = args.action in ("add", "import")
+    store = await RegistrationStore.open(config.database.path, create=create)
+    try:
+        return await handlers[args.action](config, store, args)
+    finally:
+        await store.close()
+
+
+async def _add(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account)
+    networks = parse_addresses(list(args.addresses), config.registrations)
+    record = await store.add_entries(account, networks, config.registrations.max_per_account)
+    print(f"{record.account}: {len(record.networks)} entries, version {record.version}")
+    return 0
+
+
+async def _remove(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account)
+    networks = (
+        parse_addresses(list(args.addresses), config.registrations) if args.addresses else None
+    )
+    if not await store.remove_entries(account, networks):
+        print(f"smartdns: error: no registered account {account}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"{account}: removed" if networks is None else f"{account}: {len(networks)} entries removed"
+    )
+    return 0
+
+
+def _record_json(record: AccountRecord) -> dict[str, Any]:
+    return {
+        "account": record.account,
+        "version": record.version,
+        "addresses": [format_network(network) for network in record.networks],
+    }
+
+
+async def _list(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account) if args.account is not None else None
+    records = await store.list_accounts(account)
+    if args.json:
+        print(json.dumps({"accounts": [_record_json(record) for record in records]}, indent=2))
+        return 0
+    for record in records:
+        addresses = " ".join(format_network(network) for network in record.networks)
+        print(f"{record.account}\tversion {record.version}\t{addresses}")
+    if account is not None and not records:
+        print(f"smartdns: error: no registered account {account}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+async def _import(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    try:
+        document = json.loads(args.file.read_text(encoding="utf-8"))
+    except OSError as error:
+        print(f"smartdns: error: {args.file}: {error.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        print(
+            f"smartdns: invalid input: {args.file}: not JSON ({type(error).__name__})",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    snapshot = parse_snapshot_document(document, config.registrations)
+    result = await store.replace_snapshot(snapshot)
+    counts = f"{result.accounts} accounts, {result.entries} entries"
+    print(f"imported snapshot version {snapshot.version}: {counts}")
+    return 0
+
+
+async def _export(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    version = await store.snapshot_version()
+    records = await store.list_accounts(None)
+    accounts = {record.account: _record_json(record)["addresses"] for record in records}
+    print(json.dumps({"version": version, "accounts": accounts}, indent=2))
+    return 0

@@ -1,0 +1,60 @@
+"""Logging set-up and the warn-once helper. Log lines carry counts, never a client or a name."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Final
+
+WARN_INTERVAL_S: Final = 60.0
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def setup(level: str) -> None:
+    """Log to stderr; without timestamps under systemd, where journald adds its own."""
+    under_journald = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not under_journald:
+        fmt = "%(asctime)s " + fmt
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    set_level(level)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(_LEVELS[level])
+
+
+class WarnOnce:
+    """A warning logged at most once per interval; occurrences in between are counted and
+    reported with the next line. `detail` must never carry a client address or a name."""
+
+    __slots__ = ("_last", "_log", "_message", "_suppressed")
+
+    def __init__(self, logger_name: str, message: str) -> None:
+        self._log = logging.getLogger(logger_name)
+        self._message = message
+        self._last = -WARN_INTERVAL_S
+        self._suppressed = 0
+
+    def warn(self, detail: str) -> None:
+        now = time.monotonic()
+        if now - self._last < WARN_INTERVAL_S:
+            self._suppressed += 1
+            return
+        self._log.warning(
+            "%s (%s; %d more since the last report)", self._message, detail, self._suppressed
+        )
+        self._last = now
+        self._suppressed = 0
