@@ -144,7 +144,9 @@ def _question_name_end(packet: bytes) -> int:
 
 
 def skip_name(message: bytes, offset: int) -> int:
-    """Offset after a possibly compressed name; the pointer target is not followed."""
+    """Offset after a possibly compressed name. The pointer is not followed, but it must point
+    to an earlier name (RFC 1035 §4.1.4 "prior occurrence"), which rules out loops."""
+    start = offset
     end = len(message)
     octets = 0
     while offset < end:
@@ -154,6 +156,8 @@ def skip_name(message: bytes, offset: int) -> int:
         if length >= 0xC0:
             if offset + 2 > end:
                 break
+            if ((length & 0x3F) << 8 | message[offset + 1]) >= start:
+                raise WireError(RCODE_FORMERR, "compression pointer loop")
             return offset + 2
         if length > 63:
             raise WireError(RCODE_FORMERR, "bad label type")

@@ -1,0 +1,237 @@
+"""wire: hand parsing of header, question and OPT; reply building; truncation."""
+
+from __future__ import annotations
+
+import struct
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+
+from smartdns.errors import WireError
+from smartdns.wire import (
+    FLAG_RD,
+    FLAG_TC,
+    RCODE_BADVERS,
+    RCODE_FORMERR,
+    RCODE_NOTIMP,
+    build_error,
+    build_opt,
+    build_reply,
+    encode_name,
+    parse_query,
+    parse_upstream_answer,
+    skip_name,
+    truncate,
+)
+
+
+def _query(name: str = "www.NetFlix.com", qtype: str = "A", **kwargs: object) -> bytes:
+    message = dns.message.make_query(name, qtype, **kwargs)  # type: ignore[arg-type]
+    return message.to_wire()
+
+
+def _header(
+    query_id: int = 0x1234, flags: int = FLAG_RD, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0
+) -> bytes:
+    return struct.pack("!6H", query_id, flags, qd, an, ns, ar)
+
+
+QUESTION = encode_name("example.com") + struct.pack("!HH", 1, 1)
+
+
+def test_plain_query_fields() -> None:
+    packet = _query("www.NetFlix.com", "AAAA")
+    query = parse_query(packet)
+    assert query.id == struct.unpack("!H", packet[:2])[0]
+    assert query.question == packet[12:]  # case kept byte for byte
+    assert b"NetFlix" in query.question
+    assert query.qname == encode_name("www.netflix.com")
+    assert (query.qtype, query.qclass) == (28, 1)
+    assert not query.has_edns and query.udp_limit == 512
+
+
+def test_edns_fields_and_small_size_counts_as_512() -> None:
+    query = parse_query(_query(use_edns=0, payload=4096, want_dnssec=True))
+    assert query.has_edns and query.udp_size == 4096 and query.dnssec_ok
+    small = parse_query(_query(use_edns=0, payload=100))
+    assert small.udp_limit == 512 and not small.dnssec_ok
+
+
+def test_unknown_options_and_flags_are_ignored() -> None:
+    options = [dns.edns.GenericOption(100, b"xyz"), dns.edns.ECSOption("192.0.2.0", 24)]
+    query = parse_query(_query(use_edns=0, options=options, ednsflags=0x0080))
+    assert query.has_edns and not query.dnssec_ok
+
+
+def test_edns_version_1_gets_badvers_with_question() -> None:
+    packet = _query(use_edns=1)
+    with pytest.raises(WireError) as caught:
+        parse_query(packet)
+    assert caught.value.rcode == RCODE_BADVERS
+    assert caught.value.question == parse_query(_query()).question
+
+
+@pytest.mark.parametrize(
+    ("packet", "rcode"),
+    [
+        pytest.param(b"\x12\x34\x01", None, id="runt_packet_is_dropped"),
+        pytest.param(_header(flags=0x8000) + QUESTION, None, id="response_is_dropped"),
+        pytest.param(_header(flags=15 << 11) + QUESTION, RCODE_NOTIMP, id="opcode_15_gets_notimp"),
+        pytest.param(
+            _header(flags=2 << 11) + QUESTION, RCODE_NOTIMP, id="status_opcode_gets_notimp"
+        ),
+        pytest.param(_header(qd=0), RCODE_FORMERR, id="qdcount_0_gets_formerr"),
+        pytest.param(_header(qd=2) + QUESTION * 2, RCODE_FORMERR, id="qdcount_2_gets_formerr"),
+        pytest.param(
+            _header() + b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01",
+            RCODE_FORMERR,
+            id="label_over_63_gets_formerr",
+        ),
+        pytest.param(
+            _header() + (b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01",
+            RCODE_FORMERR,
+            id="name_over_255_gets_formerr",
+        ),
+        pytest.param(
+            _header() + b"\xc0\x0c\x00\x01\x00\x01",
+            RCODE_FORMERR,
+            id="compression_loop_gets_formerr",
+        ),
+        pytest.param(
+            _header() + b"\x01a\xc0\x0c\x00\x01\x00\x01",
+            RCODE_FORMERR,
+            id="compression_pointer_to_self_gets_formerr",
+        ),
+        pytest.param(
+            _header() + b"\xc0\x02\x00\x01\x00\x01",
+            RCODE_FORMERR,
+            id="pointer_into_header_gets_formerr",
+        ),
+        pytest.param(
+            _header() + b"\x07example\x03co", RCODE_FORMERR, id="truncated_name_gets_formerr"
+        ),
+        pytest.param(
+            _header() + encode_name("example.com") + b"\x00",
+            RCODE_FORMERR,
+            id="truncated_question_gets_formerr",
+        ),
+        pytest.param(
+            _header(ar=1) + QUESTION + b"\x00\x00\x29\x04",
+            RCODE_FORMERR,
+            id="truncated_opt_gets_formerr",
+        ),
+        pytest.param(
+            _header(ar=2) + QUESTION + build_opt(1232, False) * 2,
+            RCODE_FORMERR,
+            id="two_opt_records_get_formerr",
+        ),
+        pytest.param(
+            _header(an=1) + QUESTION + build_opt(1232, False),
+            RCODE_FORMERR,
+            id="opt_in_answer_section_gets_formerr",
+        ),
+        pytest.param(
+            _header(ar=1) + QUESTION + b"\x01a" + build_opt(1232, False)[1:],
+            RCODE_FORMERR,
+            id="opt_with_non_root_owner_gets_formerr",
+        ),
+        pytest.param(
+            _header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x10",
+            RCODE_FORMERR,
+            id="opt_rdata_past_end_gets_formerr",
+        ),
+        pytest.param(
+            _header(ar=60000) + QUESTION, RCODE_FORMERR, id="absurd_record_count_gets_formerr"
+        ),
+        pytest.param(
+            _header(ar=1) + QUESTION + b"\xc0\x1d" + b"\x00" * 10,
+            RCODE_FORMERR,
+            id="compression_loop_in_additional_gets_formerr",
+        ),
+    ],
+)
+def test_malformed(packet: bytes, rcode: int | None) -> None:
+    with pytest.raises(WireError) as caught:
+        parse_query(packet)
+    assert caught.value.rcode == rcode
+    assert "example" not in str(caught.value)
+
+
+def test_trailing_garbage_is_ignored() -> None:
+    packet = _query()
+    assert parse_query(packet + b"\xde\xad\xbe\xef").question == parse_query(packet).question
+
+
+def test_skip_name_handles_pointer_and_rejects_bad_label() -> None:
+    message = b"\x00" * 12 + encode_name("a.b") + b"\xc0\x0c"
+    assert skip_name(message, 12) == 17
+    assert skip_name(message, 17) == 19
+    with pytest.raises(WireError):
+        skip_name(b"\x80abc", 0)
+
+
+def test_encode_name() -> None:
+    assert encode_name("NetFlix.com.") == b"\x07netflix\x03com\x00"
+    assert encode_name("") == b"\x00"
+    with pytest.raises(ValueError):
+        encode_name("a" * 64 + ".com")
+
+
+def test_build_error_echoes_id_rd_and_question() -> None:
+    packet = _header(query_id=0xBEEF, flags=FLAG_RD) + QUESTION
+    reply = dns.message.from_wire(build_error(packet, RCODE_FORMERR, QUESTION, b""))
+    assert reply.id == 0xBEEF and reply.rcode() == dns.rcode.FORMERR
+    assert reply.flags & dns.flags.RD and reply.flags & dns.flags.RA and reply.flags & dns.flags.QR
+    assert str(reply.question[0].name) == "example.com."
+
+
+def test_badvers_reply_carries_extended_rcode() -> None:
+    packet = _query(use_edns=1)
+    reply = dns.message.from_wire(
+        build_error(
+            packet,
+            RCODE_BADVERS,
+            parse_query(_query()).question,
+            build_opt(1232, False, RCODE_BADVERS),
+        )
+    )
+    assert reply.rcode() == dns.rcode.BADVERS and reply.edns == 0
+
+
+def test_truncate_keeps_question_and_opt_and_sets_tc() -> None:
+    query = parse_query(_query(use_edns=0))
+    records = b"".join(
+        b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, i]) for i in range(100)
+    )
+    opt = build_opt(1232, False)
+    reply = build_reply(query, 0, 0, 100, 0, 0, records, opt)
+    assert truncate(reply, query, 4096, opt) is reply
+    small = truncate(reply, query, 512, opt)
+    assert len(small) <= 512
+    parsed = dns.message.from_wire(small)
+    assert parsed.flags & dns.flags.TC and not parsed.answer and parsed.edns == 0
+    assert small[12 : 12 + len(query.question)] == query.question
+    assert struct.unpack_from("!H", small, 2)[0] & FLAG_TC
+
+
+def test_parse_upstream_answer_strips_opt_and_finds_ttls() -> None:
+    request = dns.message.make_query("example.com", "A", use_edns=0)
+    response = dns.message.make_response(request)
+    response.answer.append(
+        dns.rrset.from_text("example.com.", 300, "IN", "A", "192.0.2.1", "192.0.2.2")
+    )
+    response.additional.append(dns.rrset.from_text("ns.example.com.", 60, "IN", "A", "192.0.2.53"))
+    wire = response.to_wire()
+    answer = parse_upstream_answer(wire, len(QUESTION))
+    assert (answer.answer_count, answer.authority_count, answer.additional_count) == (2, 0, 1)
+    assert len(answer.ttl_offsets) == 3
+    assert [struct.unpack_from("!I", answer.records, o)[0] for o in answer.ttl_offsets] == [
+        300,
+        300,
+        60,
+    ]
+    with pytest.raises(WireError):
+        parse_upstream_answer(wire[:-5], len(QUESTION))
