@@ -1,0 +1,850 @@
+"""Tests for smartdns.config: the example files, defaults, and every check with its PATH:LINE."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import textwrap
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from smartdns.config import (
+    CacheConfig,
+    Config,
+    DatabaseConfig,
+    HostPort,
+    LoggingConfig,
+    RateLimitConfig,
+    Region,
+    RegistrationsConfig,
+    ServerConfig,
+    SyncConfig,
+    UnblockConfig,
+    Unregistered,
+    UpstreamConfig,
+    describe,
+    load_config,
+)
+from smartdns.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = 'upstream: {servers: ["1.1.1.1"]}\n'
+
+
+def write(tmp_path: Path, text: str, name: str = "smartdns.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems, "ConfigError without problems"
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    return caught.value.problems
+
+
+# --- the example files ---------------------------------------------------------------------
+
+
+def test_production_example_loads_with_spec_values() -> None:
+    config = load_config(REPO / "config" / "smartdns.yaml")
+    assert config.server == ServerConfig(
+        listen=(HostPort("0.0.0.0", 53), HostPort("::", 53)),
+        workers=1,
+        edns_udp_size=1232,
+        tcp_idle_timeout=10.0,
+        tcp_max_connections=1024,
+    )
+    assert config.database == DatabaseConfig(Path("/var/lib/smartdns/registrations.db"))
+    assert config.registrations == RegistrationsConfig(24, 48, 16, True)
+    assert config.unregistered is Unregistered.REFUSE
+    assert config.unblock.ttl == 60
+    assert dict(config.unblock.regions) == {
+        "us": Region(
+            ipv4=(ipaddress.IPv4Address("198.51.100.10"), ipaddress.IPv4Address("198.51.100.11"))
+        ),
+        "uk": Region(
+            ipv4=(ipaddress.IPv4Address("198.51.100.20"),),
+            ipv6=(ipaddress.IPv6Address("2001:db8:20::1"),),
+        ),
+    }
+    assert dict(config.unblock.zones) == {
+        "netflix.com": "us",
+        "nflxvideo.net": "us",
+        "hulu.com": "us",
+        "disneyplus.com": "us",
+        "bbc.co.uk": "uk",
+        "bbci.co.uk": "uk",
+    }
+    assert config.upstream == UpstreamConfig(
+        servers=(
+            HostPort("1.1.1.1", 53),
+            HostPort("9.9.9.9", 53),
+            HostPort("2606:4700:4700::1111", 53),
+        ),
+        timeout=1.5,
+        attempts=2,
+        max_qps=5000,
+    )
+    assert config.cache == CacheConfig(100_000, 0, 86_400, 300, 86_400)
+    assert config.rate_limit == RateLimitConfig(client_qps=200, refused_qps=5)
+    assert config.sync == SyncConfig(
+        HostPort("127.0.0.1", 8053), Path("/etc/smartdns/sync.token"), 33_554_432
+    )
+    assert config.logging == LoggingConfig("info")
+    assert describe(config) == (
+        "config OK: 2 listen addresses, 1 worker, 2 regions, 6 zones, 3 upstreams, "
+        "unregistered=refuse"
+    )
+
+
+def test_dev_example_loads_with_paths_under_repo_var() -> None:
+    config = load_config(REPO / "config" / "dev.yaml")
+    assert config.server.listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
+    assert config.database.path == REPO / "var" / "registrations.db"
+    assert config.sync.token_file == REPO / "var" / "sync.token"
+    assert config.sync.listen == HostPort("127.0.0.1", 8053)
+    assert config.registrations.public_only is False
+    assert config.unregistered is Unregistered.REFUSE
+    assert config.upstream.servers == (HostPort("1.1.1.1", 53), HostPort("9.9.9.9", 53))
+    assert set(config.unblock.regions) == {"us", "uk"}
+    assert len(config.unblock.zones) == 6
+    assert config.logging.level == "info"
+
+
+# --- defaults and accepted forms -------------------------------------------------------------
+
+
+def test_absent_sections_take_the_dataclass_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    config = load_config(path)
+    assert config == Config(path=path, upstream=UpstreamConfig(servers=(HostPort("1.1.1.1", 53),)))
+    assert config.server == ServerConfig()
+    assert config.unblock == UnblockConfig()
+    assert describe(config) == (
+        "config OK: 2 listen addresses, 1 worker, 0 regions, 0 zones, 1 upstream, "
+        "unregistered=refuse"
+    )
+
+
+def test_empty_sections_are_the_same_as_absent_ones(tmp_path: Path) -> None:
+    text = MINIMAL + "server:\ndatabase:\nunblock:\ncache:\nlogging:\n"
+    config = load_config(write(tmp_path, text))
+    assert config.server == ServerConfig()
+    assert config.database == DatabaseConfig()
+    assert config.unblock == UnblockConfig()
+    assert config.cache == CacheConfig()
+    assert config.logging == LoggingConfig()
+
+
+def test_keys_left_out_keep_their_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + "server: {workers: 3}\ncache: {min_ttl: 5}\n"))
+    assert config.server == ServerConfig(workers=3)
+    assert config.cache == CacheConfig(min_ttl=5)
+
+
+def test_accepted_forms_are_normalized(tmp_path: Path) -> None:
+    text = """\
+        server:
+          listen: ["[0:0::0:1]:53", "127.0.0.1:053"]
+          workers: auto
+          tcp_idle_timeout: 5
+        unregistered: DROP
+        unblock:
+          regions:
+            "no": {ipv4: ["198.51.100.1"]}
+          zones:
+            "no": [NetFlix.COM., _dmarc.example.org]
+        upstream:
+          servers: ["2606:4700:4700::1111", "[2001:DB8::53]:5353", 9.9.9.9]
+          timeout: 2
+        logging: {level: WARNING}
+        database: {path: data/x.db}
+        sync: {token_file: /run/token}
+    """
+    path = write(tmp_path, text)
+    config = load_config(path)
+    assert config.server.listen == (HostPort("::1", 53), HostPort("127.0.0.1", 53))
+    assert config.server.workers == (os.cpu_count() or 1)
+    assert config.server.tcp_idle_timeout == 5.0
+    assert isinstance(config.server.tcp_idle_timeout, float)
+    assert config.unregistered is Unregistered.DROP
+    assert dict(config.unblock.zones) == {"netflix.com": "no", "_dmarc.example.org": "no"}
+    assert isinstance(config.unblock.zones, MappingProxyType)
+    assert isinstance(config.unblock.regions, MappingProxyType)
+    assert config.upstream.servers == (
+        HostPort("2606:4700:4700::1111", 53),
+        HostPort("2001:db8::53", 5353),
+        HostPort("9.9.9.9", 53),
+    )
+    assert config.upstream.timeout == 2.0
+    assert config.logging.level == "warning"
+    assert config.database.path == (tmp_path / "data" / "x.db").resolve()
+    assert config.sync.token_file == Path("/run/token")
+    assert str(config.upstream.servers[1]) == "[2001:db8::53]:5353"
+
+
+def test_describe_uses_singular_for_one() -> None:
+    config = Config(
+        path=Path("x.yaml"),
+        server=ServerConfig(listen=(HostPort("::1", 53),), workers=1),
+        unblock=UnblockConfig(
+            regions=MappingProxyType({"us": Region(ipv4=(ipaddress.IPv4Address("192.0.2.1"),))}),
+            zones=MappingProxyType({"netflix.com": "us"}),
+        ),
+        upstream=UpstreamConfig(servers=(HostPort("1.1.1.1", 53),)),
+        unregistered=Unregistered.RESOLVE,
+    )
+    assert describe(config) == (
+        "config OK: 1 listen address, 1 worker, 1 region, 1 zone, 1 upstream, unregistered=resolve"
+    )
+
+
+# --- one problem per case: (YAML, line, fragment) --------------------------------------------
+
+REGIONS = """\
+unblock:
+  regions:
+    us: {ipv4: [198.51.100.10]}
+  zones:
+    us: [netflix.com]
+"""
+
+CASES: list[tuple[str, str, int, str]] = [
+    # unknown and duplicate keys
+    ("unknown_top_level", MINIMAL + "foo: 1\n", 2, 'unknown key "foo" at top level'),
+    (
+        "unknown_in_section",
+        "upstream:\n  servers: [1.1.1.1]\n  timout: 2\n",
+        3,
+        'unknown key "timout" in upstream (did you mean "timeout"?)',
+    ),
+    (
+        "unknown_in_region",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1], ip6: []}\n"
+        "  zones: {us: [a.com]}\n",
+        4,
+        'unknown key "ip6" in unblock.regions.us',
+    ),
+    (
+        "duplicate_key",
+        "upstream:\n  servers: [1.1.1.1]\n  servers: [9.9.9.9]\n",
+        3,
+        'duplicate key "servers" in upstream (first on line 2)',
+    ),
+    (
+        "duplicate_section",
+        MINIMAL + "server: {workers: 1}\nserver: {workers: 2}\n",
+        3,
+        'duplicate key "server" at top level (first on line 2)',
+    ),
+    # wrong types
+    ("section_not_mapping", MINIMAL + "server: [1]\n", 2, "server: expected a mapping, got a list"),
+    (
+        "workers_bool",
+        MINIMAL + "server: {workers: true}\n",
+        2,
+        'server.workers: expected a positive integer or "auto", got true',
+    ),
+    (
+        "workers_zero",
+        MINIMAL + "server: {workers: 0}\n",
+        2,
+        'server.workers: expected a positive integer or "auto", got 0',
+    ),
+    (
+        "workers_word",
+        MINIMAL + "server: {workers: many}\n",
+        2,
+        'server.workers: expected a positive integer or "auto", got "many"',
+    ),
+    (
+        "int_as_string",
+        MINIMAL + 'server: {edns_udp_size: "1232"}\n',
+        2,
+        'server.edns_udp_size: expected an integer, got "1232"',
+    ),
+    (
+        "int_as_float",
+        MINIMAL + "server: {tcp_max_connections: 1.5}\n",
+        2,
+        "server.tcp_max_connections: expected an integer, got 1.5",
+    ),
+    (
+        "bool_not_int",
+        MINIMAL + "cache: {max_entries: true}\n",
+        2,
+        "cache.max_entries: expected an integer, got true",
+    ),
+    (
+        "float_as_bool",
+        MINIMAL + "server: {tcp_idle_timeout: true}\n",
+        2,
+        "server.tcp_idle_timeout: expected a number of seconds, got true",
+    ),
+    (
+        "bool_as_string",
+        MINIMAL + 'registrations: {public_only: "yes"}\n',
+        2,
+        'registrations.public_only: expected true or false, got "yes"',
+    ),
+    (
+        "listen_not_list",
+        MINIMAL + 'server: {listen: "0.0.0.0:53"}\n',
+        2,
+        'server.listen: expected a list, got "0.0.0.0:53"',
+    ),
+    (
+        "empty_value",
+        MINIMAL + "server:\n  workers:\n",
+        3,
+        'server.workers: expected a positive integer or "auto", got an empty value',
+    ),
+    (
+        "path_not_string",
+        MINIMAL + "database: {path: [a]}\n",
+        2,
+        "database.path: expected a string, got a list",
+    ),
+    # required upstream.servers
+    ("no_upstream", "server: {workers: 1}\n", 1, "upstream.servers is required"),
+    (
+        "upstream_without_servers",
+        "server: {}\nupstream:\n  timeout: 1\n",
+        2,
+        "upstream.servers is required",
+    ),
+    ("upstream_empty", "upstream:\n", 1, "upstream.servers is required"),
+    (
+        "servers_empty",
+        "upstream:\n  servers: []\n",
+        2,
+        "upstream.servers: must list at least one address",
+    ),
+    # listen addresses
+    (
+        "listen_port_too_big",
+        MINIMAL + 'server:\n  listen: ["0.0.0.0:53",\n           "[::]:99999"]\n',
+        4,
+        'server.listen[1]: "[::]:99999": port must be 1..65535',
+    ),
+    (
+        "listen_port_zero",
+        MINIMAL + 'server: {listen: ["0.0.0.0:0"]}\n',
+        2,
+        'server.listen[0]: "0.0.0.0:0": port must be 1..65535',
+    ),
+    (
+        "listen_ipv6_unbracketed",
+        MINIMAL + 'server: {listen: ["::1:53"]}\n',
+        2,
+        'server.listen[0]: "::1:53": an IPv6 address with a port must be bracketed',
+    ),
+    (
+        "listen_without_port",
+        MINIMAL + 'server: {listen: ["0.0.0.0"]}\n',
+        2,
+        'server.listen[0]: "0.0.0.0": missing port',
+    ),
+    (
+        "listen_bracketed_without_port",
+        MINIMAL + 'server: {listen: ["[::]"]}\n',
+        2,
+        'server.listen[0]: "[::]": missing port',
+    ),
+    (
+        "listen_hostname",
+        MINIMAL + 'server: {listen: ["localhost:53"]}\n',
+        2,
+        '"localhost" is not an IP address (hostnames are not accepted)',
+    ),
+    (
+        "listen_bracketed_ipv4",
+        MINIMAL + 'server: {listen: ["[127.0.0.1]:53"]}\n',
+        2,
+        "brackets are only for IPv6 addresses",
+    ),
+    (
+        "listen_bad_address",
+        MINIMAL + 'server: {listen: ["300.1.1.1:53"]}\n',
+        2,
+        '"300.1.1.1" is not an IP address',
+    ),
+    (
+        "listen_duplicate",
+        MINIMAL + 'server:\n  listen:\n    - "[::]:53"\n    - "[0::0]:053"\n',
+        5,
+        'server.listen[1]: "[::]:53" is listed twice (also server.listen[0])',
+    ),
+    (
+        "listen_empty",
+        MINIMAL + "server: {listen: []}\n",
+        2,
+        "server.listen: must list at least one address",
+    ),
+    # upstream servers
+    (
+        "upstream_hostname",
+        'upstream: {servers: ["dns.google"]}\n',
+        1,
+        'upstream.servers[0]: "dns.google": "dns.google" is not an IP address',
+    ),
+    (
+        "upstream_port_too_big",
+        'upstream: {servers: ["[2606:4700::1111]:70000"]}\n',
+        1,
+        'upstream.servers[0]: "[2606:4700::1111]:70000": port must be 1..65535',
+    ),
+    (
+        "upstream_port_not_number",
+        'upstream: {servers: ["1.1.1.1:dns"]}\n',
+        1,
+        'port "dns" is not a number',
+    ),
+    (
+        "upstream_duplicate",
+        'upstream:\n  servers:\n    - "9.9.9.9"\n    - "9.9.9.9:53"\n',
+        4,
+        'upstream.servers[1]: "9.9.9.9:53" is listed twice',
+    ),
+    (
+        "sync_listen_without_port",
+        MINIMAL + 'sync: {listen: "127.0.0.1"}\n',
+        2,
+        'sync.listen: "127.0.0.1": missing port',
+    ),
+    # ranges
+    (
+        "edns_too_small",
+        MINIMAL + "server: {edns_udp_size: 511}\n",
+        2,
+        "server.edns_udp_size: must be 512..4096, got 511",
+    ),
+    (
+        "edns_too_big",
+        MINIMAL + "server: {edns_udp_size: 4097}\n",
+        2,
+        "server.edns_udp_size: must be 512..4096, got 4097",
+    ),
+    (
+        "tcp_idle_timeout_zero",
+        MINIMAL + "server: {tcp_idle_timeout: 0}\n",
+        2,
+        "server.tcp_idle_timeout: must be more than 0 seconds",
+    ),
+    (
+        "tcp_idle_timeout_nan",
+        MINIMAL + "server: {tcp_idle_timeout: .nan}\n",
+        2,
+        "server.tcp_idle_timeout: must be more than 0 seconds",
+    ),
+    (
+        "tcp_max_connections_zero",
+        MINIMAL + "server: {tcp_max_connections: 0}\n",
+        2,
+        "server.tcp_max_connections: must be at least 1, got 0",
+    ),
+    (
+        "min_prefix_v4",
+        MINIMAL + "registrations: {min_prefix_v4: 33}\n",
+        2,
+        "registrations.min_prefix_v4: must be 0..32, got 33",
+    ),
+    (
+        "min_prefix_v6",
+        MINIMAL + "registrations: {min_prefix_v6: 129}\n",
+        2,
+        "registrations.min_prefix_v6: must be 0..128, got 129",
+    ),
+    (
+        "min_prefix_negative",
+        MINIMAL + "registrations: {min_prefix_v4: -1}\n",
+        2,
+        "registrations.min_prefix_v4: must be 0..32, got -1",
+    ),
+    (
+        "max_per_account",
+        MINIMAL + "registrations: {max_per_account: 0}\n",
+        2,
+        "registrations.max_per_account: must be at least 1, got 0",
+    ),
+    (
+        "unregistered_choice",
+        MINIMAL + "unregistered: ignore\n",
+        2,
+        'unregistered: "ignore" must be one of refuse | drop | resolve',
+    ),
+    ("unblock_ttl_big", MINIMAL + "unblock: {ttl: 86401}\n", 2, "unblock.ttl: must be 0..86400"),
+    ("unblock_ttl_negative", MINIMAL + "unblock: {ttl: -1}\n", 2, "unblock.ttl: must be 0..86400"),
+    (
+        "unblock_ttl_float",
+        MINIMAL + "unblock: {ttl: 1.5}\n",
+        2,
+        "unblock.ttl: expected an integer, got 1.5",
+    ),
+    (
+        "upstream_timeout_zero",
+        'upstream: {servers: ["1.1.1.1"], timeout: 0}\n',
+        1,
+        "upstream.timeout: must be more than 0 and at most 10 seconds, got 0",
+    ),
+    (
+        "upstream_timeout_big",
+        'upstream:\n  servers: ["1.1.1.1"]\n  timeout: 10.5\n',
+        3,
+        "upstream.timeout: must be more than 0 and at most 10 seconds, got 10.5",
+    ),
+    (
+        "upstream_attempts_zero",
+        'upstream:\n  servers: ["1.1.1.1"]\n  attempts: 0\n',
+        3,
+        "upstream.attempts: must be 1..10, got 0",
+    ),
+    (
+        "upstream_attempts_big",
+        'upstream:\n  servers: ["1.1.1.1"]\n  attempts: 11\n',
+        3,
+        "upstream.attempts: must be 1..10, got 11",
+    ),
+    (
+        "upstream_max_qps",
+        'upstream:\n  servers: ["1.1.1.1"]\n  max_qps: 0\n',
+        3,
+        "upstream.max_qps: must be at least 1, got 0",
+    ),
+    (
+        "cache_max_entries",
+        MINIMAL + "cache: {max_entries: 0}\n",
+        2,
+        "cache.max_entries: must be at least 1, got 0",
+    ),
+    (
+        "cache_negative_ttl",
+        MINIMAL + "cache: {negative_ttl: -5}\n",
+        2,
+        "cache.negative_ttl: must be at least 0, got -5",
+    ),
+    (
+        "cache_min_over_max",
+        MINIMAL + "cache:\n  max_ttl: 60\n  min_ttl: 61\n",
+        4,
+        "cache.min_ttl (61) must not be more than cache.max_ttl (60)",
+    ),
+    (
+        "cache_min_over_default_max",
+        MINIMAL + "cache:\n  min_ttl: 90000\n",
+        3,
+        "cache.min_ttl (90000) must not be more than cache.max_ttl (86400)",
+    ),
+    (
+        "rate_limit_client",
+        MINIMAL + "rate_limit: {client_qps: 0}\n",
+        2,
+        "rate_limit.client_qps: must be at least 1, got 0",
+    ),
+    (
+        "rate_limit_refused",
+        MINIMAL + "rate_limit: {refused_qps: -1}\n",
+        2,
+        "rate_limit.refused_qps: must be at least 1, got -1",
+    ),
+    ("sync_max_body", MINIMAL + "sync: {max_body: 0}\n", 2, "sync.max_body: must be at least 1"),
+    (
+        "sync_token_empty",
+        MINIMAL + 'sync: {token_file: ""}\n',
+        2,
+        "sync.token_file: must not be empty",
+    ),
+    (
+        "database_path_empty",
+        MINIMAL + 'database: {path: " "}\n',
+        2,
+        "database.path: must not be empty",
+    ),
+    (
+        "logging_level",
+        MINIMAL + "logging: {level: verbose}\n",
+        2,
+        'logging.level: "verbose" must be one of debug | info | warning | error',
+    ),
+    # regions
+    (
+        "region_name",
+        MINIMAL + "unblock:\n  regions:\n    US: {ipv4: [192.0.2.1]}\n  zones: {US: [a.com]}\n",
+        4,
+        'unblock.regions.US: region name "US" may contain only a-z, 0-9',
+    ),
+    (
+        "region_ipv4_is_ipv6",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1, '2001:db8::1']}\n"
+        "  zones: {us: [a.com]}\n",
+        4,
+        'unblock.regions.us.ipv4[1]: "2001:db8::1" is not an IPv4 address (put it under ipv6)',
+    ),
+    (
+        "region_ipv6_is_ipv4",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1], ipv6: [192.0.2.2]}\n"
+        "  zones: {us: [a.com]}\n",
+        4,
+        'unblock.regions.us.ipv6[0]: "192.0.2.2" is not an IPv6 address (put it under ipv4)',
+    ),
+    (
+        "region_prefix",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.0/24]}\n  zones: {us: [a.com]}\n",
+        4,
+        'unblock.regions.us.ipv4[0]: "192.0.2.0/24": must be a single address, not a prefix',
+    ),
+    (
+        "region_bad_address",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [proxy.example]}\n  zones: {us: [a.com]}\n",
+        4,
+        'unblock.regions.us.ipv4[0]: "proxy.example" is not an IPv4 address',
+    ),
+    (
+        "region_address_twice",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1, 192.0.2.1]}\n"
+        "  zones: {us: [a.com]}\n",
+        4,
+        'unblock.regions.us.ipv4[1]: "192.0.2.1" is listed twice',
+    ),
+    (
+        "region_without_ipv4",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv6: ['2001:db8::1']}\n  zones: {us: [a.com]}\n",
+        4,
+        "unblock.regions.us: no ipv4 address",
+    ),
+    (
+        "region_empty_ipv4",
+        MINIMAL + "unblock:\n  regions:\n    us:\n      ipv4: []\n  zones: {us: [a.com]}\n",
+        4,
+        "unblock.regions.us: no ipv4 address",
+    ),
+    (
+        "region_not_mapping",
+        MINIMAL + "unblock:\n  regions:\n    us: [192.0.2.1]\n  zones: {us: [a.com]}\n",
+        4,
+        "unblock.regions.us: expected a mapping, got a list",
+    ),
+    (
+        "region_unused",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1]}\n    eu: {ipv4: [192.0.2.2]}\n"
+        "  zones: {us: [a.com]}\n",
+        5,
+        'unblock.regions.eu: region "eu" is not used by any zone in unblock.zones',
+    ),
+    (
+        "region_with_empty_zone_list",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1]}\n  zones: {us: []}\n",
+        4,
+        'unblock.regions.us: region "us" is not used by any zone',
+    ),
+    # zones
+    (
+        "zone_region_undefined",
+        MINIMAL + REGIONS + "    uk: [bbc.co.uk]\n",
+        7,
+        'unblock.zones.uk: region "uk" is not defined in unblock.regions',
+    ),
+    (
+        "zone_twice_in_one_region",
+        MINIMAL + REGIONS.replace("[netflix.com]", "[netflix.com, NETFLIX.com.]"),
+        6,
+        'unblock.zones.us[1]: zone "netflix.com" is already listed at unblock.zones.us[0] (line 6)',
+    ),
+    (
+        "zone_in_two_regions",
+        MINIMAL + "unblock:\n  regions:\n    us: {ipv4: [192.0.2.1]}\n    uk: {ipv4: [192.0.2.2]}\n"
+        "  zones:\n    us: [netflix.com]\n    uk:\n      - bbc.co.uk\n      - netflix.com\n",
+        10,
+        'unblock.zones.uk[1]: zone "netflix.com" is already listed at unblock.zones.us[0] (line 7)',
+    ),
+    (
+        "zones_not_mapping",
+        MINIMAL + "unblock:\n  zones: [netflix.com]\n",
+        3,
+        "unblock.zones: expected a mapping, got a list",
+    ),
+    (
+        "zone_list_not_list",
+        MINIMAL + REGIONS.replace("[netflix.com]", "netflix.com"),
+        6,
+        'unblock.zones.us: expected a list, got "netflix.com"',
+    ),
+    (
+        "zone_root",
+        MINIMAL + REGIONS.replace("[netflix.com]", '[a.com, "."]'),
+        6,
+        'unblock.zones.us[1]: ".": the root zone "." cannot be an unblock zone',
+    ),
+    (
+        "zone_empty",
+        MINIMAL + REGIONS.replace("[netflix.com]", '[a.com, ""]'),
+        6,
+        'unblock.zones.us[1]: "": a zone name must not be empty',
+    ),
+    (
+        "zone_empty_label",
+        MINIMAL + REGIONS.replace("netflix.com", "netflix..com"),
+        6,
+        'unblock.zones.us[0]: "netflix..com": empty label',
+    ),
+    (
+        "zone_bad_character",
+        MINIMAL + REGIONS.replace("[netflix.com]", '["net flix.com"]'),
+        6,
+        'label "net flix" may contain only letters, digits, "-" and "_"',
+    ),
+    (
+        "zone_wildcard",
+        MINIMAL + REGIONS.replace("[netflix.com]", '["*.netflix.com"]'),
+        6,
+        'no wildcards: a zone already covers every name under it, list "netflix.com"',
+    ),
+    (
+        "zone_not_ascii",
+        MINIMAL + REGIONS.replace("netflix.com", "bücher.de"),
+        6,
+        'must be ASCII; write internationalized names in their "xn--" form',
+    ),
+    (
+        "zone_label_too_long",
+        MINIMAL + REGIONS.replace("netflix.com", "a" * 64 + ".com"),
+        6,
+        "label of 64 characters; the limit is 63",
+    ),
+    (
+        "zone_name_too_long",
+        MINIMAL + REGIONS.replace("netflix.com", ".".join(["a" * 63] * 4)),
+        6,
+        "name is 255 characters long; the limit is 253",
+    ),
+    (
+        "zone_not_string",
+        MINIMAL + REGIONS.replace("[netflix.com]", "[{a: b}]"),
+        6,
+        "unblock.zones.us[0]: expected a string, got a mapping",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "fragment"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_each_problem_is_reported_with_path_and_line(
+    tmp_path: Path, text: str, line: int, fragment: str
+) -> None:
+    path = write(tmp_path, text)
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    prefix = f"{path}:{line}: "
+    assert problems[0].startswith(prefix), problems
+    assert fragment in problems[0].removeprefix(prefix), problems
+
+
+def test_case_ids_are_unique() -> None:
+    ids = [case[0] for case in CASES]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_problem_in_a_file_is_reported_at_once_in_line_order(tmp_path: Path) -> None:
+    text = """\
+        server:
+          listen: ["0.0.0.0:53", "[::]:99999"]
+          workers: 0
+          colour: blue
+        unblock:
+          regions:
+            us: {ipv4: [198.51.100.10]}
+            eu: {ipv4: [198.51.100.20]}
+          zones:
+            us: [netflix.com]
+            uk: [bbc.co.uk, netflix.com]
+        upstream:
+          servers: ["dns.google"]
+          attempts: 0
+        logging: {level: loud}
+    """
+    path = write(tmp_path, text)
+    problems = problems_of(path)
+    expected = [
+        (2, 'server.listen[1]: "[::]:99999": port must be 1..65535'),
+        (3, "server.workers: expected a positive integer"),
+        (4, 'unknown key "colour" in server'),
+        (8, 'region "eu" is not used by any zone'),
+        (11, 'region "uk" is not defined in unblock.regions'),
+        (11, 'unblock.zones.uk[1]: zone "netflix.com" is already listed'),
+        (13, "hostnames are not accepted"),
+        (14, "upstream.attempts: must be 1..10"),
+        (15, 'logging.level: "loud" must be one of'),
+    ]
+    assert len(problems) == len(expected), problems
+    for problem, (line, fragment) in zip(problems, expected, strict=True):
+        assert problem.startswith(f"{path}:{line}: "), problem
+        assert fragment in problem, problem
+
+
+# --- files that cannot be read or parsed: one "PATH: message" without a line ------------------
+
+
+def assert_single_unlined_problem(path: Path, fragment: str) -> None:
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: "), problems
+    assert fragment in problems[0], problems
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    assert_single_unlined_problem(tmp_path / "nope.yaml", "cannot read the file")
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    assert_single_unlined_problem(tmp_path, "cannot read the file")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    path.chmod(0)
+    try:
+        assert_single_unlined_problem(path, "Permission denied")
+    finally:
+        path.chmod(0o600)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("upstream: {servers: [1.1.1.1]\n", "invalid YAML at line 2"),
+        ("upstream:\n  servers: [1.1.1.1]\n bad: indent\n", "invalid YAML at line 3"),
+        ("upstream: *nowhere\n", "invalid YAML at line 1"),
+        (MINIMAL + "---\n" + MINIMAL, "invalid YAML at line 2"),
+        ("", "the file is empty"),
+        ("# only a comment\n", "the file is empty"),
+        ("- 1.1.1.1\n", "the top level must be a mapping of sections, got a list"),
+        ("just text\n", 'the top level must be a mapping of sections, got "just text"'),
+    ],
+    ids=[
+        "unclosed_flow",
+        "bad_indent",
+        "undefined_alias",
+        "two_documents",
+        "empty",
+        "only_comment",
+        "top_level_list",
+        "top_level_scalar",
+    ],
+)
+def test_unparseable_file(tmp_path: Path, text: str, fragment: str) -> None:
+    assert_single_unlined_problem(write(tmp_path, text), fragment)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"upstream: {servers: [1.1.1.1]}\n# caf\xe9\n")
+    assert_single_unlined_problem(path, "not UTF-8")
