@@ -1,0 +1,535 @@
+"""RegistrationStore: the SQLite registrations database (schema, versions, tombstones, changes).
+
+Used by daemon, sync API and CLI only; the DNS query path never awaits SQLite, it reads the
+in-memory snapshot built from `load_prefixes()`. Stores what SPEC 3 allows and nothing else:
+no timestamps, no counters of use. Error messages name the operation, never an address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+
+from smartdns.entries import Network, Snapshot, validate_account_id
+from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    # deleted = 1 is a tombstone: the account has no entries and blocks older writes.
+    "CREATE TABLE IF NOT EXISTS accounts ("
+    " account TEXT PRIMARY KEY,"
+    " version INTEGER NOT NULL,"
+    " deleted INTEGER NOT NULL CHECK (deleted IN (0, 1)))",
+    # network: 4- or 16-byte big-endian address, so blob order is address order.
+    "CREATE TABLE IF NOT EXISTS entries ("
+    " account TEXT NOT NULL REFERENCES accounts(account) ON DELETE CASCADE,"
+    " family INTEGER NOT NULL CHECK (family IN (4, 6)),"
+    " network BLOB NOT NULL,"
+    " prefix_len INTEGER NOT NULL,"
+    " PRIMARY KEY (account, family, network, prefix_len)"
+    ") WITHOUT ROWID",
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('snapshot_version', 0), ('generation', 0)",
+)
+_CREATE_HINT: Final = "create it with `smartdns registrations add` or `import`"
+
+_Row = tuple[str, int, bytes, int]  # account, family, network, prefix_len
+_Key = tuple[int, bytes, int]  # family, network, prefix_len
+
+
+class DatabaseError(SmartDNSError):
+    """The registrations database cannot be opened or an operation on it failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """A live account: its portal version and its entries, sorted as in entries.py."""
+
+    account: str
+    version: int
+    networks: tuple[Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotResult:
+    accounts: int
+    entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    accounts: int  # live accounts (tombstones not counted)
+    entries: int
+    snapshot_version: int
+
+
+def _key(network: Network) -> _Key:
+    return (network.version, network.network_address.packed, network.prefixlen)
+
+
+def _network(family: int, packed: bytes, prefix_len: int) -> Network:
+    if family == 4:
+        return ipaddress.IPv4Network((int.from_bytes(packed, "big"), prefix_len))
+    return ipaddress.IPv6Network((int.from_bytes(packed, "big"), prefix_len))
+
+
+def _prefix_row(_cursor: sqlite3.Cursor, row: tuple[int, bytes, int]) -> tuple[int, int, int]:
+    return (row[0], int.from_bytes(row[1], "big"), row[2])
+
+
+class RegistrationStore:
+    """Registrations in one SQLite file, safe to share between the server and the CLI.
+
+    Every write is one `BEGIN IMMEDIATE` transaction that also increments `generation`, so
+    writers in different processes serialize and a poller notices any change with one read.
+    Within a process an asyncio lock keeps coroutines from interleaving on the connection.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self._path = path
+        self._lock = asyncio.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path, *, create: bool) -> RegistrationStore:
+        """Open the database at `path`; with `create`, make it (and its directories) if missing.
+
+        Without `create` a missing file is an error rather than a silently empty store, since
+        an empty store refuses every client. A file that is not a smartdns database is too.
+        """
+        uri = _database_uri(path, create)
+        try:
+            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"cannot open registrations database {path}: {exc}") from None
+        store = cls(db, path)
+        try:
+            await store._prepare(create)
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def _prepare(self, create: bool) -> None:
+        try:
+            # busy_timeout first: switching to WAL needs a lock another process may hold.
+            await self._db.execute("PRAGMA busy_timeout = 5000")
+            rows = await self._db.execute_fetchall("PRAGMA journal_mode = WAL")
+            mode = next(iter(rows))[0]
+            if str(mode).lower() != "wal":
+                raise DatabaseError(
+                    f"registrations database {self._path}: cannot enable WAL (mode {mode})"
+                )
+            await self._db.execute("PRAGMA synchronous = FULL")  # a 200 means it is on disk
+            await self._db.execute("PRAGMA foreign_keys = ON")
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._check_or_create_schema(create)
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"cannot open registrations database {self._path}: {exc}") from None
+
+    async def _check_or_create_schema(self, create: bool) -> None:
+        tables = {
+            str(row[0])
+            for row in await self._db.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        if not tables:
+            if not create:
+                raise DatabaseError(f"registrations database {self._path} is empty; {_CREATE_HINT}")
+            for statement in _SCHEMA:
+                await self._db.execute(statement)
+            await self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+        elif not {"meta", "accounts", "entries"} <= tables:
+            raise DatabaseError(f"{self._path} is not a smartdns registrations database")
+        rows = list(
+            await self._db.execute_fetchall("SELECT value FROM meta WHERE key = 'schema_version'")
+        )
+        if not rows:
+            raise DatabaseError(f"{self._path} is not a smartdns registrations database")
+        if rows[0][0] != SCHEMA_VERSION:
+            raise DatabaseError(
+                f"registrations database {self._path} has schema version {rows[0][0]}, "
+                f"this smartdns supports {SCHEMA_VERSION}"
+            )
+
+    async def close(self) -> None:
+        """Close the connection; the store cannot be used afterwards."""
+        async with self._lock:
+            try:
+                await self._db.close()
+            except sqlite3.Error as exc:
+                raise DatabaseError(f"registrations database: close failed: {exc}") from None
+
+    async def __aenter__(self) -> RegistrationStore:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _reading(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise DatabaseError(f"registrations database: {operation} failed: {exc}") from None
+
+    @asynccontextmanager
+    async def _writing(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One IMMEDIATE transaction; rolled back on any exception, including cancellation."""
+        async with self._lock:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                await self._db.execute("COMMIT")
+            except BaseException as exc:
+                # Shielded: a cancelled caller must not leave the transaction open. aiosqlite
+                # runs statements in order, so this follows whatever is still in flight.
+                await asyncio.shield(self._rollback())
+                if isinstance(exc, sqlite3.Error):
+                    raise DatabaseError(
+                        f"registrations database: {operation} failed: {exc}"
+                    ) from None
+                raise
+
+    async def _rollback(self) -> None:
+        # Nothing may be open: BEGIN failed, or COMMIT already went through.
+        with contextlib.suppress(sqlite3.Error):
+            await self._db.execute("ROLLBACK")
+
+    async def _bump_generation(self) -> None:
+        await self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    async def _meta(self, key: str) -> int:
+        value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
+        if value is None:
+            raise DatabaseError(f"registrations database: meta key {key} is missing")
+        return value
+
+    async def _scalar(self, sql: str, params: tuple[Any, ...] = ()) -> int | None:
+        """The first column of the first row as an int; None for no row or NULL."""
+        for row in await self._db.execute_fetchall(sql, params):
+            return None if row[0] is None else int(row[0])
+        return None
+
+    async def _account_row(self, account: str) -> tuple[int, bool] | None:
+        """(version, live) for a stored account or tombstone."""
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT version, deleted FROM accounts WHERE account = ?", (account,)
+            )
+        )
+        if not rows:
+            return None
+        return int(rows[0][0]), not rows[0][1]
+
+    async def _entry_keys(self, account: str) -> list[_Key]:
+        rows = await self._db.execute_fetchall(
+            "SELECT family, network, prefix_len FROM entries WHERE account = ?"
+            " ORDER BY family, network, prefix_len",
+            (account,),
+        )
+        return [(int(row[0]), bytes(row[1]), int(row[2])) for row in rows]
+
+    async def _insert_entries(self, account: str, keys: Iterable[_Key]) -> None:
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO entries (account, family, network, prefix_len)"
+            " VALUES (?, ?, ?, ?)",
+            ((account, *key) for key in keys),
+        )
+
+    async def _upsert_account(self, account: str, version: int, deleted: bool) -> None:
+        await self._db.execute(
+            "INSERT INTO accounts (account, version, deleted) VALUES (?, ?, ?)"
+            " ON CONFLICT (account) DO UPDATE"
+            " SET version = excluded.version, deleted = excluded.deleted",
+            (account, version, int(deleted)),
+        )
+
+    async def _record(self, account: str, version: int) -> AccountRecord:
+        keys = await self._entry_keys(account)
+        return AccountRecord(account, version, tuple(_network(*key) for key in keys))
+
+    # --- sync API semantics (SPEC 4) -----------------------------------------------------
+
+    async def put_account(
+        self, account: str, version: int, networks: Sequence[Network]
+    ) -> AccountRecord:
+        """Replace the account's set atomically at `version`.
+
+        The same write repeated (live, same version, same set) is a no-op that returns the
+        record without bumping `generation`. Stale (StaleWriteError, nothing changes): version
+        below the stored one (live or tombstone), the same version with other content or over
+        a tombstone, or not above `snapshot_version`.
+        """
+        validate_account_id(account)
+        wanted = sorted({_key(network) for network in networks})
+        async with self._writing("put account") as _db:
+            row = await self._account_row(account)
+            if row is not None:
+                stored, live = row
+                if live and stored == version and await self._entry_keys(account) == wanted:
+                    return await self._record(account, stored)
+                _raise_if_older(version, stored)
+                if version == stored:
+                    raise StaleWriteError(
+                        f"version {version} is already stored with other content"
+                        if live
+                        else f"the account was deleted at version {version}"
+                    )
+            _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
+            await self._upsert_account(account, version, deleted=False)
+            await self._insert_entries(account, wanted)
+            await self._bump_generation()
+            return await self._record(account, version)
+
+    async def delete_account(self, account: str, version: int) -> bool:
+        """Remove the account's entries and leave a tombstone at `version`; True if it was live.
+
+        The tombstone is written for accounts never seen too, so a delayed older PUT cannot
+        create them. A tombstone already at `version` is a no-op (False). Stale: version below
+        the stored one, equal to a live account's, or not above `snapshot_version`.
+        """
+        validate_account_id(account)
+        async with self._writing("delete account") as _db:
+            row = await self._account_row(account)
+            live = False
+            if row is not None:
+                stored, live = row
+                if not live and stored == version:
+                    return False
+                _raise_if_older(version, stored)
+                if version == stored:
+                    raise StaleWriteError(f"version {version} is already stored with other content")
+            _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
+            await self._upsert_account(account, version, deleted=True)
+            await self._bump_generation()
+            return live
+
+    async def get_account(self, account: str) -> AccountRecord | None:
+        """The live account, or None when unknown or deleted (tombstone)."""
+        async with self._reading("get account"):
+            row = await self._account_row(account)
+            if row is None or not row[1]:
+                return None
+            return await self._record(account, row[0])
+
+    async def replace_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
+        """Replace every registration with `snapshot`: accounts at its version, tombstones gone.
+
+        Stale (StaleWriteError) when the version is below `snapshot_version`, or below any
+        stored account's version (live or tombstone). The second check matters: versions come
+        from one portal-wide sequence, so a snapshot older than a write we already applied was
+        taken before that write, and applying it late would silently undo the newer write.
+        One transaction with executemany; rows are produced lazily on the database thread.
+        """
+        async with self._writing("replace snapshot") as db:
+            current = await self._meta("snapshot_version")
+            if snapshot.version < current:
+                raise StaleWriteError(
+                    f"snapshot version {snapshot.version} is older than the stored {current}"
+                )
+            newest = await self._scalar("SELECT MAX(version) FROM accounts")
+            if newest is not None and snapshot.version < newest:
+                raise StaleWriteError(
+                    f"snapshot version {snapshot.version} is older than an account write"
+                    f" at version {newest}"
+                )
+            await db.execute("DELETE FROM entries")
+            await db.execute("DELETE FROM accounts")
+            accounts = sorted(snapshot.accounts)
+            await db.executemany(
+                "INSERT INTO accounts (account, version, deleted) VALUES (?, ?, 0)",
+                ((account, snapshot.version) for account in accounts),
+            )
+            await db.executemany(
+                "INSERT OR IGNORE INTO entries (account, family, network, prefix_len)"
+                " VALUES (?, ?, ?, ?)",
+                _snapshot_rows(snapshot, accounts),
+            )
+            await db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'snapshot_version'", (snapshot.version,)
+            )
+            await self._bump_generation()
+            entries = await self._scalar("SELECT COUNT(*) FROM entries") or 0
+        return SnapshotResult(accounts=len(accounts), entries=entries)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def status(self) -> StoreStatus:
+        """Counts for `GET /v1/status`; live accounts only, no addresses."""
+        async with self._reading("status"):
+            accounts = await self._scalar("SELECT COUNT(*) FROM accounts WHERE deleted = 0")
+            entries = await self._scalar("SELECT COUNT(*) FROM entries")
+            return StoreStatus(
+                accounts=accounts or 0,
+                entries=entries or 0,
+                snapshot_version=await self._meta("snapshot_version"),
+            )
+
+    async def snapshot_version(self) -> int:
+        """The version of the last snapshot applied (0 for a new node)."""
+        async with self._reading("snapshot version"):
+            return await self._meta("snapshot_version")
+
+    async def generation(self) -> int:
+        """Change counter, incremented by every write from any process; cheap to poll."""
+        async with self._reading("generation"):
+            return await self._meta("generation")
+
+    async def list_accounts(self, account: str | None = None) -> list[AccountRecord]:
+        """Live accounts sorted by id (only `account` when given), with their entries."""
+        where = "a.deleted = 0" + ("" if account is None else " AND a.account = ?")
+        params: tuple[Any, ...] = () if account is None else (account,)
+        async with self._reading("list accounts") as db:
+            rows = await db.execute_fetchall(
+                "SELECT a.account, a.version, e.family, e.network, e.prefix_len"
+                " FROM accounts AS a LEFT JOIN entries AS e ON e.account = a.account"
+                f" WHERE {where} ORDER BY a.account, e.family, e.network, e.prefix_len",
+                params,
+            )
+        records: list[AccountRecord] = []
+        current: tuple[str, int] | None = None
+        networks: list[Network] = []
+        for name, version, family, packed, prefix_len in rows:
+            if current is None or current[0] != name:
+                if current is not None:
+                    records.append(AccountRecord(current[0], current[1], tuple(networks)))
+                current, networks = (str(name), int(version)), []
+            if family is not None:  # LEFT JOIN: a live account may have no entries
+                networks.append(_network(int(family), bytes(packed), int(prefix_len)))
+        if current is not None:
+            records.append(AccountRecord(current[0], current[1], tuple(networks)))
+        return records
+
+    async def load_prefixes(self) -> list[tuple[int, int, int]]:
+        """(family 4 or 6, network as int, prefix_len) for every live entry.
+
+        For the in-memory AuthorizedClients snapshot. Tombstones have no entries, so no join
+        is needed; rows are converted on the database thread and never become ipaddress objects.
+        """
+        async with self._reading("load prefixes") as db:
+            cursor = await db.execute("SELECT family, network, prefix_len FROM entries")
+            # aiosqlite types the setter as `type | None`; sqlite3 takes any callable.
+            cursor.row_factory = _prefix_row  # type: ignore[assignment]
+            rows = await cursor.fetchall()
+            await cursor.close()
+            return list(rows)  # type: ignore[arg-type]  # rows come from _prefix_row
+
+    async def ping(self) -> None:
+        """Raise DatabaseError unless the database answers (health checks)."""
+        async with self._reading("ping") as db:
+            await db.execute_fetchall("SELECT 1")
+
+    # --- operator overrides (SPEC 5) -----------------------------------------------------
+
+    async def add_entries(
+        self, account: str, networks: Sequence[Network], max_per_account: int
+    ) -> AccountRecord:
+        """Add entries, keeping the account's version (a new account gets version 0).
+
+        A tombstoned account is revived at its tombstone version. The union must stay within
+        `max_per_account`, else RegistrationError and nothing changes.
+        """
+        validate_account_id(account)
+        async with self._writing("add entries"):
+            row = await self._account_row(account)
+            version, live = row if row is not None else (0, False)
+            existing = set(await self._entry_keys(account))
+            union = existing | {_key(network) for network in networks}
+            if len(union) > max_per_account:
+                raise RegistrationError(
+                    "addresses",
+                    f"{len(union)} entries exceed the limit of {max_per_account} per account",
+                )
+            if live and union == existing:
+                return await self._record(account, version)
+            if not live:
+                await self._upsert_account(account, version, deleted=False)
+            await self._insert_entries(account, sorted(union - existing))
+            await self._bump_generation()
+            return await self._record(account, version)
+
+    async def remove_entries(self, account: str, networks: Sequence[Network] | None) -> bool:
+        """Remove entries; with None the account becomes a tombstone at its current version.
+
+        Returns False (and changes nothing) when the account is not live.
+        """
+        validate_account_id(account)
+        async with self._writing("remove entries") as db:
+            row = await self._account_row(account)
+            if row is None or not row[1]:
+                return False
+            if networks is None:
+                await db.execute("DELETE FROM entries WHERE account = ?", (account,))
+                await self._upsert_account(account, row[0], deleted=True)
+            else:
+                cursor = await db.executemany(
+                    "DELETE FROM entries"
+                    " WHERE account = ? AND family = ? AND network = ? AND prefix_len = ?",
+                    [(account, *_key(network)) for network in networks],
+                )
+                if cursor.rowcount <= 0:
+                    return True
+            await self._bump_generation()
+            return True
+
+
+def _database_uri(path: Path, create: bool) -> str:
+    """The SQLite URI for `path`; creates its directories or checks that it exists."""
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(
+                f"cannot create the directory for the registrations database {path}: {exc.strerror}"
+            ) from None
+    elif not path.exists():
+        raise DatabaseError(f"registrations database {path} does not exist; {_CREATE_HINT}")
+    # mode=rw: never create the file behind the caller's back (it may vanish after exists()).
+    return f"{path.absolute().as_uri()}?mode={'rwc' if create else 'rw'}"
+
+
+def _raise_if_older(version: int, stored: int) -> None:
+    if version < stored:
+        raise StaleWriteError(f"version {version} is older than the stored version {stored}")
+
+
+def _raise_if_not_after_snapshot(version: int, snapshot_version: int) -> None:
+    if version <= snapshot_version:
+        raise StaleWriteError(
+            f"version {version} is not newer than the snapshot version {snapshot_version}"
+        )
+
+
+def _snapshot_rows(snapshot: Snapshot, accounts: list[str]) -> Iterator[_Row]:
+    # Accounts sorted and entries already sorted by (family, address, prefix): rows arrive in
+    # primary-key order, so the B-tree is appended to rather than split at random.
+    for account in accounts:
+        for network in snapshot.accounts[account]:
+            yield (account, network.version, network.network_address.packed, network.prefixlen)
