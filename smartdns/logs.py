@@ -9,6 +9,7 @@ import time
 from typing import Final
 
 WARN_INTERVAL_S: Final = 60.0
+_QUIET_LIBRARIES: Final = ("aiosqlite", "asyncio", "aiohttp", "aiohttp.access")
 _LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -29,6 +30,10 @@ def setup(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
+    # Libraries log their arguments at debug level (aiosqlite: SQL parameters, that is
+    # registered addresses; aiohttp.access: peer addresses). Only their warnings may pass.
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
     set_level(level)
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Coroutine
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from smartdns.config import HostPort, ServerConfig
 from smartdns.errors import SmartDNSError
@@ -53,8 +53,8 @@ class UdpServer(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio's, so no isinstance check here
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_UDP_QUERY or self._transport is None:
@@ -116,12 +116,12 @@ class TcpConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        stream = cast(asyncio.Transport, transport)
         if len(self._connections.open) >= self._connections.max_connections:
-            transport.abort()
+            stream.abort()
             return
-        self._transport = transport
-        self._host = transport.get_extra_info("peername")[0]
+        self._transport = stream
+        self._host = stream.get_extra_info("peername")[0]
         self._connections.open.add(self)
         self._arm_idle_timer()
 

@@ -1,0 +1,249 @@
+"""End-to-end harness: the real `python -m smartdns serve` in a subprocess, a temporary config
+and database, a FakeUpstream on loopback, and real clients bound to chosen source addresses.
+
+Registered vs not: 127.0.0.2 and ::1 are registered; 127.0.0.3 is not (`public_only: false`).
+Readiness comes from sd_notify (READY=1 on a socket the test owns), never from sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import yaml
+
+REGISTERED = "127.0.0.2"
+UNREGISTERED = "127.0.0.3"
+REGISTERED_V6 = "::1"
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0
+QUERY_TIMEOUT_S = 3.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A port free for UDP and TCP on 127.0.0.1 and ::1 at the time of asking."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        try:
+            with contextlib.ExitStack() as stack:
+                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                        sock = stack.enter_context(socket.socket(family, kind))
+                        sock.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def base_config(port: int, state: Path, upstream_address: str) -> dict[str, Any]:
+    return {
+        "server": {"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"], "tcp_idle_timeout": 2},
+        "database": {"path": str(state / "registrations.db")},
+        "registrations": {"public_only": False},
+        "unregistered": "refuse",
+        "unblock": {
+            "ttl": 60,
+            "regions": {
+                "us": {"ipv4": ["198.51.100.10", "198.51.100.11"], "ipv6": []},
+                "uk": {"ipv4": ["198.51.100.20"], "ipv6": ["2001:db8:20::1"]},
+            },
+            "zones": {"us": ["netflix.com", "nflxvideo.net"], "uk": ["bbc.co.uk"]},
+        },
+        "upstream": {"servers": [upstream_address], "timeout": 0.5, "attempts": 1},
+        "sync": {"listen": f"127.0.0.1:{free_port()}", "token_file": str(state / "sync.token")},
+        "logging": {"level": "debug"},
+    }
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def run_cli(
+    config_path: Path, *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "smartdns", *args, "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd or config_path.parent,
+        env=_env(),
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SMARTDNS_CONFIG")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Server:
+    """A running smartdns; `state` holds its config, database and captured output."""
+
+    state: Path
+    port: int
+    config_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    notifications: list[str] = field(default_factory=list)
+    _notify: socket.socket | None = None
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.state / "stdout.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.state / "stderr.log"
+
+    def output(self) -> str:
+        return self.stdout_path.read_text(errors="replace") + self.stderr_path.read_text(
+            errors="replace"
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(self.config_path, *args)
+
+    def start(self) -> Server:
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_path = self.state / "notify.sock"
+        with contextlib.suppress(FileNotFoundError):
+            notify_path.unlink()
+        self._notify.bind(str(notify_path))
+        with open(self.stdout_path, "ab") as stdout, open(self.stderr_path, "ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "smartdns", "serve", "--config", str(self.config_path)],
+                stdout=stdout,
+                stderr=stderr,
+                cwd=self.state,
+                env=_env(NOTIFY_SOCKET=str(notify_path)),
+            )
+        self.wait_notification("READY=1", START_TIMEOUT_S)
+        return self
+
+    def wait_notification(self, state: str, timeout_s: float) -> None:
+        """Block until the server sends `state` over NOTIFY_SOCKET (or fail on exit/timeout)."""
+        assert self._notify is not None and self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while state not in self.notifications:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.process.poll() is not None:
+                raise AssertionError(f"no {state} from smartdns; output:\n{self.output()}")
+            self._notify.settimeout(min(remaining, 0.5))
+            try:
+                data = self._notify.recv(4096)
+            except TimeoutError:
+                continue
+            self.notifications.extend(data.decode().split("\n"))
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        return code
+
+    # clients ---------------------------------------------------------------------------
+
+    def query(
+        self,
+        name: str,
+        qtype: str = "A",
+        *,
+        source: str = REGISTERED,
+        tcp: bool = False,
+        **make_query: Any,
+    ) -> dns.message.Message:
+        message = dns.message.make_query(name, qtype, **make_query)
+        return self.send(message, source=source, tcp=tcp)
+
+    def send(
+        self, message: dns.message.Message, *, source: str = REGISTERED, tcp: bool = False
+    ) -> dns.message.Message:
+        where = "::1" if ":" in source else "127.0.0.1"
+        if tcp:
+            return dns.query.tcp(
+                message, where, port=self.port, source=source, timeout=QUERY_TIMEOUT_S
+            )
+        return dns.query.udp(
+            message,
+            where,
+            port=self.port,
+            source=source,
+            timeout=QUERY_TIMEOUT_S,
+            ignore_trailing=False,
+        )
+
+    def raw_udp(
+        self, packet: bytes, *, source: str = REGISTERED, timeout_s: float = QUERY_TIMEOUT_S
+    ) -> bytes | None:
+        """Send raw bytes; the reply, or None when nothing came back within `timeout_s`."""
+        family = socket.AF_INET6 if ":" in source else socket.AF_INET
+        where = "::1" if ":" in source else "127.0.0.1"
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((source, 0))
+            sock.settimeout(timeout_s)
+            sock.sendto(packet, (where, self.port))
+            try:
+                return sock.recv(65535)
+            except TimeoutError:
+                return None
+
+
+@contextlib.contextmanager
+def running_server(
+    state: Path,
+    upstream_address: str,
+    override: dict[str, Any] | None = None,
+    registrations: tuple[str, ...] = (REGISTERED, REGISTERED_V6),
+) -> Iterator[Server]:
+    """Write config, register `registrations` for account `demo` through the CLI, start."""
+    port = free_port()
+    config = merge(base_config(port, state, upstream_address), override or {})
+    config_path = state / "smartdns.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    server = Server(state=state, port=port, config_path=config_path)
+    if registrations:
+        result = server.cli("registrations", "add", "demo", *registrations)
+        assert result.returncode == 0, result.stderr
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
