@@ -1,0 +1,168 @@
+"""RateLimiter: per-source rate limits that remember no one (SPEC 6 `rate_limit`, SPEC 7).
+
+Pure; no I/O, no clock (callers pass monotonic `now`). A fixed table of GCRA buckets indexed by
+a keyed hash of the source's IPv4 /32 or IPv6 /56; the key is random per process and rotates.
+No address is stored: it exists only for the duration of a call.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import socket
+import sys
+from array import array
+from collections.abc import Callable
+from typing import Final
+
+DEFAULT_SLOTS: Final = 65_536
+DEFAULT_ROTATE_AFTER_S: Final = 600.0
+KEY_BYTES: Final = 16
+IPV6_PREFIX_BYTES: Final = 7  # /56: what one subscriber line usually gets (RFC 6177)
+_MAPPED_PREFIX: Final = "::ffff:"
+# Python's bytes hash is SipHash (keyed per process) on every CPython build we support; a build
+# compiled with FNV would make `hash()` unkeyed, so fall back to keyed BLAKE2b there.
+_HASH_IS_SIPHASH: Final = sys.hash_info.algorithm.startswith("siphash")
+
+
+class Admission(enum.Enum):
+    """What `check` says about one query from an authorized source."""
+
+    ALLOW = "allow"
+    TRUNCATE = "truncate"  # over the rate: answer with TC set, so a real client retries over TCP
+    DROP = "drop"  # over the rate: send nothing
+
+
+class RateLimiter:
+    """Token buckets for sources, `rate_per_s` on average with bursts up to `burst` queries.
+
+    Each of `slots` buckets is one float, the GCRA "theoretical arrival time" (RFC 2697's
+    token bucket in one number): a query conforms when the bucket's time is at most
+    `burst / rate` ahead of `now`, and then advances it by `1 / rate`. Sources are mapped to
+    buckets by a keyed hash, so memory is the same for ten sources or ten million; sources
+    that collide share a bucket, which with 65,536 slots hurts only under a flood that
+    exceeds the table anyway. Every `rotate_after_s` the key is replaced and the table
+    cleared, so bucket positions cannot be correlated over time (everyone gets a fresh burst).
+
+    Source text is what the socket layer reports: IPv4, IPv6, IPv4-mapped IPv6 (counted as
+    the IPv4 address) or IPv6 with a `%scope` (ignored). IPv6 sources are counted per /56 so a
+    single line cannot escape the limit by rotating through its addresses. Text that is no
+    address at all shares one bucket.
+    """
+
+    __slots__ = (
+        "_arrivals",
+        "_excess_parity",
+        "_interval_s",
+        "_key",
+        "_key_source",
+        "_mask",
+        "_rotate_after_s",
+        "_rotates_at",
+        "_tolerance_s",
+    )
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int | None = None,
+        slots: int = DEFAULT_SLOTS,
+        rotate_after_s: float = DEFAULT_ROTATE_AFTER_S,
+        key_source: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        """`burst` defaults to one second's worth (`rate_per_s`, at least 1); `slots` must be
+        a power of two; `key_source(n)` returns n random bytes (tests make it deterministic)."""
+        if rate_per_s <= 0:
+            raise ValueError("rate_per_s must be positive")
+        if slots <= 0 or slots & (slots - 1):
+            raise ValueError("slots must be a power of two")
+        if rotate_after_s <= 0:
+            raise ValueError("rotate_after_s must be positive")
+        burst = max(1, round(rate_per_s)) if burst is None else burst
+        if burst < 1:
+            raise ValueError("burst must be at least 1")
+        self._interval_s = 1.0 / rate_per_s
+        # A bucket may run this far ahead of `now`: `burst` queries back to back, then one per
+        # interval. The extra half interval absorbs float rounding in the running sum, which
+        # would otherwise refuse the burst's last query for some rates.
+        self._tolerance_s = (burst + 0.5) * self._interval_s
+        self._mask = slots - 1
+        self._rotate_after_s = rotate_after_s
+        self._key_source = key_source
+        self._key = b""
+        self._rotates_at = float("-inf")  # the first call picks the key and starts the table
+        self._arrivals = array("d", bytes(8 * slots))
+        self._excess_parity = bytearray(slots)
+
+    @property
+    def slots(self) -> int:
+        return self._mask + 1
+
+    def allow(self, host: str, now: float) -> bool:
+        """True when a query from `host` at monotonic time `now` is within the rate; a
+        conforming query is counted, a refused one is not (so a flood cannot starve the
+        source's own later queries beyond the rate)."""
+        return self._take(self._slot(host, now), now)
+
+    def check(self, host: str, now: float) -> Admission:
+        """ALLOW within the rate; over it TRUNCATE and DROP alternate per bucket, starting
+        with TRUNCATE, so half the excess gets a small TC reply (SPEC 6 `client_qps`)."""
+        slot = self._slot(host, now)
+        if self._take(slot, now):
+            return Admission.ALLOW
+        parity = self._excess_parity[slot] ^ 1
+        self._excess_parity[slot] = parity
+        return Admission.TRUNCATE if parity else Admission.DROP
+
+    def _take(self, slot: int, now: float) -> bool:
+        arrivals = self._arrivals
+        arrival = arrivals[slot]
+        if arrival < now:
+            arrival = now
+        arrival += self._interval_s
+        if arrival - now > self._tolerance_s:
+            return False
+        arrivals[slot] = arrival
+        return True
+
+    def _slot(self, host: str, now: float) -> int:
+        if now >= self._rotates_at:
+            self._rotate(now)
+        return _keyed_hash(self._key, _source_bytes(host)) & self._mask
+
+    def _rotate(self, now: float) -> None:
+        key = self._key_source(KEY_BYTES)
+        if len(key) != KEY_BYTES:
+            raise ValueError("key_source returned the wrong number of bytes")
+        self._key = key
+        self._rotates_at = now + self._rotate_after_s
+        slots = len(self._excess_parity)
+        self._arrivals = array("d", bytes(8 * slots))
+        self._excess_parity = bytearray(slots)
+
+
+def _source_bytes(host: str) -> bytes:
+    """The part of the address that names the source: 4 bytes for IPv4, 7 for an IPv6 /56,
+    with a family marker so an IPv4 address and a /56 never compare equal."""
+    try:
+        if ":" not in host:
+            return b"4" + socket.inet_pton(socket.AF_INET, host)
+        if "%" in host:
+            host = host.partition("%")[0]
+        if host.startswith(_MAPPED_PREFIX) and "." in host:
+            return b"4" + socket.inet_pton(socket.AF_INET, host[len(_MAPPED_PREFIX) :])
+        return b"6" + socket.inet_pton(socket.AF_INET6, host)[:IPV6_PREFIX_BYTES]
+    except OSError:
+        return b""
+
+
+def _keyed_hash(key: bytes, data: bytes) -> int:
+    """A 64-bit keyed hash of `data`. `hash(key + data)` is CPython's SipHash-1-3 under the
+    per-process secret (PYTHONHASHSEED), with our own random key as a secret prefix so the
+    result stays unpredictable even when PYTHONHASHSEED is fixed; about 60 ns where keyed
+    BLAKE2b costs 600 ns. (A tuple of ints would be cheaper still but is not keyed: int hashes
+    are the values themselves and the tuple mix is public, so collisions could be chosen.)"""
+    if _HASH_IS_SIPHASH:
+        return hash(key + data)
+    return int.from_bytes(hashlib.blake2b(data, key=key, digest_size=8).digest())
