@@ -1,0 +1,1 @@
+"""Benchmark harness for smartdns (issue 6): dnsperf runs against smartdns and its peers."""

@@ -1,0 +1,395 @@
+"""The servers under test, each configured for the same job on loopback:
+
+- 127.0.0.1 (registered) gets the region proxies for names in the unblock zones (A, TTL 60)
+  and forwarded, cached answers for every other name;
+- 127.0.0.2 (unregistered) gets REFUSED.
+
+smartdns, Unbound and dnsdist do the whole job; dnsmasq has no per-source ACL, so it runs
+cases (a) and (b) only. Every server listens on 127.0.0.1 only, on its own free port, with
+one thread or worker unless `workers` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Final
+
+from bench.tools import (
+    READY_TIMEOUT_S,
+    REGIONS,
+    REGISTERED,
+    REPO,
+    UNBLOCK_TTL,
+    UNREGISTERED,
+    UPSTREAM_TTL,
+    ZONES,
+    Children,
+    descendants,
+    free_port,
+    pinned,
+    python_env,
+    upstream_address,
+    upstream_names,
+    wait_answering,
+)
+
+PROBE_NAME: Final = "probe.netflix.com"  # answered locally by every server
+PROBE_UPSTREAM: Final = upstream_names(1)[0] + "."  # dnsdist's backend health check
+
+
+@dataclass
+class Upstream:
+    """The upstream for the case (b) names: bench/upstream.py (the project's FakeUpstream,
+    dnslib, a few thousand answers a second) in its own process."""
+
+    names: int
+    cpus: str | None = None
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    kind: ClassVar[str] = "fake"
+
+    def start(self, workdir: Path, children: Children) -> Upstream:
+        port_file = workdir / "upstream.port"
+        command = [sys.executable, str(Path(__file__).with_name("upstream.py"))]
+        command += ["--names", str(self.names), "--port-file", str(port_file)]
+        self.process = children.start(
+            pinned(self.cpus, command), workdir / "upstream.log", env=python_env()
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = (workdir / "upstream.log").read_text(errors="replace")
+                raise RuntimeError(f"fake upstream did not start:\n{log}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self
+
+
+@dataclass
+class UnboundUpstream(Upstream):
+    """A second Unbound serving the case (b) names as authoritative local data: fast enough
+    that a server without a cache is measured forwarding, not waiting for dnslib."""
+
+    kind: ClassVar[str] = "unbound"
+
+    def start(self, workdir: Path, children: Children) -> Upstream:
+        self.port = free_port()
+        config = workdir / "upstream-unbound.conf"
+        names = upstream_names(self.names)
+        zone = names[0].split(".", 1)[1]
+        lines = [
+            "server:",
+            "  interface: 127.0.0.1",
+            f"  port: {self.port}",
+            "  num-threads: 1",
+            "  do-ip6: no",
+            '  username: ""',
+            '  chroot: ""',
+            f'  directory: "{workdir}"',
+            '  pidfile: ""',
+            "  use-syslog: no",
+            '  logfile: ""',
+            "  verbosity: 0",
+            '  module-config: "iterator"',
+            "  access-control: 127.0.0.0/8 allow",
+            "  so-rcvbuf: 4m",
+            "  so-sndbuf: 4m",
+            '  local-zone: "." static',  # nothing leaves the machine: other names NXDOMAIN
+            f'  local-zone: "{zone}." static',
+        ]
+        lines += [
+            f'  local-data: "{name}. {UPSTREAM_TTL} IN A {upstream_address(index)}"'
+            for index, name in enumerate(names)
+        ]
+        config.write_text("\n".join(lines) + "\n")
+        log_path = workdir / "upstream.log"
+        self.process = children.start(
+            pinned(self.cpus, ["unbound", "-d", "-c", str(config)]), log_path
+        )
+        try:
+            wait_answering(self.port, self.process, names[0])
+        except RuntimeError as error:
+            raise RuntimeError(f"upstream unbound: {error}\n{log_path.read_text()}") from None
+        return self
+
+
+UPSTREAMS: Final[dict[str, type[Upstream]]] = {cls.kind: cls for cls in (Upstream, UnboundUpstream)}
+
+
+@dataclass
+class Target:
+    """One server under test. Subclasses write the config and the command line."""
+
+    workdir: Path
+    workers: int = 1
+    cpus: str | None = "0"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    name: ClassVar[str] = ""
+    refuses_unregistered: ClassVar[bool] = True  # can be configured for case (c)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def command(self, upstream_port: int) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, children: Children, upstream_port: int) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = children.start(pinned(self.cpus, self.command(upstream_port)), self.log_path)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        assert self.process is not None
+        try:
+            wait_answering(self.port, self.process, PROBE_NAME)
+        except RuntimeError as error:
+            raise RuntimeError(f"{self.name}: {error}\n{self.output()}") from None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class Smartdns(Target):
+    """`python -m smartdns serve` with a temporary config and database, as tests/e2e does.
+
+    Rate limits are raised out of the way: one benchmark source address would otherwise be
+    capped at `client_qps`, and the peers are not rate-limited either.
+    """
+
+    name: ClassVar[str] = "smartdns"
+    database: Path | None = None  # a prepared database; None: a new one with 127.0.0.1
+    source: Path = REPO  # the tree whose smartdns package runs
+    start_seconds: float = 0.0  # process start to READY=1
+
+    def config(self, upstream_port: int) -> dict[str, object]:
+        token = self.workdir / "sync.token"
+        token.write_text(secrets.token_hex(16) + "\n")
+        token.chmod(0o600)
+        return {
+            "server": {"listen": [f"127.0.0.1:{self.port}"], "workers": self.workers},
+            "database": {"path": str(self.database or self.workdir / "registrations.db")},
+            "registrations": {"public_only": False},
+            "unregistered": "refuse",
+            "unblock": {
+                "ttl": UNBLOCK_TTL,
+                "regions": {
+                    region: {"ipv4": list(addresses), "ipv6": []}
+                    for region, addresses in REGIONS.items()
+                },
+                "zones": {
+                    region: [zone for zone, owner in ZONES.items() if owner == region]
+                    for region in REGIONS
+                },
+            },
+            "upstream": {
+                "servers": [f"127.0.0.1:{upstream_port}"],
+                "timeout": 1.0,
+                "attempts": 2,
+                "max_qps": 1_000_000,
+            },
+            "cache": {"max_entries": 100_000},
+            "rate_limit": {"client_qps": 100_000_000, "refused_qps": 100_000_000},
+            "sync": {"listen": f"127.0.0.1:{free_port()}", "token_file": str(token)},
+            "logging": {"level": "warning"},
+        }
+
+    def command(self, upstream_port: int) -> list[str]:
+        return [sys.executable, "-m", "smartdns", "serve", "--config", str(self.config_path)]
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "smartdns.yaml"
+
+    def start(self, children: Children, upstream_port: int) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # JSON is YAML: no yaml import needed here.
+        self.config_path.write_text(json.dumps(self.config(upstream_port), indent=2))
+        if self.database is None:
+            result = subprocess.run(
+                [
+                    *(sys.executable, "-m", "smartdns", "registrations", "add", "bench"),
+                    *(REGISTERED, "--config", str(self.config_path)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=python_env(self.source),
+                check=False,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"smartdns registrations add failed: {result.stderr}")
+        notify_path = self.workdir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.bind(str(notify_path))
+            started = time.monotonic()
+            self.process = children.start(
+                pinned(self.cpus, self.command(upstream_port)),
+                self.log_path,
+                env=python_env(self.source) | {"NOTIFY_SOCKET": str(notify_path)},
+                cwd=str(self.workdir),
+            )
+            self._wait_notification(notify, "READY=1")
+            self.start_seconds = time.monotonic() - started
+        self.wait_ready()
+
+    def _wait_notification(self, notify: socket.socket, state: str) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S * 3  # a million entries take a while
+        seen: list[str] = []
+        while state not in seen:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"smartdns: no {state}\n{self.output()}")
+            notify.settimeout(0.5)
+            try:
+                seen.extend(notify.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                continue
+
+    def serving_processes(self) -> int:
+        """How many smartdns processes hold the listening port (workers actually running)."""
+        count = 0
+        for pid in descendants(self.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"smartdns" in cmdline or b"python" in cmdline:
+                count += 1
+        return count
+
+
+@dataclass
+class Unbound(Target):
+    """Unbound: access-control, local-zone redirect per unblock zone, forward-zone "."."""
+
+    name: ClassVar[str] = "unbound"
+
+    def command(self, upstream_port: int) -> list[str]:
+        config = self.workdir / "unbound.conf"
+        lines = [
+            "server:",
+            "  interface: 127.0.0.1",
+            f"  port: {self.port}",
+            f"  num-threads: {self.workers}",
+            f"  so-reuseport: {'yes' if self.workers > 1 else 'no'}",
+            "  do-ip6: no",
+            "  do-tcp: yes",
+            '  username: ""',
+            '  chroot: ""',
+            f'  directory: "{self.workdir}"',
+            '  pidfile: ""',
+            "  use-syslog: no",
+            '  logfile: ""',
+            "  verbosity: 0",
+            '  module-config: "iterator"',  # no DNSSEC validation: the fake upstream is unsigned
+            "  do-not-query-localhost: no",  # the upstream is on loopback
+            "  msg-cache-size: 64m",
+            "  rrset-cache-size: 128m",
+            "  num-queries-per-thread: 4096",
+            "  so-rcvbuf: 4m",
+            "  so-sndbuf: 4m",
+            "  prefetch: no",
+            "  minimal-responses: yes",
+            "  access-control: 127.0.0.1/32 allow",
+            "  access-control: 127.0.0.2/32 refuse",
+        ]
+        for zone, region in ZONES.items():
+            lines.append(f'  local-zone: "{zone}." redirect')
+            lines += [
+                f'  local-data: "{zone}. {UNBLOCK_TTL} IN A {address}"'
+                for address in REGIONS[region]
+            ]
+        lines += ["forward-zone:", '  name: "."', f"  forward-addr: 127.0.0.1@{upstream_port}"]
+        config.write_text("\n".join(lines) + "\n")
+        return ["unbound", "-d", "-c", str(config)]
+
+
+@dataclass
+class Dnsdist(Target):
+    """dnsdist: REFUSED for 127.0.0.2, SpoofAction per region's zones, packet cache, the
+    upstream as the only backend."""
+
+    name: ClassVar[str] = "dnsdist"
+
+    def command(self, upstream_port: int) -> list[str]:
+        config = self.workdir / "dnsdist.conf"
+        lines = [
+            f'setLocal("127.0.0.1:{self.port}", {{reusePort={str(self.workers > 1).lower()}}})',
+            *(
+                f'addLocal("127.0.0.1:{self.port}", {{reusePort=true}})'
+                for _ in range(self.workers - 1)
+            ),
+            'setACL({"127.0.0.0/8"})',  # let 127.0.0.2 in, so the rule below can refuse it
+            "setSecurityPollSuffix('')",
+            f'newServer({{address="127.0.0.1:{upstream_port}", checkName="{PROBE_UPSTREAM}",'
+            " checkInterval=60})",
+            "pc = newPacketCache(200000, {maxTTL=86400, minTTL=0})",
+            'getPool(""):setCache(pc)',
+            f'addAction(makeRule("{UNREGISTERED}/32"), RCodeAction(DNSRCode.REFUSED))',
+        ]
+        for region, addresses in REGIONS.items():
+            zones = ", ".join(f'"{zone}."' for zone, owner in ZONES.items() if owner == region)
+            targets = ", ".join(f'"{address}"' for address in addresses)
+            lines.append(
+                f"smn_{region} = newSuffixMatchNode(); smn_{region}:add({{{zones}}})\n"
+                f"addAction(AndRule({{QTypeRule(DNSQType.A), SuffixMatchNodeRule(smn_{region})}}),"
+                f" SpoofAction({{{targets}}}, {{ttl={UNBLOCK_TTL}}}))"
+            )
+        config.write_text("\n".join(lines) + "\n")
+        return ["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)]
+
+
+@dataclass
+class Dnsmasq(Target):
+    """dnsmasq: address=/zone/proxy per unblock zone, the upstream as server, a cache.
+    No per-source ACL that answers REFUSED, so no case (c)."""
+
+    name: ClassVar[str] = "dnsmasq"
+    refuses_unregistered: ClassVar[bool] = False
+
+    def command(self, upstream_port: int) -> list[str]:
+        config = self.workdir / "dnsmasq.conf"
+        lines = [
+            f"port={self.port}",
+            "listen-address=127.0.0.1",
+            "bind-interfaces",
+            "no-resolv",
+            "no-hosts",
+            "no-negcache",
+            f"server=127.0.0.1#{upstream_port}",
+            "cache-size=10000",
+            "dns-forward-max=4096",
+            "local-ttl=60",
+            "user=root",
+            "pid-file=",
+        ]
+        for zone, region in ZONES.items():
+            lines += [f"address=/{zone}/{address}" for address in REGIONS[region]]
+        config.write_text("\n".join(lines) + "\n")
+        return ["dnsmasq", "--keep-in-foreground", f"--conf-file={config}", "--log-facility=-"]
+
+
+TARGETS: Final[dict[str, type[Target]]] = {
+    cls.name: cls for cls in (Smartdns, Unbound, Dnsdist, Dnsmasq)
+}
