@@ -7,9 +7,9 @@
 Input: one selector byte, then the packet. The selector picks the source (bits 0-2, see
 HOSTS), the transport (bit 3: TCP) and, for forwarded queries, the kind of upstream answer
 (bits 4-6, see UPSTREAM_ANSWERS). No network: forwarded queries go to a Forwarder whose
-`resolve` returns a canned answer built for the question, so the coroutine completes on its
-first step and no event loop is needed. Like the real Forwarder, it only returns answers a
-full parser (dnslib) accepts.
+`resolve` returns a canned answer built for the question at once, awaited on one event loop.
+Like the real Forwarder, it only returns answers a full parser (dnslib) accepts. Each input
+gets a fresh Pipeline from daemon.build_settings, so no cache state carries over.
 
 Checked on every input: parse_query returns a Query or raises WireError; handle never raises;
 its result is None or bytes that dnspython parses as a response (QR set) with the query's ID,
@@ -18,10 +18,13 @@ echoing the question byte for byte, and a UDP reply fits the client's limit.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import ipaddress
 import struct
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -30,12 +33,20 @@ import dns.exception
 import dns.message
 
 with atheris.instrument_imports(include=["smartdns"]):
-    from smartdns.answers import Responder, build_unblock_zones
     from smartdns.clients import AuthorizedClients
-    from smartdns.config import HostPort, Region, UnblockConfig, Unregistered, UpstreamConfig
+    from smartdns.config import (
+        Config,
+        HostPort,
+        Region,
+        ServerConfig,
+        UnblockConfig,
+        Unregistered,
+        UpstreamConfig,
+    )
+    from smartdns.daemon import build_settings
     from smartdns.errors import UpstreamError, WireError
     from smartdns.metrics import Metrics, Transport
-    from smartdns.pipeline import Pipeline, Settings
+    from smartdns.pipeline import Pipeline
     from smartdns.upstream import Forwarder, _AttemptFailed, _check_parseable
     from smartdns.wire import Query, parse_query
 
@@ -115,39 +126,38 @@ class CannedForwarder(Forwarder):
         return response
 
 
-def build_pipeline() -> tuple[Pipeline, CannedForwarder]:
-    forwarder = CannedForwarder(
-        UpstreamConfig(servers=(HostPort("127.0.0.1", 9),), timeout=0.1, attempts=1, max_qps=10**9),
-        edns_udp_size=EDNS_UDP_SIZE,
-    )
-    settings = Settings(
-        responder=Responder(EDNS_UDP_SIZE),
-        zones=build_unblock_zones(UNBLOCK),
-        unregistered=Unregistered.REFUSE,
-        forwarder=forwarder,
-    )
-    clients = AuthorizedClients.from_prefixes(
-        [
-            (4, int(ipaddress.IPv4Address("127.0.0.1")), 32),
-            (6, int(ipaddress.IPv6Address("2001:db8:1::")), 48),
-            (6, int(ipaddress.IPv6Address("fe80::")), 64),
-        ]
-    )
-    return Pipeline(settings, clients, Metrics()), forwarder
+# a closed port: nothing is ever sent there, CannedForwarder.resolve answers instead
+UPSTREAM = UpstreamConfig(servers=(HostPort("127.0.0.1", 9),), timeout=0.1, attempts=1)
+FORWARDER = CannedForwarder(UPSTREAM, edns_udp_size=EDNS_UDP_SIZE)
+CONFIG = Config(
+    path=Path("fuzz.yaml"),
+    server=ServerConfig(edns_udp_size=EDNS_UDP_SIZE),
+    unregistered=Unregistered.REFUSE,
+    unblock=UNBLOCK,
+    upstream=UPSTREAM,
+)
+CLIENTS = AuthorizedClients.from_prefixes(
+    [
+        (4, int(ipaddress.IPv4Address("127.0.0.1")), 32),
+        (6, int(ipaddress.IPv6Address("2001:db8:1::")), 48),
+        (6, int(ipaddress.IPv6Address("fe80::")), 64),
+    ]
+)
+LOOP = asyncio.new_event_loop()
+FORWARD_TIMEOUT_S = 5.0  # the canned upstream answers at once; this only catches a hang
 
 
-PIPELINE, FORWARDER = build_pipeline()
+def build_pipeline() -> Pipeline:
+    """A fresh pipeline per input, as the daemon builds it but with the canned forwarder:
+    nothing (cache, upstream health) carries over from one input to the next, so every
+    input behaves the same whenever it runs."""
+    settings = dataclasses.replace(build_settings(CONFIG), forwarder=FORWARDER)
+    return Pipeline(settings, CLIENTS, Metrics())
 
 
 def run_to_completion(coroutine: Coroutine[Any, Any, bytes | None]) -> bytes | None:
-    """Drive a coroutine that never suspends (the canned forwarder does not)."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        result: bytes | None = done.value
-        return result
-    coroutine.close()
-    raise AssertionError("forwarded reply suspended without a network")
+    """Await a forwarded reply on the harness's event loop."""
+    return LOOP.run_until_complete(asyncio.wait_for(coroutine, FORWARD_TIMEOUT_S))
 
 
 def check_reply(packet: bytes, query: Query | None, reply: bytes, transport: Transport) -> None:
@@ -178,7 +188,7 @@ def test_one_input(data: bytes) -> None:
         query = parse_query(packet)
     except WireError:
         query = None
-    reply = PIPELINE.handle(packet, host, transport)
+    reply = build_pipeline().handle(packet, host, transport)
     if reply is not None and not isinstance(reply, bytes):
         reply = run_to_completion(reply)
     if reply is not None:
