@@ -12,6 +12,7 @@ from typing import Final
 
 from smartdns import logs, systemd
 from smartdns.answers import Responder, build_unblock_zones
+from smartdns.cache import AnswerCache
 from smartdns.clients import AuthorizedClients
 from smartdns.config import Config, load_config
 from smartdns.errors import ConfigError, SmartDNSError
@@ -27,13 +28,27 @@ REGISTRY_POLL_S: Final = 0.25  # SPEC 4: a change is in effect within one second
 DRAIN_TIMEOUT_S: Final = 5.0
 
 
-def build_settings(config: Config) -> Settings:
-    """Everything the query path derives from the configuration, prepared aside."""
+def build_settings(config: Config, previous: Settings | None = None) -> Settings:
+    """Everything the query path derives from the configuration, prepared aside. A reload
+    keeps the cache and the forwarder (its upstream health) when their settings are unchanged;
+    cached answers stay valid because policy and zones are applied before and after the cache."""
+    edns_udp_size = config.server.edns_udp_size
+    forwarder = Forwarder(config.upstream, edns_udp_size=edns_udp_size)
+    cache = AnswerCache(config.cache)
+    if previous is not None:
+        if (previous.forwarder.config, previous.forwarder.edns_udp_size) == (
+            config.upstream,
+            edns_udp_size,
+        ):
+            forwarder = previous.forwarder
+        if previous.cache.config == config.cache:
+            cache = previous.cache
     return Settings(
-        responder=Responder(config.server.edns_udp_size),
+        responder=Responder(edns_udp_size),
         zones=build_unblock_zones(config.unblock),
         unregistered=config.unregistered,
-        forwarder=Forwarder(config.upstream, edns_udp_size=config.server.edns_udp_size),
+        forwarder=forwarder,
+        cache=cache,
     )
 
 
@@ -144,7 +159,7 @@ class Daemon:
                 return
             if config.server.listen != self.config.server.listen:
                 log.warning("listen addresses changed: restart smartdns to apply them")
-            pipeline.settings = build_settings(config)
+            pipeline.settings = build_settings(config, pipeline.settings)
             self.config = config
             logs.set_level(config.logging.level)
             await self._refresh_clients(store, pipeline)

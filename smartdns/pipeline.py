@@ -7,19 +7,22 @@ to await.
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-from smartdns.answers import Responder, UnblockZone
+from smartdns.answers import Responder, UnblockZone, rewrite_cname_chain
+from smartdns.cache import AnswerCache, CacheEntry, cache_key
 from smartdns.clients import AuthorizedClients
-from smartdns.config import Unregistered
+from smartdns.config import CacheConfig, Unregistered
 from smartdns.errors import UpstreamError, WireError
 from smartdns.logs import WarnOnce
 from smartdns.metrics import Metrics, Outcome, Transport
 from smartdns.policy import Verdict, decide
-from smartdns.upstream import Forwarder
+from smartdns.upstream import DEADLINE_S, Forwarder, UpstreamBusyError
 from smartdns.wire import (
     HEADER_SIZE,
     RCODE_SERVFAIL,
@@ -34,27 +37,49 @@ from smartdns.zones import ZoneMatcher
 PendingReply = Coroutine[Any, Any, bytes | None]
 Reply = bytes | PendingReply | None
 
+STALE_AFTER_S: Final = 1.8  # RFC 8767 §5 client response timer: then a stale answer goes out
+MAX_WAITING: Final = 10_000  # queries waiting for upstream; more get SERVFAIL at once
+MAX_TCP_MESSAGE: Final = 65535  # a 2-byte length prefix cannot announce more
+
 _OUTCOME = {verdict: Outcome(verdict.value) for verdict in Verdict}
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What the query path needs from the configuration; reload swaps the whole object."""
+    """What the query path needs from the configuration; reload swaps the whole object
+    (the daemon hands an unchanged cache and forwarder over to the new one)."""
 
     responder: Responder
     zones: ZoneMatcher[UnblockZone]
     unregistered: Unregistered
     forwarder: Forwarder
+    cache: AnswerCache = field(default_factory=lambda: AnswerCache(CacheConfig()))
 
 
 class Pipeline:
     """`handle(packet, host, transport)`; `settings` and `clients` are swapped whole by the
-    daemon, and each query reads each reference once."""
+    daemon, and each query reads each reference once.
 
-    def __init__(self, settings: Settings, clients: AuthorizedClients, metrics: Metrics) -> None:
+    Forwarded queries: policy first (authorization and zones, so a removed registration or a
+    newly added zone beats the cache), then a fresh cache entry is answered synchronously; a
+    miss joins the one upstream fetch for its key (coalescing) and falls back to a stale
+    entry after STALE_AFTER_S or on failure (RFC 8767).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: AuthorizedClients,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.clients = clients
         self.metrics = metrics
+        self._clock = clock
+        self._fetches: dict[bytes, asyncio.Task[CacheEntry | None]] = {}  # owner of fetches
+        self._waiting = 0
         self._internal_errors = WarnOnce(__name__, "unexpected error while handling a query")
 
     def handle(self, packet: bytes, host: str, transport: Transport) -> Reply:
@@ -80,7 +105,17 @@ class Pipeline:
             settings.unregistered,
         )
         if verdict is Verdict.FORWARD:
-            return self._forward(query, settings, transport)
+            key = cache_key(query)
+            now = self._clock()
+            entry = settings.cache.get(key, now)
+            if entry is not None:
+                counts[transport, Outcome.FORWARD] += 1
+                records = settings.cache.records(entry, now)
+                return self._reply(query, entry, records, settings, transport, authorized)
+            if self._waiting >= MAX_WAITING:
+                counts[transport, Outcome.SERVFAIL] += 1
+                return settings.responder.servfail(query)
+            return self._forward(query, key, settings, transport, authorized)
         counts[transport, _OUTCOME[verdict]] += 1
         responder = settings.responder
         if verdict is Verdict.REFUSE:
@@ -92,20 +127,106 @@ class Pipeline:
             return responder.unblock(query, zone)
         return responder.nodata(query, zone)
 
-    async def _forward(self, query: Query, settings: Settings, transport: Transport) -> bytes:
-        responder = settings.responder
+    async def _forward(
+        self, query: Query, key: bytes, settings: Settings, transport: Transport, authorized: bool
+    ) -> bytes:
+        """A cache miss: wait for the shared fetch, a stale entry after STALE_AFTER_S, or
+        SERVFAIL when nothing answered by DEADLINE_S."""
+        self._waiting += 1
+        try:
+            cache = settings.cache
+            stale = cache.stale(key, self._clock())
+            entry: CacheEntry | None = None
+            if not cache.has_failed(key, self._clock()):
+                fetch = self._fetches.get(key)
+                if fetch is None:
+                    fetch = asyncio.get_running_loop().create_task(
+                        self._fetch(query, key, settings)
+                    )
+                    self._fetches[key] = fetch
+                    fetch.add_done_callback(lambda done: self._fetch_done(key, done))
+                try:
+                    async with asyncio.timeout(STALE_AFTER_S if stale is not None else DEADLINE_S):
+                        entry = await asyncio.shield(fetch)
+                except TimeoutError:
+                    entry = None  # the fetch goes on and refreshes the entry for the next query
+        finally:
+            self._waiting -= 1
+        counts = self.metrics.queries
+        now = self._clock()
+        if entry is not None:
+            counts[transport, Outcome.FORWARD] += 1
+            records = cache.records(entry, now)
+        elif stale is not None:
+            counts[transport, Outcome.FORWARD] += 1
+            entry = stale
+            records = (
+                cache.records(stale, now) if now < stale.expires_at else cache.stale_records(stale)
+            )
+        else:
+            counts[transport, Outcome.SERVFAIL] += 1
+            return settings.responder.servfail(query)
+        return self._reply(query, entry, records, settings, transport, authorized)
+
+    async def _fetch(self, query: Query, key: bytes, settings: Settings) -> CacheEntry | None:
+        """One upstream resolution shared by every query with this key; stores the answer,
+        or remembers the failure (not when we were only out of local capacity)."""
         try:
             response = await settings.forwarder.resolve(query)
             answer = parse_upstream_answer(response, len(query.question))
+        except UpstreamBusyError:
+            return None
         except (UpstreamError, WireError):
-            self.metrics.queries[transport, Outcome.SERVFAIL] += 1
-            return responder.servfail(query)
-        self.metrics.queries[transport, Outcome.FORWARD] += 1
-        reply = responder.forwarded(query, answer, answer.records)
+            settings.cache.put_failure(key, self._clock())
+            return None
+        return settings.cache.put(key, answer, self._clock())
+
+    def _fetch_done(self, key: bytes, fetch: asyncio.Task[CacheEntry | None]) -> None:
+        if self._fetches.get(key) is fetch:
+            del self._fetches[key]
+        if not fetch.cancelled() and fetch.exception() is not None:
+            # every waiter already got it through the shield; this marks it retrieved
+            self._internal_errors.warn(type(fetch.exception()).__name__)
+
+    def _reply(
+        self,
+        query: Query,
+        entry: CacheEntry,
+        records: bytes,
+        settings: Settings,
+        transport: Transport,
+        authorized: bool,
+    ) -> bytes:
+        """The client's reply from an entry: its ID, question and OPT; a CNAME chain into an
+        unblock zone is cut there for authorized clients (with the zones of now, so a reload
+        applies to cached answers too); truncated to the client's UDP limit."""
+        responder = settings.responder
+        answer = entry.answer
+        if answer.has_cname and authorized:
+            try:
+                rewrite = rewrite_cname_chain(query, answer, records, settings.zones)
+            except WireError:
+                return responder.servfail(query)
+            reply = (
+                responder.forwarded(query, answer, records)
+                if rewrite is None
+                else responder.chain(query, rewrite)
+            )
+        else:
+            reply = responder.forwarded(query, answer, records)
         if transport is Transport.TCP:
-            return reply
-        limit = min(query.udp_limit, responder.edns_udp_size)
+            limit = MAX_TCP_MESSAGE
+        else:
+            limit = min(query.udp_limit, responder.edns_udp_size)
         return truncate(reply, query, limit, responder.opt_for(query))
+
+    async def close(self) -> None:
+        """Cancel the fetches still running (shutdown; their waiters are gone)."""
+        fetches = list(self._fetches.values())
+        for fetch in fetches:
+            fetch.cancel()
+        if fetches:
+            await asyncio.wait(fetches, timeout=1.0)
 
     def fail(self, packet: bytes, error: BaseException, transport: Transport) -> bytes | None:
         """The per-packet error boundary: SERVFAIL when the header is readable, a counter, and

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from asyncio_throttle.throttler import Throttler
-from dnslib import DNSRecord
 
 from smartdns.config import HostPort, UpstreamConfig
-from smartdns.errors import UpstreamError
+from smartdns.errors import UpstreamError, WireError
 from smartdns.wire import (
     EDNS_FLAG_DO,
     FLAG_CD,
@@ -34,12 +33,20 @@ from smartdns.wire import (
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     Query,
+    parse_upstream_answer,
+    skip_name,
 )
 
 log = logging.getLogger(__name__)
 
 DEADLINE_S: Final = 4.0  # SPEC 2: the client gets SERVFAIL if nothing has answered within 4 s
 MAX_MESSAGE_BYTES: Final = 65535  # largest UDP datagram we read; TCP lengths cannot exceed it
+MAX_IN_FLIGHT: Final = 1000  # concurrent resolve() calls per worker; each holds a socket
+PROBE_INTERVAL_S: Final = 10.0  # a failing upstream is probed this often so it can come back
+# `. IN NS`: what a probe asks. It carries nothing of any client.
+PROBE_QUESTION: Final = b"\x00" + struct.pack("!HH", 2, 1)
+# Our own process is out of sockets or memory: not the upstream's fault.
+_LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _OPCODE_MASK: Final = 0x7800
 _RCODE_MASK: Final = 0x000F
 # Answers that say "ask someone else": the next upstream is tried at once.
@@ -59,6 +66,8 @@ class ForwarderStats:
     mismatched: int = 0  # replies ignored: wrong ID, QR clear or another question
     rate_limited: int = 0  # resolve() calls refused by the `max_qps` bound
     tcp_retries: int = 0  # truncated UDP answers retried over TCP
+    overloaded: int = 0  # resolve() calls refused by the in-flight bound or lack of sockets
+    probes: int = 0  # health probes sent to failing upstreams
 
 
 class _Outcome(enum.Enum):
@@ -71,25 +80,46 @@ class _AttemptFailed(Exception):
     """An attempt's reply was unusable; internal, never leaves this module."""
 
 
+class UpstreamBusyError(UpstreamError):
+    """Refused for lack of local capacity (rate bound, in-flight bound, no sockets): says
+    nothing about the upstreams, so it is neither remembered as a failure nor held against
+    an upstream's health."""
+
+
 class Forwarder:
     """Resolves parsed queries through the configured upstreams (SPEC 2 "Forwarding").
 
     One instance per worker; safe for many concurrent `resolve()` calls on one event loop.
     """
 
-    def __init__(self, config: UpstreamConfig, *, edns_udp_size: int) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        *,
+        edns_udp_size: int,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+    ) -> None:
         if not config.servers:
             raise ValueError("no upstream servers configured")
-        self._config = config
-        self._edns_udp_size = edns_udp_size
+        self.config = config  # the daemon keeps this forwarder over a reload that keeps these
+        self.edns_udp_size = edns_udp_size
         self._failures = [0] * len(config.servers)  # consecutive failures per server
+        self._probe_at = [0.0] * len(config.servers)  # when a failing server is probed next
+        self._next_probe = float("inf")  # min(_probe_at) over failing servers
+        self._probes: set[asyncio.Task[None]] = set()
+        self._probe_interval_s = probe_interval_s
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self._throttler = Throttler(rate_limit=config.max_qps, period=1.0)
         self._closed = False
         self.stats = ForwarderStats()
 
     def close(self) -> None:
-        """Refuse new work. Sockets belong to attempts and are closed by them."""
+        """Refuse new work and stop probing. Sockets belong to attempts and are closed by them."""
         self._closed = True
+        for task in self._probes:
+            task.cancel()
 
     async def resolve(self, query: Query) -> bytes:
         """Return the first acceptable upstream response to `query`'s question, as received.
@@ -99,10 +129,24 @@ class Forwarder:
         upstream. Servers are tried in health order, `attempts` times each for `timeout` s;
         a truncated UDP answer is retried over TCP. NOERROR and NXDOMAIN are answers; the
         other rcodes in `_NEXT_SERVER_RCODES` move on to the next server.
-        Raises UpstreamError when rate limited, when every server failed, or after DEADLINE_S.
+        Raises UpstreamBusyError at once when rate limited or at the in-flight bound, and
+        UpstreamError when every server failed or after DEADLINE_S.
         """
         if self._closed:
-            raise UpstreamError("forwarder is closed")
+            raise UpstreamBusyError("forwarder is closed")
+        if self._in_flight >= self._max_in_flight:
+            self.stats.overloaded += 1
+            raise UpstreamBusyError("in-flight upstream queries at their bound")
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_probe:
+            self._start_probes(loop)
+        self._in_flight += 1
+        try:
+            return await self._resolve(query)
+        finally:
+            self._in_flight -= 1
+
+    async def _resolve(self, query: Query) -> bytes:
         try:
             # acquire() only suspends when the rate bound is reached; a zero timeout turns
             # that suspension into an immediate TimeoutError, so excess fails and never queues.
@@ -110,7 +154,7 @@ class Forwarder:
                 await self._throttler.acquire()  # type: ignore[no-untyped-call]  # untyped library
         except TimeoutError:
             self.stats.rate_limited += 1
-            raise UpstreamError("upstream rate limit reached") from None
+            raise UpstreamBusyError("upstream rate limit reached") from None
 
         question = query.qname + struct.pack("!HH", query.qtype, query.qclass)
         flags = FLAG_RD | (query.flags & FLAG_CD)
@@ -119,7 +163,7 @@ class Forwarder:
             async with asyncio.timeout(DEADLINE_S):
                 for index in self._health_order():
                     tried += 1
-                    for _ in range(self._config.attempts):
+                    for _ in range(self.config.attempts):
                         outcome, response = await self._attempt(
                             index, question, flags, query.dnssec_ok
                         )
@@ -144,13 +188,41 @@ class Forwarder:
     def _mark_failed(self, index: int) -> None:
         self._failures[index] += 1
         if self._failures[index] == 1:
-            log.warning("upstream %s is failing; trying others first", self._config.servers[index])
+            log.warning("upstream %s is failing; trying others first", self.config.servers[index])
+            probe_at = asyncio.get_running_loop().time() + self._probe_interval_s
+            self._probe_at[index] = probe_at
+            self._next_probe = min(self._next_probe, probe_at)
+
+    def _start_probes(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Probe each failing server whose time has come with `. NS`, in the background, so
+        a recovered server goes back to its place without a client query waiting on it."""
+        now = loop.time()
+        upcoming = float("inf")
+        for index, failures in enumerate(self._failures):
+            if not failures:
+                continue
+            if self._probe_at[index] <= now:
+                self._probe_at[index] = now + self._probe_interval_s
+                task = loop.create_task(self._probe(index))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+            upcoming = min(upcoming, self._probe_at[index])
+        self._next_probe = upcoming
+
+    async def _probe(self, index: int) -> None:
+        self.stats.probes += 1
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                await self._attempt(index, PROBE_QUESTION, FLAG_RD, False)
+        except (TimeoutError, UpstreamBusyError):
+            pass  # still failing (or we are out of sockets): the next probe comes later
 
     def _mark_ok(self, index: int) -> None:
+        self._probe_at[index] = 0.0
         if self._failures[index]:
             log.info(
                 "upstream %s is answering again after %d failures",
-                self._config.servers[index],
+                self.config.servers[index],
                 self._failures[index],
             )
             self._failures[index] = 0
@@ -161,18 +233,25 @@ class Forwarder:
         self, index: int, question: bytes, flags: int, dnssec_ok: bool
     ) -> tuple[_Outcome, bytes]:
         """One try at one server: UDP, then TCP if the UDP answer was truncated."""
-        server = self._config.servers[index]
+        server = self.config.servers[index]
         try:
             response = await self._exchange_udp(server, question, flags, dnssec_ok)
             if _flags(response) & FLAG_TC:
                 self.stats.tcp_retries += 1
                 response = await self._exchange_tcp(server, question, flags, dnssec_ok)
-            _check_parseable(response)
+            _check_parseable(response, len(question))
         except TimeoutError:
             self.stats.timeouts += 1
             self._mark_failed(index)
             return _Outcome.FAILED, b""
-        except (OSError, _AttemptFailed):
+        except OSError as error:
+            if error.errno in _LOCAL_ERRNOS:
+                self.stats.overloaded += 1
+                raise UpstreamBusyError("no socket for an upstream query") from None
+            self.stats.failures += 1
+            self._mark_failed(index)
+            return _Outcome.FAILED, b""
+        except _AttemptFailed:
             self.stats.failures += 1
             self._mark_failed(index)
             return _Outcome.FAILED, b""
@@ -190,7 +269,7 @@ class Forwarder:
         query_id = secrets.randbits(16)
         header = struct.pack("!HHHHHH", query_id, flags, 1, 0, 0, 1)
         opt = b"\x00" + struct.pack(
-            "!HHIH", QTYPE_OPT, self._edns_udp_size, EDNS_FLAG_DO if dnssec_ok else 0, 0
+            "!HHIH", QTYPE_OPT, self.edns_udp_size, EDNS_FLAG_DO if dnssec_ok else 0, 0
         )
         return query_id, header + question + opt
 
@@ -211,7 +290,7 @@ class Forwarder:
             sock.connect((server.host, server.port))
             sock.send(message)
             self.stats.queries_sent += 1
-            async with asyncio.timeout(self._config.timeout):
+            async with asyncio.timeout(self.config.timeout):
                 while True:
                     await _wait_io(loop, sock, writable=False)
                     while True:
@@ -234,7 +313,7 @@ class Forwarder:
         sock = socket.socket(server.family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            async with asyncio.timeout(self._config.timeout):
+            async with asyncio.timeout(self.config.timeout):
                 status = sock.connect_ex((server.host, server.port))
                 if status == errno.EINPROGRESS:
                     await _wait_io(loop, sock, writable=True)
@@ -279,12 +358,17 @@ def _matches(data: bytes, query_id: int, question: bytes) -> bool:
     )
 
 
-def _check_parseable(data: bytes) -> None:
-    """Refuse a reply a full parser cannot read: it would poison the cache and the client."""
+def _check_parseable(data: bytes, question_length: int | None = None) -> None:
+    """Refuse a reply we cannot walk: truncated or looping names, more than
+    MAX_UPSTREAM_RECORDS records, an OPT outside the additional section. The walk costs about
+    a microsecond per record and is capped, so a crafted reply cannot stall the loop (a full
+    parser such as dnslib costs over ten times that per record)."""
     try:
-        DNSRecord.parse(data)
-    except Exception as exc:  # dnslib raises many types on crafted input
-        raise _AttemptFailed("unparseable upstream reply") from exc
+        if question_length is None:
+            question_length = skip_name(data, HEADER_SIZE) + 4 - HEADER_SIZE
+        parse_upstream_answer(data, question_length)
+    except WireError:
+        raise _AttemptFailed("unparseable upstream reply") from None
 
 
 async def _wait_io(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writable: bool) -> None:

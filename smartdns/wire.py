@@ -309,20 +309,34 @@ class ForwardedAnswer(NamedTuple):
     additional_count: int
     records: bytes
     ttl_offsets: tuple[int, ...]  # into `records`
+    has_cname: bool = False  # a CNAME in the answer section: the chain may enter an unblock zone
+    soa_negative_ttl: int = -1  # min(SOA TTL, SOA MINIMUM) of the authority SOA, -1 without one
 
 
-def parse_upstream_answer(message: bytes, question_length: int) -> ForwardedAnswer:
-    """Split a validated upstream answer to our question. Raises WireError when malformed."""
+MAX_UPSTREAM_RECORDS: Final = 1000  # more is crafted; refused before any record is walked
+
+
+def parse_upstream_answer(
+    message: bytes, question_length: int, max_records: int = MAX_UPSTREAM_RECORDS
+) -> ForwardedAnswer:
+    """Split a validated upstream answer to our question. Raises WireError when malformed:
+    truncated, over `max_records` records, an owner name with a forward or looping pointer,
+    or an OPT outside the additional section (RFC 6891 §6.1.1)."""
     if len(message) < HEADER_SIZE + question_length:
         raise WireError(RCODE_FORMERR, "truncated answer")
     _, flags, _, ancount, nscount, arcount = _HEADER.unpack_from(message)
+    if ancount + nscount + arcount > max_records:
+        raise WireError(RCODE_FORMERR, "too many records")
     start = HEADER_SIZE + question_length
     spans = scan_records(message, start, ancount + nscount + arcount)
     kept = bytearray()
     ttl_offsets: list[int] = []
     additional_count = 0
+    has_cname = False
+    soa_negative_ttl = -1
     for index, span in enumerate(spans):
-        if span.rtype == QTYPE_OPT:
+        rtype = span.rtype
+        if rtype == QTYPE_OPT:
             if index < ancount + nscount:
                 raise WireError(RCODE_FORMERR, "OPT outside the additional section")
             # Compression pointers only point backwards, so cutting here keeps every kept
@@ -330,6 +344,17 @@ def parse_upstream_answer(message: bytes, question_length: int) -> ForwardedAnsw
             break
         if index >= ancount + nscount:
             additional_count += 1
+        elif index < ancount:
+            if rtype == QTYPE_CNAME:
+                # the chain is followed later (unblock zones): its target must be readable
+                read_name(message, span.ttl_offset + 6)
+                has_cname = True
+        elif rtype == QTYPE_SOA and soa_negative_ttl < 0 and span.end - span.ttl_offset >= 26:
+            # RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM); MINIMUM is the
+            # last field of the rdata (at least two root names and five 32-bit fields)
+            ttl = _ttl_value(message, span.ttl_offset)
+            minimum = _ttl_value(message, span.end - 4)
+            soa_negative_ttl = min(ttl, minimum)
         ttl_offsets.append(len(kept) + span.ttl_offset - span.start)
         kept += message[span.start : span.end]
     return ForwardedAnswer(
@@ -340,4 +365,53 @@ def parse_upstream_answer(message: bytes, question_length: int) -> ForwardedAnsw
         additional_count,
         bytes(kept),
         tuple(ttl_offsets),
+        has_cname,
+        soa_negative_ttl,
     )
+
+
+def _ttl_value(message: bytes, offset: int) -> int:
+    """A 32-bit TTL; RFC 2181 §8: values with the top bit set count as zero."""
+    value: int = _UINT32.unpack_from(message, offset)[0]
+    return 0 if value & 0x80000000 else value
+
+
+_UINT32 = struct.Struct("!I")
+
+
+def read_name(message: bytes, offset: int) -> tuple[bytes, int]:
+    """The name at `offset`, decompressed and lower-cased in wire form, and the offset after
+    it in the message. Every pointer must point before the label that holds it, so a loop
+    cannot exist; names over 255 octets and bad label types are FORMERR."""
+    name = bytearray()
+    end = len(message)
+    after = -1
+    position = offset
+    while True:
+        if position >= end:
+            raise WireError(RCODE_FORMERR, "truncated name")
+        length = message[position]
+        if length == 0:
+            name.append(0)
+            if after < 0:
+                after = position + 1
+            break
+        if length >= 0xC0:
+            if position + 2 > end:
+                raise WireError(RCODE_FORMERR, "truncated name")
+            target = (length & 0x3F) << 8 | message[position + 1]
+            if target >= position:
+                raise WireError(RCODE_FORMERR, "compression pointer loop")
+            if after < 0:
+                after = position + 2
+            position = target
+            continue
+        if length > 63:
+            raise WireError(RCODE_FORMERR, "bad label type")
+        if position + length + 1 > end:
+            raise WireError(RCODE_FORMERR, "truncated name")
+        name += message[position : position + length + 1]
+        if len(name) + 1 > _MAX_NAME_OCTETS:
+            raise WireError(RCODE_FORMERR, "name over 255 octets")
+        position += length + 1
+    return bytes(name).lower(), after

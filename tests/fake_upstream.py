@@ -63,7 +63,10 @@ class FakeUpstream:
     no records), `spoof_first` (UDP: at once, a reply with the wrong ID and one with the right
     ID but another question, both claiming SPOOF_ADDRESS; the real answer follows after
     `delay_s`), `garbage` (right ID and question, then bytes no parser accepts), `respond_opt`
-    (an OPT in answers to queries that had one; default True).
+    (an OPT in answers to queries that had one; default True), `crafted` (right ID and
+    question, then one of CRAFTED: "many_records" — 3000 A records in one datagram,
+    "compression_loop" — an answer whose owner points at itself, "opt_in_answer" — an OPT
+    record in the answer section, "forward_pointer" — a CNAME whose target points ahead).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -77,6 +80,7 @@ class FakeUpstream:
         self.spoof_first: bool = False
         self.garbage: bool = False
         self.respond_opt: bool = True
+        self.crafted: str | None = None
         # state shared with the server thread
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # queries or connections changed
@@ -112,6 +116,17 @@ class FakeUpstream:
         with self._lock:
             self._names.add(key)
             self._rcodes[key] = value
+
+    def replace(self, name: str, qtype: str, records: list[str]) -> None:
+        """Answer `name`/`qtype` with these records instead of what was there."""
+        with self._lock:
+            self._records.pop((_key(name), qtype.upper()), None)
+        self.add(name, qtype, records)
+
+    def clear_rcode(self, name: str) -> None:
+        """Stop answering `name` with a fixed rcode (see `set_rcode`)."""
+        with self._lock:
+            self._rcodes.pop(_key(name), None)
 
     def large_answer(self, name: str, count: int) -> None:
         """Add `count` A records for `name` (10.x.y.z), enough to overflow a UDP reply."""
@@ -348,6 +363,8 @@ class FakeUpstream:
             return None
         if self.garbage:
             return [self._crafted_garbage(raw)]
+        if self.crafted is not None:
+            return [_crafted(raw, self.crafted)]
 
         reply = request.reply(ra=1, aa=1)
         if rcode is not None:
@@ -403,6 +420,37 @@ class FakeUpstream:
         question = bytes(buffer.data)
         header = qid + struct.pack("!HHHHH", 0x8180, 1, 3, 0, 0)
         return header + bytes(question) + b"\xc0\xff\x00\x01\x00\x01\xde\xad"
+
+
+CRAFTED = ("many_records", "compression_loop", "opt_in_answer", "forward_pointer")
+
+
+def _crafted(raw: bytes, kind: str) -> bytes:
+    """A reply with the right ID and question whose records are crafted to hurt a parser."""
+    buffer = DNSBuffer()
+    DNSRecord.parse(raw).q.pack(buffer)  # `raw` parsed before: cannot fail here
+    question = bytes(buffer.data)
+    a_fixed = struct.pack("!HHIH", 1, 1, 300, 4)
+    if kind == "many_records":
+        count = 3000
+        records = b"".join(b"\xc0\x0c" + a_fixed + i.to_bytes(4, "big") for i in range(count))
+    elif kind == "compression_loop":
+        count = 1
+        here = 12 + len(question)
+        records = bytes([0xC0 | here >> 8, here & 0xFF]) + a_fixed + b"\x0a\x00\x00\x01"
+    elif kind == "opt_in_answer":
+        count = 2
+        opt = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+        records = opt + b"\xc0\x0c" + a_fixed + b"\x0a\x00\x00\x01"
+    elif kind == "forward_pointer":
+        count = 1
+        ahead = 12 + len(question) + 12 + 2
+        target = bytes([0xC0 | ahead >> 8, ahead & 0xFF])
+        records = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 300, 2) + target
+    else:
+        raise ValueError(f"unknown crafted reply {kind!r}")
+    header = raw[:2] + struct.pack("!HHHHH", 0x8180, 1, count, 0, 0)
+    return header + question + records
 
 
 def _spoof_a() -> Any:
