@@ -49,6 +49,9 @@ CASES: Final = {
     "c": ("a+b mix, unregistered", UNREGISTERED, "REFUSED"),
 }
 DEFAULT_SERVERS: Final = "smartdns,unbound,dnsdist,dnsmasq"
+# Other work on the machine (cores busy outside the run, plus steal) above which a row is
+# marked: its QPS says more about the neighbours than about the server.
+DISTURBED_CPU: Final = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class Row:
     rss_mib: float
     server_cpu: float  # server CPU time / wall time of the run (1.0 = one core busy)
     client_cpu: float  # the same for dnsperf
+    other_cpu: float  # CPU time of other normal-priority work on the machine, plus steal
     rcodes: dict[str, int]
     rcode_ok: bool
 
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             problems += warm_up_and_check(targets, files, args.names, options)
             if problems:
                 return report(rows, notes, problems, half_rate, profile, args)
-            rows = measure(targets, files, args, options)
+            assert upstream.process is not None
+            rows = measure(targets, upstream.process.pid, files, args, options)
             smartdns = next((t for t in targets if isinstance(t, Smartdns)), None)
             if smartdns is not None and args.half_rate:
                 half_rate = measure_half_rate(smartdns, rows, files, args, options)
@@ -252,7 +257,11 @@ def warm_up_and_check(
 
 
 def measure(
-    targets: list[Target], files: dict[str, Path], args: argparse.Namespace, options: PerfOptions
+    targets: list[Target],
+    upstream_pid: int,
+    files: dict[str, Path],
+    args: argparse.Namespace,
+    options: PerfOptions,
 ) -> list[Row]:
     """Rounds outermost, then cases, then servers: a1-smartdns, a1-unbound, ..., c2-dnsmasq."""
     rows = []
@@ -262,10 +271,16 @@ def measure(
             for target in targets:
                 if case == "c" and not target.refuses_unregistered:
                     continue
-                cpu_before, started = tools.cpu_seconds(target.pid), time.monotonic()
+                ours_before = tools.cpu_seconds(target.pid) + tools.cpu_seconds(upstream_pid)
+                busy_before, steal_before = tools.machine_cpu_seconds()
+                server_before, started = tools.cpu_seconds(target.pid), time.monotonic()
                 result = run_dnsperf(target.port, source, files[case], options)
                 wall_s = time.monotonic() - started
-                server_cpu = (tools.cpu_seconds(target.pid) - cpu_before) / wall_s
+                server_cpu = (tools.cpu_seconds(target.pid) - server_before) / wall_s
+                busy_after, steal_after = tools.machine_cpu_seconds()
+                ours = tools.cpu_seconds(target.pid) + tools.cpu_seconds(upstream_pid)
+                ours += result.client_cpu_s - ours_before
+                others = busy_after - busy_before - ours + steal_after - steal_before
                 row = Row(
                     case=case,
                     round=round_number,
@@ -278,6 +293,7 @@ def measure(
                     rss_mib=rss_kib(target.pid) / 1024,
                     server_cpu=server_cpu,
                     client_cpu=result.client_cpu_s / wall_s,
+                    other_cpu=max(0.0, others / wall_s),
                     rcodes=result.rcodes,
                     rcode_ok=result.only_rcode(expected),
                 )
@@ -424,7 +440,7 @@ def ratio_lines(rows: list[Row]) -> list[str]:
 def table(rows: list[Row]) -> list[str]:
     """A Markdown table, one line per dnsperf run, in the order they ran."""
     columns = ["case", "round", "server", "QPS", "avg ms", "max ms", "lost", "RSS MiB"]
-    columns += ["srv CPU", "perf CPU", "rcodes"]
+    columns += ["srv CPU", "perf CPU", "other CPU", "rcodes"]
     body = [
         [
             row.case,
@@ -437,13 +453,14 @@ def table(rows: list[Row]) -> list[str]:
             f"{row.rss_mib:.1f}",
             f"{100 * row.server_cpu:.0f}%",
             f"{100 * row.client_cpu:.0f}%",
+            f"{100 * row.other_cpu:.0f}%" + (" !" if row.other_cpu > DISTURBED_CPU else ""),
             ("ok " if row.rcode_ok else "WRONG ")
             + ", ".join(f"{k} {v}" for k, v in row.rcodes.items()),
         ]
         for row in rows
     ]
     widths = [max(len(line[i]) for line in [columns, *body]) for i in range(len(columns))]
-    right = {3, 4, 5, 6, 7, 8, 9}
+    right = {3, 4, 5, 6, 7, 8, 9, 10}
 
     def render(cells: list[str]) -> str:
         padded = [
@@ -487,6 +504,13 @@ def report(
         ]
     if profile:
         out += ["", "py-spy, smartdns during case (a):", *profile]
+    disturbed = [f"{r.case}{r.round}-{r.server}" for r in rows if r.other_cpu > DISTURBED_CPU]
+    if disturbed:
+        out += [
+            "",
+            f"! other work used more than {DISTURBED_CPU:.2f} of a core during "
+            f"{', '.join(disturbed)}: compare those rows, and ratios using them, with care",
+        ]
     wrong = [r for r in rows if not r.rcode_ok]
     problems = problems + [
         f"{r.case}{r.round}-{r.server}: unexpected rcodes {r.rcodes}" for r in wrong

@@ -282,6 +282,18 @@ def cpu_seconds(pid: int) -> float:
     return total / ticks
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, all CPUs, from /proc/stat.
+
+    Busy is user + system time at normal priority: niced background jobs only fill gaps and
+    interrupt/softirq time (loopback delivery of our own packets) is nobody's in particular.
+    Steal is time the hypervisor gave to other machines."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, _nice, system, _idle, _iowait, _irq, _softirq, steal = fields[:8]
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + system) / ticks, steal / ticks
+
+
 def rss_kib_self() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
