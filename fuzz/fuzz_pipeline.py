@@ -87,7 +87,10 @@ def _a(count: int) -> bytes:
 
 
 def _soa() -> bytes:
-    rdata = b"\x02ns\xc0\x0c\x01h\xc0\x0c" + struct.pack("!5I", 1, 3600, 600, 86400, 300)
+    # MNAME and RNAME spelled out: pointing them below the qname would exceed 255 octets for
+    # long qnames (see test_upstream_soa_name_over_255_octets_is_unparseable)
+    names = b"\x02ns\x07example\x00\x01h\x07example\x00"
+    rdata = names + struct.pack("!5I", 1, 3600, 600, 86400, 300)
     return _POINTER + _RR.pack(6, 1, 300, len(rdata)) + rdata
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from smartdns.answers import Responder
 from smartdns.errors import WireError
+from smartdns.upstream import _AttemptFailed, _check_parseable
 from smartdns.wire import (
     MIN_UDP_SIZE,
     RCODE_BADVERS,
@@ -349,4 +350,53 @@ def test_upstream_pointer_into_header_gets_formerr(client_id: int) -> None:
     upstream = struct.pack("!6H", 0x0000, 0x8180, 1, 1, 0, 0) + question + record
     assert dns.message.from_wire(upstream).answer[0].name == dns.name.root  # valid upstream
     with pytest.raises(WireError):
+        parse_upstream_answer(upstream, len(query.question))
+
+
+# Found by the atheris harness (fuzz/fuzz_pipeline.py): a 253-octet qname, and an upstream
+# answer whose names are a short label plus a pointer to the qname, 256+ octets once expanded.
+_LONG_QNAME = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 47]) + ".netflix.com"  # 253 octets
+
+
+def _long_exchange(records: bytes, ancount: int, nscount: int) -> tuple[Query, bytes]:
+    query = parse_query(dns.message.make_query(_LONG_QNAME, "TXT", id=7).to_wire())
+    question = query.qname + struct.pack("!HH", query.qtype, query.qclass)
+    header = struct.pack("!6H", 0x0101, 0x8180 | (3 if nscount else 0), 1, ancount, nscount, 0)
+    return query, header + question + records
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wire.skip_name counts a name's octets only up to its compression pointer, so an "
+    "owner name that expands past 255 octets passes parse_upstream_answer (and dnslib)",
+)
+def test_upstream_owner_name_over_255_octets_via_pointer_gets_formerr() -> None:
+    """Owner `xyz.<qname>`: 4 + 253 = 257 octets (RFC 1035 §3.1 allows 255). dnslib, the
+    Forwarder's full parse, accepts it; the client's resolver (dnspython: NameTooLong) does
+    not. parse_upstream_answer should follow (or bound) the pointer: FORMERR, so SERVFAIL."""
+    record = b"\x03xyz\xc0\x0c" + struct.pack("!HHIH", 16, 1, 300, 2) + b"\x01a"
+    query, upstream = _long_exchange(record, ancount=1, nscount=0)
+    with pytest.raises(dns.name.NameTooLong):
+        dns.message.from_wire(upstream)
+    with pytest.raises(WireError):
+        parse_upstream_answer(upstream, len(query.question))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="names inside RDATA (SOA MNAME/RNAME here) are never checked: neither dnslib in "
+    "upstream._check_parseable nor wire.parse_upstream_answer rejects one over 255 octets",
+)
+def test_upstream_soa_name_over_255_octets_is_unparseable() -> None:
+    """NXDOMAIN with SOA `ns.<qname> h.<qname>` (256 and 255 octets): the pipeline relays it
+    and the client cannot parse the reply (atheris crash, `reply does not parse: NameTooLong`).
+    SPEC 2: unparseable upstream answers count as upstream failures, so the Forwarder's check
+    or parse_upstream_answer should refuse it and the client get SERVFAIL."""
+    rdata = b"\x02ns\xc0\x0c\x01h\xc0\x0c" + struct.pack("!5I", 1, 3600, 600, 86400, 300)
+    soa = b"\xc0\x0c" + struct.pack("!HHIH", 6, 1, 300, len(rdata)) + rdata
+    query, upstream = _long_exchange(soa, ancount=0, nscount=1)
+    with pytest.raises(dns.name.NameTooLong):
+        dns.message.from_wire(upstream)
+    with pytest.raises((_AttemptFailed, WireError)):
+        _check_parseable(upstream)  # the Forwarder's gate for every answer
         parse_upstream_answer(upstream, len(query.question))
