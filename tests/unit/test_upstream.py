@@ -14,9 +14,9 @@ from dnslib import DNSRecord
 
 from smartdns.config import HostPort, UpstreamConfig
 from smartdns.errors import UpstreamError
-from smartdns.upstream import DEADLINE_S, Forwarder
+from smartdns.upstream import DEADLINE_S, Forwarder, UpstreamBusyError
 from smartdns.wire import FLAG_CD, FLAG_RD, QCLASS_IN, QTYPE_A, QTYPE_AAAA, Query
-from tests.fake_upstream import SPOOF_ADDRESS, FakeUpstream
+from tests.fake_upstream import CRAFTED, SPOOF_ADDRESS, FakeUpstream
 
 WAIT_S = 10.0  # safety net on every await; the forwarder's own deadline is 4 s
 EDNS_SIZE = 1232
@@ -358,3 +358,74 @@ def test_works_under_uvloop(up: FakeUpstream) -> None:
         small, big = runner.run(run())
     assert addresses(small) == ["192.0.2.1"]
     assert len(big.rr) == 120
+
+
+# ---- resilience ----------------------------------------------------------------------------
+
+
+async def test_in_flight_bound_answers_at_once(up: FakeUpstream) -> None:
+    up.drop = True
+    forwarder = Forwarder(
+        upstream_config(up, timeout=2.0), edns_udp_size=EDNS_SIZE, max_in_flight=2
+    )
+    waiting = [asyncio.create_task(forwarder.resolve(make_query("example.com"))) for _ in range(2)]
+    assert await asyncio.to_thread(up.wait_for_queries, 2, WAIT_S)
+    started = time.monotonic()
+    with pytest.raises(UpstreamBusyError):
+        await resolve(forwarder, make_query("example.com"))
+    assert time.monotonic() - started < 0.1
+    assert forwarder.stats.overloaded == 1 and up.count() == 2
+    for task in waiting:
+        task.cancel()
+    await asyncio.wait(waiting, timeout=WAIT_S)
+    up.drop = False
+    assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.1"]
+
+
+async def test_failed_upstream_is_probed_and_comes_back(
+    up: FakeUpstream, up2: FakeUpstream
+) -> None:
+    up.drop = True
+    forwarder = Forwarder(upstream_config(up, up2), edns_udp_size=EDNS_SIZE, probe_interval_s=0.2)
+    assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.2"]
+    assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.2"]
+    up.drop = False  # recovered; only a probe can tell
+    seen = up.count()
+    await asyncio.sleep(0.25)  # let the probe interval pass
+    await resolve(forwarder, make_query("example.com"))  # traffic starts the due probe
+    assert await asyncio.to_thread(up.wait_for_queries, seen + 1, WAIT_S)
+    probe = up.queries[-1]
+    assert (probe.qname, probe.qtype) == ("", "NS")  # `. NS`: nothing of any client
+    for _ in range(50):  # the probe's answer lands in the background
+        if addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.1"]:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the recovered upstream never came back first")
+    assert forwarder.stats.probes >= 1
+
+
+async def test_probe_of_a_still_dead_upstream_keeps_it_last(
+    up: FakeUpstream, up2: FakeUpstream
+) -> None:
+    up.drop = True
+    forwarder = Forwarder(
+        upstream_config(up, up2, timeout=0.2), edns_udp_size=EDNS_SIZE, probe_interval_s=0.1
+    )
+    await resolve(forwarder, make_query("example.com"))
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        started = time.monotonic()
+        assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.2"]
+        assert time.monotonic() - started < 0.15  # the probe never delays a client query
+    forwarder.close()
+
+
+@pytest.mark.parametrize("kind", CRAFTED)
+async def test_crafted_reply_is_a_failure(up: FakeUpstream, up2: FakeUpstream, kind: str) -> None:
+    up.crafted = kind
+    forwarder = Forwarder(upstream_config(up, up2), edns_udp_size=EDNS_SIZE)
+    started = time.monotonic()
+    assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.2"]
+    assert time.monotonic() - started < 0.25  # rejected at once, not waited out
+    assert forwarder.stats.failures == 1 and forwarder.stats.timeouts == 0

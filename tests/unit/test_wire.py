@@ -14,6 +14,7 @@ from smartdns.errors import WireError
 from smartdns.wire import (
     FLAG_RD,
     FLAG_TC,
+    MAX_UPSTREAM_RECORDS,
     RCODE_BADVERS,
     RCODE_FORMERR,
     RCODE_NOTIMP,
@@ -23,6 +24,7 @@ from smartdns.wire import (
     encode_name,
     parse_query,
     parse_upstream_answer,
+    read_name,
     skip_name,
     truncate,
 )
@@ -235,3 +237,70 @@ def test_parse_upstream_answer_strips_opt_and_finds_ttls() -> None:
     ]
     with pytest.raises(WireError):
         parse_upstream_answer(wire[:-5], len(QUESTION))
+
+
+def _upstream_message(records: bytes, an: int, ns: int = 0, ar: int = 0) -> bytes:
+    return _header(flags=0x8180, an=an, ns=ns, ar=ar) + QUESTION + records
+
+
+A_RECORD = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 4) + b"\xc0\x00\x02\x01"
+
+
+def test_read_name_follows_backward_pointers_and_lowers() -> None:
+    message = _header() + b"\x07Example\x03COM\x00" + b"\x03WWW\xc0\x0c"
+    name, after = read_name(message, 25)
+    assert name == encode_name("www.example.com") and after == len(message)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(b"\xc0\x0c", id="pointer_to_itself_is_a_loop"),
+        pytest.param(b"\x01a\xc0\x0c", id="pointer_back_to_own_start_is_a_loop"),
+        pytest.param(b"\xc0\x20", id="forward_pointer_is_refused"),
+        pytest.param(b"\x05ab", id="truncated_label"),
+        pytest.param(b"\x40" + b"a" * 64 + b"\x00", id="label_over_63"),
+        pytest.param((b"\x3f" + b"a" * 63) * 4 + b"\x00", id="name_over_255"),
+    ],
+)
+def test_read_name_refuses_crafted_names(name: bytes) -> None:
+    with pytest.raises(WireError):
+        read_name(_header() + name, 12)
+
+
+def test_parse_upstream_answer_refuses_too_many_records() -> None:
+    message = _upstream_message(A_RECORD * 10, an=10)
+    assert parse_upstream_answer(message, len(QUESTION), max_records=10).answer_count == 10
+    with pytest.raises(WireError):
+        parse_upstream_answer(message, len(QUESTION), max_records=9)
+    with pytest.raises(WireError):  # the count alone is enough: nothing is walked
+        parse_upstream_answer(_upstream_message(b"", an=MAX_UPSTREAM_RECORDS + 1), len(QUESTION))
+
+
+def test_parse_upstream_answer_refuses_opt_outside_additional() -> None:
+    opt = build_opt(1232, False)
+    with pytest.raises(WireError):
+        parse_upstream_answer(_upstream_message(opt + A_RECORD, an=2), len(QUESTION))
+    with pytest.raises(WireError):
+        parse_upstream_answer(_upstream_message(A_RECORD + opt, an=1, ns=1), len(QUESTION))
+    ok = parse_upstream_answer(_upstream_message(A_RECORD + opt, an=1, ar=1), len(QUESTION))
+    assert ok.additional_count == 0 and ok.records == A_RECORD
+
+
+def test_parse_upstream_answer_refuses_a_cname_target_it_cannot_read() -> None:
+    cname = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 300, 2) + b"\xc0\x40"
+    with pytest.raises(WireError):
+        parse_upstream_answer(_upstream_message(cname, an=1), len(QUESTION))
+
+
+def test_parse_upstream_answer_notes_cname_and_negative_ttl() -> None:
+    cname = b"\xc0\x0c" + struct.pack("!HHIH", 5, 1, 300, 2) + b"\xc0\x0c"
+    assert parse_upstream_answer(_upstream_message(cname, an=1), len(QUESTION)).has_cname
+    soa_rdata = b"\x00\x00" + struct.pack("!5I", 1, 3600, 600, 86400, 120)
+    soa = b"\x00" + struct.pack("!HHIH", 6, 1, 900, len(soa_rdata)) + soa_rdata
+    negative = parse_upstream_answer(_upstream_message(soa, an=0, ns=1), len(QUESTION))
+    assert negative.soa_negative_ttl == 120 and not negative.has_cname
+    assert (
+        parse_upstream_answer(_upstream_message(A_RECORD, an=1), len(QUESTION)).soa_negative_ttl
+        == -1
+    )

@@ -1,0 +1,165 @@
+"""pipeline: cache before upstream, coalescing, serve-stale, CNAME chains cut with the zones of
+now. A real Forwarder talks to a real FakeUpstream; only the cache's clock is injected."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+from collections.abc import Iterator
+from types import MappingProxyType
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from smartdns.answers import Responder, build_unblock_zones
+from smartdns.cache import AnswerCache
+from smartdns.clients import AuthorizedClients
+from smartdns.config import (
+    CacheConfig,
+    HostPort,
+    Region,
+    UnblockConfig,
+    Unregistered,
+    UpstreamConfig,
+)
+from smartdns.metrics import Metrics, Transport
+from smartdns.pipeline import Pipeline, Settings
+from smartdns.upstream import Forwarder
+from tests.fake_upstream import FakeUpstream
+
+WAIT_S = 10.0
+CLIENT = "127.0.0.2"
+US = Region(ipv4=(ipaddress.IPv4Address("198.51.100.10"),))
+
+
+def _unblock(*zones: str) -> UnblockConfig:
+    return UnblockConfig(
+        ttl=60,
+        regions=MappingProxyType({"us": US}),
+        zones=MappingProxyType(dict.fromkeys(zones, "us")),
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def up() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        server.add("example.org", "A", ["example.org. 300 IN A 192.0.2.1"])
+        server.add(
+            "alias.example.org",
+            "A",
+            [
+                "alias.example.org. 300 IN CNAME cdn.example.net.",
+                "cdn.example.net. 300 IN A 192.0.2.9",
+            ],
+        )
+        yield server
+
+
+def _pipeline(up: FakeUpstream, clock: Clock, *zones: str) -> Pipeline:
+    settings = Settings(
+        responder=Responder(1232),
+        zones=build_unblock_zones(_unblock(*zones)),
+        unregistered=Unregistered.REFUSE,
+        forwarder=Forwarder(
+            UpstreamConfig(servers=(HostPort(up.host, up.port),), timeout=0.3, attempts=1),
+            edns_udp_size=1232,
+        ),
+        cache=AnswerCache(CacheConfig()),
+    )
+    clients = AuthorizedClients.from_prefixes([(4, int(ipaddress.IPv4Address(CLIENT)), 32)])
+    return Pipeline(settings, clients, Metrics(), clock=clock)
+
+
+async def _ask(pipeline: Pipeline, name: str, qtype: str = "A") -> dns.message.Message:
+    reply = pipeline.handle(dns.message.make_query(name, qtype).to_wire(), CLIENT, Transport.UDP)
+    if reply is not None and not isinstance(reply, bytes):
+        async with asyncio.timeout(WAIT_S):
+            reply = await reply
+    assert reply is not None
+    return dns.message.from_wire(reply)
+
+
+def _answer(reply: dns.message.Message) -> list[tuple[str, int, str]]:
+    return [
+        (rrset.name.to_text(), rrset.ttl, rdata.to_text())
+        for rrset in reply.answer
+        for rdata in rrset
+    ]
+
+
+async def test_hit_is_answered_synchronously_with_ttl_counted_down(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _pipeline(up, clock)
+    assert _answer(await _ask(pipeline, "example.org")) == [("example.org.", 300, "192.0.2.1")]
+    clock.now += 100.5
+    wire = dns.message.make_query("Example.Org", "A").to_wire()
+    reply = pipeline.handle(wire, CLIENT, Transport.UDP)
+    assert isinstance(reply, bytes)  # no task, no await: the cache answered
+    assert reply[:2] == wire[:2] and reply[12 : len(wire)] == wire[12:]
+    assert _answer(dns.message.from_wire(reply)) == [("Example.Org.", 200, "192.0.2.1")]
+    assert up.count() == 1
+    cache = pipeline.settings.cache
+    assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
+
+
+async def test_identical_concurrent_misses_share_one_upstream_query(up: FakeUpstream) -> None:
+    up.delay_s = 0.1
+    pipeline = _pipeline(up, Clock())
+    replies = await asyncio.gather(*(_ask(pipeline, "example.org") for _ in range(20)))
+    assert all(_answer(reply) == [("example.org.", 300, "192.0.2.1")] for reply in replies)
+    assert up.count() == 1
+
+
+async def test_stale_answer_when_the_upstream_fails(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _pipeline(up, clock)
+    await _ask(pipeline, "example.org")
+    clock.now += 301  # expired, well within serve_stale
+    up.drop = True
+    reply = await _ask(pipeline, "example.org")
+    assert _answer(reply) == [("example.org.", 30, "192.0.2.1")]
+    assert pipeline.settings.cache.stale_served == 1
+    nothing = await _ask(pipeline, "never.example.org")
+    assert nothing.rcode() == dns.rcode.SERVFAIL
+    # the failure is remembered: the next query is answered at once, without upstream
+    asked = up.count()
+    reply = pipeline.handle(
+        dns.message.make_query("example.org", "A").to_wire(), CLIENT, Transport.UDP
+    )
+    assert reply is not None and not isinstance(reply, bytes)
+    async with asyncio.timeout(0.1):
+        assert _answer(dns.message.from_wire(await reply)) == [("example.org.", 30, "192.0.2.1")]
+    assert up.count() == asked
+
+
+async def test_reload_applies_new_zones_to_a_cached_cname_chain(up: FakeUpstream) -> None:
+    pipeline = _pipeline(up, Clock(), "netflix.com")
+    plain = await _ask(pipeline, "alias.example.org")
+    assert [data for _, _, data in _answer(plain)] == ["cdn.example.net.", "192.0.2.9"]
+    pipeline.settings = dataclasses.replace(
+        pipeline.settings, zones=build_unblock_zones(_unblock("netflix.com", "example.net"))
+    )
+    cut = await _ask(pipeline, "alias.example.org")
+    assert _answer(cut) == [
+        ("alias.example.org.", 300, "cdn.example.net."),
+        ("cdn.example.net.", 60, "198.51.100.10"),
+    ]
+    assert up.count() == 1
+
+
+async def test_unreadable_chain_gets_servfail_not_the_real_address(up: FakeUpstream) -> None:
+    pipeline = _pipeline(up, Clock(), "example.net")
+    up.crafted = "forward_pointer"  # a CNAME whose target cannot be read: an upstream failure
+    reply = await _ask(pipeline, "other.example.org")
+    assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer
