@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 import dns.edns
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -399,4 +400,26 @@ def test_upstream_soa_name_over_255_octets_is_unparseable() -> None:
         dns.message.from_wire(upstream)
     with pytest.raises((_AttemptFailed, WireError)):
         _check_parseable(upstream)  # the Forwarder's gate for every answer
+        parse_upstream_answer(upstream, len(query.question))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RDATA is not validated: dnslib (upstream._check_parseable) accepts an A record "
+    "with RDLENGTH 0 and parse_upstream_answer only frames records, so it is relayed",
+)
+def test_upstream_a_record_with_wrong_rdlength_is_unparseable() -> None:
+    """One of a class found by differential fuzzing (dnslib + wire accept, dnspython rejects
+    the upstream answer and hence our reply): A/AAAA with the wrong RDLENGTH, forward or
+    header pointers and bad label types inside RDATA, compressed names in RDATA of types that
+    forbid compression (RFC 3597 §4). The client gets a reply it cannot parse, cached for the
+    TTL, where SPEC 2 wants an upstream failure (SERVFAIL, not cached)."""
+    query = parse_query(dns.message.make_query("example.org", "A", id=9).to_wire())
+    question = query.qname + struct.pack("!HH", query.qtype, query.qclass)
+    record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 0)  # A, no address
+    upstream = struct.pack("!6H", 0x1234, 0x8180, 1, 1, 0, 0) + question + record
+    with pytest.raises(dns.exception.FormError):
+        dns.message.from_wire(upstream)
+    with pytest.raises((_AttemptFailed, WireError)):
+        _check_parseable(upstream)
         parse_upstream_answer(upstream, len(query.question))
