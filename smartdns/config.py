@@ -1,7 +1,8 @@
 """Configuration: YAML → frozen dataclasses, every check in one pass, `PATH:LINE: message`.
 
 Only config.py and cli.py read settings; everything else receives these values. No I/O
-beyond reading the one file; file paths in it are resolved, not opened.
+beyond reading the one file and the sync token file (a secret, checked like a setting);
+other file paths in it are resolved, not opened.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import math
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, TypeVar
@@ -108,11 +110,25 @@ class RateLimitConfig:
     refused_qps: int = 5  # REFUSED replies per source bucket
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class Secret:
+    """A credential; `repr` and `str` never show it, so it cannot leak into a log line."""
+
+    value: bytes = b""
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)" if self.value else "Secret(<empty>)"
+
+    __str__ = __repr__
+
+
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
     listen: HostPort = HostPort("127.0.0.1", 8053)
     token_file: Path = Path("/etc/smartdns/sync.token")  # relative to the config file's directory
     max_body: int = 33_554_432  # bytes
+    # The bearer token, read from token_file by load_config (not a YAML key); empty = none.
+    token: Secret = Secret()
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +167,9 @@ _REGION_NAME: Final = re.compile(r"[a-z0-9_-]+")
 _LABEL: Final = re.compile(r"[a-z0-9_-]+")
 _PORT: Final = re.compile(r"[0-9]+")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_TOKEN: Final = re.compile(rb"[\x21-\x7e]+")  # one HTTP header word: visible ASCII, no spaces
+_MIN_TOKEN_CHARS: Final = 16
+_MAX_TOKEN_BYTES: Final = 4096
 _MAX_UPSTREAM_TIMEOUT_S: Final = 10.0
 
 _T = TypeVar("_T")
@@ -164,10 +183,16 @@ class _Loader:
         # Relative file paths in the config are relative to the config file, not the cwd.
         self.base_dir = path.parent
         self._problems: list[tuple[int, int, str]] = []
+        self._bad_nodes: set[int] = set()
         self._constructor = yaml.constructor.SafeConstructor()
 
     def add(self, node: Node, message: str) -> None:
         self._problems.append((_line(node), len(self._problems), message))
+        self._bad_nodes.add(id(node))
+
+    def has_problem(self, node: Node) -> bool:
+        """True when a problem was recorded on `node` (its value was not converted)."""
+        return id(node) in self._bad_nodes
 
     def problems(self) -> list[str]:
         # Sorted by line so the operator can work down the file; ties keep discovery order.
@@ -686,9 +711,58 @@ _SERVERS_REQUIRED: Final = (
 )
 
 
+_TOKEN_HINT: Final = (
+    "one line holding the bearer token, mode 600, e.g. "
+    "(umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' > FILE)"
+)
+
+
+def _token_problem(path: Path) -> bytes | str:
+    """The token in the file at `path`, or what is wrong with the file.
+
+    The file must be a regular file that no other user can access (mode & 0o077 == 0),
+    holding one word of visible ASCII. Messages never quote the content.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return f"file does not exist; create it: {_TOKEN_HINT}"
+    except OSError as error:
+        return f"cannot read the file: {error.strerror or error}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_mode & 0o077:
+        which = "readable" if info.st_mode & 0o044 else "accessible"
+        return f"file is {which} by other users (chmod 600)"
+    try:
+        with path.open("rb") as file:
+            content = file.read(_MAX_TOKEN_BYTES + 1)
+    except OSError as error:
+        return f"cannot read the file: {error.strerror or error}"
+    token = content.strip()
+    if not token:
+        return f"file is empty; it must hold {_TOKEN_HINT}"
+    if len(content) > _MAX_TOKEN_BYTES or not _TOKEN.fullmatch(token):
+        return "the token must be one line of printable ASCII without spaces"
+    if len(token) < _MIN_TOKEN_CHARS:
+        return f"the token is too short: use at least {_MIN_TOKEN_CHARS} random characters"
+    return token
+
+
+def _sync_with_token(loader: _Loader, sync: SyncConfig, node: Node) -> SyncConfig:
+    """Read the bearer token (SPEC 4); a missing, empty or shared file is a config problem."""
+    token = _token_problem(sync.token_file)
+    if isinstance(token, str):
+        loader.add(node, f"sync.token_file: {sync.token_file}: {token}")
+        return sync
+    return replace(sync, token=Secret(token))
+
+
 def _config(loader: _Loader, root: MappingNode) -> Config:
     entries = _mapping(loader, root, "", _SECTIONS) or {}
     sections: dict[str, object] = {}
+    token_node: Node = root  # where a token problem is reported when token_file is left out
+    token_file_given = False
     for name, (key, node) in entries.items():
         if name == "unregistered":
             choice = _unregistered(loader, node, name)
@@ -701,6 +775,9 @@ def _config(loader: _Loader, root: MappingNode) -> Config:
         fields, make = _SECTION_TABLES[name]
         section, found = _section(loader, node, name, fields, make)
         sections[name] = section
+        if name == "sync":
+            token_file_given = "token_file" in found
+            token_node = found["token_file"][1] if token_file_given else key
         if name == "upstream" and "servers" not in found:
             loader.add(key, _SERVERS_REQUIRED)
         if isinstance(section, CacheConfig) and section.min_ttl > section.max_ttl:
@@ -712,6 +789,10 @@ def _config(loader: _Loader, root: MappingNode) -> Config:
             )
     if "upstream" not in entries:
         loader.add(root, _SERVERS_REQUIRED)
+    sync = sections.get("sync", SyncConfig())
+    # A token_file value that is itself invalid was reported already; its default is no guide.
+    if isinstance(sync, SyncConfig) and not (token_file_given and loader.has_problem(token_node)):
+        sections["sync"] = _sync_with_token(loader, sync, token_node)
     return _make(Config, {"path": loader.path, **sections})
 
 
@@ -720,7 +801,8 @@ def load_config(path: Path) -> Config:
 
     Problems are `PATH:LINE: message`, sorted by line; a file that cannot be read or parsed,
     or whose top level is not a mapping, gives one `PATH: message`. Relative file paths in
-    the config resolve against the config file's directory.
+    the config resolve against the config file's directory. The sync token is read here, so
+    a missing, empty or group/other-accessible token file is a problem like any other.
     """
     try:
         text = path.read_text(encoding="utf-8")

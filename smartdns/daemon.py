@@ -1,6 +1,6 @@
 """Composition root: builds everything from a Config, then starts, reloads and drains.
 
-Start order: database, registration snapshot, sockets, READY=1; stop in reverse.
+Start order: database, registration snapshot, sockets, sync API, READY=1; stop in reverse.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from smartdns.cache import AnswerCache
 from smartdns.clients import AuthorizedClients
 from smartdns.config import Config, load_config
 from smartdns.errors import ConfigError, SmartDNSError
-from smartdns.metrics import Metrics
+from smartdns.metrics import CacheStatsLike, ForwarderStatsLike, Metrics, RegistrationStatsLike
 from smartdns.pipeline import Pipeline, Settings
 from smartdns.registry import RegistrationStore
+from smartdns.sync_api import COLLECTOR_PAUSE, SyncServer, start_sync_api
 from smartdns.transport import InFlight, Listeners, start_listeners
 from smartdns.upstream import Forwarder
 
@@ -54,9 +55,41 @@ def build_settings(config: Config, previous: Settings | None = None) -> Settings
 
 async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients]:
     """The store's generation and a snapshot at least as new; built off the event loop."""
-    generation = await store.generation()
-    prefixes = await store.load_prefixes()
-    return generation, await asyncio.to_thread(AuthorizedClients.from_prefixes, prefixes)
+    with COLLECTOR_PAUSE:  # a million rows: no full collections stalling the loop meanwhile
+        generation = await store.generation()
+        prefixes = await store.load_prefixes()
+        return generation, await asyncio.to_thread(AuthorizedClients.from_prefixes, prefixes)
+
+
+class NodeView:
+    """What the sync API reads from this process (sync_api.Node): the DNS side's store
+    connection, listener state and the query path's statistics, read at request time."""
+
+    def __init__(self, store: RegistrationStore, pipeline: Pipeline, listeners: Listeners) -> None:
+        self._store = store
+        self._pipeline = pipeline
+        self._listeners = listeners
+
+    def listeners_up(self) -> bool:
+        udp, tcp = self._listeners.udp, self._listeners.tcp
+        return (
+            bool(udp and tcp)
+            and all(not t.is_closing() for t in udp)
+            and all(server.is_serving() for server in tcp)
+        )
+
+    async def ping_database(self) -> None:
+        # Reads a row of the file (SELECT 1 would succeed without touching it).
+        await self._store.generation()
+
+    async def registration_stats(self) -> RegistrationStatsLike:
+        return await self._store.status()
+
+    def forwarder_stats(self) -> ForwarderStatsLike | None:
+        return self._pipeline.settings.forwarder.stats
+
+    def cache_stats(self) -> CacheStatsLike | None:
+        return self._pipeline.settings.cache
 
 
 class Daemon:
@@ -81,7 +114,14 @@ class Daemon:
                 config.server, pipeline, self._in_flight, reuse_port=True
             )
             try:
-                await self._serve(config, store, pipeline, listeners)
+                # Once per node, in this (main) process; its own store connection.
+                sync = await start_sync_api(
+                    config, self.metrics, NodeView(store, pipeline, listeners)
+                )
+                try:
+                    await self._serve(config, store, pipeline, listeners, sync)
+                finally:
+                    await sync.close()
             finally:
                 listeners.close()
                 listeners.close_connections()
@@ -91,13 +131,18 @@ class Daemon:
         return 0
 
     async def _serve(
-        self, config: Config, store: RegistrationStore, pipeline: Pipeline, listeners: Listeners
+        self,
+        config: Config,
+        store: RegistrationStore,
+        pipeline: Pipeline,
+        listeners: Listeners,
+        sync: SyncServer,
     ) -> None:
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[None]] = set()
 
         def on_hup() -> None:
-            task = loop.create_task(self._reload(store, pipeline))
+            task = loop.create_task(self._reload(store, pipeline, sync))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -106,12 +151,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         log.info(
             "smartdns started: %d listen addresses, %d zones, %d regions, %d upstreams, "
-            "%d registered entries",
+            "%d registered entries; sync API on %s",
             len(config.server.listen),
             len(config.unblock.zones),
             len(config.unblock.regions),
             len(config.upstream.servers),
             pipeline.clients.entries,
+            config.sync.listen,
         )
         systemd.notify("READY=1", "STATUS=serving")
         watcher = loop.create_task(self._watch_registrations(store, pipeline))
@@ -119,6 +165,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             systemd.notify("STOPPING=1")
+            await sync.close()  # first: no registration change starts while DNS drains
             log.info("stopping: draining %d in-flight queries", len(self._in_flight))
             listeners.close()
             await self._in_flight.drain(DRAIN_TIMEOUT_S)
@@ -146,9 +193,9 @@ class Daemon:
         self._generation = generation
         log.info("registrations loaded: %d entries", clients.entries)
 
-    async def _reload(self, store: RegistrationStore, pipeline: Pipeline) -> None:
-        """SIGHUP: re-read the config; on success swap the derived objects, on failure keep
-        serving the old ones and log each problem with its PATH:LINE."""
+    async def _reload(self, store: RegistrationStore, pipeline: Pipeline, sync: SyncServer) -> None:
+        """SIGHUP: re-read the config (and the sync token); on success swap the derived
+        objects, on failure keep serving the old ones and log each problem with its PATH:LINE."""
         systemd.reloading()
         try:
             try:
@@ -159,8 +206,11 @@ class Daemon:
                 return
             if config.server.listen != self.config.server.listen:
                 log.warning("listen addresses changed: restart smartdns to apply them")
+            if config.sync.listen != self.config.sync.listen:
+                log.warning("sync.listen changed: restart smartdns to apply it")
             pipeline.settings = build_settings(config, pipeline.settings)
             self.config = config
+            sync.reload(config)  # the new token; a bad one never got past load_config
             logs.set_level(config.logging.level)
             await self._refresh_clients(store, pipeline)
             log.info(

@@ -1,10 +1,16 @@
-"""Aggregate counters for the query path. Labels come only from enums and config, never
-from a client or a name; each event is counted in exactly one place."""
+"""Aggregate counters and their Prometheus text exposition. Labels come only from enums, code
+constants and config, never from a client, a name or an account; each event is counted in
+exactly one place. No I/O: `render` formats numbers it is handed.
+"""
 
 from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Iterable
+from typing import Final, Protocol, runtime_checkable
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Transport(enum.Enum):
@@ -27,9 +33,219 @@ class Outcome(enum.Enum):
 
 
 class Metrics:
-    """Counters of one worker. Plain Counter increments: a few tens of ns per query."""
+    """Counters of one process. Plain Counter increments: a few tens of ns per query.
 
-    __slots__ = ("queries",)
+    `sync_requests` is keyed by (method, route template, status): the template
+    (`/v1/accounts/{account}`), never the path, so no account id becomes a label.
+    """
+
+    __slots__ = ("queries", "sync_requests")
 
     def __init__(self) -> None:
         self.queries: Counter[tuple[Transport, Outcome]] = Counter()
+        self.sync_requests: Counter[tuple[str, str, int]] = Counter()
+
+
+class ForwarderStatsLike(Protocol):
+    """What `render` reads from upstream.ForwarderStats (aggregate, whole process)."""
+
+    @property
+    def queries_sent(self) -> int: ...
+    @property
+    def answers(self) -> int: ...
+    @property
+    def timeouts(self) -> int: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def mismatched(self) -> int: ...
+    @property
+    def rate_limited(self) -> int: ...
+    @property
+    def tcp_retries(self) -> int: ...
+
+
+@runtime_checkable
+class CacheStatsLike(Protocol):
+    """The hook for the answer cache: counters since start and `len()` = entries held."""
+
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def stale_served(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    def __len__(self) -> int: ...
+
+
+class RegistrationStatsLike(Protocol):
+    """Counts from the registrations database (registry.StoreStatus); no addresses."""
+
+    @property
+    def accounts(self) -> int: ...
+    @property
+    def entries(self) -> int: ...
+    @property
+    def snapshot_version(self) -> int: ...
+
+
+_Sample = tuple[dict[str, str], int | float]
+
+
+class _Exposition:
+    """Builds Prometheus text format 0.0.4: HELP and TYPE once per family, then its samples."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str, samples: Iterable[_Sample]) -> None:
+        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                pairs = ",".join(f'{key}="{_escape_label(val)}"' for key, val in labels.items())
+                self._lines.append(f"{name}{{{pairs}}} {_number(value)}")
+            else:
+                self._lines.append(f"{name} {_number(value)}")
+
+    def single(self, name: str, kind: str, help_text: str, value: int | float) -> None:
+        self.family(name, kind, help_text, [({}, value)])
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: int | float) -> str:
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def render(
+    metrics: Metrics,
+    *,
+    forwarder: ForwarderStatsLike | None,
+    cache: CacheStatsLike | None,
+    registrations: RegistrationStatsLike | None,
+    database_up: bool,
+) -> str:
+    """The whole /metrics page. Query counters list every transport and outcome (zeros too),
+    so each series exists from the start; a None source leaves its families out."""
+    out = _Exposition()
+    queries = metrics.queries.copy()  # one consistent view, taken without awaiting
+    out.family(
+        "smartdns_queries_total",
+        "counter",
+        "DNS queries by transport and how they ended.",
+        (
+            ({"transport": transport.value, "outcome": outcome.value}, queries[transport, outcome])
+            for transport in Transport
+            for outcome in Outcome
+        ),
+    )
+    if forwarder is not None:
+        _render_forwarder(out, forwarder)
+    if cache is not None:
+        _render_cache(out, cache)
+    out.single(
+        "smartdns_database_up",
+        "gauge",
+        "1 when the registrations database answered this scrape, else 0.",
+        int(database_up),
+    )
+    if registrations is not None:
+        out.single(
+            "smartdns_registered_accounts",
+            "gauge",
+            "Live registered accounts.",
+            registrations.accounts,
+        )
+        out.single(
+            "smartdns_registered_entries",
+            "gauge",
+            "Registered addresses and prefixes.",
+            registrations.entries,
+        )
+        out.single(
+            "smartdns_snapshot_version",
+            "gauge",
+            "Version of the last registrations snapshot applied (0 for a new node).",
+            registrations.snapshot_version,
+        )
+    out.family(
+        "smartdns_sync_requests_total",
+        "counter",
+        "Sync API requests by method, route template and HTTP status.",
+        (
+            ({"method": method, "route": route, "status": str(status)}, count)
+            for (method, route, status), count in sorted(metrics.sync_requests.items())
+        ),
+    )
+    return out.text()
+
+
+def _render_forwarder(out: _Exposition, stats: ForwarderStatsLike) -> None:
+    out.single(
+        "smartdns_upstream_queries_sent_total",
+        "counter",
+        "Messages sent to upstream resolvers (UDP and TCP).",
+        stats.queries_sent,
+    )
+    out.single(
+        "smartdns_upstream_answers_total",
+        "counter",
+        "Forwarded queries that got an upstream answer.",
+        stats.answers,
+    )
+    out.family(
+        "smartdns_upstream_failures_total",
+        "counter",
+        "Upstream attempts that failed: no reply in time, or a socket error or unusable reply.",
+        [({"reason": "timeout"}, stats.timeouts), ({"reason": "error"}, stats.failures)],
+    )
+    out.single(
+        "smartdns_upstream_mismatched_replies_total",
+        "counter",
+        "Upstream replies ignored for a wrong ID or question.",
+        stats.mismatched,
+    )
+    out.single(
+        "smartdns_upstream_rate_limited_total",
+        "counter",
+        "Forwarded queries refused by upstream.max_qps.",
+        stats.rate_limited,
+    )
+    out.single(
+        "smartdns_upstream_tcp_retries_total",
+        "counter",
+        "Truncated UDP upstream answers retried over TCP.",
+        stats.tcp_retries,
+    )
+
+
+def _render_cache(out: _Exposition, cache: CacheStatsLike) -> None:
+    out.single("smartdns_cache_hits_total", "counter", "Answers served from the cache.", cache.hits)
+    out.single(
+        "smartdns_cache_misses_total", "counter", "Cache lookups that found nothing.", cache.misses
+    )
+    out.single(
+        "smartdns_cache_stale_served_total",
+        "counter",
+        "Expired answers served because no upstream answered (RFC 8767).",
+        cache.stale_served,
+    )
+    out.single(
+        "smartdns_cache_evictions_total",
+        "counter",
+        "Entries evicted to stay within cache.max_entries.",
+        cache.evictions,
+    )
+    out.single("smartdns_cache_entries", "gauge", "Answers held in the cache.", len(cache))

@@ -3,12 +3,15 @@ and database, a FakeUpstream on loopback, and real clients bound to chosen sourc
 
 Registered vs not: 127.0.0.2 and ::1 are registered; 127.0.0.3 is not (`public_only: false`).
 Readiness comes from sd_notify (READY=1 on a socket the test owns), never from sleeping.
+The sync API listens on a free loopback port (`server.sync_url`) with a random bearer token
+(`server.token`) kept in `state/sync.token`, mode 600.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -50,7 +53,21 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def write_token(state: Path) -> str:
+    """A fresh random sync token in `state/sync.token` (mode 600, as the config check wants)."""
+    token = secrets.token_hex(32)
+    path = state / "sync.token"
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
 def base_config(port: int, state: Path, upstream_address: str) -> dict[str, Any]:
+    """The test configuration; also writes the token file it names (`state/sync.token`)."""
+    write_token(state)
     return {
         "server": {"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"], "tcp_idle_timeout": 2},
         "database": {"path": str(state / "registrations.db")},
@@ -110,6 +127,25 @@ class Server:
     process: subprocess.Popen[bytes] | None = None
     notifications: list[str] = field(default_factory=list)
     _notify: socket.socket | None = None
+    _terminating: bool = False
+
+    @property
+    def config(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = yaml.safe_load(self.config_path.read_text())
+        return loaded
+
+    @property
+    def sync_url(self) -> str:
+        """`http://127.0.0.1:PORT`, the sync API's base URL."""
+        return f"http://{self.config['sync']['listen']}"
+
+    @property
+    def token(self) -> str:
+        return (self.state / "sync.token").read_text().strip()
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.config["database"]["path"])
 
     @property
     def stdout_path(self) -> Path:
@@ -128,6 +164,8 @@ class Server:
         return run_cli(self.config_path, *args)
 
     def start(self) -> Server:
+        self.notifications = []
+        self._terminating = False
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = self.state / "notify.sock"
         with contextlib.suppress(FileNotFoundError):
@@ -161,13 +199,25 @@ class Server:
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
+        # A second SIGTERM could land after the server restored the default handler on its
+        # way out, turning a clean exit into death by signal; stop() sends at most one.
+        self._terminating = self._terminating or signum == signal.SIGTERM
         self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL (no chance to clean up) and reap; the state directory stays for a restart."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(STOP_TIMEOUT_S)
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
+        if self.process.poll() is None and not self._terminating:
             self.process.send_signal(signal.SIGTERM)
         try:
             code = self.process.wait(STOP_TIMEOUT_S)

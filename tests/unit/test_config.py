@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import textwrap
 from pathlib import Path
 from types import MappingProxyType
@@ -19,6 +20,7 @@ from smartdns.config import (
     RateLimitConfig,
     Region,
     RegistrationsConfig,
+    Secret,
     ServerConfig,
     SyncConfig,
     UnblockConfig,
@@ -31,11 +33,27 @@ from smartdns.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = 'upstream: {servers: ["1.1.1.1"]}\n'
+TOKEN = "0123456789abcdef0123456789abcdef"
+TOKEN_LINE = "sync: {token_file: sync.token}\n"
 
 
-def write(tmp_path: Path, text: str, name: str = "smartdns.yaml") -> Path:
+def write_token(path: Path, content: str = TOKEN + "\n", mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content, encoding="utf-8")
+    path.chmod(mode)
+    return path
+
+
+def write(tmp_path: Path, text: str, name: str = "smartdns.yaml", *, token: bool = True) -> Path:
+    """Write the config; with `token`, also a valid `sync.token` beside it and, unless the text
+    has its own `sync:` section, a last line pointing at it (a last line shifts no line)."""
+    text = textwrap.dedent(text)
+    if token:
+        write_token(tmp_path / "sync.token")
+        if not re.search(r"^sync:", text, re.MULTILINE):
+            text += ("" if text.endswith("\n") else "\n") + TOKEN_LINE
     path = tmp_path / name
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -50,8 +68,13 @@ def problems_of(path: Path) -> list[str]:
 # --- the example files ---------------------------------------------------------------------
 
 
-def test_production_example_loads_with_spec_values() -> None:
-    config = load_config(REPO / "config" / "smartdns.yaml")
+def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
+    # The example's token file is /etc/smartdns/sync.token; point it at one we own instead.
+    token_file = write_token(tmp_path / "sync.token")
+    text = (REPO / "config" / "smartdns.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "smartdns.yaml"
+    path.write_text(text.replace("/etc/smartdns/sync.token", str(token_file)), encoding="utf-8")
+    config = load_config(path)
     assert config.server == ServerConfig(
         listen=(HostPort("0.0.0.0", 53), HostPort("::", 53)),
         workers=1,
@@ -93,7 +116,7 @@ def test_production_example_loads_with_spec_values() -> None:
     assert config.cache == CacheConfig(100_000, 0, 86_400, 300, 86_400)
     assert config.rate_limit == RateLimitConfig(client_qps=200, refused_qps=5)
     assert config.sync == SyncConfig(
-        HostPort("127.0.0.1", 8053), Path("/etc/smartdns/sync.token"), 33_554_432
+        HostPort("127.0.0.1", 8053), token_file, 33_554_432, Secret(TOKEN.encode())
     )
     assert config.logging == LoggingConfig("info")
     assert describe(config) == (
@@ -102,11 +125,17 @@ def test_production_example_loads_with_spec_values() -> None:
     )
 
 
-def test_dev_example_loads_with_paths_under_repo_var() -> None:
-    config = load_config(REPO / "config" / "dev.yaml")
+def test_dev_example_loads_with_paths_under_repo_var(tmp_path: Path) -> None:
+    # A copy in the same layout (config/ next to var/), so the test owns var/sync.token.
+    path = tmp_path / "config" / "dev.yaml"
+    path.parent.mkdir()
+    path.write_bytes((REPO / "config" / "dev.yaml").read_bytes())
+    write_token(tmp_path / "var" / "sync.token")
+    config = load_config(path)
     assert config.server.listen == (HostPort("127.0.0.1", 5353), HostPort("::1", 5353))
-    assert config.database.path == REPO / "var" / "registrations.db"
-    assert config.sync.token_file == REPO / "var" / "sync.token"
+    assert config.database.path == tmp_path / "var" / "registrations.db"
+    assert config.sync.token_file == tmp_path / "var" / "sync.token"
+    assert config.sync.token == Secret(TOKEN.encode())
     assert config.sync.listen == HostPort("127.0.0.1", 8053)
     assert config.registrations.public_only is False
     assert config.unregistered is Unregistered.REFUSE
@@ -122,7 +151,10 @@ def test_dev_example_loads_with_paths_under_repo_var() -> None:
 def test_absent_sections_take_the_dataclass_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL)
     config = load_config(path)
-    assert config == Config(path=path, upstream=UpstreamConfig(servers=(HostPort("1.1.1.1", 53),)))
+    sync = SyncConfig(token_file=tmp_path / "sync.token", token=Secret(TOKEN.encode()))
+    assert config == Config(
+        path=path, upstream=UpstreamConfig(servers=(HostPort("1.1.1.1", 53),)), sync=sync
+    )
     assert config.server == ServerConfig()
     assert config.unblock == UnblockConfig()
     assert describe(config) == (
@@ -164,9 +196,10 @@ def test_accepted_forms_are_normalized(tmp_path: Path) -> None:
           timeout: 2
         logging: {level: WARNING}
         database: {path: data/x.db}
-        sync: {token_file: /run/token}
+        sync: {token_file: TOKEN_PATH}
     """
-    path = write(tmp_path, text)
+    token_file = write_token(tmp_path / "absolute.token")
+    path = write(tmp_path, textwrap.dedent(text).replace("TOKEN_PATH", str(token_file)))
     config = load_config(path)
     assert config.server.listen == (HostPort("::1", 53), HostPort("127.0.0.1", 53))
     assert config.server.workers == (os.cpu_count() or 1)
@@ -184,7 +217,7 @@ def test_accepted_forms_are_normalized(tmp_path: Path) -> None:
     assert config.upstream.timeout == 2.0
     assert config.logging.level == "warning"
     assert config.database.path == (tmp_path / "data" / "x.db").resolve()
-    assert config.sync.token_file == Path("/run/token")
+    assert config.sync.token_file == token_file
     assert str(config.upstream.servers[1]) == "[2001:db8::53]:5353"
 
 
@@ -413,7 +446,7 @@ CASES: list[tuple[str, str, int, str]] = [
     ),
     (
         "sync_listen_without_port",
-        MINIMAL + 'sync: {listen: "127.0.0.1"}\n',
+        MINIMAL + 'sync: {listen: "127.0.0.1", token_file: sync.token}\n',
         2,
         'sync.listen: "127.0.0.1": missing port',
     ),
@@ -552,7 +585,12 @@ CASES: list[tuple[str, str, int, str]] = [
         2,
         "rate_limit.refused_qps: must be at least 1, got -1",
     ),
-    ("sync_max_body", MINIMAL + "sync: {max_body: 0}\n", 2, "sync.max_body: must be at least 1"),
+    (
+        "sync_max_body",
+        MINIMAL + "sync: {max_body: 0, token_file: sync.token}\n",
+        2,
+        "sync.max_body: must be at least 1",
+    ),
     (
         "sync_token_empty",
         MINIMAL + 'sync: {token_file: ""}\n',
@@ -841,10 +879,93 @@ def test_unreadable_file(tmp_path: Path) -> None:
     ],
 )
 def test_unparseable_file(tmp_path: Path, text: str, fragment: str) -> None:
-    assert_single_unlined_problem(write(tmp_path, text), fragment)
+    assert_single_unlined_problem(write(tmp_path, text, token=False), fragment)
 
 
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes(b"upstream: {servers: [1.1.1.1]}\n# caf\xe9\n")
     assert_single_unlined_problem(path, "not UTF-8")
+
+
+# --- the sync token file: read at load, a problem like any other -------------------------------
+
+
+def test_token_is_read_stripped_and_redacted(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.sync.token == Secret(TOKEN.encode())
+    for shown in (repr(config), str(config.sync), repr(config.sync.token), str(config.sync.token)):
+        assert TOKEN not in shown and TOKEN[:8] not in shown
+    assert repr(config.sync.token) == "Secret(<redacted>)"
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "fragment"),
+    [
+        (None, 0o600, "file does not exist; create it"),
+        ("", 0o600, "file is empty"),
+        ("\n  \n", 0o600, "file is empty"),
+        (TOKEN + "\n", 0o644, "file is readable by other users (chmod 600)"),
+        (TOKEN + "\n", 0o640, "file is readable by other users (chmod 600)"),
+        (TOKEN + "\n", 0o604, "file is readable by other users (chmod 600)"),
+        (TOKEN + "\n", 0o620, "file is accessible by other users (chmod 600)"),
+        ("secret words that are long\n", 0o600, "one line of printable ASCII without spaces"),
+        (TOKEN + "\n" + TOKEN + "\n", 0o600, "one line of printable ASCII without spaces"),
+        ("x" * 5000, 0o600, "one line of printable ASCII without spaces"),
+        ("short\n", 0o600, "the token is too short"),
+    ],
+    ids=[
+        "missing",
+        "empty",
+        "blank",
+        "world_readable",
+        "group_readable",
+        "other_readable",
+        "group_writable",
+        "spaces",
+        "two_lines",
+        "huge",
+        "too_short",
+    ],
+)
+def test_bad_token_file_is_a_problem_on_its_line(
+    tmp_path: Path, content: str | None, mode: int, fragment: str
+) -> None:
+    path = write(tmp_path, MINIMAL + "server: {workers: 1}\nsync:\n  token_file: secret/token\n")
+    token_file = (tmp_path / "secret" / "token").resolve()
+    if content is not None:
+        write_token(token_file, content, mode)
+    problems = problems_of(path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}:4: sync.token_file: {token_file}: "), problems
+    assert fragment in problems[0]
+    assert "secret words" not in problems[0] and TOKEN not in problems[0]
+
+
+def test_token_file_that_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "dir.token").mkdir(mode=0o700)
+    path = write(tmp_path, MINIMAL + "sync: {token_file: dir.token}\n")
+    assert problems_of(path) == [
+        f"{path}:2: sync.token_file: {tmp_path}/dir.token: not a regular file"
+    ]
+
+
+def test_default_token_file_is_checked_when_sync_is_left_out(tmp_path: Path) -> None:
+    if Path("/etc/smartdns/sync.token").exists():
+        pytest.skip("this machine has a real /etc/smartdns/sync.token")
+    path = write(tmp_path, MINIMAL, token=False)
+    assert problems_of(path) == [
+        f"{path}:1: sync.token_file: /etc/smartdns/sync.token: file does not exist; create it: "
+        "one line holding the bearer token, mode 600, e.g. (umask 077 && python3 -c "
+        "'import secrets; print(secrets.token_hex(32))' > FILE)"
+    ]
+
+
+def test_token_problem_is_reported_with_the_others(tmp_path: Path) -> None:
+    if Path("/etc/smartdns/sync.token").exists():
+        pytest.skip("this machine has a real /etc/smartdns/sync.token")
+    path = write(tmp_path, MINIMAL + "server: {workers: 0}\nsync: {max_body: 1}\n", token=False)
+    problems = problems_of(path)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{path}:2: server.workers")
+    assert problems[1].startswith(f"{path}:3: sync.token_file: /etc/smartdns/sync.token: ")

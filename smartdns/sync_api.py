@@ -1,0 +1,538 @@
+"""Portal sync API (SPEC 4): the /v1 routes, /healthz and /metrics on aiohttp.
+
+Owns authentication, body limits, validation and the HTTP status of each outcome; writes go
+to its own RegistrationStore connection. Never logs or echoes an address or the token, and
+never logs an account id; peer addresses are not logged either (no access log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn, Protocol, TypeVar
+
+from aiohttp import web
+
+from smartdns.config import Config, RegistrationsConfig
+from smartdns.entries import (
+    Network,
+    ShapeError,
+    Snapshot,
+    format_network,
+    parse_account_document,
+    parse_snapshot_document,
+    parse_version,
+    validate_account_id,
+)
+from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.metrics import (
+    CONTENT_TYPE,
+    CacheStatsLike,
+    ForwarderStatsLike,
+    Metrics,
+    RegistrationStatsLike,
+    render,
+)
+from smartdns.registry import DatabaseError, RegistrationStore
+
+log = logging.getLogger(__name__)
+
+# Bodies above this size are decoded and validated in a worker thread, never on the loop.
+INLINE_DECODE_BYTES: Final = 64 * 1024
+_PUBLIC_ROUTES: Final = frozenset({"/healthz", "/metrics"})
+_METHODS: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "POST", "PATCH", "OPTIONS"})
+_UNMATCHED: Final = "unmatched"  # route label for paths that match no route
+_CHALLENGE: Final = 'Bearer realm="smartdns"'
+_MAX_VERSION_DIGITS: Final = 19  # 2**63-1
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds; tests shorten them."""
+
+    body_s: float = 30.0  # to receive a whole request body (32 MiB at ~1 MiB/s)
+    idle_s: float = 15.0  # keep-alive, and a connection whose request headers never complete
+    probe_s: float = 2.0  # a database probe for /healthz or /metrics
+    shutdown_s: float = 5.0  # in-flight requests at shutdown, then they are cancelled
+
+
+class Node(Protocol):
+    """What the sync API reads from the rest of the process (daemon.py provides it)."""
+
+    def listeners_up(self) -> bool: ...
+
+    async def ping_database(self) -> None:
+        """Raise DatabaseError unless the database the DNS side reads from answers."""
+        ...
+
+    async def registration_stats(self) -> RegistrationStatsLike: ...
+
+    def forwarder_stats(self) -> ForwarderStatsLike | None: ...
+
+    def cache_stats(self) -> CacheStatsLike | None: ...
+
+
+class HttpError(Exception):
+    """An error response; `message` goes to the client, so it never carries client input."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _unauthorized(message: str, *, invalid_token: bool = False) -> NoReturn:
+    challenge = _CHALLENGE + (', error="invalid_token"' if invalid_token else "")
+    raise HttpError(401, message, {"WWW-Authenticate": challenge})
+
+
+def _error_response(status: int, message: str, headers: dict[str, str]) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class _NoDetails(logging.Filter):
+    """aiohttp formats the peer address into some of its lines and attaches tracebacks whose
+    frames hold request data; keep the message and the exception type only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if record.args:
+            message = message.replace("%s", "-").replace("%r", "-").replace("%d", "-")
+            record.args = None
+        if record.exc_info and record.exc_info[0] is not None:
+            message += f" ({record.exc_info[0].__name__})"
+        record.msg = message
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
+_HTTP_LOG.addFilter(_NoDetails())
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys; for a snapshot that would silently drop an account.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return result
+
+
+def _no_constant(_name: str) -> NoReturn:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def _decode(body: bytes) -> object:
+    """Strict JSON (no duplicate keys, no NaN); ShapeError with a message that quotes nothing."""
+    try:
+        value: object = json.loads(
+            body, object_pairs_hook=_unique_keys, parse_constant=_no_constant
+        )
+    except json.JSONDecodeError as error:
+        raise ShapeError(
+            "", f"body is not valid JSON (line {error.lineno}, column {error.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ShapeError("", "body is not UTF-8 JSON") from None
+    except RecursionError:
+        raise ShapeError("", "body is nested too deeply") from None
+    except ValueError as error:
+        # Our hooks and int() digit limits; their messages name no input.
+        reason = str(error) if "JSON" in str(error) else "body has a number out of range"
+        raise ShapeError("", reason) from None
+    return value
+
+
+def _decode_account(body: bytes, rules: RegistrationsConfig) -> tuple[int, tuple[Network, ...]]:
+    return parse_account_document(_decode(body), rules)
+
+
+def _decode_snapshot(body: bytes, rules: RegistrationsConfig) -> Snapshot:
+    document = _decode(body)
+    try:
+        return parse_snapshot_document(document, rules)
+    finally:
+        if isinstance(document, dict):
+            _free_gradually(document)
+
+
+def _release_snapshot(holder: list[Snapshot]) -> None:
+    """Drop the last reference to a stored snapshot, a little at a time (worker thread)."""
+    # The copy takes the accounts over, so the snapshot's own dict goes without freeing them.
+    _free_gradually(dict(holder.pop().accounts))
+
+
+def _free_gradually(mapping: dict[str, Any]) -> None:
+    """Empty `mapping` one item per step. Freeing a million objects in one C-level
+    deallocation holds the GIL for half a second, stalling the DNS loop thread; between
+    Python-level steps the interpreter hands the GIL over every switch interval."""
+    while mapping:
+        mapping.popitem()
+
+
+class CollectorPause:
+    """Cyclic garbage collection off while a large registration set is decoded, validated,
+    stored or loaded (`with COLLECTOR_PAUSE:`; nests across tasks).
+
+    A million-entry snapshot allocates millions of tracked objects; each full collection
+    over them takes seconds with the GIL held, on whichever thread triggers it, which stalls
+    the DNS event loop (and more than doubles the validation time). Nothing built there is
+    cyclic, so reference counting frees it all; collection resumes when the last user ends.
+    Used from the event loop thread only.
+    """
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        if self._users == 0:
+            self._resume = gc.isenabled()
+            gc.disable()
+        self._users += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._users -= 1
+        if self._users == 0 and self._resume:
+            gc.enable()
+
+
+COLLECTOR_PAUSE: Final = CollectorPause()
+
+
+# --- the application ----------------------------------------------------------------------
+
+
+class SyncApi:
+    """Request handling. `reload` swaps token, registration rules and body limit at once."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: RegistrationStore,
+        metrics: Metrics,
+        node: Node,
+        timeouts: Timeouts = Timeouts(),
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._node = node
+        self._timeouts = timeouts
+        self._token = b""
+        self._rules = config.registrations
+        self._max_body = config.sync.max_body
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """Take the token and limits of a newly loaded config (already checked by load_config)."""
+        self._token = config.sync.token.value
+        self._rules = config.registrations
+        self._max_body = config.sync.max_body
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._count, self._guard, self._authenticate])
+        app.router.add_put("/v1/accounts/{account}", self._put_account)
+        app.router.add_delete("/v1/accounts/{account}", self._delete_account)
+        app.router.add_get("/v1/accounts/{account}", self._get_account)
+        app.router.add_put("/v1/snapshot", self._put_snapshot)
+        app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._render_metrics)
+        return app
+
+    # --- middlewares (outermost first) ----------------------------------------------------
+
+    @web.middleware
+    async def _count(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Count every answered request by method, route template and status (never the path)."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else _UNMATCHED
+        method = request.method if request.method in _METHODS else "OTHER"
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            self._metrics.sync_requests[method, route, exc.status] += 1
+            raise
+        self._metrics.sync_requests[method, route, response.status] += 1
+        return response
+
+    @web.middleware
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The HTTP handler error boundary: every failure becomes a JSON error response."""
+        try:
+            return await handler(request)
+        except HttpError as error:
+            response = _error_response(error.status, error.message, error.headers)
+        except RegistrationError as error:
+            # SPEC 4: wrong shape 400, a broken rule of SPEC 3 422; names a position only.
+            status = 400 if isinstance(error, ShapeError) else 422
+            response = _error_response(status, str(error), {})
+        except StaleWriteError as error:
+            response = _error_response(409, str(error), {})
+        except DatabaseError as error:
+            log.error("sync API: %s", error)
+            response = _error_response(503, "registrations database unavailable", {})
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else {}
+            response = _error_response(error.status, error.reason, headers)
+        except Exception as error:
+            log.error("sync API: unexpected %s while handling a request", type(error).__name__)
+            response = _error_response(500, "internal error", {})
+        if response.status in (408, 413):
+            response.force_close()  # the rest of the body is not read; the connection is done
+        return response
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Everything but /healthz and /metrics needs `Authorization: Bearer <token>`; unknown
+        paths too, so an unauthenticated client learns nothing about the routes."""
+        resource = request.match_info.route.resource
+        if resource is None or resource.canonical not in _PUBLIC_ROUTES:
+            self._check_credentials(request)
+        return await handler(request)
+
+    def _check_credentials(self, request: web.Request) -> None:
+        """401 unless the one Authorization header carries our token. Credentials anywhere
+        else (a cookie, the query string, Basic) are refused even next to a valid header: a
+        token in a URL ends up in proxy logs and shell history."""
+        if "Cookie" in request.headers:
+            _unauthorized("cookies are not accepted; send Authorization: Bearer <token>")
+        if any(key != "version" for key in request.query):
+            _unauthorized(
+                "query parameters other than version are not accepted; "
+                "send the token only in the Authorization header"
+            )
+        values = request.headers.getall("Authorization", [])
+        if not values:
+            _unauthorized("missing Authorization: Bearer <token>")
+        if len(values) > 1:
+            _unauthorized("more than one Authorization header")
+        scheme, _, presented = values[0].partition(" ")
+        if scheme.lower() != "bearer":
+            _unauthorized("only the Bearer scheme is accepted")
+        try:
+            presented_bytes = presented.strip().encode("ascii")
+        except UnicodeEncodeError:
+            _unauthorized("invalid token", invalid_token=True)
+        # compare_digest's time depends on the lengths only, not on where the bytes differ.
+        if not self._token or not hmac.compare_digest(presented_bytes, self._token):
+            _unauthorized("invalid token", invalid_token=True)
+
+    # --- request parts ----------------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, at most `sync.max_body` bytes: 413 from Content-Length before reading,
+        else as soon as the running total passes the limit; 408 if it does not arrive in time."""
+        limit = self._max_body
+        too_large = HttpError(413, f"request body is over {limit} bytes (sync.max_body)")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self._timeouts.body_s):
+                async for chunk in request.content.iter_any():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise HttpError(408, "request body not received in time") from None
+        return bytes(body)
+
+    async def _parse(self, body: bytes, parse: Callable[[bytes, RegistrationsConfig], _T]) -> _T:
+        """Decode and validate; a large body in a worker thread so DNS is never stalled."""
+        if len(body) <= INLINE_DECODE_BYTES:
+            return parse(body, self._rules)
+        return await asyncio.to_thread(parse, body, self._rules)
+
+    @staticmethod
+    def _account(request: web.Request) -> str:
+        return validate_account_id(request.match_info["account"])
+
+    @staticmethod
+    def _delete_version(request: web.Request) -> int:
+        values = request.query.getall("version", [])
+        if len(values) != 1:
+            raise ShapeError("version", "give exactly one ?version=N")
+        text = values[0]
+        if not (text.isascii() and text.isdigit()) or len(text) > _MAX_VERSION_DIGITS:
+            raise ShapeError("version", "must be an integer between 0 and 2**63-1")
+        return parse_version(int(text))
+
+    # --- routes ---------------------------------------------------------------------------
+
+    async def _put_account(self, request: web.Request) -> web.Response:
+        body = await self._read_body(request)
+        account = self._account(request)
+        version, networks = await self._parse(body, _decode_account)
+        record = await self._store.put_account(account, version, networks)
+        return web.json_response(
+            {"account": account, "version": record.version, "addresses": len(record.networks)}
+        )
+
+    async def _delete_account(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        version = self._delete_version(request)
+        existed = await self._store.delete_account(account, version)
+        return web.json_response({"account": account, "version": version, "existed": existed})
+
+    async def _get_account(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        record = await self._store.get_account(account)
+        if record is None:
+            raise HttpError(404, "no such account")
+        return web.json_response(
+            {
+                "account": record.account,
+                "version": record.version,
+                "addresses": [format_network(network) for network in record.networks],
+            }
+        )
+
+    async def _put_snapshot(self, request: web.Request) -> web.Response:
+        body = await self._read_body(request)
+        loop = asyncio.get_running_loop()
+        with COLLECTOR_PAUSE:
+            started = loop.time()
+            snapshot = await self._parse(body, _decode_snapshot)
+            del body
+            validated = loop.time()
+            result = await self._store.replace_snapshot(snapshot)
+            version = snapshot.version
+            holder = [snapshot]
+            del snapshot
+            await asyncio.to_thread(_release_snapshot, holder)
+        log.info(
+            "snapshot version %d applied: %d accounts, %d entries "
+            "(validated in %.2f s, stored in %.2f s)",
+            version,
+            result.accounts,
+            result.entries,
+            validated - started,
+            loop.time() - validated,
+        )
+        return web.json_response(
+            {"version": version, "accounts": result.accounts, "entries": result.entries}
+        )
+
+    async def _status(self, _request: web.Request) -> web.Response:
+        status = await self._store.status()
+        return web.json_response(
+            {
+                "accounts": status.accounts,
+                "entries": status.entries,
+                "snapshot_version": status.snapshot_version,
+            }
+        )
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        healthy = self._node.listeners_up()
+        if healthy:
+            try:
+                async with asyncio.timeout(self._timeouts.probe_s):
+                    await self._node.ping_database()
+            except (DatabaseError, TimeoutError):
+                healthy = False
+        if healthy:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="unavailable\n")
+
+    async def _render_metrics(self, _request: web.Request) -> web.Response:
+        registrations: RegistrationStatsLike | None = None
+        try:
+            async with asyncio.timeout(self._timeouts.probe_s):
+                registrations = await self._node.registration_stats()
+        except (DatabaseError, TimeoutError):
+            pass
+        text = render(
+            self._metrics,
+            forwarder=self._node.forwarder_stats(),
+            cache=self._node.cache_stats(),
+            registrations=registrations,
+            database_up=registrations is not None,
+        )
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+# --- the server ---------------------------------------------------------------------------
+
+
+class SyncServer:
+    """The running API: its aiohttp runner and its own store connection."""
+
+    def __init__(self, runner: web.AppRunner, store: RegistrationStore, api: SyncApi) -> None:
+        self._runner: web.AppRunner | None = runner
+        self._store = store
+        self.api = api
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when the config asked for port 0)."""
+        assert self._runner is not None
+        return int(self._runner.addresses[0][1])
+
+    def reload(self, config: Config) -> None:
+        self.api.reload(config)
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close the store. Idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        try:
+            await runner.cleanup()
+        finally:
+            try:
+                await self._store.close()
+            except DatabaseError as error:
+                log.error("sync API: %s", error)
+
+
+async def start_sync_api(
+    config: Config, metrics: Metrics, node: Node, timeouts: Timeouts = Timeouts()
+) -> SyncServer:
+    """Open a second store connection (so the DNS side's change polling never waits behind a
+    long write), bind `sync.listen` and serve. Raises SmartDNSError when either fails."""
+    store = await RegistrationStore.open(config.database.path, create=False)
+    api = SyncApi(config, store, metrics, node, timeouts)
+    runner = web.AppRunner(
+        api.application(),
+        handle_signals=False,
+        access_log=None,  # it would log peer addresses (SPEC 7)
+        logger=_HTTP_LOG,
+        keepalive_timeout=timeouts.idle_s,
+        shutdown_timeout=timeouts.shutdown_s,
+    )
+    try:
+        await runner.setup()
+        listen = config.sync.listen
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as error:
+            raise SmartDNSError(
+                f"cannot listen on {listen} (sync API): {error.strerror or error}"
+            ) from None
+    except BaseException:
+        await runner.cleanup()
+        await store.close()
+        raise
+    return SyncServer(runner, store, api)

@@ -1,0 +1,81 @@
+"""Tests for smartdns.metrics: the Prometheus text exposition, exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smartdns.metrics import CacheStatsLike, Metrics, Outcome, Transport, _escape_label, render
+from smartdns.upstream import ForwarderStats
+
+
+@dataclass(frozen=True)
+class Stats:
+    accounts: int = 3
+    entries: int = 5
+    snapshot_version: int = 9
+
+
+class Cache:
+    hits, misses, stale_served, evictions = 1, 2, 3, 4
+
+    def __len__(self) -> int:
+        return 6
+
+
+def test_empty_page_lists_every_query_series_with_help_and_type() -> None:
+    text = render(Metrics(), forwarder=None, cache=None, registrations=None, database_up=False)
+    lines = text.splitlines()
+    assert lines[:3] == [
+        "# HELP smartdns_queries_total DNS queries by transport and how they ended.",
+        "# TYPE smartdns_queries_total counter",
+        'smartdns_queries_total{transport="udp",outcome="unblock"} 0',
+    ]
+    assert len([line for line in lines if line.startswith("smartdns_queries_total{")]) == len(
+        Transport
+    ) * len(Outcome)
+    assert "smartdns_database_up 0" in lines
+    assert "# TYPE smartdns_sync_requests_total counter" in lines
+    assert "cache" not in text and "upstream" not in text and "registered" not in text
+    assert text.endswith("\n") and not text.endswith("\n\n")
+
+
+def test_counts_and_sources_are_rendered() -> None:
+    metrics = Metrics()
+    metrics.queries[Transport.TCP, Outcome.SERVFAIL] += 2
+    metrics.sync_requests["PUT", "/v1/snapshot", 409] += 1
+    assert isinstance(Cache(), CacheStatsLike)
+    forwarder = ForwarderStats(queries_sent=4, answers=3, timeouts=1, failures=2)
+    text = render(
+        metrics, forwarder=forwarder, cache=Cache(), registrations=Stats(), database_up=True
+    )
+    for line in (
+        "smartdns_upstream_queries_sent_total 4",
+        "smartdns_upstream_answers_total 3",
+        'smartdns_upstream_failures_total{reason="timeout"} 1',
+        'smartdns_upstream_failures_total{reason="error"} 2',
+        'smartdns_queries_total{transport="tcp",outcome="servfail"} 2',
+        'smartdns_sync_requests_total{method="PUT",route="/v1/snapshot",status="409"} 1',
+        "# TYPE smartdns_cache_hits_total counter",
+        "smartdns_cache_hits_total 1",
+        "smartdns_cache_stale_served_total 3",
+        "# TYPE smartdns_cache_entries gauge",
+        "smartdns_cache_entries 6",
+        "smartdns_registered_accounts 3",
+        "smartdns_registered_entries 5",
+        "smartdns_snapshot_version 9",
+        "smartdns_database_up 1",
+    ):
+        assert line in text.splitlines(), line
+
+
+def test_each_family_is_declared_once_and_counters_end_in_total() -> None:
+    text = render(Metrics(), forwarder=None, cache=Cache(), registrations=Stats(), database_up=True)
+    types = [line.split() for line in text.splitlines() if line.startswith("# TYPE ")]
+    names = [name for _, _, name, _ in types]
+    assert len(names) == len(set(names))
+    for _, _, name, kind in types:
+        assert name.endswith("_total") == (kind == "counter"), name
+
+
+def test_label_values_are_escaped() -> None:
+    assert _escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'

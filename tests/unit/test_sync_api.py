@@ -1,0 +1,683 @@
+"""Tests for smartdns.sync_api: the real aiohttp server on a loopback port, a real store in
+tmp_path, a fake Node; every status code of SPEC 4 and the validation cases of SPEC 3."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import sys
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from smartdns import sync_api
+from smartdns.config import (
+    Config,
+    DatabaseConfig,
+    HostPort,
+    RegistrationsConfig,
+    Secret,
+    SyncConfig,
+    UpstreamConfig,
+)
+from smartdns.errors import SmartDNSError
+from smartdns.metrics import Metrics
+from smartdns.registry import DatabaseError, RegistrationStore, StoreStatus
+from smartdns.sync_api import SyncServer, Timeouts, start_sync_api
+
+TOKEN = secrets.token_hex(32)
+AWAIT_S = 5.0
+SHORT = Timeouts(body_s=0.3, idle_s=0.5, probe_s=0.3, shutdown_s=1.0)
+ADDRESS = "203.0.113.7"  # distinctive: must never come back in an error or a log line
+
+
+def make_config(tmp_path: Path, *, max_body: int = 1 << 20, public_only: bool = False) -> Config:
+    return Config(
+        path=tmp_path / "smartdns.yaml",
+        database=DatabaseConfig(tmp_path / "registrations.db"),
+        registrations=RegistrationsConfig(public_only=public_only),
+        upstream=UpstreamConfig(servers=(HostPort("192.0.2.53", 53),)),
+        sync=SyncConfig(
+            listen=HostPort("127.0.0.1", 0),
+            token_file=tmp_path / "sync.token",
+            max_body=max_body,
+            token=Secret(TOKEN.encode()),
+        ),
+    )
+
+
+@dataclass
+class FakeStats:
+    queries_sent: int = 7
+    answers: int = 6
+    timeouts: int = 1
+    failures: int = 0
+    mismatched: int = 2
+    rate_limited: int = 0
+    tcp_retries: int = 3
+
+
+@dataclass
+class FakeCache:
+    hits: int = 11
+    misses: int = 4
+    stale_served: int = 1
+    evictions: int = 0
+    entries: list[int] = field(default_factory=lambda: [1, 2, 3])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class FakeNode:
+    def __init__(self) -> None:
+        self.up = True
+        self.database: str = "ok"  # ok | error | hang
+        self.cache: FakeCache | None = None
+
+    def listeners_up(self) -> bool:
+        return self.up
+
+    async def ping_database(self) -> None:
+        if self.database == "error":
+            raise DatabaseError("registrations database: ping failed: disk I/O error")
+        if self.database == "hang":
+            await asyncio.Event().wait()
+
+    async def registration_stats(self) -> StoreStatus:
+        await self.ping_database()
+        return StoreStatus(accounts=2, entries=3, snapshot_version=4)
+
+    def forwarder_stats(self) -> FakeStats:
+        return FakeStats()
+
+    def cache_stats(self) -> FakeCache | None:
+        return self.cache
+
+
+@dataclass
+class Api:
+    server: SyncServer
+    session: aiohttp.ClientSession
+    node: FakeNode
+    metrics: Metrics
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = TOKEN,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        async with self.session.request(method, self.url + path, data=data, headers=sent) as resp:
+            text = await resp.text()
+            if resp.content_type == "application/json":
+                return resp.status, json.loads(text)
+            return resp.status, text
+
+    async def put(self, account: str, version: int, addresses: list[str]) -> tuple[int, Any]:
+        return await self.call(
+            "PUT", f"/v1/accounts/{account}", {"version": version, "addresses": addresses}
+        )
+
+
+async def _start(tmp_path: Path, config: Config, timeouts: Timeouts) -> Api:
+    store = await RegistrationStore.open(config.database.path, create=True)
+    await store.close()
+    node, metrics = FakeNode(), Metrics()
+    server = await start_sync_api(config, metrics, node, timeouts)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=AWAIT_S))
+    return Api(server, session, node, metrics, config)
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    running = await _start(tmp_path, make_config(tmp_path), SHORT)
+    try:
+        yield running
+    finally:
+        await running.session.close()
+        await asyncio.wait_for(running.server.close(), AWAIT_S)
+
+
+@pytest.fixture
+async def public_api(tmp_path: Path) -> AsyncIterator[Api]:
+    running = await _start(tmp_path, make_config(tmp_path, public_only=True), SHORT)
+    try:
+        yield running
+    finally:
+        await running.session.close()
+        await asyncio.wait_for(running.server.close(), AWAIT_S)
+
+
+# --- authentication ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "path", "token"),
+    [
+        ({}, "/v1/status", None),
+        ({}, "/v1/status", "0" * 64),
+        ({}, "/v1/status", TOKEN[:-1]),
+        ({}, "/v1/status", TOKEN + "x"),
+        ({"Authorization": "Basic " + TOKEN}, "/v1/status", None),
+        ({"Authorization": TOKEN}, "/v1/status", None),
+        ({}, f"/v1/status?token={TOKEN}", None),
+        ({}, f"/v1/status?access_token={TOKEN}", TOKEN),
+        ({"Cookie": f"token={TOKEN}"}, "/v1/status", TOKEN),
+        ({}, "/v1/nowhere", None),
+        ({}, "/", None),
+    ],
+    ids=[
+        "no_header",
+        "wrong_token",
+        "prefix_of_token",
+        "token_plus_one",
+        "basic_scheme",
+        "no_scheme",
+        "token_in_query",
+        "query_token_next_to_valid_header",
+        "cookie_next_to_valid_header",
+        "unknown_v1_path",
+        "unknown_path",
+    ],
+)
+async def test_unauthorized(
+    api: Api, headers: dict[str, str], path: str, token: str | None
+) -> None:
+    async with api.session.get(
+        api.url + path,
+        headers={**headers, **({"Authorization": f"Bearer {token}"} if token else {})},
+    ) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="smartdns"')
+        body = await resp.text()
+    assert TOKEN not in body and TOKEN[:16] not in body
+
+
+async def test_two_authorization_headers_are_refused(api: Api) -> None:
+    headers = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", f"Bearer {TOKEN}")]
+    async with api.session.get(api.url + "/v1/status", headers=headers) as resp:
+        assert resp.status == 401
+
+
+async def test_scheme_is_case_insensitive(api: Api) -> None:
+    async with api.session.get(
+        api.url + "/v1/status", headers={"Authorization": f"bearer {TOKEN}"}
+    ) as resp:
+        assert resp.status == 200
+
+
+async def test_unknown_path_with_token_is_404_and_wrong_method_405(api: Api) -> None:
+    assert (await api.call("GET", "/v1/nowhere"))[0] == 404
+    async with api.session.post(
+        api.url + "/v1/snapshot", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as resp:
+        assert resp.status == 405
+        assert "PUT" in resp.headers["Allow"]
+
+
+async def test_reload_swaps_the_token(api: Api) -> None:
+    new = secrets.token_hex(32)
+    api.server.reload(
+        replace(api.config, sync=replace(api.config.sync, token=Secret(new.encode())))
+    )
+    assert (await api.call("GET", "/v1/status"))[0] == 401
+    assert (await api.call("GET", "/v1/status", token=new))[0] == 200
+
+
+async def test_empty_token_accepts_nobody(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config = replace(config, sync=replace(config.sync, token=Secret()))
+    running = await _start(tmp_path, config, SHORT)
+    try:
+        async with running.session.get(
+            running.url + "/v1/status", headers={"Authorization": "Bearer "}
+        ) as resp:
+            assert resp.status == 401
+    finally:
+        await running.session.close()
+        await asyncio.wait_for(running.server.close(), AWAIT_S)
+
+
+# --- accounts: ordering, idempotency, tombstones ----------------------------------------------
+
+
+async def test_put_get_delete_account(api: Api) -> None:
+    status, body = await api.put("acct-1", 5, [ADDRESS, "2001:db8:7::/64"])
+    assert (status, body) == (200, {"account": "acct-1", "version": 5, "addresses": 2})
+    status, body = await api.call("GET", "/v1/accounts/acct-1")
+    assert (status, body) == (
+        200,
+        {"account": "acct-1", "version": 5, "addresses": [ADDRESS, "2001:db8:7::/64"]},
+    )
+    status, body = await api.call("DELETE", "/v1/accounts/acct-1?version=6")
+    assert (status, body) == (200, {"account": "acct-1", "version": 6, "existed": True})
+    assert (await api.call("GET", "/v1/accounts/acct-1"))[0] == 404
+
+
+async def _generation(api: Api) -> int:
+    async with await RegistrationStore.open(api.config.database.path, create=False) as store:
+        return await store.generation()
+
+
+async def test_same_write_repeated_is_a_no_op(api: Api) -> None:
+    assert (await api.put("acct-1", 5, [ADDRESS]))[0] == 200
+    before = await _generation(api)
+    assert await api.put("acct-1", 5, [ADDRESS]) == (
+        200,
+        {"account": "acct-1", "version": 5, "addresses": 1},
+    )
+    assert await _generation(api) == before
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("PUT", 5, [ADDRESS]), ("PUT", 4, [ADDRESS])),  # older
+        (("PUT", 5, [ADDRESS]), ("PUT", 5, ["203.0.113.8"])),  # same version, other content
+        (("DELETE", 7, None), ("PUT", 6, [ADDRESS])),  # older PUT after a newer DELETE
+        (("DELETE", 7, None), ("PUT", 7, [ADDRESS])),  # PUT at the tombstone's version
+        (("PUT", 5, [ADDRESS]), ("DELETE", 4, None)),  # older DELETE
+    ],
+    ids=[
+        "older_put",
+        "same_version_other_content",
+        "put_after_newer_delete",
+        "put_at_tombstone",
+        "older_delete",
+    ],
+)
+async def test_stale_write_is_409_and_changes_nothing(
+    api: Api, first: tuple[str, int, list[str] | None], second: tuple[str, int, list[str] | None]
+) -> None:
+    for method, version, addresses in (first,):
+        if method == "PUT":
+            assert addresses is not None
+            assert (await api.put("acct-1", version, addresses))[0] == 200
+        else:
+            assert (await api.call("DELETE", f"/v1/accounts/acct-1?version={version}"))[0] == 200
+    before = await api.call("GET", "/v1/accounts/acct-1")
+    method, version, addresses = second
+    if method == "PUT":
+        assert addresses is not None
+        status, body = await api.put("acct-1", version, addresses)
+    else:
+        status, body = await api.call("DELETE", f"/v1/accounts/acct-1?version={version}")
+    assert status == 409, body
+    assert ADDRESS not in body["error"]
+    assert await api.call("GET", "/v1/accounts/acct-1") == before
+
+
+async def test_delete_of_unknown_account_leaves_a_tombstone(api: Api) -> None:
+    status, body = await api.call("DELETE", "/v1/accounts/never-seen?version=9")
+    assert (status, body) == (200, {"account": "never-seen", "version": 9, "existed": False})
+    assert (await api.put("never-seen", 8, [ADDRESS]))[0] == 409
+    assert (await api.call("GET", "/v1/accounts/never-seen"))[0] == 404
+    assert (await api.put("never-seen", 10, [ADDRESS]))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        "?version=",
+        "?version=x",
+        "?version=-1",
+        "?version=1.0",
+        "?version=1&version=2",
+        "?version=99999999999999999999",
+    ],
+)
+async def test_delete_needs_one_integer_version(api: Api, query: str) -> None:
+    status, body = await api.call("DELETE", f"/v1/accounts/acct-1{query}")
+    assert status == 400, body
+    assert body["error"].startswith("version: ")
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+
+async def test_snapshot_replaces_everything_and_orders_later_writes(api: Api) -> None:
+    assert (await api.put("old", 3, [ADDRESS]))[0] == 200
+    assert (await api.call("DELETE", "/v1/accounts/gone?version=4"))[0] == 200
+    status, body = await api.call(
+        "PUT",
+        "/v1/snapshot",
+        {"version": 10, "accounts": {"a": ["203.0.113.1"], "b": ["203.0.113.2", "2001:db8::/48"]}},
+    )
+    assert (status, body) == (200, {"version": 10, "accounts": 2, "entries": 3})
+    assert (await api.call("GET", "/v1/accounts/old"))[0] == 404
+    assert (await api.call("GET", "/v1/accounts/a"))[1]["version"] == 10
+    assert await api.call("GET", "/v1/status") == (
+        200,
+        {"accounts": 2, "entries": 3, "snapshot_version": 10},
+    )
+    # not above the snapshot version: stale; the tombstone of "gone" was dropped, but 4 < 10
+    assert (await api.put("gone", 10, [ADDRESS]))[0] == 409
+    assert (await api.put("gone", 11, [ADDRESS]))[0] == 200
+    # an older snapshot is stale; the same version again is accepted (idempotent replay)
+    assert (await api.call("PUT", "/v1/snapshot", {"version": 9, "accounts": {}}))[0] == 409
+    assert (await api.call("GET", "/v1/accounts/gone"))[0] == 200
+
+
+async def test_large_snapshot_is_decoded_off_the_loop(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    original = sync_api._decode_snapshot
+
+    def recording(body: bytes, rules: RegistrationsConfig) -> Any:
+        threads.append(threading.current_thread())
+        return original(body, rules)
+
+    monkeypatch.setattr(sync_api, "_decode_snapshot", recording)
+    accounts = {f"acct-{i}": [f"10.{i // 256}.{i % 256}.1"] for i in range(5000)}
+    status, body = await api.call("PUT", "/v1/snapshot", {"version": 1, "accounts": accounts})
+    assert (status, body) == (200, {"version": 1, "accounts": 5000, "entries": 5000})
+    assert threads and threads[0] is not threading.main_thread()
+
+
+# --- 400 and 422: nothing applied, messages name a position --------------------------------------
+
+BAD_SHAPE = [
+    (b"not json", "body is not valid JSON"),
+    (b"", "body is not valid JSON"),
+    (b"\xff\xfe\x00", "body is not"),
+    (b"[]", "body must be a JSON object"),
+    (b'{"version": 1}', "addresses: missing"),
+    (b'{"version": 1, "addresses": [], "extra": 1}', "unexpected top-level key"),
+    (b'{"version": "1", "addresses": []}', "version: must be an integer"),
+    (b'{"version": true, "addresses": []}', "version: must be an integer"),
+    (b'{"version": 1.5, "addresses": []}', "version: must be an integer"),
+    (b'{"version": -1, "addresses": []}', "version: must be between"),
+    (b'{"version": 1, "addresses": "203.0.113.7"}', "addresses: must be a list"),
+    (b'{"version": 1, "version": 2, "addresses": []}', "duplicate key"),
+    (b'{"version": NaN, "addresses": []}', "NaN"),
+    (b'{"version": 1, "addresses": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    (b'{"version": 1' + b"0" * 5000 + b', "addresses": []}', "number out of range"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"), BAD_SHAPE, ids=[str(i) for i in range(len(BAD_SHAPE))]
+)
+async def test_wrong_shape_is_400(api: Api, raw: bytes, fragment: str) -> None:
+    status, body = await api.call("PUT", "/v1/accounts/acct-1", raw=raw)
+    assert status == 400, body
+    assert fragment in body["error"]
+    assert ADDRESS not in body["error"]
+    assert (await api.call("GET", "/v1/accounts/acct-1"))[0] == 404
+
+
+BAD_RULE = [
+    ([ADDRESS, "203.0.113.9/24"], "addresses[1]: host bits set"),
+    (["203.0.0.0/16"], "addresses[0]: prefix /16 is wider than the allowed /24"),
+    (["2001:db8::/32"], "addresses[0]: prefix /32 is wider than the allowed /48"),
+    (["not-an-address"], "addresses[0]: not a valid IP address or prefix"),
+    ([ADDRESS, 7], "addresses[1]: must be a string"),
+    (["0.0.0.0"], "addresses[0]: unspecified address"),
+    (["224.0.0.1"], "addresses[0]: multicast address"),
+    (["ff02::1"], "addresses[0]: multicast address"),
+    (
+        [f"203.0.113.{i}" for i in range(17)],
+        "addresses: 17 entries exceed the limit of 16 per account",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("addresses", "message"), BAD_RULE, ids=[str(i) for i in range(len(BAD_RULE))]
+)
+async def test_broken_rule_is_422_naming_the_position(
+    api: Api, addresses: list[Any], message: str
+) -> None:
+    assert (await api.put("acct-1", 1, ["198.51.100.1"]))[0] == 200
+    status, body = await api.put("acct-1", 2, addresses)
+    assert (status, body) == (422, {"error": message})
+    assert await api.call("GET", "/v1/accounts/acct-1") == (
+        200,
+        {"account": "acct-1", "version": 1, "addresses": ["198.51.100.1"]},
+    )
+
+
+@pytest.mark.parametrize("account", ["a" * 129, "bad%20id", "caf%C3%A9", "a,b"])
+async def test_bad_account_id_is_422(api: Api, account: str) -> None:
+    status, body = await api.put(account, 1, [ADDRESS])
+    assert (status, body) == (
+        422,
+        {"error": "account: must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"},
+    )
+
+
+async def test_snapshot_errors_name_the_account_entry(api: Api) -> None:
+    assert (await api.call("PUT", "/v1/snapshot", {"version": 2, "accounts": {"k": [ADDRESS]}}))[
+        0
+    ] == 200
+    status, body = await api.call(
+        "PUT", "/v1/snapshot", {"version": 3, "accounts": {"a": [ADDRESS], "b": ["x", "y"]}}
+    )
+    assert (status, body) == (422, {"error": 'accounts["b"][0]: not a valid IP address or prefix'})
+    status, body = await api.call(
+        "PUT", "/v1/snapshot", {"version": 3, "accounts": {"a": [], "bad id": []}}
+    )
+    assert (status, body) == (
+        422,
+        {"error": "accounts (key #1): must be 1 to 128 characters of A-Z a-z 0-9 . _ : -"},
+    )
+    status, body = await api.call("PUT", "/v1/snapshot", {"version": 3, "accounts": []})
+    assert (status, body) == (400, {"error": "accounts: must be an object"})
+    assert await api.call("GET", "/v1/status") == (
+        200,
+        {"accounts": 1, "entries": 1, "snapshot_version": 2},
+    )
+
+
+async def test_public_only_rejects_non_global(public_api: Api) -> None:
+    status, body = await public_api.put("acct-1", 1, ["1.1.1.1", "10.0.0.1"])
+    assert (status, body) == (
+        422,
+        {"error": "addresses[1]: not a globally routable address (registrations.public_only)"},
+    )
+    assert (await public_api.put("acct-1", 1, ["1.1.1.1"]))[0] == 200
+
+
+# --- limits and timeouts -------------------------------------------------------------------------
+
+
+async def test_body_over_max_body_is_413_before_reading(tmp_path: Path) -> None:
+    running = await _start(tmp_path, make_config(tmp_path, max_body=1024), SHORT)
+    try:
+        body = {"version": 1, "accounts": {f"a{i}": [] for i in range(200)}}
+        status, answer = await running.call("PUT", "/v1/snapshot", body)
+        assert status == 413, answer
+        assert answer == {"error": "request body is over 1024 bytes (sync.max_body)"}
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(4):
+                yield b" " * 400
+
+        async with running.session.put(
+            running.url + "/v1/accounts/a",
+            data=chunks(),  # chunked: no Content-Length, so the limit applies while reading
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as resp:
+            assert resp.status == 413
+        assert (await running.call("GET", "/v1/status"))[1]["accounts"] == 0
+    finally:
+        await running.session.close()
+        await asyncio.wait_for(running.server.close(), AWAIT_S)
+
+
+async def _raw_exchange(api: Api, request: bytes) -> bytes:
+    """Send `request` and stall; the first line the server sends (b"" when it just closes)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", api.server.port), AWAIT_S
+    )
+    try:
+        writer.write(request)
+        await asyncio.wait_for(writer.drain(), AWAIT_S)
+        return await asyncio.wait_for(reader.readline(), AWAIT_S)
+    finally:
+        writer.close()
+
+
+async def test_stalled_body_gets_408(api: Api) -> None:
+    reply = await _raw_exchange(
+        api,
+        b"PUT /v1/accounts/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + TOKEN.encode()
+        + b'\r\nContent-Length: 100\r\n\r\n{"version"',
+    )
+    assert reply.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_stalled_headers_are_closed(api: Api) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reply = await _raw_exchange(api, b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+    assert reply == b""
+    assert loop.time() - started < SHORT.idle_s + 2
+
+
+async def test_listen_address_taken(api: Api, tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    config = replace(
+        config, sync=replace(config.sync, listen=HostPort("127.0.0.1", api.server.port))
+    )
+    with pytest.raises(SmartDNSError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(sync API\)"):
+        await asyncio.wait_for(start_sync_api(config, Metrics(), FakeNode(), SHORT), AWAIT_S)
+
+
+async def test_database_failure_is_503(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(_self: RegistrationStore) -> StoreStatus:
+        raise DatabaseError("registrations database: status failed: disk I/O error")
+
+    monkeypatch.setattr(RegistrationStore, "status", broken)
+    assert await api.call("GET", "/v1/status") == (
+        503,
+        {"error": "registrations database unavailable"},
+    )
+
+
+# --- /healthz and /metrics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("up", "database", "status", "text"),
+    [
+        (True, "ok", 200, "ok\n"),
+        (False, "ok", 503, "unavailable\n"),
+        (True, "error", 503, "unavailable\n"),
+        (True, "hang", 503, "unavailable\n"),
+    ],
+    ids=["healthy", "listeners_down", "database_error", "database_hangs"],
+)
+async def test_healthz(api: Api, up: bool, database: str, status: int, text: str) -> None:
+    api.node.up, api.node.database = up, database
+    assert await api.call("GET", "/healthz", token=None) == (status, text)
+
+
+def _parse_exposition(text: str) -> dict[str, float]:
+    """Check the text format line by line; return {series: value}."""
+    assert text.endswith("\n")
+    samples: dict[str, float] = {}
+    declared: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge") and name not in declared
+            assert name.endswith("_total") == (kind == "counter"), name
+            declared[name] = kind
+            continue
+        match = re.fullmatch(r'([a-z_]+)(\{(?:[a-z_]+="[^"\\]*",?)*\})? (-?[0-9.e+]+)', line)
+        assert match, line
+        assert match.group(1) in declared, line
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+async def test_metrics_without_token_in_exposition_format(api: Api) -> None:
+    api.node.cache = FakeCache()
+    assert (await api.put("acct-secret-id", 1, [ADDRESS]))[0] == 200
+    assert (await api.call("GET", "/v1/accounts/acct-secret-id"))[0] == 200
+    assert (await api.call("GET", "/v1/status", token="wrong-token-value-000"))[0] == 401
+    async with api.session.get(api.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        text = await resp.text()
+    samples = _parse_exposition(text)
+    route = "/v1/accounts/{account}"
+    assert (
+        samples[f'smartdns_sync_requests_total{{method="PUT",route="{route}",status="200"}}'] == 1
+    )
+    assert (
+        samples[f'smartdns_sync_requests_total{{method="GET",route="{route}",status="200"}}'] == 1
+    )
+    assert (
+        samples['smartdns_sync_requests_total{method="GET",route="/v1/status",status="401"}'] == 1
+    )
+    assert samples['smartdns_queries_total{transport="udp",outcome="unblock"}'] == 0
+    assert samples["smartdns_upstream_queries_sent_total"] == 7
+    assert samples['smartdns_upstream_failures_total{reason="timeout"}'] == 1
+    assert samples["smartdns_cache_hits_total"] == 11 and samples["smartdns_cache_entries"] == 3
+    assert samples["smartdns_registered_entries"] == 3 and samples["smartdns_database_up"] == 1
+    for secret in ("acct-secret-id", ADDRESS, TOKEN, "wrong-token-value", "127.0.0.1"):
+        assert secret not in text
+
+
+async def test_metrics_without_database_or_cache(api: Api) -> None:
+    api.node.database = "error"
+    status, text = await api.call("GET", "/metrics", token=None)
+    samples = _parse_exposition(text)
+    assert status == 200 and samples["smartdns_database_up"] == 0
+    assert "smartdns_registered_accounts" not in text and "smartdns_cache_" not in text
+
+
+async def test_nothing_sensitive_is_logged(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    await api.put("acct-log", 1, [ADDRESS])
+    await api.put("acct-log", 1, [ADDRESS, "203.0.113.9/24"])
+    await api.call("GET", "/v1/status", token="x" * 40)
+    await api.call("GET", f"/v1/status?token={TOKEN}")
+    await api.call("PUT", "/v1/accounts/acct-log", raw=b"{bad")
+    # Library debug output (aiosqlite prints SQL parameters) is silenced by logs.setup.
+    ours = [r for r in caplog.records if r.name.split(".")[0] in ("smartdns", "aiohttp")]
+    logged = "\n".join(record.getMessage() for record in ours)
+    for secret in (ADDRESS, "203.0.113.9", TOKEN, "acct-log", "127.0.0.1"):
+        assert secret not in logged
+
+
+def test_http_log_filter_drops_arguments_and_tracebacks() -> None:
+    record = logging.LogRecord(
+        "x", logging.ERROR, "f", 1, "Error handling request from %s", ("192.0.2.99",), None
+    )
+    try:
+        raise ValueError("203.0.113.7")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    assert sync_api._NoDetails().filter(record)
+    assert record.getMessage() == "Error handling request from - (ValueError)"
+    assert record.exc_info is None
