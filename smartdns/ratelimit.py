@@ -37,12 +37,12 @@ class Admission(enum.Enum):
 class RateLimiter:
     """Token buckets for sources, `rate_per_s` on average with bursts up to `burst` queries.
 
-    Each of `slots` buckets is one float, the GCRA "theoretical arrival time" (RFC 2697's
-    token bucket in one number): a query conforms when the bucket's time is at most
-    `burst / rate` ahead of `now`, and then advances it by `1 / rate`. Sources are mapped to
-    buckets by a keyed hash, so memory is the same for ten sources or ten million; sources
-    that collide share a bucket, which with 65,536 slots hurts only under a flood that
-    exceeds the table anyway. Every `rotate_after_s` the key is replaced and the table
+    Each of `slots` buckets is one float, the GCRA "theoretical arrival time" (ITU-T I.371;
+    a token bucket kept as one number): a query conforms when, advanced by `1 / rate`, the
+    bucket's time stays within `burst` intervals of `now`, and then it is advanced. Sources
+    are mapped to buckets by a keyed hash, so memory is the same for ten sources or ten
+    million; sources that collide share a bucket, which with 65,536 slots hurts only under
+    a flood that exceeds the table anyway. Every `rotate_after_s` the key is replaced and the table
     cleared, so bucket positions cannot be correlated over time (everyone gets a fresh burst).
 
     Source text is what the socket layer reports: IPv4, IPv6, IPv4-mapped IPv6 (counted as
