@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 from smartdns import logs, systemd
 from smartdns.answers import Responder, build_unblock_zones
@@ -16,12 +17,19 @@ from smartdns.cache import AnswerCache
 from smartdns.clients import AuthorizedClients
 from smartdns.config import Config, load_config
 from smartdns.errors import ConfigError, SmartDNSError
-from smartdns.metrics import CacheStatsLike, ForwarderStatsLike, Metrics, RegistrationStatsLike
+from smartdns.metrics import (
+    CacheStatsLike,
+    ForwarderStatsLike,
+    Metrics,
+    RegistrationStatsLike,
+    WorkerSample,
+)
 from smartdns.pipeline import Pipeline, Settings
 from smartdns.registry import RegistrationStore
 from smartdns.sync_api import COLLECTOR_PAUSE, SyncServer, start_sync_api
 from smartdns.transport import InFlight, Listeners, start_listeners
 from smartdns.upstream import Forwarder
+from smartdns.workers import STATS_INTERVAL_S, Supervisor, WorkerLink, every, stats_message
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,15 @@ async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients
         return generation, await asyncio.to_thread(AuthorizedClients.from_prefixes, prefixes)
 
 
+def _listeners_up(listeners: Listeners) -> bool:
+    udp, tcp = listeners.udp, listeners.tcp
+    return (
+        bool(udp and tcp)
+        and all(not transport.is_closing() for transport in udp)
+        and all(server.is_serving() for server in tcp)
+    )
+
+
 class NodeView:
     """What the sync API reads from this process (sync_api.Node): the DNS side's store
     connection, listener state and the query path's statistics, read at request time."""
@@ -71,12 +88,7 @@ class NodeView:
         self._listeners = listeners
 
     def listeners_up(self) -> bool:
-        udp, tcp = self._listeners.udp, self._listeners.tcp
-        return (
-            bool(udp and tcp)
-            and all(not t.is_closing() for t in udp)
-            and all(server.is_serving() for server in tcp)
-        )
+        return _listeners_up(self._listeners)
 
     async def ping_database(self) -> None:
         # Reads a row of the file (SELECT 1 would succeed without touching it).
@@ -91,11 +103,45 @@ class NodeView:
     def cache_stats(self) -> CacheStatsLike | None:
         return self._pipeline.settings.cache
 
+    def worker_samples(self) -> tuple[WorkerSample, ...]:
+        return ()
+
+
+class WorkersView:
+    """The sync API's view in the main process of a node with worker processes: the DNS
+    side is up when every worker reports its listeners up; statistics are the workers' sums."""
+
+    def __init__(self, store: RegistrationStore, supervisor: Supervisor) -> None:
+        self._store = store
+        self._supervisor = supervisor
+
+    def listeners_up(self) -> bool:
+        return self._supervisor.all_ready()
+
+    async def ping_database(self) -> None:
+        await self._store.generation()
+
+    async def registration_stats(self) -> RegistrationStatsLike:
+        return await self._store.status()
+
+    def forwarder_stats(self) -> ForwarderStatsLike | None:
+        return self._supervisor.forwarder
+
+    def cache_stats(self) -> CacheStatsLike | None:
+        return self._supervisor.cache
+
+    def worker_samples(self) -> list[WorkerSample]:
+        return self._supervisor.samples()
+
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """One DNS-serving process: the whole node (`workers: 1`), or a worker under
+    `MainProcess` when `link` is set (then the main process owns the sync API and systemd)."""
+
+    def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
+        self._link = link
         self._stop = asyncio.Event()
         self._in_flight = InFlight()
         self._generation = -1
@@ -105,6 +151,7 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; raises SmartDNSError when start-up fails."""
+        logs.guard_loop_exceptions(asyncio.get_running_loop())
         config = self.config
         store = await RegistrationStore.open(config.database.path, create=False)
         try:
@@ -113,16 +160,17 @@ class Daemon:
             listeners = await start_listeners(
                 config.server, pipeline, self._in_flight, reuse_port=True
             )
+            sync: SyncServer | None = None
             try:
-                # Once per node, in this (main) process; its own store connection.
-                sync = await start_sync_api(
-                    config, self.metrics, NodeView(store, pipeline, listeners)
-                )
-                try:
-                    await self._serve(config, store, pipeline, listeners, sync)
-                finally:
-                    await sync.close()
+                if self._link is None:
+                    # Once per node, in this (main) process; its own store connection.
+                    sync = await start_sync_api(
+                        config, self.metrics, NodeView(store, pipeline, listeners)
+                    )
+                await self._serve(config, store, pipeline, listeners, sync)
             finally:
+                if sync is not None:
+                    await sync.close()
                 listeners.close()
                 listeners.close_connections()
         finally:
@@ -136,45 +184,47 @@ class Daemon:
         store: RegistrationStore,
         pipeline: Pipeline,
         listeners: Listeners,
-        sync: SyncServer,
+        sync: SyncServer | None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        reloads: set[asyncio.Task[None]] = set()
-
-        def on_hup() -> None:
-            task = loop.create_task(self._reload(store, pipeline, sync))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        tasks = _handle_signals(loop, lambda: self._reload(store, pipeline, sync), self._stop)
+        tasks.add(loop.create_task(self._watch_registrations(store, pipeline)))
         log.info(
             "smartdns started: %d listen addresses, %d zones, %d regions, %d upstreams, "
-            "%d registered entries; sync API on %s",
+            "%d registered entries%s",
             len(config.server.listen),
             len(config.unblock.zones),
             len(config.unblock.regions),
             len(config.upstream.servers),
             pipeline.clients.entries,
-            config.sync.listen,
+            f"; sync API on {config.sync.listen}" if sync is not None else "",
         )
-        systemd.notify("READY=1", "STATUS=serving")
-        watcher = loop.create_task(self._watch_registrations(store, pipeline))
+        link = self._link
+        if link is None:
+            systemd.notify("READY=1", "STATUS=serving")
+            tasks.add(systemd.keep_watchdog(lambda: _listeners_up(listeners)))
+        else:
+            link.send("ready")
+            tasks.add(every(STATS_INTERVAL_S, lambda: self._report(link, pipeline)))
+            tasks.add(loop.create_task(_stop_when(link.parent_gone(), self._stop)))
         try:
             await self._stop.wait()
         finally:
-            systemd.notify("STOPPING=1")
-            await sync.close()  # first: no registration change starts while DNS drains
+            if link is None:
+                systemd.notify("STOPPING=1")
+            if sync is not None:
+                await sync.close()  # first: no registration change starts while DNS drains
             log.info("stopping: draining %d in-flight queries", len(self._in_flight))
             listeners.close()
             await self._in_flight.drain(DRAIN_TIMEOUT_S)
-            watcher.cancel()
-            for task in (watcher, *reloads):
-                task.cancel()
-            await asyncio.gather(watcher, *reloads, return_exceptions=True)
-            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
+            await _cancel(tasks)
+            if link is not None:
+                self._report(link, pipeline)
+                link.close()
+
+    def _report(self, link: WorkerLink, pipeline: Pipeline) -> None:
+        settings = pipeline.settings
+        link.send("stats", **stats_message(self.metrics, settings.forwarder.stats, settings.cache))
 
     async def _watch_registrations(self, store: RegistrationStore, pipeline: Pipeline) -> None:
         """Notice changes by any writer (sync API, CLI, another process) with a cheap
@@ -193,44 +243,183 @@ class Daemon:
         self._generation = generation
         log.info("registrations loaded: %d entries", clients.entries)
 
-    async def _reload(self, store: RegistrationStore, pipeline: Pipeline, sync: SyncServer) -> None:
+    async def _reload(
+        self, store: RegistrationStore, pipeline: Pipeline, sync: SyncServer | None
+    ) -> None:
         """SIGHUP: re-read the config (and the sync token); on success swap the derived
         objects, on failure keep serving the old ones and log each problem with its PATH:LINE."""
-        systemd.reloading()
+        if self._link is None:
+            systemd.reloading()
+        config = _reread(self.config)
+        ok = config is not None
         try:
-            try:
-                config = load_config(self.config.path)
-            except ConfigError as error:
-                for problem in error.problems:
-                    log.error("reload failed, keeping the running configuration: %s", problem)
-                return
-            if config.server.listen != self.config.server.listen:
-                log.warning("listen addresses changed: restart smartdns to apply them")
-            if config.sync.listen != self.config.sync.listen:
-                log.warning("sync.listen changed: restart smartdns to apply it")
-            pipeline.settings = build_settings(config, pipeline.settings)
-            self.config = config
-            sync.reload(config)  # the new token; a bad one never got past load_config
-            logs.set_level(config.logging.level)
-            await self._refresh_clients(store, pipeline)
-            log.info(
-                "reloaded: %d zones, %d regions, %d upstreams",
-                len(config.unblock.zones),
-                len(config.unblock.regions),
-                len(config.upstream.servers),
-            )
+            if config is not None:
+                if config.server.listen != self.config.server.listen:
+                    log.warning("listen addresses changed: restart smartdns to apply them")
+                pipeline.settings = build_settings(config, pipeline.settings)
+                self.config = config
+                if sync is not None:
+                    sync.reload(config)  # the new token; a bad one never got past load_config
+                logs.set_level(config.logging.level)
+                await self._refresh_clients(store, pipeline)
+                log.info(
+                    "reloaded: %d zones, %d regions, %d upstreams",
+                    len(config.unblock.zones),
+                    len(config.unblock.regions),
+                    len(config.upstream.servers),
+                )
         except SmartDNSError as error:
+            ok = False
             log.error("reload failed, keeping the running configuration: %s", error)
         finally:
-            systemd.notify("READY=1")
+            if self._link is not None:
+                self._link.send("reloaded", ok=ok)
+            elif not self._stop.is_set():  # never READY=1 after STOPPING=1
+                systemd.notify("READY=1")
+
+
+class MainProcess:
+    """The node with `server.workers` > 1: worker processes serve DNS; this process owns the
+    sync API, systemd notifications, signals and the workers' lifecycle."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self._stop = asyncio.Event()
+        self._stopped_by_crashes = False
+
+    async def run(self) -> int:
+        logs.guard_loop_exceptions(asyncio.get_running_loop())
+        config = self.config
+        # Fail closed before any worker starts: the database must exist and be readable.
+        store = await RegistrationStore.open(config.database.path, create=False)
+        try:
+            supervisor = Supervisor(config.path, config.server.workers, self.metrics)
+            await supervisor.start()
+            try:
+                sync = await start_sync_api(config, self.metrics, WorkersView(store, supervisor))
+            except BaseException:
+                await supervisor.stop(DRAIN_TIMEOUT_S)
+                raise
+            try:
+                await self._serve(supervisor, sync)
+            finally:
+                await sync.close()
+                await supervisor.stop(DRAIN_TIMEOUT_S)
+        finally:
+            await store.close()
+        log.info("smartdns stopped")
+        return 1 if self._stopped_by_crashes else 0
+
+    async def _serve(self, supervisor: Supervisor, sync: SyncServer) -> None:
+        loop = asyncio.get_running_loop()
+        tasks = _handle_signals(loop, lambda: self._reload(supervisor, sync), self._stop)
+        tasks.add(loop.create_task(self._stop_when_all_gave_up(supervisor)))
+        tasks.add(systemd.keep_watchdog(supervisor.all_ready))
+        log.info(
+            "smartdns started: %d workers; sync API on %s",
+            self.config.server.workers,
+            self.config.sync.listen,
+        )
+        systemd.notify("READY=1", "STATUS=serving")
+        try:
+            await self._stop.wait()
+        finally:
+            systemd.notify("STOPPING=1")
+            log.info("stopping: draining the workers")
+            await _cancel(tasks)
+
+    async def _stop_when_all_gave_up(self, supervisor: Supervisor) -> None:
+        await supervisor.all_gave_up.wait()
+        log.error("every worker keeps crashing; stopping")
+        self._stopped_by_crashes = True
+        self._stop.set()
+
+    async def _reload(self, supervisor: Supervisor, sync: SyncServer) -> None:
+        systemd.reloading()
+        try:
+            config = _reread(self.config)
+            if config is None:
+                return
+            if config.server.workers != self.config.server.workers:
+                log.warning("server.workers changed: restart smartdns to apply it")
+            if config.sync.listen != self.config.sync.listen:
+                log.warning("sync.listen changed: restart smartdns to apply it")
+            self.config = config
+            sync.reload(config)
+            logs.set_level(config.logging.level)
+            if await supervisor.reload():
+                log.info("reloaded: %d workers", config.server.workers)
+        finally:
+            if not self._stop.is_set():  # never READY=1 after STOPPING=1
+                systemd.notify("READY=1")
+
+
+def _reread(current: Config) -> Config | None:
+    """The config file read again, or None (each problem logged) when it does not load."""
+    try:
+        return load_config(current.path)
+    except ConfigError as error:
+        for problem in error.problems:
+            log.error("reload failed, keeping the running configuration: %s", problem)
+        return None
+
+
+def _handle_signals(
+    loop: asyncio.AbstractEventLoop,
+    reload: Callable[[], Coroutine[Any, Any, None]],
+    stop: asyncio.Event,
+) -> set[asyncio.Task[None]]:
+    """SIGHUP runs `reload` (one at a time), SIGTERM/SIGINT set `stop`. Returns the set that
+    owns the reload tasks; the caller adds its own tasks and cancels them all at the end.
+    The handlers stay until the loop closes: a second SIGTERM while draining changes nothing."""
+    tasks: set[asyncio.Task[None]] = set()
+    lock = asyncio.Lock()
+
+    async def serialized() -> None:
+        async with lock:
+            await reload()
+
+    def on_hup() -> None:
+        task = loop.create_task(serialized())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    return tasks
+
+
+async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _stop_when(event: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    await event
+    stop.set()
+
+
+async def _run(config: Config) -> int:
+    inherited = WorkerLink.inherited()
+    if inherited is not None:
+        link = await WorkerLink.connect(*inherited)
+        return await Daemon(config, link).run()
+    if config.server.workers > 1:
+        return await MainProcess(config).run()
+    return await Daemon(config).run()
 
 
 def serve(config: Config) -> int:
-    """Run the server in the foreground on uvloop when it is installed."""
-    logs.setup(config.logging.level)
+    """Run the node in the foreground on uvloop when it is installed: one process with
+    `workers: 1`, else a main process and its workers; a worker when started by one."""
+    inherited = WorkerLink.inherited()
+    logs.setup(config.logging.level, f"worker {inherited[0]}" if inherited else "")
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on supported platforms
-        return asyncio.run(Daemon(config).run())
+        return asyncio.run(_run(config))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(Daemon(config).run())
+        return runner.run(_run(config))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
-from typing import Final
+from typing import Any, Final
 
 WARN_INTERVAL_S: Final = 60.0
 _QUIET_LIBRARIES: Final = ("aiosqlite", "asyncio", "aiohttp", "aiohttp.access")
@@ -18,10 +19,11 @@ _LEVELS: Final = {
 }
 
 
-def setup(level: str) -> None:
-    """Log to stderr; without timestamps under systemd, where journald adds its own."""
+def setup(level: str, process: str = "") -> None:
+    """Log to stderr; without timestamps under systemd, where journald adds its own.
+    `process` ("worker 1") tells the lines of worker processes apart."""
     under_journald = "JOURNAL_STREAM" in os.environ or "INVOCATION_ID" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s"
+    fmt = f"%(levelname)s {process + ' ' if process else ''}%(name)s: %(message)s"
     if not under_journald:
         fmt = "%(asctime)s " + fmt
     root = logging.getLogger()
@@ -63,3 +65,16 @@ class WarnOnce:
         )
         self._last = now
         self._suppressed = 0
+
+
+def guard_loop_exceptions(loop: asyncio.AbstractEventLoop) -> None:
+    """Replace the loop's default exception handler, whose message formats the failing
+    callback with its arguments (a datagram handler's arguments hold a client address):
+    log the exception type and the kind of context only, at most once per interval."""
+    warning = WarnOnce("smartdns.loop", "unexpected error in the event loop")
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        warning.warn(type(error).__name__ if error is not None else "no exception")
+
+    loop.set_exception_handler(handler)

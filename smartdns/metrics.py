@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Iterable
-from typing import Final, Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,6 +44,15 @@ class Metrics:
     def __init__(self) -> None:
         self.queries: Counter[tuple[Transport, Outcome]] = Counter()
         self.sync_requests: Counter[tuple[str, str, int]] = Counter()
+
+
+class WorkerSample(NamedTuple):
+    """One worker process as /metrics shows it; `worker` is its index from the config."""
+
+    worker: int
+    up: bool
+    queries: int  # answered by its current process
+    restarts: int
 
 
 class ForwarderStatsLike(Protocol):
@@ -136,6 +145,7 @@ def render(
     cache: CacheStatsLike | None,
     registrations: RegistrationStatsLike | None,
     database_up: bool,
+    workers: Sequence[WorkerSample] = (),
 ) -> str:
     """The whole /metrics page. Query counters list every transport and outcome (zeros too),
     so each series exists from the start; a None source leaves its families out."""
@@ -180,6 +190,8 @@ def render(
             "Version of the last registrations snapshot applied (0 for a new node).",
             registrations.snapshot_version,
         )
+    if workers:
+        _render_workers(out, workers)
     out.family(
         "smartdns_sync_requests_total",
         "counter",
@@ -249,3 +261,24 @@ def _render_cache(out: _Exposition, cache: CacheStatsLike) -> None:
         cache.evictions,
     )
     out.single("smartdns_cache_entries", "gauge", "Answers held in the cache.", len(cache))
+
+
+def _render_workers(out: _Exposition, workers: Sequence[WorkerSample]) -> None:
+    out.family(
+        "smartdns_worker_up",
+        "gauge",
+        "1 when the worker process is running with its listeners up.",
+        (({"worker": str(w.worker)}, int(w.up)) for w in workers),
+    )
+    out.family(
+        "smartdns_worker_queries_total",
+        "counter",
+        "Queries handled by the worker's current process (resets when it restarts).",
+        (({"worker": str(w.worker)}, w.queries) for w in workers),
+    )
+    out.family(
+        "smartdns_worker_restarts_total",
+        "counter",
+        "Times the worker process was restarted after exiting.",
+        (({"worker": str(w.worker)}, w.restarts) for w in workers),
+    )

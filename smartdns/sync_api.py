@@ -12,7 +12,7 @@ import gc
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
@@ -36,6 +36,7 @@ from smartdns.metrics import (
     ForwarderStatsLike,
     Metrics,
     RegistrationStatsLike,
+    WorkerSample,
     render,
 )
 from smartdns.registry import DatabaseError, RegistrationStore
@@ -76,6 +77,10 @@ class Node(Protocol):
     def forwarder_stats(self) -> ForwarderStatsLike | None: ...
 
     def cache_stats(self) -> CacheStatsLike | None: ...
+
+    def worker_samples(self) -> Sequence[WorkerSample]:
+        """Per-worker series; empty when DNS runs in this process."""
+        ...
 
 
 class HttpError(Exception):
@@ -468,6 +473,7 @@ class SyncApi:
             cache=self._node.cache_stats(),
             registrations=registrations,
             database_up=registrations is not None,
+            workers=self._node.worker_samples(),
         )
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 

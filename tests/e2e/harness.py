@@ -225,6 +225,10 @@ class Server:
             self.process.kill()
             code = self.process.wait()
         if self._notify is not None:
+            self._notify.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # what the server sent on its way out (STOPPING=1)
+                    self.notifications.extend(self._notify.recv(4096).decode().split("\n"))
             self._notify.close()
             self._notify = None
         return code

@@ -102,6 +102,9 @@ class FakeNode:
     def cache_stats(self) -> FakeCache | None:
         return self.cache
 
+    def worker_samples(self) -> tuple[()]:
+        return ()
+
 
 @dataclass
 class Api:

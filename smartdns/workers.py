@@ -1,0 +1,354 @@
+"""Worker processes for `server.workers` > 1: spawn, supervise, reload, stop, add up stats.
+
+The main process owns the sync API and the workers; each worker is `smartdns serve` with an
+inherited control socket (SMARTDNS_WORKER_FD) and binds every listen address itself with
+SO_REUSEPORT. Workers report `ready`, `reloaded` and aggregate `stats` as JSON lines; the
+control socket closing tells a worker that its parent is gone. Nothing here sees a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+from smartdns.errors import SmartDNSError
+from smartdns.metrics import Metrics, Outcome, Transport, WorkerSample
+from smartdns.upstream import ForwarderStats
+
+log = logging.getLogger(__name__)
+
+CONTROL_FD_ENV: Final = "SMARTDNS_WORKER_FD"
+INDEX_ENV: Final = "SMARTDNS_WORKER_INDEX"
+STATS_INTERVAL_S: Final = 1.0
+START_TIMEOUT_S: Final = 30.0
+RELOAD_TIMEOUT_S: Final = 15.0
+RESTART_DELAY_S: Final = 1.0
+MAX_CRASHES: Final = 5  # within CRASH_WINDOW_S: the slot is given up and reported
+CRASH_WINDOW_S: Final = 60.0
+_CACHE_FIELDS: Final = ("hits", "misses", "stale_served", "evictions", "entries")
+_FORWARDER_FIELDS: Final = tuple(f.name for f in fields(ForwarderStats))
+_MAX_LINE_BYTES: Final = 1 << 20
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+
+class WorkerLink:
+    """A worker's end of the control socket."""
+
+    def __init__(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.index = index
+        self._reader = reader
+        self._writer = writer
+
+    @staticmethod
+    def inherited() -> tuple[int, int] | None:
+        """(worker index, control fd) when this process is a worker, else None."""
+        fd = os.environ.get(CONTROL_FD_ENV)
+        if fd is None:
+            return None
+        return int(os.environ.get(INDEX_ENV, "0")), int(fd)
+
+    @classmethod
+    async def connect(cls, index: int, fd: int) -> WorkerLink:
+        sock = socket.socket(fileno=fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_MAX_LINE_BYTES)
+        return cls(index, reader, writer)
+
+    def send(self, event: str, **data: Any) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(json.dumps({"event": event, **data}).encode() + b"\n")
+
+    async def parent_gone(self) -> None:
+        """Returns when the main process closed its end (it exited or was killed)."""
+        while await self._reader.read(4096):
+            pass
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def stats_message(metrics: Metrics, forwarder: ForwarderStats, cache: Any) -> dict[str, Any]:
+    """A worker's counters as JSON-able data: aggregate numbers only, labels from enums."""
+    return {
+        "queries": [[t.value, o.value, n] for (t, o), n in metrics.queries.items()],
+        "forwarder": {name: getattr(forwarder, name) for name in _FORWARDER_FIELDS},
+        "cache": {
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "stale_served": cache.stale_served,
+            "evictions": cache.evictions,
+            "entries": len(cache),
+        },
+    }
+
+
+# --- main side -----------------------------------------------------------------------------
+
+
+@dataclass
+class CacheTotals:
+    """The workers' caches added up; satisfies metrics.CacheStatsLike."""
+
+    hits: int = 0
+    misses: int = 0
+    stale_served: int = 0
+    evictions: int = 0
+    entries: int = 0
+
+    def __len__(self) -> int:
+        return self.entries
+
+
+@dataclass
+class _Totals:
+    queries: Counter[tuple[Transport, Outcome]] = field(default_factory=Counter)
+    forwarder: Counter[str] = field(default_factory=Counter)
+    cache: Counter[str] = field(default_factory=Counter)
+
+    def add(self, message: dict[str, Any]) -> None:
+        for transport, outcome, count in message.get("queries", []):
+            self.queries[Transport(transport), Outcome(outcome)] += int(count)
+        self.forwarder.update({k: int(v) for k, v in message.get("forwarder", {}).items()})
+        self.cache.update({k: int(v) for k, v in message.get("cache", {}).items()})
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    reloaded: asyncio.Future[bool] | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0
+    crashes: deque[float] = field(default_factory=deque)
+    given_up: bool = False
+
+
+class Supervisor:
+    """Runs `count` workers for the config at `config_path` and keeps them running."""
+
+    def __init__(self, config_path: Path, count: int, metrics: Metrics) -> None:
+        self._config_path = config_path
+        self._slots = [_Slot(index) for index in range(count)]
+        self._metrics = metrics
+        self._retired = _Totals()  # counters of worker processes that have exited
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._start_failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.all_gave_up = asyncio.Event()
+        self.forwarder = ForwarderStats()
+        self.cache = CacheTotals()
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has its listeners up. A worker that exits
+        during start-up (port taken, database unusable) fails the whole start."""
+        loop = asyncio.get_running_loop()
+        for slot in self._slots:
+            task = loop.create_task(self._keep_running(slot))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        all_ready = loop.create_task(self._all_ready())
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await asyncio.wait({all_ready, self._start_failed}, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            await self.stop(0.0)
+            raise SmartDNSError(f"workers not ready within {START_TIMEOUT_S:g} s") from None
+        finally:
+            all_ready.cancel()
+        if self._start_failed.done():
+            await self.stop(0.0)
+            self._start_failed.result()  # raises the worker's start-up failure
+        self._started = True
+
+    async def _all_ready(self) -> None:
+        await asyncio.gather(*(slot.ready.wait() for slot in self._slots))
+
+    async def reload(self) -> bool:
+        """SIGHUP every running worker and wait for each to report its reload."""
+        waiting: list[asyncio.Future[bool]] = []
+        loop = asyncio.get_running_loop()
+        for slot in self._running():
+            assert slot.process is not None
+            slot.reloaded = loop.create_future()
+            waiting.append(slot.reloaded)
+            slot.process.send_signal(signal.SIGHUP)
+        try:
+            async with asyncio.timeout(RELOAD_TIMEOUT_S):
+                results = await asyncio.gather(*waiting)
+        except TimeoutError:
+            log.error("workers did not confirm the reload within %g s", RELOAD_TIMEOUT_S)
+            return False
+        return all(results)
+
+    async def stop(self, drain_s: float) -> None:
+        """SIGTERM every worker, give them `drain_s` (+ slack) to drain, then kill."""
+        self._stopping = True
+        for slot in self._running():
+            assert slot.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGTERM)
+        for slot in self._slots:
+            process = slot.process
+            if process is None or process.returncode is not None:
+                continue
+            try:
+                async with asyncio.timeout(drain_s + 5.0):
+                    await process.wait()
+            except TimeoutError:
+                log.error("worker %d did not stop in time; killing it", slot.index)
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def all_ready(self) -> bool:
+        return all(slot.ready.is_set() for slot in self._slots)
+
+    def samples(self) -> list[WorkerSample]:
+        """Per worker: up, queries answered by its current process, restarts."""
+        return [
+            WorkerSample(
+                slot.index,
+                slot.ready.is_set(),
+                sum(count for *_, count in slot.stats.get("queries", [])),
+                slot.restarts,
+            )
+            for slot in self._slots
+        ]
+
+    def _running(self) -> list[_Slot]:
+        return [s for s in self._slots if s.process is not None and s.process.returncode is None]
+
+    # one slot ------------------------------------------------------------------------------
+
+    async def _keep_running(self, slot: _Slot) -> None:
+        """Run the slot's worker; restart it when it dies, unless it keeps crashing."""
+        while not self._stopping:
+            status = await self._run_once(slot)
+            if self._stopping:
+                return
+            if not self._started:
+                if not self._start_failed.done():
+                    self._start_failed.set_exception(
+                        SmartDNSError(
+                            f"worker {slot.index} exited during start-up (status {status})"
+                        )
+                    )
+                return
+            now = time.monotonic()
+            slot.crashes.append(now)
+            while slot.crashes and now - slot.crashes[0] > CRASH_WINDOW_S:
+                slot.crashes.popleft()
+            if len(slot.crashes) >= MAX_CRASHES:
+                slot.given_up = True
+                log.error(
+                    "worker %d exited %d times within %g s (last status %s); not restarting it",
+                    slot.index,
+                    len(slot.crashes),
+                    CRASH_WINDOW_S,
+                    status,
+                )
+                if all(other.given_up for other in self._slots):
+                    self.all_gave_up.set()
+                return
+            log.warning("worker %d exited (status %s); restarting it", slot.index, status)
+            await asyncio.sleep(RESTART_DELAY_S)
+            slot.restarts += 1
+
+    async def _run_once(self, slot: _Slot) -> int | None:
+        parent_end, child_end = socket.socketpair()
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env[CONTROL_FD_ENV] = str(child_end.fileno())
+        env[INDEX_ENV] = str(slot.index)
+        try:
+            slot.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "smartdns",
+                "serve",
+                "--config",
+                str(self._config_path),
+                pass_fds=(child_end.fileno(),),
+                env=env,
+                # Its own session: a terminal's Ctrl-C reaches the main process only, which
+                # then stops the workers in order (systemd still signals the whole cgroup).
+                start_new_session=True,
+            )
+        finally:
+            child_end.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=_MAX_LINE_BYTES)
+        try:
+            while line := await reader.readline():
+                self._on_message(slot, line)
+        except (ValueError, asyncio.LimitOverrunError):
+            log.error("worker %d sent an unreadable control message; stopping it", slot.index)
+            slot.process.kill()
+        finally:
+            writer.close()
+            status = await slot.process.wait()
+            slot.ready.clear()
+            if slot.reloaded is not None and not slot.reloaded.done():
+                slot.reloaded.set_result(False)
+            slot.stats.get("cache", {}).pop("entries", None)  # a gauge: gone with the process
+            self._retired.add(slot.stats)
+            slot.stats = {}
+            self._recount()
+        return status
+
+    def _on_message(self, slot: _Slot, line: bytes) -> None:
+        message = json.loads(line)
+        event = message.get("event")
+        if event == "ready":
+            slot.ready.set()
+        elif event == "reloaded" and slot.reloaded is not None and not slot.reloaded.done():
+            slot.reloaded.set_result(bool(message.get("ok")))
+        elif event == "stats":
+            slot.stats = message
+            self._recount()
+
+    def _recount(self) -> None:
+        """Totals = retired processes + the latest report of each running one. The main
+        process's Metrics.queries is rewritten in place: the sync API renders that object."""
+        totals = _Totals()
+        totals.queries.update(self._retired.queries)
+        totals.forwarder.update(self._retired.forwarder)
+        totals.cache.update(self._retired.cache)
+        for slot in self._slots:
+            totals.add(slot.stats)
+        queries = self._metrics.queries
+        queries.clear()
+        queries.update(totals.queries)
+        for name in _FORWARDER_FIELDS:
+            setattr(self.forwarder, name, totals.forwarder[name])
+        for name in _CACHE_FIELDS:
+            setattr(self.cache, name, totals.cache[name])
+
+
+def every(interval_s: float, action: Callable[[], None]) -> asyncio.Task[None]:
+    """A task calling `action` every `interval_s` seconds until cancelled."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            action()
+
+    return asyncio.get_running_loop().create_task(loop())
