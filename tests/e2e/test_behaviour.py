@@ -1,12 +1,16 @@
-"""SPEC 2's behaviour table against the real server, over UDP and TCP, from data."""
+"""SPEC 2's behaviour table against the real server, over UDP and TCP, from data; then the
+conformance cases, each from a registered and an unregistered source."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.edns
 import dns.flags
+import dns.message
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
@@ -68,3 +72,120 @@ def test_behaviour(
         assert after == 1
     else:
         assert after == before
+
+
+# ---- conformance cases (RFC 1035, RFC 6891), from a registered and an unregistered source ---
+
+DNSKEYS = [
+    "dnssec.example.org. 3600 IN DNSKEY 257 3 8 " + base64.b64encode(bytes([i]) * 260).decode()
+    for i in range(1, 5)
+]  # four 2048-bit-sized keys: well over 512 octets, as DNSKEY answers are
+
+
+@pytest.fixture(scope="module")
+def conformance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with FakeUpstream() as upstream:
+        upstream.add("example.org", "A", ["example.org. 300 IN A 192.0.2.1"])
+        upstream.add("example.org", "666", ["example.org. 300 IN TYPE666 \\# 2 abcd"])
+        upstream.add("dnssec.example.org", "DNSKEY", DNSKEYS)
+        with running_server(tmp_path_factory.mktemp("conformance"), upstream.address) as server:
+            yield server
+
+
+def _with_bits(message: dns.message.Message, byte: int, bits: int) -> bytes:
+    wire = bytearray(message.to_wire())
+    wire[byte] |= bits
+    return bytes(wire)
+
+
+def _ask(server: Server, wire: bytes, source: str) -> dns.message.Message:
+    reply = server.raw_udp(wire, source=source)
+    assert reply is not None
+    parsed = dns.message.from_wire(reply)
+    assert reply[:2] == wire[:2]
+    return parsed
+
+
+CONFORMANCE: dict[str, Any] = {
+    "plain_query_without_opt": lambda: dns.message.make_query("example.org", "A"),
+    "edns_version_0": lambda: dns.message.make_query("example.org", "A", use_edns=0),
+    "unknown_option_100": lambda: dns.message.make_query(
+        "example.org", "A", use_edns=0, options=[dns.edns.GenericOption(100, b"x")]
+    ),
+    "unknown_edns_flag_0x0080": lambda: dns.message.make_query(
+        "example.org", "A", use_edns=0, ednsflags=0x0080
+    ),
+    "do_bit": lambda: dns.message.make_query("example.org", "A", use_edns=0, want_dnssec=True),
+    "nsid_ecs_expire_cookie_together": lambda: dns.message.make_query(
+        "example.org",
+        "A",
+        use_edns=0,
+        options=[
+            dns.edns.GenericOption(dns.edns.NSID, b""),
+            dns.edns.ECSOption("198.51.100.0", 24),
+            dns.edns.GenericOption(9, b""),
+            dns.edns.CookieOption(b"\x01" * 8, b""),
+        ],
+    ),
+    "unknown_type_666": lambda: dns.message.make_query("example.org", "TYPE666"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFORMANCE))
+def test_conformance_registered(conformance: Server, case: str) -> None:
+    query = CONFORMANCE[case]()
+    reply = _ask(conformance, query.to_wire(), REGISTERED)
+    assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+    assert reply.edns == query.edns and not reply.options
+    if query.edns >= 0:
+        assert reply.payload == 1232
+        assert bool(reply.ednsflags & dns.flags.DO) == bool(query.ednsflags & dns.flags.DO)
+        assert reply.ednsflags & ~dns.flags.DO == 0  # the unknown flag is not echoed
+
+
+@pytest.mark.parametrize("case", sorted(CONFORMANCE))
+def test_conformance_unregistered_is_refused(conformance: Server, case: str) -> None:
+    query = CONFORMANCE[case]()
+    reply = _ask(conformance, query.to_wire(), UNREGISTERED)
+    assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+    assert reply.edns == query.edns
+
+
+@pytest.mark.parametrize("source", [REGISTERED, UNREGISTERED])
+def test_conformance_edns_version_1_gets_badvers(conformance: Server, source: str) -> None:
+    reply = conformance.query("example.org", "A", use_edns=1, source=source)
+    assert reply.rcode() == dns.rcode.BADVERS and reply.edns == 0 and not reply.answer
+
+
+@pytest.mark.parametrize("source", [REGISTERED, UNREGISTERED])
+def test_conformance_opcode_15_gets_notimp(conformance: Server, source: str) -> None:
+    query = dns.message.make_query("example.org", "A")
+    reply = _ask(conformance, _with_bits(query, 2, 15 << 3), source)
+    assert reply.rcode() == dns.rcode.NOTIMP and not reply.answer
+
+
+@pytest.mark.parametrize("source", [REGISTERED, UNREGISTERED])
+def test_conformance_z_bit_is_ignored(conformance: Server, source: str) -> None:
+    reply = _ask(
+        conformance, _with_bits(dns.message.make_query("example.org", "A"), 3, 0x40), source
+    )
+    expected = dns.rcode.NOERROR if source == REGISTERED else dns.rcode.REFUSED
+    assert reply.rcode() == expected and bool(reply.answer) == (source == REGISTERED)
+    assert not reply.flags & 0x40  # Z is zero in replies (RFC 1035 §4.1.1)
+
+
+def test_conformance_edns_512_dnskey_answer_truncated_then_complete_over_tcp(
+    conformance: Server,
+) -> None:
+    udp = conformance.query(
+        "dnssec.example.org", "DNSKEY", use_edns=0, payload=512, want_dnssec=True
+    )
+    assert udp.flags & dns.flags.TC and not udp.answer and udp.edns == 0
+    tcp = conformance.query(
+        "dnssec.example.org", "DNSKEY", use_edns=0, payload=512, want_dnssec=True, tcp=True
+    )
+    assert not tcp.flags & dns.flags.TC and len(tcp.answer[0]) == len(DNSKEYS)
+    refused = conformance.query(
+        "dnssec.example.org", "DNSKEY", use_edns=0, payload=512, source=UNREGISTERED
+    )
+    assert refused.rcode() == dns.rcode.REFUSED and not refused.flags & dns.flags.TC

@@ -1,0 +1,281 @@
+"""TCP limits (RFC 7766, RFC 9210) against the real server: idle timeout, slow senders,
+garbage, the connection cap with idle shedding, queries per connection, clients that never
+read, and running out of file descriptors. While each limit bites, UDP and new TCP clients
+are still answered."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dns.message
+import dns.rcode
+import pytest
+
+from tests.e2e.harness import REGISTERED, Server, running_server
+from tests.fake_upstream import FakeUpstream
+
+IDLE_TIMEOUT_S = 2.0  # harness default `server.tcp_idle_timeout`
+WAIT_S = 5.0
+MAX_QUERIES_PER_CONNECTION = 1000  # smartdns.transport.MAX_QUERIES_PER_CONNECTION
+TCP_CLOSE = 7  # tcpi_state after a reset
+TCP_CLOSE_WAIT = 8  # tcpi_state after the peer's FIN
+
+
+def _framed(name: str = "www.netflix.com", qtype: str = "A", query_id: int = 0x1234) -> bytes:
+    message = dns.message.make_query(name, qtype)
+    message.id = query_id
+    wire = message.to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+def _connect(server: Server, rcvbuf: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((REGISTERED, 0))
+    sock.settimeout(WAIT_S)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    for _ in range(size):  # at least one byte per round
+        if len(data) == size:
+            break
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _read_reply(sock: socket.socket) -> dns.message.Message:
+    (length,) = struct.unpack("!H", _recv_exactly(sock, 2))
+    return dns.message.from_wire(_recv_exactly(sock, length))
+
+
+def _closed_after(sock: socket.socket, timeout_s: float) -> float:
+    """Seconds until the server closes `sock` (EOF or reset), reading whatever comes."""
+    started = time.monotonic()
+    sock.settimeout(timeout_s)
+    for _ in range(10_000):
+        try:
+            if not sock.recv(65536):
+                break
+        except ConnectionResetError:
+            break
+    else:
+        raise AssertionError("too much data")
+    return time.monotonic() - started
+
+
+def _is_closed(sock: socket.socket) -> bool:
+    return _is_closed_state(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0])
+
+
+def _is_closed_state(state: int) -> bool:
+    return state in (TCP_CLOSE, TCP_CLOSE_WAIT)
+
+
+def _others_answered(server: Server) -> None:
+    """UDP and a new TCP connection are both answered."""
+    assert server.query("www.netflix.com").answer
+    assert server.query("www.netflix.com", tcp=True).answer
+
+
+def test_pipelined_queries_on_one_connection(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"".join(_framed(query_id=i) for i in range(1, 21)))
+        ids = {_read_reply(sock).id for _ in range(20)}
+    assert ids == set(range(1, 21))
+
+
+def test_idle_connection_is_closed_after_the_idle_timeout(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(_framed())
+        assert _read_reply(sock).answer
+        _others_answered(server)
+        took = _closed_after(sock, IDLE_TIMEOUT_S + 3)
+    assert IDLE_TIMEOUT_S - 0.7 <= took <= IDLE_TIMEOUT_S + 1.5
+
+
+@pytest.mark.slow
+def test_slowloris_one_byte_per_second_times_out(server: Server) -> None:
+    message = _framed()
+    with _connect(server) as sock:
+        started = time.monotonic()
+        for index in range(len(message) - 1):  # never completes within the deadline
+            try:
+                sock.sendall(message[index : index + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if _is_closed(sock):
+                break
+            if index == 1:
+                _others_answered(server)
+            time.sleep(1.0)  # the pace under test
+        took = time.monotonic() - started + _closed_after(sock, IDLE_TIMEOUT_S + 3)
+    assert took <= IDLE_TIMEOUT_S + 2.0  # from the first byte, not from the last one
+    _others_answered(server)
+
+
+@pytest.mark.parametrize(
+    ("garbage", "at_once"),
+    [
+        pytest.param(b"\x00\x05hello", True, id="length_below_a_header"),
+        pytest.param(b"\x00\x00", True, id="zero_length"),
+        pytest.param(b"\xff\xff" + os.urandom(100), False, id="length_never_filled"),
+    ],
+)
+def test_garbage_closes_only_that_connection(server: Server, garbage: bytes, at_once: bool) -> None:
+    with _connect(server) as other, _connect(server) as bad:
+        other.sendall(_framed(query_id=1))
+        assert _read_reply(other).id == 1
+        bad.sendall(garbage)
+        started = time.monotonic()
+        bad.settimeout(0.25)
+        for query_id in range(2, 30):
+            other.sendall(_framed(query_id=query_id))  # the neighbour is unaffected
+            assert _read_reply(other).id == query_id
+            try:
+                if not bad.recv(100):
+                    break
+            except ConnectionResetError:
+                break
+            except TimeoutError:
+                continue
+        took = time.monotonic() - started
+        assert took < (0.5 if at_once else IDLE_TIMEOUT_S + 1.5)
+    _others_answered(server)
+
+
+def test_unreadable_message_with_sound_framing_keeps_the_connection(server: Server) -> None:
+    junk = os.urandom(30)
+    junk = junk[:2] + bytes([junk[2] | 0x80]) + junk[3:]  # QR set: dropped, not answered
+    with _connect(server) as sock:
+        sock.sendall(struct.pack("!H", len(junk)) + junk + _framed(query_id=7))
+        assert _read_reply(sock).id == 7
+
+
+def test_connection_cap_sheds_idle_connections_first(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    override = {"server": {"tcp_max_connections": 3}}
+    with running_server(tmp_path, upstream.address, override) as server:
+        idle = [_connect(server) for _ in range(3)]
+        for sock in idle:
+            sock.sendall(_framed())
+            assert _read_reply(sock).answer
+        try:
+            # full of idle connections: the newcomer is served, the oldest idle one closed
+            with _connect(server) as newcomer:
+                newcomer.sendall(_framed())
+                assert _read_reply(newcomer).answer
+                assert _closed_after(idle[0], 1.0) < 1.0
+                # now make every connection busy: a message under way
+                busy = [idle[1], idle[2], newcomer]
+                for sock in busy:
+                    sock.sendall(_framed()[:5])
+                with _connect(server) as refused:
+                    refused.sendall(_framed())
+                    assert _closed_after(refused, 1.0) < 1.0
+                assert server.query("www.netflix.com").answer  # UDP keeps answering
+                for sock in busy:
+                    assert not _is_closed(sock)
+        finally:
+            for sock in idle:
+                sock.close()
+        _others_answered(server)
+
+
+def test_queries_per_connection_cap(server: Server) -> None:
+    count = MAX_QUERIES_PER_CONNECTION + 5
+    with _connect(server) as sock:
+        sock.sendall(b"".join(_framed(query_id=i % 65536) for i in range(count)))
+        answered = 0
+        for _ in range(count):
+            try:
+                _read_reply(sock)
+            except (EOFError, ConnectionResetError):
+                break
+            answered += 1
+        assert answered == MAX_QUERIES_PER_CONNECTION
+        assert _closed_after(sock, WAIT_S) < WAIT_S
+    _others_answered(server)
+
+
+def test_client_that_never_reads_is_disconnected(server: Server) -> None:
+    assert server.query("big.example.org", tcp=True).answer  # cached: answers come at once
+    query = _framed("big.example.org")
+    with _connect(server, rcvbuf=4096) as sock:
+        sock.setblocking(False)
+        sent = 0
+        for _ in range(20_000):  # until the server stops reading us (or gives up on us)
+            try:
+                sent += sock.send(query)
+            except (BlockingIOError, ConnectionResetError):
+                break
+        assert sent > 100 * len(query)
+        _others_answered(server)
+        started = time.monotonic()
+        for _ in range(100):  # without reading a byte
+            if _is_closed(sock):
+                break
+            time.sleep(0.1)
+        assert _is_closed(sock), "still connected"
+        assert time.monotonic() - started <= IDLE_TIMEOUT_S + 1.5
+    _others_answered(server)
+
+
+@pytest.fixture
+def limited(server: Server) -> Iterator[tuple[Server, int]]:
+    """The server with its descriptor limit lowered to what it has open now plus two."""
+    assert server.process is not None
+    pid = server.process.pid
+    original = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 2, original[1]))
+    try:
+        yield server, pid
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, original)
+
+
+def test_out_of_descriptors_pauses_accepting_and_recovers(limited: tuple[Server, int]) -> None:
+    server, pid = limited
+
+    held: list[socket.socket] = []  # clients keep their connections: the server sheds them
+
+    def ask(index: int) -> int:
+        sock = _connect(server)
+        held.append(sock)
+        sock.sendall(_framed(query_id=index))
+        return _read_reply(sock).id
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            ids = sorted(pool.map(ask, range(8)))
+        assert ids == list(range(8))  # idle connections were shed to make room
+        assert "out of file descriptors" in server.output()
+        assert server.query("www.netflix.com").answer  # UDP needs no descriptor
+        # a forward needs a socket too; whether it got one or a quick SERVFAIL, that is
+        # neither remembered as a failure nor held against the upstream
+        started = time.monotonic()
+        server.query("fd.example.org")
+        assert time.monotonic() - started < 0.5
+        hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+        assert server.query("fd.example.org").rcode() == dns.rcode.NXDOMAIN
+        assert server.query("example.org").answer[0][0].to_text() == "192.0.2.1"
+        _others_answered(server)
+    finally:
+        for sock in held:
+            sock.close()
