@@ -69,15 +69,6 @@ async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients
         return generation, await asyncio.to_thread(AuthorizedClients.from_prefixes, prefixes)
 
 
-def _listeners_up(listeners: Listeners) -> bool:
-    udp, tcp = listeners.udp, listeners.tcp
-    return (
-        bool(udp and tcp)
-        and all(not transport.is_closing() for transport in udp)
-        and all(server.is_serving() for server in tcp)
-    )
-
-
 class NodeView:
     """What the sync API reads from this process (sync_api.Node): the DNS side's store
     connection, listener state and the query path's statistics, read at request time."""
@@ -88,7 +79,7 @@ class NodeView:
         self._listeners = listeners
 
     def listeners_up(self) -> bool:
-        return _listeners_up(self._listeners)
+        return self._listeners.are_up()
 
     async def ping_database(self) -> None:
         # Reads a row of the file (SELECT 1 would succeed without touching it).
@@ -187,7 +178,9 @@ class Daemon:
         sync: SyncServer | None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        tasks = _handle_signals(loop, lambda: self._reload(store, pipeline, sync), self._stop)
+        tasks = _handle_signals(
+            loop, lambda: self._reload(store, pipeline, listeners, sync), self._stop
+        )
         tasks.add(loop.create_task(self._watch_registrations(store, pipeline)))
         log.info(
             "smartdns started: %d listen addresses, %d zones, %d regions, %d upstreams, "
@@ -202,7 +195,7 @@ class Daemon:
         link = self._link
         if link is None:
             systemd.notify("READY=1", "STATUS=serving")
-            tasks.add(systemd.keep_watchdog(lambda: _listeners_up(listeners)))
+            tasks.add(systemd.keep_watchdog(listeners.are_up))
         else:
             link.send("ready")
             tasks.add(every(STATS_INTERVAL_S, lambda: self._report(link, pipeline)))
@@ -215,8 +208,9 @@ class Daemon:
             if sync is not None:
                 await sync.close()  # first: no registration change starts while DNS drains
             log.info("stopping: draining %d in-flight queries", len(self._in_flight))
-            listeners.close()
+            listeners.stop_reading()
             await self._in_flight.drain(DRAIN_TIMEOUT_S)
+            listeners.close()
             await _cancel(tasks)
             if link is not None:
                 self._report(link, pipeline)
@@ -244,7 +238,11 @@ class Daemon:
         log.info("registrations loaded: %d entries", clients.entries)
 
     async def _reload(
-        self, store: RegistrationStore, pipeline: Pipeline, sync: SyncServer | None
+        self,
+        store: RegistrationStore,
+        pipeline: Pipeline,
+        listeners: Listeners,
+        sync: SyncServer | None,
     ) -> None:
         """SIGHUP: re-read the config (and the sync token); on success swap the derived
         objects, on failure keep serving the old ones and log each problem with its PATH:LINE."""
@@ -254,8 +252,8 @@ class Daemon:
         ok = config is not None
         try:
             if config is not None:
-                if config.server.listen != self.config.server.listen:
-                    log.warning("listen addresses changed: restart smartdns to apply them")
+                # New addresses first: a taken port fails the reload before anything changed.
+                await listeners.rebind(config.server.listen, reuse_port=True)
                 pipeline.settings = build_settings(config, pipeline.settings)
                 self.config = config
                 if sync is not None:

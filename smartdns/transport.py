@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from smartdns.config import HostPort, ServerConfig
@@ -53,17 +54,21 @@ class InFlight:
 
 
 class UdpServer(asyncio.DatagramProtocol):
+    """One UDP socket. `reading` goes False on drain: new datagrams are ignored while the
+    socket stays open for the answers still in flight."""
+
     def __init__(self, pipeline: Pipeline, in_flight: InFlight) -> None:
         self._pipeline = pipeline
         self._in_flight = in_flight
         self._transport: asyncio.DatagramTransport | None = None
+        self.reading = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check here
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if len(data) > MAX_UDP_QUERY or self._transport is None:
+        if len(data) > MAX_UDP_QUERY or self._transport is None or not self.reading:
             return
         try:
             reply = self._pipeline.handle(data, addr[0], Transport.UDP)
@@ -426,23 +431,85 @@ class TcpListener:
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
 
-class Listeners:
-    """The sockets of one worker; `close` stops reading everywhere at once."""
+@dataclass(slots=True)
+class _Endpoint:
+    """UDP and TCP on one listen address."""
 
-    def __init__(self) -> None:
-        self.udp: list[asyncio.DatagramTransport] = []
-        self.tcp: list[TcpListener] = []
-        self.tcp_connections: list[TcpConnections] = []
+    udp: asyncio.DatagramTransport
+    udp_server: UdpServer
+    tcp: TcpListener
 
     def close(self) -> None:
-        for transport in self.udp:
-            transport.close()
-        for server in self.tcp:
-            server.close()
+        self.udp.close()
+        self.tcp.close()
+
+
+class Listeners:
+    """The sockets of one process, by listen address. `rebind` opens new addresses before it
+    closes dropped ones; `stop_reading` starts a drain: no new queries, answers still go out."""
+
+    def __init__(self, config: ServerConfig, pipeline: Pipeline, in_flight: InFlight) -> None:
+        self._pipeline = pipeline
+        self._in_flight = in_flight
+        self.connections = TcpConnections(config)
+        self.endpoints: dict[HostPort, _Endpoint] = {}
+
+    def are_up(self) -> bool:
+        return bool(self.endpoints) and all(
+            not endpoint.udp.is_closing() and endpoint.tcp.is_serving()
+            for endpoint in self.endpoints.values()
+        )
+
+    async def bind(self, addresses: Iterable[HostPort], *, reuse_port: bool) -> None:
+        """Open UDP and TCP on each address not yet open; on failure close what this call
+        opened and raise SmartDNSError naming the address."""
+        loop = asyncio.get_running_loop()
+        opened: list[HostPort] = []
+        try:
+            for address in addresses:
+                if address in self.endpoints:
+                    continue
+                udp_sock = _bound_socket(address, socket.SOCK_DGRAM, reuse_port)
+                udp, protocol = await loop.create_datagram_endpoint(
+                    lambda: UdpServer(self._pipeline, self._in_flight), sock=udp_sock
+                )
+                udp_server = protocol
+                try:
+                    tcp_sock = _bound_socket(address, socket.SOCK_STREAM, reuse_port)
+                except BaseException:
+                    udp.close()
+                    raise
+                tcp = TcpListener(tcp_sock, self._new_connection, self.connections)
+                self.endpoints[address] = _Endpoint(udp, udp_server, tcp)
+                opened.append(address)
+        except BaseException:
+            self.unbind(opened)
+            raise
+
+    async def rebind(self, addresses: tuple[HostPort, ...], *, reuse_port: bool) -> None:
+        """Serve exactly `addresses`: new ones first, so a failure leaves the old set intact."""
+        await self.bind(addresses, reuse_port=reuse_port)
+        self.unbind([address for address in self.endpoints if address not in addresses])
+
+    def unbind(self, addresses: Iterable[HostPort]) -> None:
+        for address in list(addresses):
+            endpoint = self.endpoints.pop(address, None)
+            if endpoint is not None:
+                endpoint.close()
+
+    def stop_reading(self) -> None:
+        for endpoint in self.endpoints.values():
+            endpoint.udp_server.reading = False
+            endpoint.tcp.close()
+
+    def close(self) -> None:
+        self.unbind(self.endpoints)
 
     def close_connections(self) -> None:
-        for connections in self.tcp_connections:
-            connections.close_all()
+        self.connections.close_all()
+
+    def _new_connection(self) -> TcpConnection:
+        return TcpConnection(self._pipeline, self._in_flight, self.connections)
 
 
 def _bound_socket(address: HostPort, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
@@ -473,26 +540,6 @@ async def start_listeners(
     config: ServerConfig, pipeline: Pipeline, in_flight: InFlight, *, reuse_port: bool
 ) -> Listeners:
     """Bind UDP and TCP on every listen address; on any failure close what was opened."""
-    loop = asyncio.get_running_loop()
-    listeners = Listeners()
-    connections = TcpConnections(config)
-    listeners.tcp_connections.append(connections)
-    try:
-        for address in config.listen:
-            udp_sock = _bound_socket(address, socket.SOCK_DGRAM, reuse_port)
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpServer(pipeline, in_flight), sock=udp_sock
-            )
-            listeners.udp.append(udp)
-            tcp_sock = _bound_socket(address, socket.SOCK_STREAM, reuse_port)
-            listeners.tcp.append(
-                TcpListener(
-                    tcp_sock,
-                    lambda: TcpConnection(pipeline, in_flight, connections),
-                    connections,
-                )
-            )
-    except BaseException:
-        listeners.close()
-        raise
+    listeners = Listeners(config, pipeline, in_flight)
+    await listeners.bind(config.listen, reuse_port=reuse_port)
     return listeners
