@@ -15,6 +15,7 @@ from smartdns.errors import WireError
 from smartdns.wire import (
     FLAG_AA,
     FLAG_AD,
+    FLAG_TC,
     HEADER_SIZE,
     QCLASS_IN,
     QTYPE_A,
@@ -143,6 +144,10 @@ class Responder:
 
     def refused(self, query: Query) -> bytes:
         return build_reply(query, RCODE_REFUSED, 0, 0, 0, 0, b"", self.opt_for(query))
+
+    def truncated(self, query: Query) -> bytes:
+        """An empty reply with TC set: the client retries over TCP (rate limiting)."""
+        return build_reply(query, RCODE_NOERROR, FLAG_TC, 0, 0, 0, b"", self.opt_for(query))
 
     def servfail(self, query: Query) -> bytes:
         return build_reply(query, RCODE_SERVFAIL, 0, 0, 0, 0, b"", self.opt_for(query))

@@ -25,6 +25,7 @@ from smartdns.metrics import (
     WorkerSample,
 )
 from smartdns.pipeline import Pipeline, Settings
+from smartdns.ratelimit import RateLimits
 from smartdns.registry import RegistrationStore
 from smartdns.sync_api import COLLECTOR_PAUSE, SyncServer, start_sync_api
 from smartdns.transport import InFlight, Listeners, start_listeners
@@ -39,25 +40,29 @@ DRAIN_TIMEOUT_S: Final = 5.0
 
 def build_settings(config: Config, previous: Settings | None = None) -> Settings:
     """Everything the query path derives from the configuration, prepared aside. A reload
-    keeps the cache and the forwarder (its upstream health) when their settings are unchanged;
-    cached answers stay valid because policy and zones are applied before and after the cache."""
+    keeps the cache, the forwarder (its upstream health) and the rate limiters when their
+    settings are unchanged; cached answers stay valid because policy and zones are applied
+    before and after the cache."""
     edns_udp_size = config.server.edns_udp_size
-    forwarder = Forwarder(config.upstream, edns_udp_size=edns_udp_size)
-    cache = AnswerCache(config.cache)
-    if previous is not None:
-        if (previous.forwarder.config, previous.forwarder.edns_udp_size) == (
-            config.upstream,
-            edns_udp_size,
-        ):
-            forwarder = previous.forwarder
-        if previous.cache.config == config.cache:
-            cache = previous.cache
+    forwarder = previous.forwarder if previous is not None else None
+    if forwarder is None or (forwarder.config, forwarder.edns_udp_size) != (
+        config.upstream,
+        edns_udp_size,
+    ):
+        forwarder = Forwarder(config.upstream, edns_udp_size=edns_udp_size)
+    cache = previous.cache if previous is not None else None
+    if cache is None or cache.config != config.cache:
+        cache = AnswerCache(config.cache)
+    limits = previous.limits if previous is not None else None
+    if limits is None or limits.config != config.rate_limit:
+        limits = RateLimits(config.rate_limit)
     return Settings(
         responder=Responder(edns_udp_size),
         zones=build_unblock_zones(config.unblock),
         unregistered=config.unregistered,
         forwarder=forwarder,
         cache=cache,
+        limits=limits,
     )
 
 

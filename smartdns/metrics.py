@@ -29,6 +29,8 @@ class Outcome(enum.Enum):
     MALFORMED = "malformed"  # FORMERR, NOTIMP or BADVERS
     UNREADABLE = "unreadable"  # dropped: runt or QR set
     SERVFAIL = "servfail"  # forwarding failed
+    RATE_LIMITED = "rate_limited"  # dropped: over rate_limit.client_qps or refused_qps (UDP)
+    TRUNCATED = "truncated"  # over rate_limit.client_qps: answered with TC set (UDP)
     INTERNAL_ERROR = "internal_error"  # an unexpected exception, answered with SERVFAIL
 
 

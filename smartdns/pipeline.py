@@ -17,11 +17,12 @@ from typing import Any, Final
 from smartdns.answers import Responder, UnblockZone, rewrite_cname_chain
 from smartdns.cache import AnswerCache, CacheEntry, cache_key
 from smartdns.clients import AuthorizedClients
-from smartdns.config import CacheConfig, Unregistered
+from smartdns.config import CacheConfig, RateLimitConfig, Unregistered
 from smartdns.errors import UpstreamError, WireError
 from smartdns.logs import WarnOnce
 from smartdns.metrics import Metrics, Outcome, Transport
 from smartdns.policy import Verdict, decide
+from smartdns.ratelimit import Admission, RateLimits
 from smartdns.upstream import DEADLINE_S, Forwarder, UpstreamBusyError
 from smartdns.wire import (
     HEADER_SIZE,
@@ -54,6 +55,7 @@ class Settings:
     unregistered: Unregistered
     forwarder: Forwarder
     cache: AnswerCache = field(default_factory=lambda: AnswerCache(CacheConfig()))
+    limits: RateLimits = field(default_factory=lambda: RateLimits(RateLimitConfig()))
 
 
 class Pipeline:
@@ -92,9 +94,26 @@ class Pipeline:
             if error.rcode is None:
                 counts[transport, Outcome.UNREADABLE] += 1
                 return None
+            # Error replies to unauthorized sources could be reflected: they share refused_qps.
+            if (
+                transport is Transport.UDP
+                and not self.clients.is_authorized(host)
+                and not settings.limits.refused.allow(host, self._clock())
+            ):
+                counts[transport, Outcome.RATE_LIMITED] += 1
+                return None
             counts[transport, Outcome.MALFORMED] += 1
             return settings.responder.error(packet, error)
         authorized = self.clients.is_authorized(host)
+        if authorized and transport is Transport.UDP:
+            # TCP is not limited: its source cannot be spoofed, and TC sends clients there.
+            admission = settings.limits.client.check(host, self._clock())
+            if admission is not Admission.ALLOW:
+                if admission is Admission.DROP:
+                    counts[transport, Outcome.RATE_LIMITED] += 1
+                    return None
+                counts[transport, Outcome.TRUNCATED] += 1
+                return settings.responder.truncated(query)
         zone = settings.zones.match(query.qname) if authorized else None
         verdict = decide(
             authorized,
@@ -116,10 +135,16 @@ class Pipeline:
                 counts[transport, Outcome.SERVFAIL] += 1
                 return settings.responder.servfail(query)
             return self._forward(query, key, settings, transport, authorized)
-        counts[transport, _OUTCOME[verdict]] += 1
         responder = settings.responder
         if verdict is Verdict.REFUSE:
+            if transport is Transport.UDP and not settings.limits.refused.allow(
+                host, self._clock()
+            ):
+                counts[transport, Outcome.RATE_LIMITED] += 1  # anti-reflection: silence
+                return None
+            counts[transport, Outcome.REFUSE] += 1
             return responder.refused(query)
+        counts[transport, _OUTCOME[verdict]] += 1
         if verdict is Verdict.DROP:
             return None
         assert zone is not None  # UNBLOCK and NODATA only come from a matched zone

@@ -16,6 +16,8 @@ from array import array
 from collections.abc import Callable
 from typing import Final
 
+from smartdns.config import RateLimitConfig
+
 DEFAULT_SLOTS: Final = 65_536
 DEFAULT_ROTATE_AFTER_S: Final = 600.0
 KEY_BYTES: Final = 16
@@ -166,3 +168,15 @@ def _keyed_hash(key: bytes, data: bytes) -> int:
     if _HASH_IS_SIPHASH:
         return hash(key + data)
     return int.from_bytes(hashlib.blake2b(data, key=key, digest_size=8).digest())
+
+
+class RateLimits:
+    """The two limiters of SPEC 6 `rate_limit` for one process; kept across a reload that
+    does not change the rates, so a reload is no way to reset a flooder's budget."""
+
+    __slots__ = ("client", "config", "refused")
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        self.config = config
+        self.client = RateLimiter(config.client_qps)  # authorized sources, UDP
+        self.refused = RateLimiter(config.refused_qps)  # REFUSED and error replies, UDP

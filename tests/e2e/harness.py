@@ -82,6 +82,8 @@ def base_config(port: int, state: Path, upstream_address: str) -> dict[str, Any]
             "zones": {"us": ["netflix.com", "nflxvideo.net"], "uk": ["bbc.co.uk"]},
         },
         "upstream": {"servers": [upstream_address], "timeout": 0.5, "attempts": 1},
+        # Out of the way of behaviour tests that send bursts; tests/e2e/test_abuse.py sets its own.
+        "rate_limit": {"client_qps": 100_000, "refused_qps": 100_000},
         "sync": {"listen": f"127.0.0.1:{free_port()}", "token_file": str(state / "sync.token")},
         "logging": {"level": "debug"},
     }

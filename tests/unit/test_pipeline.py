@@ -9,6 +9,7 @@ import ipaddress
 from collections.abc import Iterator
 from types import MappingProxyType
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -20,6 +21,7 @@ from smartdns.clients import AuthorizedClients
 from smartdns.config import (
     CacheConfig,
     HostPort,
+    RateLimitConfig,
     Region,
     UnblockConfig,
     Unregistered,
@@ -27,6 +29,7 @@ from smartdns.config import (
 )
 from smartdns.metrics import Metrics, Transport
 from smartdns.pipeline import Pipeline, Settings
+from smartdns.ratelimit import RateLimits
 from smartdns.upstream import Forwarder
 from tests.fake_upstream import FakeUpstream
 
@@ -163,3 +166,45 @@ async def test_unreadable_chain_gets_servfail_not_the_real_address(up: FakeUpstr
     up.crafted = "forward_pointer"  # a CNAME whose target cannot be read: an upstream failure
     reply = await _ask(pipeline, "other.example.org")
     assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer
+
+
+def _limited(up: FakeUpstream, clock: Clock, client_qps: int, refused_qps: int) -> Pipeline:
+    pipeline = _pipeline(up, clock, "netflix.com")
+    limits = RateLimits(RateLimitConfig(client_qps=client_qps, refused_qps=refused_qps))
+    pipeline.settings = dataclasses.replace(pipeline.settings, limits=limits)
+    return pipeline
+
+
+def _kind(reply: object) -> str:
+    if reply is None:
+        return "drop"
+    assert isinstance(reply, bytes)
+    return "tc" if dns.message.from_wire(reply).flags & dns.flags.TC else "answer"
+
+
+def test_client_over_its_rate_gets_tc_and_drops_alternately_then_recovers(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _limited(up, clock, client_qps=3, refused_qps=1)
+    wire = dns.message.make_query("www.netflix.com", "A").to_wire()
+    replies = [pipeline.handle(wire, CLIENT, Transport.UDP) for _ in range(7)]
+    kinds = [_kind(reply) for reply in replies]
+    assert kinds == ["answer"] * 3 + ["tc", "drop", "tc", "drop"]
+    assert pipeline.handle(wire, CLIENT, Transport.TCP) is not None  # TCP is not limited
+    clock.now += 1.0
+    assert isinstance(pipeline.handle(wire, CLIENT, Transport.UDP), bytes)
+
+
+def test_refused_and_error_replies_share_the_refused_rate(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _limited(up, clock, client_qps=100, refused_qps=2)
+    query = dns.message.make_query("www.netflix.com", "A").to_wire()
+    formerr = query[:4] + b"\x00\x02" + query[6:]
+    stranger = "127.0.0.9"
+    replies = [
+        pipeline.handle(packet, stranger, Transport.UDP) for packet in (query, formerr, query)
+    ]
+    assert [r is not None for r in replies] == [True, True, False]
+    assert pipeline.handle(query, stranger, Transport.TCP) is not None
+    assert pipeline.handle(formerr, CLIENT, Transport.UDP) is not None  # authorized: not limited
+    clock.now += 1.0
+    assert pipeline.handle(query, stranger, Transport.UDP) is not None
