@@ -270,7 +270,7 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(limited: tuple[Server,
         # neither remembered as a failure nor held against the upstream
         started = time.monotonic()
         server.query("fd.example.org")
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 1.5  # not the 4 s of waiting on a dead upstream
         hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (min(4096, hard), hard))
         assert server.query("fd.example.org").rcode() == dns.rcode.NXDOMAIN
