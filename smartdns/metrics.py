@@ -17,6 +17,10 @@ class Transport(enum.Enum):
     UDP = "udp"
     TCP = "tcp"
 
+    # Identity hash (members are singletons): Enum's own __hash__ is Python code, and
+    # these are dict keys on the per-query path.
+    __hash__ = object.__hash__
+
 
 class Outcome(enum.Enum):
     """How a query ended; the verdicts plus the ways a packet can fail."""
@@ -32,6 +36,10 @@ class Outcome(enum.Enum):
     RATE_LIMITED = "rate_limited"  # dropped: over rate_limit.client_qps or refused_qps (UDP)
     TRUNCATED = "truncated"  # over rate_limit.client_qps: answered with TC set (UDP)
     INTERNAL_ERROR = "internal_error"  # an unexpected exception, answered with SERVFAIL
+
+    # Identity hash (members are singletons): Enum's own __hash__ is Python code, and
+    # these are dict keys on the per-query path.
+    __hash__ = object.__hash__
 
 
 class Metrics:

@@ -23,6 +23,10 @@ class Verdict(enum.Enum):
     REFUSE = "refuse"
     DROP = "drop"
 
+    # Identity hash (members are singletons): Enum's own __hash__ is Python code, and
+    # these are dict keys on the per-query path.
+    __hash__ = object.__hash__
+
 
 _UNREGISTERED = {
     Unregistered.REFUSE: Verdict.REFUSE,
