@@ -74,17 +74,11 @@ async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients
         return generation, await asyncio.to_thread(AuthorizedClients.from_prefixes, prefixes)
 
 
-class NodeView:
-    """What the sync API reads from this process (sync_api.Node): the DNS side's store
-    connection, listener state and the query path's statistics, read at request time."""
+class _StoreView:
+    """The part of the sync API's view that reads the DNS side's store connection."""
 
-    def __init__(self, store: RegistrationStore, pipeline: Pipeline, listeners: Listeners) -> None:
+    def __init__(self, store: RegistrationStore) -> None:
         self._store = store
-        self._pipeline = pipeline
-        self._listeners = listeners
-
-    def listeners_up(self) -> bool:
-        return self._listeners.are_up()
 
     async def ping_database(self) -> None:
         # Reads a row of the file (SELECT 1 would succeed without touching it).
@@ -92,6 +86,19 @@ class NodeView:
 
     async def registration_stats(self) -> RegistrationStatsLike:
         return await self._store.status()
+
+
+class NodeView(_StoreView):
+    """What the sync API reads when DNS runs in this process (sync_api.Node): listener
+    state and the query path's statistics, read at request time."""
+
+    def __init__(self, store: RegistrationStore, pipeline: Pipeline, listeners: Listeners) -> None:
+        super().__init__(store)
+        self._pipeline = pipeline
+        self._listeners = listeners
+
+    def listeners_up(self) -> bool:
+        return self._listeners.are_up()
 
     def forwarder_stats(self) -> ForwarderStatsLike | None:
         return self._pipeline.settings.forwarder.stats
@@ -103,22 +110,16 @@ class NodeView:
         return ()
 
 
-class WorkersView:
+class WorkersView(_StoreView):
     """The sync API's view in the main process of a node with worker processes: the DNS
     side is up when every worker reports its listeners up; statistics are the workers' sums."""
 
     def __init__(self, store: RegistrationStore, supervisor: Supervisor) -> None:
-        self._store = store
+        super().__init__(store)
         self._supervisor = supervisor
 
     def listeners_up(self) -> bool:
         return self._supervisor.all_ready()
-
-    async def ping_database(self) -> None:
-        await self._store.generation()
-
-    async def registration_stats(self) -> RegistrationStatsLike:
-        return await self._store.status()
 
     def forwarder_stats(self) -> ForwarderStatsLike | None:
         return self._supervisor.forwarder

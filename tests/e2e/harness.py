@@ -24,6 +24,7 @@ from typing import Any
 
 import dns.message
 import dns.query
+import dns.rcode
 import yaml
 
 REGISTERED = "127.0.0.2"
@@ -280,6 +281,23 @@ class Server:
                 return sock.recv(65535)
             except TimeoutError:
                 return None
+
+
+POLL_INTERVAL_S = 0.02
+
+
+def rcode_within(server: Server, source: str, wanted: int, deadline_s: float) -> float:
+    """Seconds until a query from `source` gets `wanted`; fails past the deadline."""
+    start = time.monotonic()
+    while True:
+        reply = server.query("www.netflix.com", "A", source=source)
+        elapsed = time.monotonic() - start
+        if reply.rcode() == wanted:
+            return elapsed
+        assert elapsed < deadline_s, (
+            f"still {dns.rcode.to_text(reply.rcode())} after {elapsed:.2f}s"
+        )
+        time.sleep(POLL_INTERVAL_S)
 
 
 @contextlib.contextmanager

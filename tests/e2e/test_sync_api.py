@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,12 +18,18 @@ from typing import Any
 import dns.rcode
 import pytest
 
-from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, running_server, write_token
+from tests.e2e.harness import (
+    REGISTERED,
+    UNREGISTERED,
+    Server,
+    rcode_within,
+    running_server,
+    write_token,
+)
 from tests.fake_upstream import FakeUpstream
 
 HTTP_TIMEOUT_S = 5.0
 EFFECT_DEADLINE_S = 1.0
-POLL_INTERVAL_S = 0.02
 RELOAD_TIMEOUT_S = 10.0
 
 
@@ -62,20 +67,6 @@ def put(server: Server, account: str, version: int, addresses: list[str]) -> tup
     return call(
         server, "PUT", f"/v1/accounts/{account}", {"version": version, "addresses": addresses}
     )
-
-
-def rcode_within(server: Server, source: str, wanted: int, deadline_s: float) -> float:
-    """Seconds until a query from `source` gets `wanted`; fails past the deadline."""
-    start = time.monotonic()
-    while True:
-        reply = server.query("www.netflix.com", "A", source=source)
-        elapsed = time.monotonic() - start
-        if reply.rcode() == wanted:
-            return elapsed
-        assert elapsed < deadline_s, (
-            f"still {dns.rcode.to_text(reply.rcode())} after {elapsed:.2f}s"
-        )
-        time.sleep(POLL_INTERVAL_S)
 
 
 # --- 401 -------------------------------------------------------------------------------------
