@@ -217,6 +217,7 @@ class Daemon:
             listeners.stop_reading()
             await self._in_flight.drain(DRAIN_TIMEOUT_S)
             listeners.close()
+            await pipeline.close()  # upstream fetches nobody waits for any more
             await _cancel(tasks)
             if link is not None:
                 self._report(link, pipeline)
