@@ -21,18 +21,17 @@ from asyncio_throttle.throttler import Throttler
 from smartdns.config import HostPort, UpstreamConfig
 from smartdns.errors import UpstreamError, WireError
 from smartdns.wire import (
-    EDNS_FLAG_DO,
     FLAG_CD,
     FLAG_QR,
     FLAG_RD,
     FLAG_TC,
     HEADER_SIZE,
-    QTYPE_OPT,
     RCODE_FORMERR,
     RCODE_NOTIMP,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
     Query,
+    build_opt,
     parse_upstream_answer,
     skip_name,
 )
@@ -104,6 +103,8 @@ class Forwarder:
             raise ValueError("no upstream servers configured")
         self.config = config  # the daemon keeps this forwarder over a reload that keeps these
         self.edns_udp_size = edns_udp_size
+        self._opt_plain = build_opt(edns_udp_size, dnssec_ok=False)
+        self._opt_do = build_opt(edns_udp_size, dnssec_ok=True)
         self._failures = [0] * len(config.servers)  # consecutive failures per server
         self._probe_at = [0.0] * len(config.servers)  # when a failing server is probed next
         self._next_probe = float("inf")  # min(_probe_at) over failing servers
@@ -268,10 +269,7 @@ class Forwarder:
         """Our query: fresh random ID, one question, one OPT (RFC 6891) without options."""
         query_id = secrets.randbits(16)
         header = struct.pack("!HHHHHH", query_id, flags, 1, 0, 0, 1)
-        opt = b"\x00" + struct.pack(
-            "!HHIH", QTYPE_OPT, self.edns_udp_size, EDNS_FLAG_DO if dnssec_ok else 0, 0
-        )
-        return query_id, header + question + opt
+        return query_id, header + question + (self._opt_do if dnssec_ok else self._opt_plain)
 
     async def _exchange_udp(
         self, server: HostPort, question: bytes, flags: int, dnssec_ok: bool
@@ -359,9 +357,11 @@ def _matches(data: bytes, query_id: int, question: bytes) -> bool:
 
 
 def _check_parseable(data: bytes, question_length: int | None = None) -> None:
-    """Refuse a reply we cannot walk: truncated or looping names, more than
-    MAX_UPSTREAM_RECORDS records, an OPT outside the additional section. The walk costs about
-    a microsecond per record and is capped, so a crafted reply cannot stall the loop (a full
+    """Refuse a reply that wire.parse_upstream_answer refuses (SPEC 2: unparseable upstream
+    answers count as upstream failures): truncated, names over 255 octets or with pointers to
+    no earlier name, A/AAAA with the wrong RDLENGTH and other RDATA that does not fit its
+    type, more than MAX_UPSTREAM_RECORDS records, a misplaced OPT. The walk costs about a
+    microsecond per record and is capped, so a crafted reply cannot stall the loop (a full
     parser such as dnslib costs over ten times that per record)."""
     try:
         if question_length is None:

@@ -145,7 +145,8 @@ def _question_name_end(packet: bytes) -> int:
 
 def skip_name(message: bytes, offset: int) -> int:
     """Offset after a possibly compressed name. The pointer is not followed, but it must point
-    to an earlier name (RFC 1035 §4.1.4 "prior occurrence"), which rules out loops."""
+    to an earlier name (RFC 1035 §4.1.4 "prior occurrence"), which rules out loops, and past
+    the 12-octet header, which holds no name."""
     start = offset
     end = len(message)
     octets = 0
@@ -156,8 +157,9 @@ def skip_name(message: bytes, offset: int) -> int:
         if length >= 0xC0:
             if offset + 2 > end:
                 break
-            if ((length & 0x3F) << 8 | message[offset + 1]) >= start:
-                raise WireError(RCODE_FORMERR, "compression pointer loop")
+            target = (length & 0x3F) << 8 | message[offset + 1]
+            if target >= start or target < HEADER_SIZE:
+                raise WireError(RCODE_FORMERR, "compression pointer loop or into the header")
             return offset + 2
         if length > 63:
             raise WireError(RCODE_FORMERR, "bad label type")
@@ -314,60 +316,208 @@ class ForwardedAnswer(NamedTuple):
 
 
 MAX_UPSTREAM_RECORDS: Final = 1000  # more is crafted; refused before any record is walked
+QTYPE_TSIG: Final = 250
+
+
+class _RdataLayout(NamedTuple):
+    """The shape of one type's RDATA: `fixed` octets, `strings` character-strings (-1: as many
+    as fit), `names` domain names, then exactly `tail` octets (None: any number, opaque)."""
+
+    fixed: int
+    strings: int
+    names: int
+    tail: int | None
+    in_only: bool = False  # class-specific (RFC 3597 §4): in other classes the RDATA is opaque
+
+
+_ONE_NAME: Final = _RdataLayout(0, 0, 1, 0)
+_TWO_NAMES: Final = _RdataLayout(0, 0, 2, 0)
+_PREFERENCE_NAME: Final = _RdataLayout(2, 0, 1, 0)
+_STRINGS: Final = _RdataLayout(0, -1, 0, 0)
+_SERVICE_BINDING: Final = _RdataLayout(2, 0, 1, None, in_only=True)  # RFC 9460: priority, target
+# Types whose RDATA a client parses field by field. Their names (compressible per RFC 1035 and
+# RFC 3597 §4, or read that way by receivers: SRV, DNAME, RRSIG...) are checked like owner
+# names, and the fixed parts must fill RDLENGTH exactly. Other types are relayed opaque.
+_RDATA_LAYOUTS: Final[dict[int, _RdataLayout]] = {
+    QTYPE_A: _RdataLayout(4, 0, 0, 0, in_only=True),
+    QTYPE_NS: _ONE_NAME,
+    3: _ONE_NAME,  # MD
+    4: _ONE_NAME,  # MF
+    QTYPE_CNAME: _ONE_NAME,
+    QTYPE_SOA: _RdataLayout(0, 0, 2, 20),  # MNAME RNAME, then five 32-bit fields
+    7: _ONE_NAME,  # MB
+    8: _ONE_NAME,  # MG
+    9: _ONE_NAME,  # MR
+    12: _ONE_NAME,  # PTR
+    13: _RdataLayout(0, 2, 0, 0),  # HINFO
+    14: _TWO_NAMES,  # MINFO
+    15: _PREFERENCE_NAME,  # MX
+    16: _STRINGS,  # TXT
+    17: _TWO_NAMES,  # RP
+    18: _PREFERENCE_NAME,  # AFSDB
+    21: _PREFERENCE_NAME,  # RT
+    23: _RdataLayout(0, 0, 1, 0, in_only=True),  # NSAP-PTR
+    26: _RdataLayout(2, 0, 2, 0, in_only=True),  # PX
+    QTYPE_AAAA: _RdataLayout(16, 0, 0, 0, in_only=True),
+    33: _RdataLayout(6, 0, 1, 0, in_only=True),  # SRV: priority, weight, port, target
+    35: _RdataLayout(4, 3, 1, 0, in_only=True),  # NAPTR: order, preference, 3 strings, name
+    36: _RdataLayout(2, 0, 1, 0, in_only=True),  # KX
+    39: _ONE_NAME,  # DNAME
+    46: _RdataLayout(18, 0, 1, None),  # RRSIG: signer name after 18 octets, then the signature
+    47: _RdataLayout(0, 0, 1, None),  # NSEC: next name, then the type bitmap
+    QTYPE_SVCB: _SERVICE_BINDING,
+    QTYPE_HTTPS: _SERVICE_BINDING,
+    99: _STRINGS,  # SPF
+}
 
 
 def parse_upstream_answer(
     message: bytes, question_length: int, max_records: int = MAX_UPSTREAM_RECORDS
 ) -> ForwardedAnswer:
-    """Split a validated upstream answer to our question. Raises WireError when malformed:
-    truncated, over `max_records` records, an owner name with a forward or looping pointer,
-    or an OPT outside the additional section (RFC 6891 §6.1.1)."""
-    if len(message) < HEADER_SIZE + question_length:
+    """Validate an upstream answer to our question and split it, in one walk over the records.
+
+    Raises WireError (the caller counts an upstream failure) when anything in it is something
+    a client's parser could refuse, or could come to refuse once the cache rewrites TTLs:
+    truncation, over `max_records` records, a name (owner, or inside the RDATA of a type in
+    `_RDATA_LAYOUTS`) that is over 255 octets once decompressed, a compression pointer to
+    anything but a name seen earlier (see `_check_name`), A or AAAA with an RDLENGTH other
+    than 4 or 16 and other RDATA that does not fill RDLENGTH exactly, an OPT outside the
+    additional section or twice, a TSIG not last (RFC 6891 §6.1.1, RFC 8945 §5.1).
+    The kept records are those before the upstream's OPT or TSIG, which are hop-by-hop.
+    """
+    end = len(message)
+    start = HEADER_SIZE + question_length
+    if end < start:
         raise WireError(RCODE_FORMERR, "truncated answer")
     _, flags, _, ancount, nscount, arcount = _HEADER.unpack_from(message)
-    if ancount + nscount + arcount > max_records:
+    count = ancount + nscount + arcount
+    if count > max_records:
         raise WireError(RCODE_FORMERR, "too many records")
-    start = HEADER_SIZE + question_length
-    spans = scan_records(message, start, ancount + nscount + arcount)
-    kept = bytearray()
+    suffixes: dict[int, int] = {}  # the question's labels are the first a pointer may name
+    if _check_name(message, HEADER_SIZE, start - 4, suffixes) != start - 4:
+        raise WireError(RCODE_FORMERR, "question does not fill its length")
+    answer_and_authority = ancount + nscount
+    kept_end = -1  # where the kept records end: at the upstream's OPT or TSIG, or at the end
+    has_opt = False
     ttl_offsets: list[int] = []
-    additional_count = 0
     has_cname = False
     soa_negative_ttl = -1
-    for index, span in enumerate(spans):
-        rtype = span.rtype
-        if rtype == QTYPE_OPT:
-            if index < ancount + nscount:
-                raise WireError(RCODE_FORMERR, "OPT outside the additional section")
-            # Compression pointers only point backwards, so cutting here keeps every kept
-            # pointer valid; what follows an OPT is optional additional data.
-            break
-        if index >= ancount + nscount:
-            additional_count += 1
-        elif index < ancount:
-            if rtype == QTYPE_CNAME:
-                # the chain is followed later (unblock zones): its target must be readable
-                read_name(message, span.ttl_offset + 6)
-                has_cname = True
-        elif rtype == QTYPE_SOA and soa_negative_ttl < 0 and span.end - span.ttl_offset >= 26:
+    offset = start
+    for index in range(count):
+        record_start = offset
+        offset = _check_name(message, offset, end, suffixes)
+        if offset + 10 > end:
+            raise WireError(RCODE_FORMERR, "truncated record")
+        name_end = offset
+        rtype, rclass, _, rdlength = _RR_FIXED.unpack_from(message, offset)
+        ttl_offset = offset + 4
+        rdata = offset + 10
+        offset = rdata + rdlength
+        if offset > end:
+            raise WireError(RCODE_FORMERR, "truncated record data")
+        layout = _RDATA_LAYOUTS.get(rtype)
+        if layout is not None and (rclass == QCLASS_IN or not layout.in_only):
+            _check_rdata(message, rdata, offset, layout, suffixes)
+        if rtype in (QTYPE_OPT, QTYPE_TSIG):
+            if index < answer_and_authority:
+                raise WireError(RCODE_FORMERR, "OPT or TSIG outside the additional section")
+            if rtype == QTYPE_OPT:
+                if has_opt or name_end - record_start != 1:  # one OPT, owned by the root
+                    raise WireError(RCODE_FORMERR, "repeated OPT or OPT not owned by the root")
+                has_opt = True
+            elif index != count - 1:
+                raise WireError(RCODE_FORMERR, "TSIG not last")
+            if kept_end < 0:
+                # Pointers only name earlier names, so the records before this one stand on
+                # their own; what follows is optional additional data.
+                kept_end = record_start
+            continue
+        if kept_end >= 0:
+            continue
+        ttl_offsets.append(ttl_offset - start)
+        if index < ancount:
+            has_cname = has_cname or rtype == QTYPE_CNAME
+        elif rtype == QTYPE_SOA and index < answer_and_authority and soa_negative_ttl < 0:
             # RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM); MINIMUM is the
-            # last field of the rdata (at least two root names and five 32-bit fields)
-            ttl = _ttl_value(message, span.ttl_offset)
-            minimum = _ttl_value(message, span.end - 4)
-            soa_negative_ttl = min(ttl, minimum)
-        ttl_offsets.append(len(kept) + span.ttl_offset - span.start)
-        kept += message[span.start : span.end]
+            # last field of the RDATA (its shape was checked above)
+            soa_negative_ttl = min(_ttl_value(message, ttl_offset), _ttl_value(message, offset - 4))
+    if kept_end < 0:
+        kept_end = offset
     return ForwardedAnswer(
         flags & 0xF,
         flags & (FLAG_AA | FLAG_AD),
         ancount,
         nscount,
-        additional_count,
-        bytes(kept),
+        len(ttl_offsets) - answer_and_authority,
+        message[start:kept_end],
         tuple(ttl_offsets),
         has_cname,
         soa_negative_ttl,
     )
+
+
+def _check_name(message: bytes, offset: int, end: int, suffixes: dict[int, int]) -> int:
+    """Offset after the valid name at `offset`, which must end before `end`.
+
+    RFC 1035 §4.1.4: a pointer names "a prior occurrence of the same name". `suffixes` maps
+    the offset of every label (and terminating root or pointer) of the names checked so far
+    to the decompressed length of the name from there; a pointer must hit one of them. That
+    rules out in one lookup, without following any pointer, loops, forward pointers, pointers
+    into the header (rewritten for each client), into fixed fields (the cache rewrites TTLs,
+    which would change the name) and into the middle of a label, and gives the decompressed
+    length exactly: at most 255 octets (RFC 1035 §3.1). This name's offsets are added.
+    """
+    position = offset
+    while True:
+        if position >= end:
+            raise WireError(RCODE_FORMERR, "truncated name")
+        length = message[position]
+        if length == 0:
+            suffix = 1
+            after = position + 1
+            break
+        if length >= 0xC0:
+            if position + 2 > end:
+                raise WireError(RCODE_FORMERR, "truncated name")
+            suffix = suffixes.get((length & 0x3F) << 8 | message[position + 1], 0)
+            if not suffix:
+                raise WireError(RCODE_FORMERR, "compression pointer to no earlier name")
+            after = position + 2
+            break
+        if length > 63:
+            raise WireError(RCODE_FORMERR, "bad label type")
+        position += length + 1
+        if position - offset > _MAX_NAME_OCTETS:
+            raise WireError(RCODE_FORMERR, "name over 255 octets")
+    total = position - offset + suffix
+    if total > _MAX_NAME_OCTETS:
+        raise WireError(RCODE_FORMERR, "name over 255 octets")
+    suffixes[position] = suffix
+    label = offset
+    while label < position:
+        suffixes[label] = total - (label - offset)
+        label += message[label] + 1
+    return after
+
+
+def _check_rdata(
+    message: bytes, start: int, end: int, layout: _RdataLayout, suffixes: dict[int, int]
+) -> None:
+    """RDATA from `start` to `end` has `layout`'s shape; its names are checked like owners."""
+    position = start + layout.fixed
+    strings = layout.strings
+    if strings < 0:
+        while position < end:
+            position += message[position] + 1
+    else:
+        for _ in range(strings):
+            if position >= end:
+                raise WireError(RCODE_FORMERR, "truncated RDATA")
+            position += message[position] + 1
+    for _ in range(layout.names):
+        position = _check_name(message, position, end, suffixes)
+    if position > end or (layout.tail is not None and position + layout.tail != end):
+        raise WireError(RCODE_FORMERR, "RDATA does not fit its type")
 
 
 def _ttl_value(message: bytes, offset: int) -> int:
@@ -381,12 +531,15 @@ _UINT32 = struct.Struct("!I")
 
 def read_name(message: bytes, offset: int) -> tuple[bytes, int]:
     """The name at `offset`, decompressed and lower-cased in wire form, and the offset after
-    it in the message. Every pointer must point before the label that holds it, so a loop
-    cannot exist; names over 255 octets and bad label types are FORMERR."""
+    it in the message. Each pointer must point before the previous one (before the name for
+    the first) and past the header, so a loop cannot exist and the hops are bounded; names
+    over 255 octets and bad label types are FORMERR. For names parse_upstream_answer checked.
+    """
     name = bytearray()
     end = len(message)
     after = -1
     position = offset
+    bound = offset  # the next pointer must point below this
     while True:
         if position >= end:
             raise WireError(RCODE_FORMERR, "truncated name")
@@ -400,11 +553,11 @@ def read_name(message: bytes, offset: int) -> tuple[bytes, int]:
             if position + 2 > end:
                 raise WireError(RCODE_FORMERR, "truncated name")
             target = (length & 0x3F) << 8 | message[position + 1]
-            if target >= position:
-                raise WireError(RCODE_FORMERR, "compression pointer loop")
+            if target >= bound or target < HEADER_SIZE:
+                raise WireError(RCODE_FORMERR, "compression pointer loop or into the header")
             if after < 0:
                 after = position + 2
-            position = target
+            position = bound = target
             continue
         if length > 63:
             raise WireError(RCODE_FORMERR, "bad label type")

@@ -10,8 +10,10 @@ import dns.message
 import dns.rcode
 import pytest
 
+import tests.fake_upstream
 from tests.e2e.harness import Server, running_server
 from tests.fake_upstream import CRAFTED, SPOOF_ADDRESS, FakeUpstream
+from tests.unit.test_upstream import CRAFTED_NAMES_AND_RDATA, crafted_names_and_rdata
 
 
 def _addresses(reply: dns.message.Message) -> list[str]:
@@ -113,5 +115,19 @@ def test_crafted_upstream_reply_fails_and_memory_stays_bounded(
         reply, took = _timed(server, f"crafted{index}.example.org")
         assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer and took < 2.0
     assert _rss_kib(server) - before < 8 * 1024
+    upstream.crafted = None
+    assert _addresses(server.query("example.org")) == ["192.0.2.1"]
+
+
+@pytest.mark.parametrize("kind", CRAFTED_NAMES_AND_RDATA)
+def test_upstream_reply_with_bad_names_or_rdata_gets_servfail_and_is_not_cached(
+    server: Server, upstream: FakeUpstream, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 2: an unparseable upstream answer is an upstream failure, never relayed (and so
+    never cached: only answers are)."""
+    monkeypatch.setattr(tests.fake_upstream, "_crafted", crafted_names_and_rdata)
+    upstream.crafted = kind
+    reply = server.query("bad-rdata.example.org", "A")
+    assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer and not reply.authority
     upstream.crafted = None
     assert _addresses(server.query("example.org")) == ["192.0.2.1"]

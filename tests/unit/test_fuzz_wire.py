@@ -331,19 +331,14 @@ def test_forwarded_reply_carries_the_upstream_records(exchange: Exchange) -> Non
     assert (reply.edns == 0) == query.has_edns
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wire.skip_name accepts a compression pointer into the 12-byte header; the "
-    "client reply has another ID and flags there, so the name changes or becomes invalid",
-)
 @pytest.mark.parametrize("client_id", [0x0541, 0x4142, 0xC0C0])
 def test_upstream_pointer_into_header_gets_formerr(client_id: int) -> None:
     """An upstream answer whose owner name points at offset 0: with upstream ID 0x0000 that
     is the root name, and dnslib (the Forwarder's full parse) and dnspython both accept it.
     Copied into the client's reply, the pointer reads the client's ID instead: `A\\x81\\x80..`
     for ID 0x0541, a bad label type for 0x4142 or 0xC0C0. RFC 1035 §4.1.4 pointers name a
-    prior occurrence of a name; the header holds none, so parse_upstream_answer (skip_name)
-    should refuse pointers below offset 12 with FORMERR and the client get SERVFAIL."""
+    prior occurrence of a name; the header holds none, so parse_upstream_answer refuses
+    pointers below offset 12 with FORMERR and the client gets SERVFAIL."""
     packet = dns.message.make_query("example.org", "A", id=client_id).to_wire()
     query = parse_query(packet)
     question = query.qname + struct.pack("!HH", query.qtype, query.qclass)
@@ -366,15 +361,10 @@ def _long_exchange(records: bytes, ancount: int, nscount: int) -> tuple[Query, b
     return query, header + question + records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wire.skip_name counts a name's octets only up to its compression pointer, so an "
-    "owner name that expands past 255 octets passes parse_upstream_answer (and dnslib)",
-)
 def test_upstream_owner_name_over_255_octets_via_pointer_gets_formerr() -> None:
     """Owner `xyz.<qname>`: 4 + 253 = 257 octets (RFC 1035 §3.1 allows 255). dnslib, the
-    Forwarder's full parse, accepts it; the client's resolver (dnspython: NameTooLong) does
-    not. parse_upstream_answer should follow (or bound) the pointer: FORMERR, so SERVFAIL."""
+    Forwarder's full parse once, accepts it; the client's resolver (dnspython: NameTooLong)
+    does not. parse_upstream_answer counts the name through the pointer: FORMERR, SERVFAIL."""
     record = b"\x03xyz\xc0\x0c" + struct.pack("!HHIH", 16, 1, 300, 2) + b"\x01a"
     query, upstream = _long_exchange(record, ancount=1, nscount=0)
     with pytest.raises(dns.name.NameTooLong):
@@ -383,16 +373,11 @@ def test_upstream_owner_name_over_255_octets_via_pointer_gets_formerr() -> None:
         parse_upstream_answer(upstream, len(query.question))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="names inside RDATA (SOA MNAME/RNAME here) are never checked: neither dnslib in "
-    "upstream._check_parseable nor wire.parse_upstream_answer rejects one over 255 octets",
-)
 def test_upstream_soa_name_over_255_octets_is_unparseable() -> None:
     """NXDOMAIN with SOA `ns.<qname> h.<qname>` (256 and 255 octets): the pipeline relays it
     and the client cannot parse the reply (atheris crash, `reply does not parse: NameTooLong`).
     SPEC 2: unparseable upstream answers count as upstream failures, so the Forwarder's check
-    or parse_upstream_answer should refuse it and the client get SERVFAIL."""
+    (parse_upstream_answer) refuses it and the client gets SERVFAIL."""
     rdata = b"\x02ns\xc0\x0c\x01h\xc0\x0c" + struct.pack("!5I", 1, 3600, 600, 86400, 300)
     soa = b"\xc0\x0c" + struct.pack("!HHIH", 6, 1, 300, len(rdata)) + rdata
     query, upstream = _long_exchange(soa, ancount=0, nscount=1)
@@ -403,17 +388,13 @@ def test_upstream_soa_name_over_255_octets_is_unparseable() -> None:
         parse_upstream_answer(upstream, len(query.question))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RDATA is not validated: dnslib (upstream._check_parseable) accepts an A record "
-    "with RDLENGTH 0 and parse_upstream_answer only frames records, so it is relayed",
-)
 def test_upstream_a_record_with_wrong_rdlength_is_unparseable() -> None:
     """One of a class found by differential fuzzing (dnslib + wire accept, dnspython rejects
     the upstream answer and hence our reply): A/AAAA with the wrong RDLENGTH, forward or
     header pointers and bad label types inside RDATA, compressed names in RDATA of types that
     forbid compression (RFC 3597 §4). The client gets a reply it cannot parse, cached for the
-    TTL, where SPEC 2 wants an upstream failure (SERVFAIL, not cached)."""
+    TTL, where SPEC 2 wants an upstream failure (SERVFAIL, not cached). parse_upstream_answer
+    now checks the RDATA of the types a client parses field by field (wire._RDATA_LAYOUTS)."""
     query = parse_query(dns.message.make_query("example.org", "A", id=9).to_wire())
     question = query.qname + struct.pack("!HH", query.qtype, query.qclass)
     record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 300, 0)  # A, no address
@@ -423,3 +404,53 @@ def test_upstream_a_record_with_wrong_rdlength_is_unparseable() -> None:
     with pytest.raises((_AttemptFailed, WireError)):
         _check_parseable(upstream)
         parse_upstream_answer(upstream, len(query.question))
+
+
+def _retarget_pointer(message: bytes, which: int, target: int) -> bytes:
+    """Point the `which`-th byte that looks like a compression pointer at `target`."""
+    pointers = [i for i in range(12, len(message) - 1) if message[i] & 0xC0 == 0xC0]
+    if not pointers:
+        return message
+    at = pointers[which % len(pointers)]
+    return message[:at] + bytes([0xC0 | target >> 8, target & 0xFF]) + message[at + 2 :]
+
+
+@CI
+@given(
+    upstream_exchanges(),
+    st.lists(mutations, max_size=2),
+    st.tuples(st.integers(0, 50), st.integers(0, 0x1FF)),
+    st.lists(st.integers(0, 0xFFFFFFFF), min_size=1, max_size=6),
+)
+def test_accepted_upstream_answers_give_replies_that_parse_with_any_ttls(
+    exchange: Exchange,
+    steps: list[tuple[str, int, int]],
+    retarget: tuple[int, int],
+    ttls: list[int],
+) -> None:
+    """Whatever parse_upstream_answer accepts stays readable in every reply built from it: with
+    the client's ID, flags and question case, and whatever TTLs the cache writes (clamped,
+    counted down, stale). Our own walk accepts the reply with the same records, and when
+    dnspython reads the upstream's answer it reads the reply with the same sections."""
+    packet, upstream = exchange.build()
+    query = parse_query(packet)
+    upstream = _retarget_pointer(mutate(upstream, steps), *retarget)
+    question_end = 12 + len(query.question)
+    if upstream[12:question_end].lower() != query.question.lower():
+        return  # the Forwarder only accepts answers to its own question (upstream._matches)
+    try:
+        answer = parse_upstream_answer(upstream, len(query.question))
+    except WireError:
+        return
+    records = bytearray(answer.records)
+    for index, offset in enumerate(answer.ttl_offsets):
+        struct.pack_into("!I", records, offset, ttls[index % len(ttls)])
+    reply_wire = Responder(1232).forwarded(query, answer, bytes(records))
+    again = parse_upstream_answer(reply_wire, len(query.question))
+    assert again.records == bytes(records) and again.ttl_offsets == answer.ttl_offsets
+    try:
+        expected = dns.message.from_wire(upstream)
+    except Exception:  # any refusal: the upstream's answer is not comparable
+        return
+    reply = dns.message.from_wire(reply_wire)
+    assert reply.answer == expected.answer and reply.authority == expected.authority

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
 import pytest
 import uvloop
-from dnslib import DNSRecord
+from dnslib import DNSBuffer, DNSRecord
 
+import tests.fake_upstream
 from smartdns.config import HostPort, UpstreamConfig
 from smartdns.errors import UpstreamError
 from smartdns.upstream import DEADLINE_S, Forwarder, UpstreamBusyError
@@ -429,3 +431,62 @@ async def test_crafted_reply_is_a_failure(up: FakeUpstream, up2: FakeUpstream, k
     assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.2"]
     assert time.monotonic() - started < 0.25  # rejected at once, not waited out
     assert forwarder.stats.failures == 1 and forwarder.stats.timeouts == 0
+
+
+# Answers a client's parser refuses, or comes to refuse once the cache rewrites TTLs (the last
+# one: the second owner name is the first record's TTL). Found by fuzzing (test_fuzz_wire).
+CRAFTED_NAMES_AND_RDATA = (
+    "a_rdlength_0",
+    "aaaa_rdlength_4",
+    "owner_pointer_into_header",
+    "owner_over_255_via_pointer",
+    "soa_name_over_255_via_pointer",
+    "pointer_into_a_ttl",
+)
+
+
+def crafted_names_and_rdata(raw: bytes, kind: str) -> bytes:
+    """Right ID and question, then one of CRAFTED_NAMES_AND_RDATA; other kinds as before."""
+    if kind not in CRAFTED_NAMES_AND_RDATA:
+        return _FAKE_UPSTREAM_CRAFTED(raw, kind)
+    buffer = DNSBuffer()
+    DNSRecord.parse(raw).q.pack(buffer)
+    question = bytes(buffer.data)
+    long_labels = (b"\x3f" + b"a" * 63) * 3 + b"\x3f" + b"b" * 63  # 256 octets with any suffix
+    rr = struct.Struct("!HHIH")
+    an, ns, rcode = 1, 0, 0
+    if kind == "a_rdlength_0":
+        records = b"\xc0\x0c" + rr.pack(1, 1, 300, 0)
+    elif kind == "aaaa_rdlength_4":
+        records = b"\xc0\x0c" + rr.pack(28, 1, 300, 4) + b"\xc0\x00\x02\x01"
+    elif kind == "owner_pointer_into_header":
+        records = b"\xc0\x00" + rr.pack(1, 1, 300, 4) + b"\xc0\x00\x02\x01"
+    elif kind == "owner_over_255_via_pointer":
+        records = long_labels[:-64] + b"\x3e" + b"b" * 62 + b"\xc0\x0c"
+        records += rr.pack(1, 1, 300, 4) + b"\xc0\x00\x02\x01"
+    elif kind == "soa_name_over_255_via_pointer":
+        rdata = long_labels[:-64] + b"\x3e" + b"b" * 62 + b"\xc0\x0c" + b"\x00" + bytes(20)
+        records = b"\xc0\x0c" + rr.pack(6, 1, 300, len(rdata)) + rdata
+        an, ns, rcode = 0, 1, 3
+    else:  # pointer_into_a_ttl: the first record's TTL reads as the name "a."
+        ttl_offset = 12 + len(question) + 2 + 4
+        records = b"\xc0\x0c" + rr.pack(1, 1, 0x01610000, 4) + b"\xc0\x00\x02\x01"
+        records += bytes([0xC0, ttl_offset]) + rr.pack(1, 1, 300, 4) + b"\xc0\x00\x02\x02"
+        an = 2
+    header = raw[:2] + struct.pack("!HHHHH", 0x8180 | rcode, 1, an, ns, 0)
+    return header + question + records
+
+
+_FAKE_UPSTREAM_CRAFTED = tests.fake_upstream._crafted
+
+
+@pytest.mark.parametrize("kind", CRAFTED_NAMES_AND_RDATA)
+async def test_reply_with_bad_names_or_rdata_is_a_failure(
+    up: FakeUpstream, up2: FakeUpstream, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tests.fake_upstream, "_crafted", crafted_names_and_rdata)
+    up.crafted = kind
+    forwarder = Forwarder(upstream_config(up, up2), edns_udp_size=EDNS_SIZE)
+    assert addresses(await resolve(forwarder, make_query("example.com"))) == ["192.0.2.2"]
+    assert forwarder.stats.failures == 1 and forwarder.stats.timeouts == 0
+    forwarder.close()

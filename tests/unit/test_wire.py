@@ -14,6 +14,7 @@ from smartdns.errors import WireError
 from smartdns.wire import (
     FLAG_RD,
     FLAG_TC,
+    HEADER_SIZE,
     MAX_UPSTREAM_RECORDS,
     RCODE_BADVERS,
     RCODE_FORMERR,
@@ -304,3 +305,140 @@ def test_parse_upstream_answer_notes_cname_and_negative_ttl() -> None:
         parse_upstream_answer(_upstream_message(A_RECORD, an=1), len(QUESTION)).soa_negative_ttl
         == -1
     )
+
+
+# ---- upstream answers: every name and every RDATA a client parses is checked ---------------
+
+_RR = struct.Struct("!HHIH")
+_LONG_LABELS = (b"\x3f" + b"a" * 63) * 3 + b"\x33" + b"b" * 51  # 244 octets, no root yet
+
+
+def _rr(owner: bytes, rtype: int, rdata: bytes, rclass: int = 1, ttl: int = 300) -> bytes:
+    return owner + _RR.pack(rtype, rclass, ttl, len(rdata)) + rdata
+
+
+def test_skip_name_and_read_name_refuse_pointers_into_the_header() -> None:
+    message = _header(query_id=0) + b"\xc0\x00"  # ID 0 reads as the root name
+    with pytest.raises(WireError):
+        skip_name(message, 12)
+    with pytest.raises(WireError):
+        read_name(message, 12)
+
+
+def test_read_name_refuses_a_pointer_that_does_not_go_further_back() -> None:
+    # the name at 25 hops to 12, whose own pointer goes forward again to 14: a loop in waiting
+    message = _header() + b"\x01a\xc0\x0e" + b"\x01b\x00" + b"\x00" * 6 + b"\xc0\x0c"
+    with pytest.raises(WireError):
+        read_name(message, len(message) - 2)
+
+
+def test_dnspython_compressed_answer_of_many_types_is_accepted_as_is() -> None:
+    """dnspython compresses against names inside RDATA (NS, MX, SOA, ...): all accepted."""
+    request = dns.message.make_query("example.com", "ANY", use_edns=0)
+    response = dns.message.make_response(request)
+    for rtype, rdatas in [
+        ("CNAME", ["www.example.com."]),
+        ("NS", ["ns1.example.com.", "ns2.example.com."]),
+        ("MX", ["10 mx.example.com.", "20 mx2.example.com."]),
+        ("SOA", ["ns1.example.com. host.example.com. 1 2 3 4 5"]),
+        ("TXT", ['"v=spf1 -all" "second"', '""']),
+        ("HINFO", ['"cpu" "os"']),
+        ("SRV", ["0 5 443 www.example.com."]),
+        ("NAPTR", ['100 10 "u" "E2U+sip" "!^.*$!sip:x@example.com!" .']),
+        ("DNAME", ["example.net."]),
+        ("PTR", ["mx.example.com."]),
+        ("RP", ["host.example.com. txt.example.com."]),
+        ("HTTPS", ['1 . alpn="h2"']),
+        ("CAA", ['0 issue "ca.example"']),
+        ("A", ["192.0.2.1"]),
+        ("AAAA", ["2001:db8::1"]),
+    ]:
+        response.answer.append(dns.rrset.from_text("example.com.", 300, "IN", rtype, *rdatas))
+    response.additional.append(dns.rrset.from_text("ns1.example.com.", 60, "IN", "A", "192.0.2.53"))
+    response.additional.append(dns.rrset.from_text("mx2.example.com.", 60, "IN", "A", "192.0.2.25"))
+    wire = response.to_wire()
+    assert wire.count(b"\x03mx2") == 1  # the glue's owner points into the MX RDATA
+    question_end = HEADER_SIZE + len(QUESTION)
+    answer = parse_upstream_answer(wire, len(QUESTION))
+    assert answer.records == wire[question_end : wire.rindex(build_opt(1232, False)[:3])]
+    assert answer.additional_count == 2 and len(answer.ttl_offsets) == answer.answer_count + 2
+
+
+_TTL_AS_NAME = b"\xc0\x0c" + _RR.pack(1, 1, 0x01610000, 4) + b"\xc0\x00\x02\x01"  # TTL = "a."
+
+
+@pytest.mark.parametrize(
+    ("records", "an", "ns"),
+    [
+        pytest.param(_rr(b"\xc0\x00", 1, bytes(4)), 1, 0, id="owner_pointer_into_header"),
+        pytest.param(_rr(b"\xc0\x0d", 1, bytes(4)), 1, 0, id="owner_pointer_into_a_label"),
+        pytest.param(_rr(b"\xc0\x19", 1, bytes(4)), 1, 0, id="owner_pointer_into_qtype"),
+        pytest.param(_TTL_AS_NAME + _rr(b"\xc0\x23", 1, bytes(4)), 2, 0, id="pointer_into_a_ttl"),
+        pytest.param(
+            _rr(b"\xc0\x0c", 1, b"\x01a\x00\x00") + _rr(b"\xc0\x29", 1, bytes(4)),
+            2,
+            0,
+            id="pointer_into_a_records_rdata",
+        ),
+        pytest.param(_rr(_LONG_LABELS + b"\xc0\x0c", 1, bytes(4)), 1, 0, id="owner_over_255"),
+        pytest.param(_rr(b"\xc0\x0c", 5, _LONG_LABELS + b"\xc0\x0c"), 1, 0, id="cname_over_255"),
+        pytest.param(_rr(b"\xc0\x0c", 2, _LONG_LABELS + b"\xc0\x0c"), 0, 1, id="ns_over_255"),
+        pytest.param(_rr(b"\xc0\x0c", 12, b"\xc0\x30"), 1, 0, id="ptr_forward_pointer"),
+        pytest.param(
+            _rr(b"\xc0\x0c", 15, b"\x00\x0a" + _LONG_LABELS + b"\xc0\x0c"), 1, 0, id="mx_over_255"
+        ),
+        pytest.param(
+            _rr(b"\xc0\x0c", 33, bytes(6) + _LONG_LABELS + b"\xc0\x0c"), 1, 0, id="srv_over_255"
+        ),
+        pytest.param(_rr(b"\xc0\x0c", 39, _LONG_LABELS + b"\xc0\x0c"), 1, 0, id="dname_over_255"),
+        pytest.param(
+            _rr(b"\x00", 6, b"\x00" + _LONG_LABELS + b"\xc0\x0c" + bytes(20)),
+            0,
+            1,
+            id="soa_rname_over_255",
+        ),
+        pytest.param(_rr(b"\xc0\x0c", 6, b"\x00\x00" + bytes(19)), 0, 1, id="soa_too_short"),
+        pytest.param(_rr(b"\xc0\x0c", 15, b"\x00\x0a\x00\x00"), 1, 0, id="mx_trailing_octet"),
+        pytest.param(_rr(b"\xc0\x0c", 5, b"\x40" + bytes(64)), 1, 0, id="cname_bad_label_type"),
+        pytest.param(_rr(b"\xc0\x0c", 1, b""), 1, 0, id="a_rdlength_0"),
+        pytest.param(_rr(b"\xc0\x0c", 1, bytes(5)), 1, 0, id="a_rdlength_5"),
+        pytest.param(_rr(b"\xc0\x0c", 28, bytes(4)), 1, 0, id="aaaa_rdlength_4"),
+        pytest.param(_rr(b"\xc0\x0c", 16, b"\x05abc"), 1, 0, id="txt_string_past_rdata"),
+    ],
+)
+def test_parse_upstream_answer_refuses_names_and_rdata_a_client_could_not_parse(
+    records: bytes, an: int, ns: int
+) -> None:
+    with pytest.raises(WireError):
+        parse_upstream_answer(_upstream_message(records, an=an, ns=ns), len(QUESTION))
+
+
+def test_parse_upstream_answer_cuts_at_opt_or_tsig_and_refuses_a_second_opt() -> None:
+    opt = build_opt(1232, False)
+    tsig = _rr(b"\x00", 250, b"", rclass=255, ttl=0)
+    answer = parse_upstream_answer(_upstream_message(A_RECORD + tsig, an=1, ar=1), len(QUESTION))
+    assert answer.records == A_RECORD and answer.additional_count == 0
+    glue = _rr(b"\xc0\x0c", 1, bytes(4))
+    answer = parse_upstream_answer(
+        _upstream_message(A_RECORD + glue + opt + tsig, an=1, ar=3), len(QUESTION)
+    )
+    assert answer.records == A_RECORD + glue and answer.additional_count == 1
+    with pytest.raises(WireError):
+        parse_upstream_answer(_upstream_message(A_RECORD + opt + opt, an=1, ar=2), len(QUESTION))
+    with pytest.raises(WireError):  # RFC 8945 §5.1: TSIG is the last record
+        parse_upstream_answer(_upstream_message(A_RECORD + tsig + glue, an=1, ar=2), len(QUESTION))
+
+
+def test_rdata_of_other_classes_and_unknown_types_is_opaque() -> None:
+    chaos_a = _rr(b"\xc0\x0c", 1, b"\x00\xc0\x00", rclass=3)  # CH A: a name and an address
+    unknown = _rr(b"\xc0\x0c", 65280, b"\xc0\x00anything")
+    answer = parse_upstream_answer(_upstream_message(chaos_a + unknown, an=2), len(QUESTION))
+    assert answer.records == chaos_a + unknown
+
+
+def test_a_name_255_octets_long_through_a_pointer_is_accepted() -> None:
+    # 244 octets of labels + "example.com" (13 octets with the root) = 257: one label shorter
+    owner = (b"\x3f" + b"a" * 63) * 3 + b"\x31" + b"b" * 49 + b"\xc0\x0c"  # 192 + 50 + 13 = 255
+    record = _rr(owner, 1, bytes(4))
+    assert parse_upstream_answer(_upstream_message(record, an=1), len(QUESTION)).records == record
+    assert len(read_name(_upstream_message(record, an=1), HEADER_SIZE + len(QUESTION))[0]) == 255
