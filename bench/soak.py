@@ -44,6 +44,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench import tools  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
 
 MAX_DURATION_S = 3600
@@ -83,20 +84,6 @@ def _malformed_packets() -> list[bytes]:
 # ---- the server ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
-
-
 def _config(state: Path, port: int, upstream: FakeUpstream) -> dict[str, Any]:
     return {
         "server": {"listen": [f"127.0.0.1:{port}"], "workers": 1},
@@ -112,7 +99,10 @@ def _config(state: Path, port: int, upstream: FakeUpstream) -> dict[str, Any]:
             "zones": {"us": ["netflix.com", "nflxvideo.net"], "uk": ["bbc.co.uk"]},
         },
         "upstream": {"servers": [upstream.address], "timeout": 0.5, "attempts": 1},
-        "sync": {"listen": f"127.0.0.1:{_free_port()}", "token_file": str(state / "sync.token")},
+        "sync": {
+            "listen": f"127.0.0.1:{tools.free_port()}",
+            "token_file": str(state / "sync.token"),
+        },
         "logging": {"level": "info"},
     }
 
@@ -378,7 +368,7 @@ def _soak(
         upstream.add("example.org", "A", ["example.org. 300 IN A 192.0.2.1"])
         for index in range(0, FORWARDED_NAMES, 2):  # the others get NXDOMAIN
             upstream.add(f"n{index}.soak.test", "A", [f"n{index}.soak.test. 30 IN A 192.0.2.2"])
-        port = _free_port()
+        port = tools.free_port()
         config = state / "smartdns.yaml"
         token = state / "sync.token"
         token.write_text(secrets.token_hex(32) + "\n")
