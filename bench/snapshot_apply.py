@@ -2,6 +2,7 @@
 
     python3 bench/snapshot_apply.py                  # 1,000,000 entries, dnsperf at 2,000 qps
     python3 bench/snapshot_apply.py --entries 100000 --qps 5000 --keep
+    python3 bench/snapshot_apply.py --micro          # in-process: validation and store only
 
 What it does: starts `python -m smartdns serve` on free loopback ports with a temporary
 config and database (127.0.0.1 registered, `public_only: false`, rate limits out of the way),
@@ -16,6 +17,11 @@ dnsperf source so its answers stay NOERROR throughout. It reports
 - the server's peak RSS (VmHWM from /proc/PID/status), and its RSS before and after;
 - dnsperf's figures over the window from just before the PUT to one second after the swap:
   worst and average latency, lost queries, rcodes.
+
+With `--micro` no server or dnsperf runs: the same document is validated with
+`parse_snapshot_document` in this process (time with the cyclic collector off, as the
+server does, and the tracemalloc peak in a second run) and stored with
+`RegistrationStore.replace_snapshot` into a temporary database.
 
 It is a measurement, not a test: nothing is asserted beyond the 200 and NOERROR answers.
 Every step has a deadline (about ten minutes in all); every process it starts is stopped by
@@ -195,8 +201,17 @@ def main() -> int:
     parser.add_argument("--entries", type=int, default=1_000_000, help="addresses in the snapshot")
     parser.add_argument("--qps", type=int, default=2000, help="dnsperf -Q (queries per second)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--micro", action="store_true", help="validation and store in-process, no server"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--micro: timed validations")
+    parser.add_argument(
+        "--public-only", action="store_true", help="--micro: registrations.public_only: true"
+    )
     args = parser.parse_args()
     ensure_python_env()
+    if args.micro:
+        return micro(args)
     ensure_commands(["dnsperf"])
 
     workdir = Path(tempfile.mkdtemp(prefix="smartdns-bench-snapshot-"))
@@ -210,6 +225,54 @@ def main() -> int:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def micro(args: argparse.Namespace) -> int:
+    """Validation and store in this process: seconds, tracemalloc peak, store seconds."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    from smartdns.config import RegistrationsConfig
+    from smartdns.entries import parse_snapshot_document
+    from smartdns.registry import RegistrationStore
+
+    rules = RegistrationsConfig(public_only=args.public_only)  # false as in write_config
+    document = json.loads(snapshot_document(args.entries))
+    if args.public_only:
+        del document["accounts"]["bench-source"]  # loopback: not global
+    count = sum(len(addresses) for addresses in document["accounts"].values())
+    gc.disable()  # as sync_api.CollectorPause around the whole apply
+    times = []
+    for _ in range(max(1, args.rounds)):
+        started = time.perf_counter()
+        snapshot = parse_snapshot_document(document, rules)
+        times.append(time.perf_counter() - started)
+        del snapshot
+    tracemalloc.start()
+    snapshot = parse_snapshot_document(document, rules)
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+
+    async def store(path: Path) -> float:
+        async with await RegistrationStore.open(path, create=True) as registrations:
+            started = time.perf_counter()
+            result = await registrations.replace_snapshot(snapshot)
+            elapsed = time.perf_counter() - started
+            assert result.entries == count, result
+            return elapsed
+
+    with tempfile.TemporaryDirectory(prefix="smartdns-bench-micro-") as directory:
+        stored_s = asyncio.run(store(Path(directory) / "registrations.db"))
+    gc.enable()
+    print(f"entries: {count:,} in {len(snapshot.accounts):,} accounts")
+    print(
+        f"parse_snapshot_document: best {min(times):.2f} s of {len(times)}"
+        f" ({min(times) / count * 1e6:.2f} us per entry);"
+        f" tracemalloc peak {peak / 2**20:.1f} MiB, result holds {held / 2**20:.1f} MiB"
+    )
+    print(f"replace_snapshot: {stored_s:.2f} s")
+    return 0
 
 
 def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:

@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+import socket
+from bisect import bisect_right
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import Final, overload
 
 from smartdns.config import RegistrationsConfig
 from smartdns.errors import RegistrationError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# One validated entry as a row of the registry's `entries` table: account, family (4 or 6),
+# network address packed big-endian (4 or 16 bytes, so byte order is address order), length.
+EntryRow = tuple[str, int, bytes, int]
 
 MAX_VERSION: Final = 2**63 - 1  # SQLite INTEGER range
 _ACCOUNT_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -36,12 +41,66 @@ class ShapeError(RegistrationError):
     """
 
 
+class AccountEntries(Sequence[Network]):
+    """An account's validated entries, held as registry rows and read as networks.
+
+    `rows` are sorted and unique, in the order of `parse_addresses` (IPv4 first, then by
+    address and prefix length), all for `account`; the registry inserts them as they are.
+    Indexing and iterating build `ipaddress` networks on demand, so a million-entry snapshot
+    never holds a million network objects. Equal to another AccountEntries with the same
+    entries, and to a tuple of the same networks (what `parse_addresses` returns).
+    """
+
+    __slots__ = ("account", "rows")
+
+    def __init__(self, account: str, rows: tuple[EntryRow, ...]) -> None:
+        self.account = account
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Network: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Network, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Network | tuple[Network, ...]:
+        if isinstance(index, slice):
+            return tuple(map(_row_network, self.rows[index]))
+        return _row_network(self.rows[index])
+
+    def __iter__(self) -> Iterator[Network]:
+        return map(_row_network, self.rows)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AccountEntries):
+            return [row[1:] for row in self.rows] == [row[1:] for row in other.rows]
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"AccountEntries({len(self.rows)} entries)"  # never the addresses
+
+
+def _row_network(row: EntryRow) -> Network:
+    if row[1] == 4:
+        return ipaddress.IPv4Network((int.from_bytes(row[2]), row[3]))
+    return ipaddress.IPv6Network((int.from_bytes(row[2]), row[3]))
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A validated `PUT /v1/snapshot` document: every account at one version."""
+    """A validated `PUT /v1/snapshot` document: every account at one version.
+
+    From `parse_snapshot_document` each value is an AccountEntries (compact; the registry
+    inserts its rows directly); any sequence of networks is accepted as well.
+    """
 
     version: int
-    accounts: Mapping[str, tuple[Network, ...]]
+    accounts: Mapping[str, Sequence[Network]]
 
 
 def validate_account_id(value: object) -> str:
@@ -133,8 +192,135 @@ def _check_special(network: Network) -> None:
         raise ValueError("IPv4-mapped prefix is shorter than /96")
 
 
-def _sort_key(network: Network) -> tuple[int, int, int]:
-    return (network.version, int(network.network_address), network.prefixlen)
+def _non_global_bounds(network_type: type[Network]) -> tuple[int, ...]:
+    """Boundaries b0 < b1 < ... such that an address `a` is not global (`is_global` false)
+    exactly when `bisect_right(bounds, a)` is odd.
+
+    Derived from the interpreter's own tables, not copied: `is_global` is a combination of
+    membership tests against the networks listed in the address class's constants (private
+    networks, their exceptions in newer Pythons, shared address space), so it is constant
+    between consecutive ends of those networks, and one `is_global` per segment decides it.
+    IPv6 addresses below 2**48 (the IPv4-mapped and -compatible ranges, whose answer depends
+    on the embedded IPv4 address) are not covered; the fast path never asks about them.
+    """
+    address_type = network_type(0).network_address.__class__
+    bits = address_type(0).max_prefixlen
+    constants = vars(getattr(address_type, "_constants"))  # noqa: B009  # private, untyped
+    cuts = {0, 1 << bits}
+    for value in constants.values():
+        for network in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(network, network_type):
+                cuts.add(int(network.network_address))
+                cuts.add(int(network.broadcast_address) + 1)
+    ends = sorted(cuts)
+    bounds: list[int] = []
+    for start in ends[:-1]:
+        if (len(bounds) % 2 == 0) == (not address_type(start).is_global):
+            bounds.append(start)  # the state changes here
+    return tuple(bounds)
+
+
+_NON_GLOBAL_V4: Final = _non_global_bounds(ipaddress.IPv4Network)
+_NON_GLOBAL_V6: Final = _non_global_bounds(ipaddress.IPv6Network)
+# Per family, for _fast_row: version, socket family, bits, host mask by prefix length, first
+# and last multicast address, non-global bounds, lowest acceptable network address. IPv4: 1
+# (0.0.0.0 is unspecified). IPv6: 2**48, leaving ::/80 (unspecified, IPv4-compatible and
+# -mapped forms, prefixes containing ::ffff:0:0/96) to parse_address.
+_Family = tuple[int, int, int, tuple[int, ...], int, int, tuple[int, ...], int]
+_V4: Final[_Family] = (
+    4,
+    socket.AF_INET,
+    32,
+    tuple((1 << (32 - length)) - 1 for length in range(33)),
+    int(_MULTICAST_V4.network_address),
+    int(_MULTICAST_V4.broadcast_address),
+    _NON_GLOBAL_V4,
+    1,
+)
+_V6: Final[_Family] = (
+    6,
+    socket.AF_INET6,
+    128,
+    tuple((1 << (128 - length)) - 1 for length in range(129)),
+    int(_MULTICAST_V6.network_address),
+    int(_MULTICAST_V6.broadcast_address),
+    _NON_GLOBAL_V6,
+    1 << 48,
+)
+
+
+def _fast_row(value: object, account: str, rules: RegistrationsConfig) -> EntryRow | None:
+    """The entry's row when `value` is a plain, acceptable IPv4 or IPv6 address or prefix;
+    None for anything else (invalid, rejected or unusual), which parse_address then decides.
+
+    Only ever accepts what parse_address accepts, with the same result: socket.inet_pton
+    (strict dotted quads without leading zeros, IPv6 without a zone; any other character,
+    whitespace included, fails it) then the rules as integer comparisons. IPv6 with an
+    embedded IPv4 part is left to parse_address rather than to the C library's reading of
+    it. tests/unit/test_entries.py checks the agreement differentially.
+    """
+    if type(value) is not str or len(value) > _MAX_ADDRESS_CHARS or not value.isascii():
+        return None
+    text, slash, length_text = value.partition("/")
+    if ":" in text:
+        if "." in text:
+            return None
+        family, floor = _V6, rules.min_prefix_v6
+    else:
+        family, floor = _V4, rules.min_prefix_v4
+    version, socket_family, bits, host_masks, mc_first, mc_last, non_global, lowest = family
+    try:
+        packed = socket.inet_pton(socket_family, text)
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        return None
+    length = bits
+    if slash:
+        if not length_text.isdigit() or len(length_text) > 3:
+            return None
+        length = int(length_text)
+        if length > bits:
+            return None
+    first = int.from_bytes(packed)
+    if length < floor or first < lowest:
+        return None
+    host = host_masks[length]
+    last = first | host
+    if (
+        first & host
+        or (first <= mc_last and last >= mc_first)
+        or (
+            rules.public_only
+            and (bisect_right(non_global, first) & 1 or bisect_right(non_global, last) & 1)
+        )
+    ):
+        return None
+    return (account, version, packed, length)
+
+
+def _parse_entries(
+    values: object, rules: RegistrationsConfig, field: str, account: str
+) -> AccountEntries:
+    """parse_addresses' work, as the account's registry rows (see AccountEntries)."""
+    if not isinstance(values, list):
+        raise ShapeError(field, "must be a list")
+    unique: set[EntryRow] = set()
+    add = unique.add
+    for index, value in enumerate(values):
+        row = _fast_row(value, account, rules)
+        if row is None:
+            try:
+                network = parse_address(value, rules)
+            except ValueError as exc:
+                raise RegistrationError(f"{field}[{index}]", str(exc)) from None
+            row = (account, network.version, network.network_address.packed, network.prefixlen)
+        add(row)
+    if len(unique) > rules.max_per_account:
+        raise RegistrationError(
+            field, f"{len(unique)} entries exceed the limit of {rules.max_per_account} per account"
+        )
+    # Same account throughout: sorted by family, then packed address (big-endian, so numeric
+    # order), then prefix length.
+    return AccountEntries(account, tuple(sorted(unique)))
 
 
 def parse_addresses(
@@ -146,19 +332,7 @@ def parse_addresses(
     count once. Returns a sorted tuple: IPv4 first, then by address and prefix length.
     A non-list is a ShapeError; bad entries, including non-strings, are RegistrationErrors.
     """
-    if not isinstance(values, list):
-        raise ShapeError(field, "must be a list")
-    unique: set[Network] = set()
-    for index, value in enumerate(values):
-        try:
-            unique.add(parse_address(value, rules))
-        except ValueError as exc:
-            raise RegistrationError(f"{field}[{index}]", str(exc)) from None
-    if len(unique) > rules.max_per_account:
-        raise RegistrationError(
-            field, f"{len(unique)} entries exceed the limit of {rules.max_per_account} per account"
-        )
-    return tuple(sorted(unique, key=_sort_key))
+    return tuple(_parse_entries(values, rules, field, ""))
 
 
 def parse_version(value: object, position: str = "version") -> int:
@@ -203,13 +377,13 @@ def parse_snapshot_document(doc: object, rules: RegistrationsConfig) -> Snapshot
     accounts_doc = body["accounts"]
     if not isinstance(accounts_doc, dict):
         raise ShapeError("accounts", "must be an object")
-    accounts: dict[str, tuple[Network, ...]] = {}
+    accounts: dict[str, AccountEntries] = {}
     for index, (account, values) in enumerate(accounts_doc.items()):
         try:
             validate_account_id(account)
         except RegistrationError as exc:
             raise RegistrationError(f"accounts (key #{index})", exc.reason) from None
-        accounts[account] = parse_addresses(values, rules, field=f'accounts["{account}"]')
+        accounts[account] = _parse_entries(values, rules, f'accounts["{account}"]', account)
     return Snapshot(version=version, accounts=MappingProxyType(accounts))
 
 

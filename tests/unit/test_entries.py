@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_right
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from smartdns import entries
 from smartdns.config import RegistrationsConfig
 from smartdns.entries import (
+    AccountEntries,
+    Network,
     ShapeError,
     Snapshot,
     format_network,
@@ -386,3 +392,246 @@ def test_format_network(network: str, text: str) -> None:
 def test_format_round_trips_through_parse() -> None:
     for text in ["203.0.113.7", "203.0.113.0/24", "2001:db8:7::1", "2001:db8:7::/64"]:
         assert format_network(parse_address(text, LAB)) == text
+
+
+# --- the fast path (socket.inet_pton + integers) agrees with parse_address --------------------
+
+CI = settings(
+    max_examples=3000,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+RULE_SETS = [
+    PUBLIC,
+    LAB,
+    RegistrationsConfig(min_prefix_v4=0, min_prefix_v6=0, public_only=False),
+    RegistrationsConfig(min_prefix_v4=0, min_prefix_v6=0, public_only=True),
+    RegistrationsConfig(min_prefix_v4=30, min_prefix_v6=100, public_only=True),
+]
+
+
+def _boundaries(network_type: type[Network]) -> list[int]:
+    """Both ends of every network Python's ipaddress special-cases, and of multicast."""
+    address_type = type(network_type(0).network_address)
+    constants = vars(getattr(address_type, "_constants"))  # noqa: B009
+    ends = {0, 2 ** network_type(0).max_prefixlen - 1}
+    for value in constants.values():
+        for network in value if isinstance(value, list) else [value]:
+            if isinstance(network, network_type):
+                ends |= {int(network.network_address), int(network.broadcast_address)}
+    return sorted(ends)
+
+
+V4_EDGES = _boundaries(ipaddress.IPv4Network)
+V6_EDGES = _boundaries(ipaddress.IPv6Network)
+
+
+def _near(edges: list[int], top: int) -> st.SearchStrategy[int]:
+    return st.builds(
+        lambda edge, delta: min(max(edge + delta, 0), top),
+        st.sampled_from(edges),
+        st.integers(-2, 2),
+    )
+
+
+v4_ints = st.integers(0, 2**32 - 1) | _near(V4_EDGES, 2**32 - 1)
+v6_ints = (
+    st.integers(0, 2**128 - 1)
+    | _near(V6_EDGES, 2**128 - 1)
+    | st.integers(0, 2**48).map(lambda low: (0xFFFF << 32) + low)  # mapped and nearby
+    | st.integers(0, 2**32 - 1)  # IPv4-compatible ::a.b.c.d
+)
+
+
+def _v4_text(number: int, style: int) -> str:
+    octets = number.to_bytes(4, "big")
+    if style == 1:  # leading zeros: rejected by both parsers
+        return ".".join(f"{octet:03d}" for octet in octets)
+    return ".".join(str(octet) for octet in octets)
+
+
+def _v6_text(number: int, style: int) -> str:
+    address = ipaddress.IPv6Address(number)
+    if style == 1:
+        return address.exploded
+    if style == 2:
+        return address.compressed.upper()
+    if style == 3:  # the low 32 bits as a dotted quad
+        return address.exploded[:30] + str(ipaddress.IPv4Address(number & 0xFFFFFFFF))
+    return address.compressed
+
+
+def _with_length(text: st.SearchStrategy[str], top: int) -> st.SearchStrategy[str]:
+    lengths = st.none() | st.integers(0, top + 2).map(str) | st.sampled_from(["", "024", "+8"])
+    return st.builds(lambda t, n: t if n is None else f"{t}/{n}", text, lengths)
+
+
+def _aligned(number: int, length: int, bits: int) -> int:
+    return number >> (bits - length) << (bits - length) if length else 0
+
+
+v4_prefixes = st.builds(
+    lambda n, length: f"{_v4_text(_aligned(n, length, 32), 0)}/{length}",
+    v4_ints,
+    st.integers(0, 32),
+)
+v6_prefixes = st.builds(
+    lambda n, length, style: f"{_v6_text(_aligned(n, length, 128), style)}/{length}",
+    v6_ints,
+    st.integers(0, 128),
+    st.integers(0, 3),
+)
+EDGE_CASES = [
+    "1.2.3.4",
+    "1.2.3.4.",
+    ".1.2.3.4",
+    "1.2.3",
+    "1.2.3.4.5",
+    "01.2.3.4",
+    "1.2.3.00",
+    "1.2.3.0x1",
+    "256.0.0.1",
+    "1.2.3.4\x00",
+    "1.2.3.4/32/1",
+    "1.2.3.4//32",
+    "1.2.3.4/32 ",
+    "1::2:3:4:5:6:7",
+    "1:2:3:4:5:6:7::",
+    "::1:2:3:4:5:6:7",
+    "1:2:3:4:5:6:7:8::",
+    "::1:2:3:4:5:6:7:8",
+    "1:2:3:4:5:6:7:8:9",
+    ":1:2:3:4:5:6:7",
+    "1:2:3:4:5:6:7:",
+    "1:::2",
+    "1::2::3",
+    "12345::1",
+    "2606:4700::1%eth0",
+    "2606:4700::1%1/128",
+    "2606:4700::g",
+    "2606:4700::1.2.3.4",
+    "2606:4700::1.2.3.4/128",
+    "::ffff:1.2.3.4",
+    "::ffff:cb00:7107",
+    "::1.2.3.4",
+    "::ffff:0:0/96",
+    "::fffe:0:0/95",
+    "2606:4700:0:0:0:0:0:1",
+    "2606:4700::/0048",
+    "2606:4700::/48\n",
+    "\uff12606:4700::1",
+    "ff00::/8",
+    "fe80::/10",
+    "2001:db8::/32",
+    "2001:db9::/32",
+]
+address_texts = (
+    st.builds(_v4_text, v4_ints, st.integers(0, 1))
+    | st.builds(_v6_text, v6_ints, st.integers(0, 3))
+    | v4_prefixes
+    | v6_prefixes
+    | _with_length(st.builds(_v4_text, v4_ints, st.just(0)), 32)
+    | _with_length(st.builds(_v6_text, v6_ints, st.just(0)), 128)
+    | st.text(alphabet="0123456789abcdefABCDEF:./%x \x00", max_size=50)
+    | st.sampled_from(EDGE_CASES)
+)
+
+
+def _slow(value: str, rules: RegistrationsConfig) -> tuple[int, bytes, int] | str:
+    try:
+        network = parse_address(value, rules)
+    except ValueError as exc:
+        return str(exc)
+    return (network.version, network.network_address.packed, network.prefixlen)
+
+
+def _fast_path_expected(value: str) -> bool:
+    """The forms the fast path is meant to take: no embedded IPv4 part in IPv6, and IPv6
+    networks from 2**48 up (below are the unspecified, IPv4-compatible and mapped forms)."""
+    text = value.partition("/")[0]
+    if ":" not in text:
+        return True
+    return "." not in text and int(ipaddress.IPv6Address(text)) >= 2**48
+
+
+@CI
+@given(value=address_texts)
+@example(value="203.0.113.7")
+def test_fast_path_agrees_with_parse_address(value: str) -> None:
+    """Whatever the fast path accepts, parse_address accepts with the same result; what it
+    leaves alone goes to parse_address (so rejections and their reasons are the same by
+    construction); and the common forms parse_address accepts do take the fast path."""
+    for rules in RULE_SETS:
+        slow = _slow(value, rules)
+        fast = entries._fast_row(value, "acct", rules)
+        if fast is not None:
+            assert ("acct", *slow) == fast, (value, rules)
+        elif not isinstance(slow, str):
+            assert not _fast_path_expected(value), (value, rules)
+        # The whole path (fast, then parse_address) gives exactly parse_address's outcome.
+        try:
+            outcome: object = parse_addresses([value], rules)
+        except RegistrationError as exc:
+            outcome = exc.reason
+        expected = slow if isinstance(slow, str) else (parse_address(value, rules),)
+        assert outcome == expected, (value, rules)
+
+
+@CI
+@given(number=v4_ints)
+def test_non_global_table_matches_is_global_v4(number: int) -> None:
+    is_global = ipaddress.IPv4Address(number).is_global
+    assert bool(bisect_right(entries._NON_GLOBAL_V4, number) & 1) == (not is_global)
+
+
+@CI
+@given(
+    number=(st.integers(2**48, 2**128 - 1) | _near(V6_EDGES, 2**128 - 1)).map(
+        lambda n: max(n, 2**48)
+    )
+)
+def test_non_global_table_matches_is_global_v6(number: int) -> None:
+    is_global = ipaddress.IPv6Address(number).is_global
+    assert bool(bisect_right(entries._NON_GLOBAL_V6, number) & 1) == (not is_global)
+
+
+def test_non_global_table_at_every_edge() -> None:
+    for edges, table, address_type, floor in (
+        (V4_EDGES, entries._NON_GLOBAL_V4, ipaddress.IPv4Address, 0),
+        (V6_EDGES, entries._NON_GLOBAL_V6, ipaddress.IPv6Address, 2**48),
+    ):
+        top = 2 ** address_type(0).max_prefixlen - 1
+        for edge in edges:
+            for number in (edge - 1, edge, edge + 1):
+                if floor <= number <= top:
+                    expected = not address_type(number).is_global
+                    assert bool(bisect_right(table, number) & 1) == expected, number
+
+
+def test_snapshot_accounts_are_compact_entries() -> None:
+    snapshot = parse_snapshot_document(
+        {"version": 1, "accounts": {"a": ["2001:db8:7::/64", "203.0.113.7", "::ffff:cb00:7107"]}},
+        LAB,
+    )
+    value = snapshot.accounts["a"]
+    assert isinstance(value, AccountEntries)
+    assert value.account == "a"
+    assert value.rows == (
+        ("a", 4, bytes([203, 0, 113, 7]), 32),
+        ("a", 6, ipaddress.IPv6Address("2001:db8:7::").packed, 64),
+    )
+    networks = (ipaddress.ip_network("203.0.113.7/32"), ipaddress.ip_network("2001:db8:7::/64"))
+    assert len(value) == 2
+    assert tuple(value) == networks
+    assert value == networks
+    assert value != list(networks)
+    assert value[1] == networks[1]
+    assert value[-1] == networks[1]
+    assert value[:1] == networks[:1]
+    assert value == AccountEntries("other", tuple(("other", *row[1:]) for row in value.rows))
+    assert value != AccountEntries("a", value.rows[:1])
+    assert "203" not in repr(value)
+    with pytest.raises(TypeError):
+        hash(value)

@@ -12,7 +12,8 @@ from types import MappingProxyType
 
 import pytest
 
-from smartdns.entries import Network, Snapshot
+from smartdns.config import RegistrationsConfig
+from smartdns.entries import AccountEntries, Network, Snapshot, parse_snapshot_document
 from smartdns.errors import RegistrationError, StaleWriteError
 from smartdns.registry import AccountRecord, DatabaseError, RegistrationStore, SnapshotResult
 
@@ -231,6 +232,37 @@ async def test_snapshot_replaces_everything(store: RegistrationStore) -> None:
     assert await store.snapshot_version() == 6
     # The tombstone is gone with the snapshot: a PUT above the snapshot version is accepted.
     assert await store.put_account("tomb", 7, (A,)) == AccountRecord("tomb", 7, (A,))
+
+
+async def test_parsed_snapshot_is_stored_from_its_rows(store: RegistrationStore) -> None:
+    parsed = parse_snapshot_document(
+        {
+            "version": 3,
+            "accounts": {
+                "acct-2": ["2001:db8:7::/64", "::ffff:198.51.100.0/120", "203.0.113.7"],
+                "acct-1": ["2001:db8::1", "203.0.113.7/32", "::ffff:cb00:7107"],
+                "acct-3": [],
+            },
+        },
+        RegistrationsConfig(public_only=False),
+    )
+    assert all(isinstance(value, AccountEntries) for value in parsed.accounts.values())
+    assert await store.replace_snapshot(parsed) == SnapshotResult(accounts=3, entries=5)
+    assert await store.list_accounts() == [
+        AccountRecord("acct-1", 3, (A, D)),
+        AccountRecord("acct-2", 3, (B, A, C)),
+        AccountRecord("acct-3", 3, ()),
+    ]
+    # Entries parsed for another account are stored under the key they are given.
+    moved = snapshot(4, {"acct-9": parsed.accounts["acct-1"]})
+    assert await store.replace_snapshot(moved) == SnapshotResult(accounts=1, entries=2)
+    assert await store.list_accounts() == [AccountRecord("acct-9", 4, (A, D))]
+
+
+async def test_snapshot_entry_count_ignores_duplicates(store: RegistrationStore) -> None:
+    result = await store.replace_snapshot(snapshot(2, {"acct-1": (A, A, C), "acct-2": (A,)}))
+    assert result == SnapshotResult(accounts=2, entries=3)
+    assert (await store.status()).entries == 3
 
 
 async def test_snapshot_below_snapshot_version_is_stale(store: RegistrationStore) -> None:
