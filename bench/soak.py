@@ -103,6 +103,9 @@ def _config(state: Path, port: int, upstream: FakeUpstream) -> dict[str, Any]:
             "listen": f"127.0.0.1:{tools.free_port()}",
             "token_file": str(state / "sync.token"),
         },
+        # Limits out of the way so every verdict keeps flowing at the soak's rate: with one
+        # sender address per stream, the defaults would drop nearly all of it.
+        "rate_limit": {"client_qps": 1_000_000, "refused_qps": 1_000_000},
         "logging": {"level": "info"},
     }
 
