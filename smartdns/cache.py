@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import Final, NamedTuple
 
 from smartdns.config import CacheConfig
+from smartdns.metrics import Outcome
 from smartdns.wire import FLAG_CD, RCODE_NOERROR, RCODE_NXDOMAIN, ForwardedAnswer, Query
 
 STALE_TTL: Final = 30  # RFC 8767 §4: TTL of a stale answer
@@ -213,3 +214,34 @@ def _with_ttls(answer: ForwardedAnswer, ttls: list[int]) -> ForwardedAnswer:
     for offset, ttl in zip(answer.ttl_offsets, ttls, strict=True):
         _UINT32.pack_into(buffer, offset, ttl)
     return answer._replace(records=bytes(buffer))
+
+
+class PacketCache:
+    """Recent replies by the query's bytes after its ID (a packet cache, as dnsdist keeps):
+    a repeated query skips parsing, policy and reply building and gets the stored reply with
+    its own ID. Kept per Settings (so a reload starts empty) and per authorization state
+    (the address itself is never part of a key); entries live until `until` (monotonic
+    seconds), when the answer's TTL countdown moves on. Bounded: full means cleared."""
+
+    __slots__ = ("_replies",)
+
+    MAX_ENTRIES: Final = 10_000
+
+    def __init__(self) -> None:
+        self._replies: dict[bytes, tuple[float, Outcome, bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def get(self, key: bytes, now: float) -> tuple[float, Outcome, bytes] | None:
+        """(until, outcome, reply without its ID) while fresh, else None."""
+        hit = self._replies.get(key)
+        if hit is None or now >= hit[0]:
+            return None
+        return hit
+
+    def put(self, key: bytes, until: float, outcome: Outcome, reply: bytes) -> None:
+        replies = self._replies
+        if len(replies) >= self.MAX_ENTRIES:
+            replies.clear()  # cheaper than LRU bookkeeping on every hit; refills in a second
+        replies[key] = (until, outcome, reply[2:])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from smartdns.answers import Responder, UnblockZone, rewrite_cname_chain
-from smartdns.cache import AnswerCache, CacheEntry, cache_key
+from smartdns.cache import AnswerCache, CacheEntry, PacketCache, cache_key
 from smartdns.clients import AuthorizedClients
 from smartdns.config import CacheConfig, RateLimitConfig, Unregistered
 from smartdns.errors import UpstreamError, WireError
@@ -43,6 +43,7 @@ MAX_WAITING: Final = 10_000  # queries waiting for upstream; more get SERVFAIL a
 MAX_TCP_MESSAGE: Final = 65535  # a 2-byte length prefix cannot announce more
 
 _OUTCOME = {verdict: Outcome(verdict.value) for verdict in Verdict}
+_FOREVER: Final = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,9 @@ class Settings:
     forwarder: Forwarder
     cache: AnswerCache = field(default_factory=lambda: AnswerCache(CacheConfig()))
     limits: RateLimits = field(default_factory=lambda: RateLimits(RateLimitConfig()))
+    # UDP replies by query bytes, for authorized and for other sources; new with each reload
+    packets_authorized: PacketCache = field(default_factory=PacketCache)
+    packets_other: PacketCache = field(default_factory=PacketCache)
 
 
 class Pipeline:
@@ -85,9 +89,36 @@ class Pipeline:
         self._internal_errors = WarnOnce(__name__, "unexpected error while handling a query")
 
     def handle(self, packet: bytes, host: str, transport: Transport) -> Reply:
-        """Reply bytes, None to send nothing, or a coroutine giving either (forwarding)."""
+        """Reply bytes, None to send nothing, or a coroutine giving either (forwarding).
+
+        Over UDP a query seen before (same bytes after the ID, same authorization state)
+        is answered from the packet cache once the rate limits let it through."""
         settings = self.settings
         counts = self.metrics.queries
+        authorized = self.clients.is_authorized(host)
+        udp = transport is Transport.UDP
+        packets = settings.packets_authorized if authorized else settings.packets_other
+        admission = Admission.ALLOW
+        now = 0.0
+        if udp:
+            now = self._clock()
+            if authorized:
+                # TCP is not limited: its source cannot be spoofed, and TC sends clients there.
+                admission = settings.limits.client.check(host, now)
+                if admission is Admission.DROP:
+                    counts[transport, Outcome.RATE_LIMITED] += 1
+                    return None
+            if admission is Admission.ALLOW:
+                hit = packets.get(packet[2:], now)
+                if hit is not None:
+                    outcome = hit[1]
+                    if outcome is Outcome.REFUSE and not settings.limits.refused.allow(host, now):
+                        counts[transport, Outcome.RATE_LIMITED] += 1
+                        return None
+                    if outcome is Outcome.FORWARD:
+                        settings.cache.hits += 1
+                    counts[transport, outcome] += 1
+                    return packet[:2] + hit[2]
         try:
             query = parse_query(packet)
         except WireError as error:
@@ -95,25 +126,14 @@ class Pipeline:
                 counts[transport, Outcome.UNREADABLE] += 1
                 return None
             # Error replies to unauthorized sources could be reflected: they share refused_qps.
-            if (
-                transport is Transport.UDP
-                and not self.clients.is_authorized(host)
-                and not settings.limits.refused.allow(host, self._clock())
-            ):
+            if udp and not authorized and not settings.limits.refused.allow(host, now):
                 counts[transport, Outcome.RATE_LIMITED] += 1
                 return None
             counts[transport, Outcome.MALFORMED] += 1
             return settings.responder.error(packet, error)
-        authorized = self.clients.is_authorized(host)
-        if authorized and transport is Transport.UDP:
-            # TCP is not limited: its source cannot be spoofed, and TC sends clients there.
-            admission = settings.limits.client.check(host, self._clock())
-            if admission is not Admission.ALLOW:
-                if admission is Admission.DROP:
-                    counts[transport, Outcome.RATE_LIMITED] += 1
-                    return None
-                counts[transport, Outcome.TRUNCATED] += 1
-                return settings.responder.truncated(query)
+        if admission is Admission.TRUNCATE:
+            counts[transport, Outcome.TRUNCATED] += 1
+            return settings.responder.truncated(query)
         zone = settings.zones.match(query.qname) if authorized else None
         verdict = decide(
             authorized,
@@ -130,27 +150,38 @@ class Pipeline:
             if entry is not None:
                 counts[transport, Outcome.FORWARD] += 1
                 records = settings.cache.records(entry, now)
-                return self._reply(query, entry, records, settings, transport, authorized)
+                reply = self._reply(query, entry, records, settings, transport, authorized)
+                if udp:
+                    # valid until the TTL countdown moves to its next whole second
+                    second_ends = now + 1.0 - (now - entry.stored_at) % 1.0
+                    packets.put(
+                        packet[2:], min(second_ends, entry.expires_at), Outcome.FORWARD, reply
+                    )
+                return reply
             if self._waiting >= MAX_WAITING:
                 counts[transport, Outcome.SERVFAIL] += 1
                 return settings.responder.servfail(query)
             return self._forward(query, key, settings, transport, authorized)
         responder = settings.responder
         if verdict is Verdict.REFUSE:
-            if transport is Transport.UDP and not settings.limits.refused.allow(
-                host, self._clock()
-            ):
+            if udp and not settings.limits.refused.allow(host, now):
                 counts[transport, Outcome.RATE_LIMITED] += 1  # anti-reflection: silence
                 return None
-            counts[transport, Outcome.REFUSE] += 1
-            return responder.refused(query)
-        counts[transport, _OUTCOME[verdict]] += 1
-        if verdict is Verdict.DROP:
+            reply = responder.refused(query)
+        elif verdict is Verdict.DROP:
+            counts[transport, Outcome.DROP] += 1
             return None
-        assert zone is not None  # UNBLOCK and NODATA only come from a matched zone
-        if verdict is Verdict.UNBLOCK:
-            return responder.unblock(query, zone)
-        return responder.nodata(query, zone)
+        else:
+            assert zone is not None  # UNBLOCK and NODATA only come from a matched zone
+            if verdict is Verdict.UNBLOCK:
+                reply = responder.unblock(query, zone)
+            else:
+                reply = responder.nodata(query, zone)
+        outcome = _OUTCOME[verdict]
+        counts[transport, outcome] += 1
+        if udp:
+            packets.put(packet[2:], _FOREVER, outcome, reply)  # local answers change by reload
+        return reply
 
     async def _forward(
         self, query: Query, key: bytes, settings: Settings, transport: Transport, authorized: bool

@@ -9,8 +9,9 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from smartdns.cache import FAILURE_TTL_S, STALE_TTL, AnswerCache, cache_key
+from smartdns.cache import FAILURE_TTL_S, STALE_TTL, AnswerCache, PacketCache, cache_key
 from smartdns.config import CacheConfig
+from smartdns.metrics import Outcome
 from smartdns.wire import ForwardedAnswer, parse_query, parse_upstream_answer
 
 NOW = 1000.0
@@ -183,3 +184,13 @@ def test_max_entries_zero_disables_the_cache() -> None:
     cache = AnswerCache(CacheConfig(max_entries=0))
     cache.put(b"k", _answer(A_300), NOW)
     assert len(cache) == 0
+
+
+def test_packet_cache_expires_and_stays_bounded() -> None:
+    packets = PacketCache()
+    packets.put(b"q1", 10.0, Outcome.FORWARD, b"\x12\x34reply")
+    assert packets.get(b"q1", 9.9) == (10.0, Outcome.FORWARD, b"reply")
+    assert packets.get(b"q1", 10.0) is None
+    for index in range(PacketCache.MAX_ENTRIES + 5):
+        packets.put(index.to_bytes(4), float("inf"), Outcome.REFUSE, b"\x00\x00r")
+    assert len(packets) <= PacketCache.MAX_ENTRIES

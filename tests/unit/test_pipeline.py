@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import ipaddress
 from collections.abc import Iterator
+from pathlib import Path
 from types import MappingProxyType
 
 import dns.flags
@@ -20,6 +21,7 @@ from smartdns.cache import AnswerCache
 from smartdns.clients import AuthorizedClients
 from smartdns.config import (
     CacheConfig,
+    Config,
     HostPort,
     RateLimitConfig,
     Region,
@@ -27,6 +29,7 @@ from smartdns.config import (
     Unregistered,
     UpstreamConfig,
 )
+from smartdns.daemon import build_settings
 from smartdns.metrics import Metrics, Transport
 from smartdns.pipeline import Pipeline, Settings
 from smartdns.ratelimit import RateLimits
@@ -208,3 +211,62 @@ def test_refused_and_error_replies_share_the_refused_rate(up: FakeUpstream) -> N
     assert pipeline.handle(formerr, CLIENT, Transport.UDP) is not None  # authorized: not limited
     clock.now += 1.0
     assert pipeline.handle(query, stranger, Transport.UDP) is not None
+
+
+def _udp(pipeline: Pipeline, wire: bytes, host: str = CLIENT) -> bytes | None:
+    reply = pipeline.handle(wire, host, Transport.UDP)
+    assert reply is None or isinstance(reply, bytes)
+    return reply
+
+
+async def test_packet_cache_answers_repeats_with_their_own_id_and_current_ttl(
+    up: FakeUpstream,
+) -> None:
+    clock = Clock()
+    pipeline = _pipeline(up, clock, "netflix.com")
+    await _ask(pipeline, "example.org")  # fills the answer cache
+    first = dns.message.make_query("example.org", "A")
+    again = dns.message.make_query("example.org", "A")
+    again.id = first.id ^ 0xFFFF
+    one, two = _udp(pipeline, first.to_wire()), _udp(pipeline, again.to_wire())
+    assert one is not None and two is not None and one[2:] == two[2:]
+    assert dns.message.from_wire(two).id == again.id
+    assert len(pipeline.settings.packets_authorized) == 1
+    hits = pipeline.settings.cache.hits
+    clock.now += 1.0  # the countdown moved: the stored reply is not reused
+    later = dns.message.from_wire(_udp(pipeline, first.to_wire()) or b"")
+    assert later.answer[0].ttl == 299 and pipeline.settings.cache.hits == hits + 1
+
+
+def test_packet_cache_never_answers_a_source_that_lost_its_registration(up: FakeUpstream) -> None:
+    pipeline = _pipeline(up, Clock(), "netflix.com")
+    wire = dns.message.make_query("www.netflix.com", "A").to_wire()
+    assert dns.message.from_wire(_udp(pipeline, wire) or b"").answer
+    pipeline.clients = AuthorizedClients.from_prefixes([])
+    refused = dns.message.from_wire(_udp(pipeline, wire) or b"")
+    assert refused.rcode() == dns.rcode.REFUSED and not refused.answer
+
+
+def test_packet_cache_hits_still_count_against_the_refused_rate(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _limited(up, clock, client_qps=100, refused_qps=2)
+    wire = dns.message.make_query("www.netflix.com", "A").to_wire()
+    replies = [_udp(pipeline, wire, "127.0.0.9") for _ in range(4)]
+    assert [reply is not None for reply in replies] == [True, True, False, False]
+
+
+def test_reload_starts_with_an_empty_packet_cache_and_keeps_the_answer_cache(
+    up: FakeUpstream,
+) -> None:
+    config = Config(
+        path=Path("smartdns.yaml"),
+        unblock=_unblock("netflix.com"),
+        upstream=UpstreamConfig(servers=(HostPort(up.host, up.port),)),
+    )
+    pipeline = _pipeline(up, Clock())
+    pipeline.settings = build_settings(config)
+    _udp(pipeline, dns.message.make_query("www.hulu.com", "A").to_wire(), "127.0.0.9")
+    assert len(pipeline.settings.packets_other) == 1
+    reloaded = build_settings(config, pipeline.settings)
+    assert len(reloaded.packets_other) == 0 and len(reloaded.packets_authorized) == 0
+    assert reloaded.cache is pipeline.settings.cache
