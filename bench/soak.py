@@ -23,7 +23,6 @@ import contextlib
 import os
 import random
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +44,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench import tools  # noqa: E402
+from tests.e2e.harness import base_config, merge  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
 
 MAX_DURATION_S = 3600
@@ -85,29 +85,17 @@ def _malformed_packets() -> list[bytes]:
 
 
 def _config(state: Path, port: int, upstream: FakeUpstream) -> dict[str, Any]:
-    return {
-        "server": {"listen": [f"127.0.0.1:{port}"], "workers": 1},
-        "database": {"path": str(state / "registrations.db")},
-        "registrations": {"public_only": False},
-        "unregistered": "refuse",
-        "unblock": {
-            "ttl": 60,
-            "regions": {
-                "us": {"ipv4": ["198.51.100.10", "198.51.100.11"], "ipv6": []},
-                "uk": {"ipv4": ["198.51.100.20"], "ipv6": ["2001:db8:20::1"]},
-            },
-            "zones": {"us": ["netflix.com", "nflxvideo.net"], "uk": ["bbc.co.uk"]},
+    """The end-to-end tests' configuration (it also writes the sync token), IPv4 only."""
+    return merge(
+        base_config(port, state, upstream.address),
+        {
+            "server": {"listen": [f"127.0.0.1:{port}"], "workers": 1},
+            # Limits out of the way so every verdict keeps flowing at the soak's rate: with one
+            # sender address per stream, the defaults would drop nearly all of it.
+            "rate_limit": {"client_qps": 1_000_000, "refused_qps": 1_000_000},
+            "logging": {"level": "info"},
         },
-        "upstream": {"servers": [upstream.address], "timeout": 0.5, "attempts": 1},
-        "sync": {
-            "listen": f"127.0.0.1:{tools.free_port()}",
-            "token_file": str(state / "sync.token"),
-        },
-        # Limits out of the way so every verdict keeps flowing at the soak's rate: with one
-        # sender address per stream, the defaults would drop nearly all of it.
-        "rate_limit": {"client_qps": 1_000_000, "refused_qps": 1_000_000},
-        "logging": {"level": "info"},
-    }
+    )
 
 
 def _env(source: Path, **extra: str) -> dict[str, str]:
@@ -373,9 +361,6 @@ def _soak(
             upstream.add(f"n{index}.soak.test", "A", [f"n{index}.soak.test. 30 IN A 192.0.2.2"])
         port = tools.free_port()
         config = state / "smartdns.yaml"
-        token = state / "sync.token"
-        token.write_text(secrets.token_hex(32) + "\n")
-        token.chmod(0o600)
         config.write_text(yaml.safe_dump(_config(state, port, upstream)))
         added = run_cli(source, config, "registrations", "add", "soak-main", f"{REGISTERED}/32")
         if added.returncode:
