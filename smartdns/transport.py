@@ -28,6 +28,9 @@ MAX_PENDING_PER_CONNECTION: Final = 100  # pipelined queries in progress; readin
 MAX_QUERIES_PER_CONNECTION: Final = 1000  # then the connection closes once they are answered
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event, so UDP is not starved
 ACCEPT_RETRY_S: Final = 0.25  # pause after EMFILE and the like before accepting again
+# A new connection cannot be shed for room before its first query or this long: otherwise
+# each newcomer sheds the one before it before its query has even been read, and none is served
+FIRST_QUERY_GRACE_S: Final = 1.0
 _LENGTH = 2
 
 
@@ -120,8 +123,9 @@ class TcpConnections:
 
     def shed_idle(self) -> bool:
         """Close the least recently active idle connection; False when none is idle."""
+        now = asyncio.get_running_loop().time()
         for connection in self.open:
-            if connection.is_idle():
+            if connection.is_idle(now):
                 connection.abort()
                 self.shed += 1
                 return True
@@ -153,6 +157,7 @@ class TcpConnection(asyncio.Protocol):
         self._queries = 0
         self._reading = True
         self._writing_paused = False
+        self._opened = 0.0
         self._last_activity = 0.0
         self._message_started = -1.0  # when the incomplete message in the buffer began
         self._timer: asyncio.TimerHandle | None = None
@@ -168,7 +173,7 @@ class TcpConnection(asyncio.Protocol):
         self._transport = stream
         self._host = stream.get_extra_info("peername")[0]
         connections.open[self] = None
-        self._last_activity = self._loop.time()
+        self._opened = self._last_activity = self._loop.time()
         self._arm_timer(self._last_activity + connections.idle_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -178,11 +183,13 @@ class TcpConnection(asyncio.Protocol):
             self._timer = None
         self._transport = None
 
-    def is_idle(self) -> bool:
-        """Nothing in progress: no query being answered, no partial message, nothing unsent."""
+    def is_idle(self, now: float) -> bool:
+        """Nothing in progress: no query being answered, no partial message, nothing unsent,
+        and past its first query or FIRST_QUERY_GRACE_S."""
         transport = self._transport
         return (
             transport is not None
+            and (self._queries > 0 or now - self._opened >= FIRST_QUERY_GRACE_S)
             and not self._pending
             and not self._buffer
             and not transport.get_write_buffer_size()

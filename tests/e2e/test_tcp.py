@@ -18,6 +18,7 @@ import dns.message
 import dns.rcode
 import pytest
 
+from smartdns.transport import FIRST_QUERY_GRACE_S
 from tests.e2e.harness import REGISTERED, Server, running_server
 from tests.fake_upstream import FakeUpstream
 
@@ -193,6 +194,33 @@ def test_connection_cap_sheds_idle_connections_first(
         finally:
             for sock in idle:
                 sock.close()
+        _others_answered(server)
+
+
+def test_connection_cap_spares_new_connections_until_their_first_query(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # idle timeout out of the way: only shedding closes a connection here
+    override = {"server": {"tcp_max_connections": 2, "tcp_idle_timeout": 30}}
+    with running_server(tmp_path, upstream.address, override) as server:
+        silent, answered = _connect(server), _connect(server)
+        try:
+            # both are new and have sent nothing yet: the newcomer is turned away, not them
+            with _connect(server) as newcomer:
+                newcomer.sendall(_framed())
+                assert _closed_after(newcomer, 1.0) < 1.0
+            answered.sendall(_framed(query_id=1))
+            assert _read_reply(answered).id == 1
+            time.sleep(FIRST_QUERY_GRACE_S)
+            # past its grace, the connection that never asked is the one shed
+            with _connect(server) as late:
+                late.sendall(_framed(query_id=2))
+                assert _read_reply(late).id == 2
+            assert _closed_after(silent, 1.0) < 1.0
+            assert not _is_closed(answered)
+        finally:
+            silent.close()
+            answered.close()
         _others_answered(server)
 
 
