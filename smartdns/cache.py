@@ -221,7 +221,8 @@ class PacketCache:
     a repeated query skips parsing, policy and reply building and gets the stored reply with
     its own ID. Kept per Settings (so a reload starts empty) and per authorization state
     (the address itself is never part of a key); entries live until `until` (monotonic
-    seconds), when the answer's TTL countdown moves on. Bounded: full means cleared."""
+    seconds), when the answer's TTL countdown moves on. Bounded: when full, the oldest stored
+    entry makes room (insertion order, so a hit costs no bookkeeping)."""
 
     __slots__ = ("_replies",)
 
@@ -242,6 +243,6 @@ class PacketCache:
 
     def put(self, key: bytes, until: float, outcome: Outcome, reply: bytes) -> None:
         replies = self._replies
-        if len(replies) >= self.MAX_ENTRIES:
-            replies.clear()  # cheaper than LRU bookkeeping on every hit; refills in a second
-        replies[key] = (until, outcome, reply[2:])
+        if replies.pop(key, None) is None and len(replies) >= self.MAX_ENTRIES:
+            del replies[next(iter(replies))]
+        replies[key] = (until, outcome, reply[2:])  # (re)stored at the young end

@@ -186,11 +186,19 @@ def test_max_entries_zero_disables_the_cache() -> None:
     assert len(cache) == 0
 
 
-def test_packet_cache_expires_and_stays_bounded() -> None:
+def test_packet_cache_expires_and_evicts_the_oldest_when_full() -> None:
     packets = PacketCache()
     packets.put(b"q1", 10.0, Outcome.FORWARD, b"\x12\x34reply")
     assert packets.get(b"q1", 9.9) == (10.0, Outcome.FORWARD, b"reply")
     assert packets.get(b"q1", 10.0) is None
-    for index in range(PacketCache.MAX_ENTRIES + 5):
+    for index in range(PacketCache.MAX_ENTRIES):
         packets.put(index.to_bytes(4), float("inf"), Outcome.REFUSE, b"\x00\x00r")
-    assert len(packets) <= PacketCache.MAX_ENTRIES
+    assert len(packets) == PacketCache.MAX_ENTRIES  # q1 made room for the last one
+    assert packets.get(b"q1", 0.0) is None
+    packets.put((0).to_bytes(4), float("inf"), Outcome.REFUSE, b"\x00\x00r")  # now youngest
+    packets.put(b"newest", float("inf"), Outcome.REFUSE, b"\x00\x00n")
+    assert len(packets) == PacketCache.MAX_ENTRIES  # full: only the oldest made room
+    assert packets.get((1).to_bytes(4), 0.0) is None
+    assert packets.get((0).to_bytes(4), 0.0) is not None
+    assert packets.get((2).to_bytes(4), 0.0) is not None
+    assert packets.get(b"newest", 0.0) == (float("inf"), Outcome.REFUSE, b"n")
