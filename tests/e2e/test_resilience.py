@@ -90,9 +90,9 @@ def test_first_upstream_dead_second_answers(
         assert _addresses(reply) == ["192.0.2.2"] and took < 1.5
         assert upstream.count("example.org") == 1
         second.add("other.example.org", "A", ["other.example.org. 300 IN A 192.0.2.3"])
-        reply, took = _timed(server, "other.example.org")
-        assert _addresses(reply) == ["192.0.2.3"] and took < 0.4  # healthy one first now
-        assert upstream.count("other.example.org") == 0
+        reply = server.query("other.example.org", "A")
+        assert _addresses(reply) == ["192.0.2.3"]
+        assert upstream.count("other.example.org") == 0  # the healthy one is asked first now
 
 
 def test_spoofed_upstream_replies_are_ignored(server: Server, upstream: FakeUpstream) -> None:
