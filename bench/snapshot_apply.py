@@ -2,7 +2,7 @@
 
     python3 bench/snapshot_apply.py                  # 1,000,000 entries, dnsperf at 2,000 qps
     python3 bench/snapshot_apply.py --entries 100000 --qps 5000 --keep
-    python3 bench/snapshot_apply.py --micro          # in-process: validation and store only
+    python3 bench/snapshot_apply.py --micro          # in-process: validation, store, loop gaps
 
 What it does: starts `python -m smartdns serve` on free loopback ports with a temporary
 config and database (127.0.0.1 registered, `public_only: false`, rate limits out of the way),
@@ -21,7 +21,10 @@ dnsperf source so its answers stay NOERROR throughout. It reports
 With `--micro` no server or dnsperf runs: the same document is validated with
 `parse_snapshot_document` in this process (time with the cyclic collector off, as the
 server does, and the tracemalloc peak in a second run) and stored with
-`RegistrationStore.replace_snapshot` into a temporary database.
+`RegistrationStore.replace_snapshot` into a temporary database. Then an event loop ticks
+every millisecond while a worker thread decodes the document, first with plain json.loads
+(the peer), then with what `PUT /v1/snapshot` runs (smartdns.json_body and validation); the
+worst lateness of a tick is how long DNS would have waited for the GIL.
 
 It is a measurement, not a test: nothing is asserted beyond the 200 and NOERROR answers.
 Every step has a deadline (about ten minutes in all); every process it starts is stopped by
@@ -50,7 +53,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,6 +69,9 @@ from bench.tools import (
     python_env,
     terminate_as_interrupt,
 )
+
+if TYPE_CHECKING:
+    from smartdns.config import RegistrationsConfig
 
 PER_ACCOUNT: Final = 16
 FIRST_ADDRESS: Final = int(ipaddress.IPv4Address("1.0.0.1"))
@@ -238,7 +244,8 @@ def micro(args: argparse.Namespace) -> int:
     from smartdns.registry import RegistrationStore
 
     rules = RegistrationsConfig(public_only=args.public_only)  # false as in write_config
-    document = json.loads(snapshot_document(args.entries))
+    body = snapshot_document(args.entries)
+    document = json.loads(body)
     if args.public_only:
         del document["accounts"]["bench-source"]  # loopback: not global
     count = sum(len(addresses) for addresses in document["accounts"].values())
@@ -272,7 +279,41 @@ def micro(args: argparse.Namespace) -> int:
         f" tracemalloc peak {peak / 2**20:.1f} MiB, result holds {held / 2**20:.1f} MiB"
     )
     print(f"replace_snapshot: {stored_s:.2f} s")
+    if not args.public_only:
+        from smartdns.sync_api import COLLECTOR_PAUSE
+
+        with COLLECTOR_PAUSE:  # as around the server's apply
+            worst_ms = asyncio.run(worst_loop_gaps(body, rules))
+        print(
+            "worst event-loop gap while a worker thread decodes the body:"
+            f" json.loads {worst_ms[0]:.1f} ms, sync API decode and validation {worst_ms[1]:.1f} ms"
+        )
     return 0
+
+
+async def worst_loop_gaps(body: bytes, rules: RegistrationsConfig) -> tuple[float, float]:
+    """The longest the event loop waited for the GIL (a 1 ms ticker's worst lateness) while a
+    worker thread runs json.loads on `body`, then while it runs what PUT /v1/snapshot runs."""
+    import asyncio
+
+    from smartdns.sync_api import _decode_snapshot
+
+    async def worst_gap_ms(work: Callable[[], object]) -> float:
+        worst = 0.0
+        task = asyncio.create_task(asyncio.to_thread(work))
+        last = time.perf_counter()
+        while not task.done():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last - 0.001), now
+        kept = await task  # freed after the measurement, as the server frees it gradually
+        del kept
+        return worst * 1000
+
+    return (
+        await worst_gap_ms(lambda: json.loads(body)),
+        await worst_gap_ms(lambda: _decode_snapshot(body, rules)),
+    )
 
 
 def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from smartdns.entries import (
     validate_account_id,
 )
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.json_body import decode_body
 from smartdns.metrics import (
     CONTENT_TYPE,
     CacheStatsLike,
@@ -126,45 +126,12 @@ _HTTP_LOG.addFilter(_NoDetails())
 # --- JSON ---------------------------------------------------------------------------------
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys; for a snapshot that would silently drop an account.
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate key in a JSON object")
-    return result
-
-
-def _no_constant(_name: str) -> NoReturn:
-    raise ValueError("NaN and Infinity are not JSON")
-
-
-def _decode(body: bytes) -> object:
-    """Strict JSON (no duplicate keys, no NaN); ShapeError with a message that quotes nothing."""
-    try:
-        value: object = json.loads(
-            body, object_pairs_hook=_unique_keys, parse_constant=_no_constant
-        )
-    except json.JSONDecodeError as error:
-        raise ShapeError(
-            "", f"body is not valid JSON (line {error.lineno}, column {error.colno})"
-        ) from None
-    except UnicodeDecodeError:
-        raise ShapeError("", "body is not UTF-8 JSON") from None
-    except RecursionError:
-        raise ShapeError("", "body is nested too deeply") from None
-    except ValueError as error:
-        # Our hooks and int() digit limits; their messages name no input.
-        reason = str(error) if "JSON" in str(error) else "body has a number out of range"
-        raise ShapeError("", reason) from None
-    return value
-
-
 def _decode_account(body: bytes, rules: RegistrationsConfig) -> tuple[int, tuple[Network, ...]]:
-    return parse_account_document(_decode(body), rules)
+    return parse_account_document(decode_body(body), rules)
 
 
 def _decode_snapshot(body: bytes, rules: RegistrationsConfig) -> Snapshot:
-    document = _decode(body)
+    document = decode_body(body)
     try:
         return parse_snapshot_document(document, rules)
     finally:
@@ -179,11 +146,14 @@ def _release_snapshot(holder: list[Snapshot]) -> None:
 
 
 def _free_gradually(mapping: dict[str, Any]) -> None:
-    """Empty `mapping` one item per step. Freeing a million objects in one C-level
-    deallocation holds the GIL for half a second, stalling the DNS loop thread; between
-    Python-level steps the interpreter hands the GIL over every switch interval."""
+    """Empty `mapping` one item per step, and so each dict among its values (a decoded
+    snapshot's `accounts`). Freeing a million objects in one C-level deallocation holds the
+    GIL for a fifth of a second or more, stalling the DNS loop thread; between Python-level
+    steps the interpreter hands the GIL over every switch interval."""
     while mapping:
-        mapping.popitem()
+        _, value = mapping.popitem()
+        if isinstance(value, dict):
+            _free_gradually(value)
 
 
 class CollectorPause:
