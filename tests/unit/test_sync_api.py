@@ -4,6 +4,7 @@ tmp_path, a fake Node; every status code of SPEC 4 and the validation cases of S
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
@@ -684,3 +685,26 @@ def test_http_log_filter_drops_arguments_and_tracebacks() -> None:
     assert sync_api._NoDetails().filter(record)
     assert record.getMessage() == "Error handling request from - (ValueError)"
     assert record.exc_info is None
+
+
+def test_bulk_work_nests_and_restores_the_collector_and_switch_interval() -> None:
+    interval = sys.getswitchinterval()
+    bulk = sync_api.BulkWork()
+    assert gc.isenabled()
+    try:
+        with bulk:
+            with bulk:  # a snapshot apply overlapping a prefix load
+                assert not gc.isenabled()
+                assert sys.getswitchinterval() == sync_api.BulkWork.SWITCH_INTERVAL_S
+            assert not gc.isenabled()  # the outer user is still at work
+            assert sys.getswitchinterval() == sync_api.BulkWork.SWITCH_INTERVAL_S
+        assert gc.isenabled()
+        assert sys.getswitchinterval() == interval
+        gc.disable()  # off before: stays off after
+        with bulk:
+            pass
+        assert not gc.isenabled()
+        assert sys.getswitchinterval() == interval
+    finally:
+        gc.enable()
+        sys.setswitchinterval(interval)
