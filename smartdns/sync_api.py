@@ -165,9 +165,9 @@ class BulkWork:
     over them takes seconds with the GIL held, on whichever thread triggers it, which stalls
     the DNS event loop (and more than doubles the validation time). Nothing built there is
     cyclic, so reference counting frees it all: cyclic collection is off until the last
-    user ends. And the work runs in threads, from which the loop thread waits for the GIL
-    several times per query, each time up to the switch interval (5 ms by default): a
-    shorter interval meanwhile keeps DNS latency in single milliseconds, not tens.
+    user ends. And the work runs in threads that hold the GIL the loop thread needs several
+    times per query, each time for up to the switch interval (5 ms by default): a tenth of
+    it meanwhile took the worst DNS latency during a 1M-entry apply from ~100 ms to ~20 ms.
     """
 
     SWITCH_INTERVAL_S: Final = 0.0005
