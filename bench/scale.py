@@ -83,7 +83,7 @@ class SnapshotFigures:
 
 def measure_snapshot(size: int) -> SnapshotFigures:
     """Run in a fresh process (`--one`), so the RSS delta is the snapshot's own."""
-    from smartdns.clients import AuthorizedClients
+    from smartdns.core.clients import AuthorizedClients
 
     data = list(rows(size))
     gc.collect()
@@ -132,8 +132,8 @@ class ServerFigures:
 
 def fill_database(path: Path, size: int) -> float:
     """A database holding `size` entries plus `bench` → 127.0.0.1; seconds replace_snapshot took."""
-    from smartdns.entries import Network, Snapshot
-    from smartdns.registry import RegistrationStore
+    from smartdns.registrations.entries import Network, Snapshot
+    from smartdns.registrations.store import RegistrationStore
 
     networks: list[Network] = [
         ipaddress.IPv4Network((network, length))

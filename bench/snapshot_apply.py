@@ -23,7 +23,7 @@ With `--micro` no server or dnsperf runs: the same document is validated with
 server does, and the tracemalloc peak in a second run) and stored with
 `RegistrationStore.replace_snapshot` into a temporary database. Then an event loop ticks
 every millisecond while a worker thread decodes the document, first with plain json.loads
-(the peer), then with what `PUT /v1/snapshot` runs (smartdns.json_body and validation); the
+(the peer), then with what `PUT /v1/snapshot` runs (registrations.json_body and validation); the
 worst lateness of a tick is how long DNS would have waited for the GIL.
 
 It is a measurement, not a test: nothing is asserted beyond the 200 and NOERROR answers.
@@ -71,7 +71,7 @@ from bench.tools import (
 )
 
 if TYPE_CHECKING:
-    from smartdns.config import RegistrationsConfig
+    from smartdns.config.model import RegistrationsConfig
 
 PER_ACCOUNT: Final = 16
 FIRST_ADDRESS: Final = int(ipaddress.IPv4Address("1.0.0.1"))
@@ -239,9 +239,9 @@ def micro(args: argparse.Namespace) -> int:
     import gc
     import tracemalloc
 
-    from smartdns.config import RegistrationsConfig
-    from smartdns.entries import parse_snapshot_document
-    from smartdns.registry import RegistrationStore
+    from smartdns.config.model import RegistrationsConfig
+    from smartdns.registrations.entries import parse_snapshot_document
+    from smartdns.registrations.store import RegistrationStore
 
     rules = RegistrationsConfig(public_only=args.public_only)  # false as in write_config
     body = snapshot_document(args.entries)
@@ -280,7 +280,7 @@ def micro(args: argparse.Namespace) -> int:
     )
     print(f"replace_snapshot: {stored_s:.2f} s")
     if not args.public_only:
-        from smartdns.sync_api import BULK_WORK
+        from smartdns.registrations.sources.sync_api import BULK_WORK
 
         with BULK_WORK:  # as around the server's apply
             worst_ms = asyncio.run(worst_loop_gaps(body, rules))
@@ -296,7 +296,7 @@ async def worst_loop_gaps(body: bytes, rules: RegistrationsConfig) -> tuple[floa
     worker thread runs json.loads on `body`, then while it runs what PUT /v1/snapshot runs."""
     import asyncio
 
-    from smartdns.sync_api import _decode_snapshot
+    from smartdns.registrations.sources.sync_api import _decode_snapshot
 
     async def worst_gap_ms(work: Callable[[], object]) -> float:
         worst = 0.0

@@ -33,8 +33,7 @@ import dns.exception
 import dns.message
 
 with atheris.instrument_imports(include=["smartdns"]):
-    from smartdns.clients import AuthorizedClients
-    from smartdns.config import (
+    from smartdns.config.model import (
         Config,
         HostPort,
         Region,
@@ -43,12 +42,13 @@ with atheris.instrument_imports(include=["smartdns"]):
         Unregistered,
         UpstreamConfig,
     )
-    from smartdns.daemon import build_settings
+    from smartdns.core.clients import AuthorizedClients
+    from smartdns.core.counters import Metrics, Transport
+    from smartdns.core.wire import Query, parse_query
     from smartdns.errors import UpstreamError, WireError
-    from smartdns.metrics import Metrics, Transport
-    from smartdns.pipeline import Pipeline
-    from smartdns.upstream import Forwarder, _AttemptFailed, _check_parseable
-    from smartdns.wire import Query, parse_query
+    from smartdns.node.daemon import build_settings
+    from smartdns.serve.pipeline import Pipeline
+    from smartdns.upstream.forwarder import Forwarder, _AttemptFailed, _check_parseable
 
 EDNS_UDP_SIZE = 1232
 HOSTS = (

@@ -15,15 +15,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from smartdns.config import Config, describe, load_config
-from smartdns.entries import (
+from smartdns.config.loader import describe, load_config
+from smartdns.config.model import Config
+from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
+from smartdns.registrations.entries import (
     format_network,
     parse_addresses,
     parse_snapshot_document,
     validate_account_id,
 )
-from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
-from smartdns.registry import AccountRecord, RegistrationStore
+from smartdns.registrations.store import AccountRecord, RegistrationStore
 
 DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
 EXIT_FAILURE: Final = 1
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(config))
             return 0
         if args.command == "serve":
-            from smartdns.daemon import serve  # the server's imports are not needed elsewhere
+            from smartdns.node.daemon import serve  # the server's imports are not needed elsewhere
 
             return serve(config)
         return asyncio.run(_registrations(config, args))

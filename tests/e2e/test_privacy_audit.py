@@ -360,12 +360,12 @@ def test_search_finds_every_form_of_every_canary_when_planted(tmp_path: Path) ->
     log_lines = []
     for i, (_canary, form) in enumerate(sorted(everything)):
         (planted_files / f"{i}.bin").write_bytes(b"\x00junk " + form + b" junk\xff")
-        log_lines.append(b"2024-05-01 12:00:00 DEBUG smartdns.pipeline: client " + form + b" ok")
+        log_lines.append(b"2024-05-01 12:00:00 DEBUG smartdns.serve: client " + form + b" ok")
     in_files = found_forms(produced_files(planted_files), EVERY_CANARY)
     in_log = found_forms({"log": b"\n".join(log_lines)}, EVERY_CANARY)
     assert everything - in_files == set()
     assert everything - in_log == set()
-    clean = b"2024-05-01 12:00:00 DEBUG smartdns.pipeline: 3 queries, 127.0.0.1:53 [::1]:53"
+    clean = b"2024-05-01 12:00:00 DEBUG smartdns.serve: 3 queries, 127.0.0.1:53 [::1]:53"
     assert found_forms({"clean": clean}, EVERY_CANARY) == set()
 
 
@@ -416,7 +416,7 @@ def test_session_really_ran(session: Session) -> None:
     assert session.exit_code == 0
     # The server ran at debug level (it logs nothing more there: no line names a client).
     assert session.config["logging"]["level"] == "debug"
-    assert b"INFO smartdns.daemon: smartdns started" in session.output["stderr"]
+    assert b"INFO smartdns.node.daemon: smartdns started" in session.output["stderr"]
 
 
 # --- the audit -----------------------------------------------------------------------------------

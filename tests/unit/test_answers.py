@@ -10,9 +10,9 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from smartdns.answers import Responder, build_unblock_zones
-from smartdns.config import Region, UnblockConfig
-from smartdns.wire import encode_name, parse_query
+from smartdns.config.model import Region, UnblockConfig
+from smartdns.core.answers import Responder, build_unblock_zones
+from smartdns.core.wire import encode_name, parse_query
 
 UNBLOCK = UnblockConfig(
     ttl=60,

@@ -9,10 +9,10 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from smartdns.cache import FAILURE_TTL_S, STALE_TTL, AnswerCache, PacketCache, cache_key
-from smartdns.config import CacheConfig
-from smartdns.metrics import Outcome
-from smartdns.wire import ForwardedAnswer, parse_query, parse_upstream_answer
+from smartdns.config.model import CacheConfig
+from smartdns.core.cache import FAILURE_TTL_S, STALE_TTL, AnswerCache, PacketCache, cache_key
+from smartdns.core.counters import Outcome
+from smartdns.core.wire import ForwardedAnswer, parse_query, parse_upstream_answer
 
 NOW = 1000.0
 

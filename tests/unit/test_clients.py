@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from smartdns.clients import AuthorizedClients
+from smartdns.core.clients import AuthorizedClients
 
 
 def _row(text: str) -> tuple[int, int, int]:

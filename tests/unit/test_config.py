@@ -11,7 +11,8 @@ from types import MappingProxyType
 
 import pytest
 
-from smartdns.config import (
+from smartdns.config.loader import describe, load_config
+from smartdns.config.model import (
     CacheConfig,
     Config,
     DatabaseConfig,
@@ -26,8 +27,6 @@ from smartdns.config import (
     UnblockConfig,
     Unregistered,
     UpstreamConfig,
-    describe,
-    load_config,
 )
 from smartdns.errors import ConfigError
 

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from smartdns import entries
-from smartdns.config import RegistrationsConfig
-from smartdns.entries import (
+from smartdns.config.model import RegistrationsConfig
+from smartdns.errors import RegistrationError
+from smartdns.registrations import entries
+from smartdns.registrations.entries import (
     AccountEntries,
     Network,
     ShapeError,
@@ -24,7 +25,6 @@ from smartdns.entries import (
     parse_version,
     validate_account_id,
 )
-from smartdns.errors import RegistrationError
 
 PUBLIC = RegistrationsConfig()  # defaults: /24, /48, 16 per account, public_only
 LAB = RegistrationsConfig(public_only=False)

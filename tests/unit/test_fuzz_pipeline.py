@@ -20,8 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smartdns.clients import AuthorizedClients
-from smartdns.config import (
+from smartdns.config.model import (
     Config,
     HostPort,
     Region,
@@ -30,11 +29,12 @@ from smartdns.config import (
     Unregistered,
     UpstreamConfig,
 )
-from smartdns.daemon import build_settings
+from smartdns.core.clients import AuthorizedClients
+from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.wire import Query, parse_query
 from smartdns.errors import WireError
-from smartdns.metrics import Metrics, Outcome, Transport
-from smartdns.pipeline import Pipeline
-from smartdns.wire import Query, parse_query
+from smartdns.node.daemon import build_settings
+from smartdns.serve.pipeline import Pipeline
 from tests.fake_upstream import FakeUpstream
 from tests.unit.test_fuzz_wire import CI, mutated_queries, packets, valid_queries
 

@@ -22,10 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartdns.answers import Responder
-from smartdns.errors import WireError
-from smartdns.upstream import _AttemptFailed, _check_parseable
-from smartdns.wire import (
+from smartdns.core.answers import Responder
+from smartdns.core.wire import (
     MIN_UDP_SIZE,
     RCODE_BADVERS,
     RCODE_FORMERR,
@@ -34,6 +32,8 @@ from smartdns.wire import (
     parse_query,
     parse_upstream_answer,
 )
+from smartdns.errors import WireError
+from smartdns.upstream.forwarder import _AttemptFailed, _check_parseable
 
 CI = settings(
     max_examples=300,

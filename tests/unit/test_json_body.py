@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smartdns.entries import ShapeError
-from smartdns.json_body import decode_body
+from smartdns.registrations.entries import ShapeError
+from smartdns.registrations.json_body import decode_body
 from tests.unit.test_fuzz_wire import CI
 
 VALID = [

@@ -1,11 +1,12 @@
-"""Tests for smartdns.metrics: the Prometheus text exposition, exactly."""
+"""Tests for smartdns.node.metrics: the Prometheus text exposition, exactly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smartdns.metrics import CacheStatsLike, Metrics, Outcome, Transport, _escape_label, render
-from smartdns.upstream import ForwarderStats
+from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.node.metrics import CacheStatsLike, _escape_label, render
+from smartdns.upstream.forwarder import ForwarderStats
 
 
 @dataclass(frozen=True)

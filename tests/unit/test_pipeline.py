@@ -16,10 +16,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from smartdns.answers import Responder, build_unblock_zones
-from smartdns.cache import AnswerCache
-from smartdns.clients import AuthorizedClients
-from smartdns.config import (
+from smartdns.config.model import (
     CacheConfig,
     Config,
     HostPort,
@@ -29,11 +26,14 @@ from smartdns.config import (
     Unregistered,
     UpstreamConfig,
 )
-from smartdns.daemon import build_settings
-from smartdns.metrics import Metrics, Transport
-from smartdns.pipeline import Pipeline, Settings
-from smartdns.ratelimit import RateLimits
-from smartdns.upstream import Forwarder
+from smartdns.core.answers import Responder, build_unblock_zones
+from smartdns.core.cache import AnswerCache
+from smartdns.core.clients import AuthorizedClients
+from smartdns.core.counters import Metrics, Transport
+from smartdns.core.ratelimit import RateLimits
+from smartdns.node.daemon import build_settings
+from smartdns.serve.pipeline import Pipeline, Settings
+from smartdns.upstream.forwarder import Forwarder
 from tests.fake_upstream import FakeUpstream
 
 WAIT_S = 10.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smartdns.config import Unregistered
-from smartdns.policy import Verdict, decide
+from smartdns.config.model import Unregistered
+from smartdns.core.policy import Verdict, decide
 
 A, AAAA, MX, TXT, SVCB, HTTPS, ANY = 1, 28, 15, 16, 64, 65, 255
 IN, CH, HS = 1, 3, 4

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from smartdns import ratelimit
-from smartdns.ratelimit import Admission, RateLimiter
+from smartdns.core import ratelimit
+from smartdns.core.ratelimit import Admission, RateLimiter
 
 T0 = 1000.0  # a monotonic clock rarely starts at zero
 

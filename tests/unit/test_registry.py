@@ -12,10 +12,20 @@ from types import MappingProxyType
 
 import pytest
 
-from smartdns.config import RegistrationsConfig
-from smartdns.entries import AccountEntries, Network, Snapshot, parse_snapshot_document
+from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError, StaleWriteError
-from smartdns.registry import AccountRecord, DatabaseError, RegistrationStore, SnapshotResult
+from smartdns.registrations.entries import (
+    AccountEntries,
+    Network,
+    Snapshot,
+    parse_snapshot_document,
+)
+from smartdns.registrations.store import (
+    AccountRecord,
+    DatabaseError,
+    RegistrationStore,
+    SnapshotResult,
+)
 
 A = ipaddress.IPv4Network("203.0.113.7/32")
 B = ipaddress.IPv4Network("198.51.100.0/24")

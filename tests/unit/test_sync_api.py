@@ -1,4 +1,4 @@
-"""Tests for smartdns.sync_api: the real aiohttp server on a loopback port, a real store in
+"""Tests for the sync API: the real aiohttp server on a loopback port, a real store in
 tmp_path, a fake Node; every status code of SPEC 4 and the validation cases of SPEC 3."""
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from smartdns import sync_api
-from smartdns.config import (
+from smartdns.config.model import (
     Config,
     DatabaseConfig,
     HostPort,
@@ -29,10 +28,11 @@ from smartdns.config import (
     SyncConfig,
     UpstreamConfig,
 )
+from smartdns.core.counters import Metrics
 from smartdns.errors import SmartDNSError
-from smartdns.metrics import Metrics
-from smartdns.registry import DatabaseError, RegistrationStore, StoreStatus
-from smartdns.sync_api import SyncServer, Timeouts, start_sync_api
+from smartdns.registrations.sources import sync_api
+from smartdns.registrations.sources.sync_api import SyncServer, Timeouts, start_sync_api
+from smartdns.registrations.store import DatabaseError, RegistrationStore, StoreStatus
 
 TOKEN = secrets.token_hex(32)
 AWAIT_S = 5.0

@@ -14,10 +14,10 @@ import uvloop
 from dnslib import DNSBuffer, DNSRecord
 
 import tests.fake_upstream
-from smartdns.config import HostPort, UpstreamConfig
+from smartdns.config.model import HostPort, UpstreamConfig
+from smartdns.core.wire import FLAG_CD, FLAG_RD, QCLASS_IN, QTYPE_A, QTYPE_AAAA, Query
 from smartdns.errors import UpstreamError
-from smartdns.upstream import DEADLINE_S, Forwarder, UpstreamBusyError
-from smartdns.wire import FLAG_CD, FLAG_RD, QCLASS_IN, QTYPE_A, QTYPE_AAAA, Query
+from smartdns.upstream.forwarder import DEADLINE_S, Forwarder, UpstreamBusyError
 from tests.fake_upstream import CRAFTED, SPOOF_ADDRESS, FakeUpstream
 
 WAIT_S = 10.0  # safety net on every await; the forwarder's own deadline is 4 s

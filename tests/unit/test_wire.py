@@ -10,8 +10,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from smartdns.errors import WireError
-from smartdns.wire import (
+from smartdns.core.wire import (
     FLAG_RD,
     FLAG_TC,
     HEADER_SIZE,
@@ -29,6 +28,7 @@ from smartdns.wire import (
     skip_name,
     truncate,
 )
+from smartdns.errors import WireError
 
 
 def _query(name: str = "www.NetFlix.com", qtype: str = "A", **kwargs: object) -> bytes:

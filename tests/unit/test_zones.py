@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from smartdns.wire import encode_name
-from smartdns.zones import ZoneMatcher
+from smartdns.core.wire import encode_name
+from smartdns.core.zones import ZoneMatcher
 
 MATCHER = ZoneMatcher(
     {

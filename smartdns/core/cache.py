@@ -10,9 +10,9 @@ import struct
 from collections import OrderedDict
 from typing import Final, NamedTuple
 
-from smartdns.config import CacheConfig
-from smartdns.metrics import Outcome
-from smartdns.wire import FLAG_CD, RCODE_NOERROR, RCODE_NXDOMAIN, ForwardedAnswer, Query
+from smartdns.config.model import CacheConfig
+from smartdns.core.counters import Outcome
+from smartdns.core.wire import FLAG_CD, RCODE_NOERROR, RCODE_NXDOMAIN, ForwardedAnswer, Query
 
 STALE_TTL: Final = 30  # RFC 8767 §4: TTL of a stale answer
 FAILURE_TTL_S: Final = 5.0  # RFC 9520 §3.2: a resolution failure is remembered a few seconds

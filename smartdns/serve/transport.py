@@ -14,11 +14,11 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from smartdns.config import HostPort, ServerConfig
+from smartdns.config.model import HostPort, ServerConfig
+from smartdns.core.counters import Transport
 from smartdns.errors import SmartDNSError
 from smartdns.logs import WarnOnce
-from smartdns.metrics import Transport
-from smartdns.pipeline import Pipeline
+from smartdns.serve.pipeline import Pipeline
 
 MAX_UDP_QUERY: Final = 4096  # larger datagrams are not queries anyone sends; drop unread
 SOCKET_BUFFER_BYTES: Final = 4 * 1024 * 1024  # so a burst queues in the kernel, not on the floor

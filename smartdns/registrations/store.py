@@ -20,8 +20,14 @@ from typing import Any, Final
 
 import aiosqlite
 
-from smartdns.entries import AccountEntries, EntryRow, Network, Snapshot, validate_account_id
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.registrations.entries import (
+    AccountEntries,
+    EntryRow,
+    Network,
+    Snapshot,
+    validate_account_id,
+)
 
 SCHEMA_VERSION: Final = 1
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from smartdns.core.counters import Metrics, Outcome, Transport
 from smartdns.errors import SmartDNSError
-from smartdns.metrics import Metrics, Outcome, Transport, WorkerSample
-from smartdns.upstream import ForwarderStats
+from smartdns.node.metrics import WorkerSample
+from smartdns.upstream.forwarder import ForwarderStats
 
 log = logging.getLogger(__name__)
 

@@ -14,17 +14,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from smartdns.answers import Responder, UnblockZone, rewrite_cname_chain
-from smartdns.cache import AnswerCache, CacheEntry, PacketCache, cache_key
-from smartdns.clients import AuthorizedClients
-from smartdns.config import CacheConfig, RateLimitConfig, Unregistered
-from smartdns.errors import UpstreamError, WireError
-from smartdns.logs import WarnOnce
-from smartdns.metrics import Metrics, Outcome, Transport
-from smartdns.policy import Verdict, decide
-from smartdns.ratelimit import Admission, RateLimits
-from smartdns.upstream import DEADLINE_S, Forwarder, UpstreamBusyError
-from smartdns.wire import (
+from smartdns.config.model import CacheConfig, RateLimitConfig, Unregistered
+from smartdns.core.answers import Responder, UnblockZone, rewrite_cname_chain
+from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, cache_key
+from smartdns.core.clients import AuthorizedClients
+from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.policy import Verdict, decide
+from smartdns.core.ratelimit import Admission, RateLimits
+from smartdns.core.wire import (
     HEADER_SIZE,
     RCODE_SERVFAIL,
     Query,
@@ -33,7 +30,10 @@ from smartdns.wire import (
     parse_upstream_answer,
     truncate,
 )
-from smartdns.zones import ZoneMatcher
+from smartdns.core.zones import ZoneMatcher
+from smartdns.errors import UpstreamError, WireError
+from smartdns.logs import WarnOnce
+from smartdns.upstream.forwarder import DEADLINE_S, Forwarder, UpstreamBusyError
 
 PendingReply = Coroutine[Any, Any, bytes | None]
 Reply = bytes | PendingReply | None

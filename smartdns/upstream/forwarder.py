@@ -18,9 +18,8 @@ from typing import Final
 
 from asyncio_throttle.throttler import Throttler
 
-from smartdns.config import HostPort, UpstreamConfig
-from smartdns.errors import UpstreamError, WireError
-from smartdns.wire import (
+from smartdns.config.model import HostPort, UpstreamConfig
+from smartdns.core.wire import (
     FLAG_CD,
     FLAG_QR,
     FLAG_RD,
@@ -35,6 +34,7 @@ from smartdns.wire import (
     parse_upstream_answer,
     skip_name,
 )
+from smartdns.errors import UpstreamError, WireError
 
 log = logging.getLogger(__name__)
 

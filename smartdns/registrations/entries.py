@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, overload
 
-from smartdns.config import RegistrationsConfig
+from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

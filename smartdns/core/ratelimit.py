@@ -16,7 +16,7 @@ from array import array
 from collections.abc import Callable
 from typing import Final
 
-from smartdns.config import RateLimitConfig
+from smartdns.config.model import RateLimitConfig
 
 DEFAULT_SLOTS: Final = 65_536
 DEFAULT_ROTATE_AFTER_S: Final = 600.0

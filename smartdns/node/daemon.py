@@ -11,26 +11,28 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
-from smartdns import logs, systemd
-from smartdns.answers import Responder, build_unblock_zones
-from smartdns.cache import AnswerCache
-from smartdns.clients import AuthorizedClients
-from smartdns.config import Config, load_config
+from smartdns import logs
+from smartdns.config.loader import load_config
+from smartdns.config.model import Config
+from smartdns.core.answers import Responder, build_unblock_zones
+from smartdns.core.cache import AnswerCache
+from smartdns.core.clients import AuthorizedClients
+from smartdns.core.counters import Metrics
+from smartdns.core.ratelimit import RateLimits
 from smartdns.errors import ConfigError, SmartDNSError
-from smartdns.metrics import (
+from smartdns.node import systemd
+from smartdns.node.metrics import (
     CacheStatsLike,
     ForwarderStatsLike,
-    Metrics,
     RegistrationStatsLike,
     WorkerSample,
 )
-from smartdns.pipeline import Pipeline, Settings
-from smartdns.ratelimit import RateLimits
-from smartdns.registry import RegistrationStore
-from smartdns.sync_api import BULK_WORK, SyncServer, start_sync_api
-from smartdns.transport import InFlight, Listeners, start_listeners
-from smartdns.upstream import Forwarder
-from smartdns.workers import STATS_INTERVAL_S, Supervisor, WorkerLink, every, stats_message
+from smartdns.node.workers import STATS_INTERVAL_S, Supervisor, WorkerLink, every, stats_message
+from smartdns.registrations.sources.sync_api import BULK_WORK, SyncServer, start_sync_api
+from smartdns.registrations.store import RegistrationStore
+from smartdns.serve.pipeline import Pipeline, Settings
+from smartdns.serve.transport import InFlight, Listeners, start_listeners
+from smartdns.upstream.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
 

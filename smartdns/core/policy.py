@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from smartdns.config import Unregistered
-from smartdns.wire import (
+from smartdns.config.model import Unregistered
+from smartdns.core.wire import (
     QCLASS_CHAOS,
     QCLASS_IN,
     QTYPE_A,

@@ -10,9 +10,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from smartdns.config import Region, UnblockConfig
-from smartdns.errors import WireError
-from smartdns.wire import (
+from smartdns.config.model import Region, UnblockConfig
+from smartdns.core.wire import (
     FLAG_AA,
     FLAG_AD,
     FLAG_TC,
@@ -38,7 +37,8 @@ from smartdns.wire import (
     read_name,
     scan_records,
 )
-from smartdns.zones import ZoneMatcher
+from smartdns.core.zones import ZoneMatcher
+from smartdns.errors import WireError
 
 _RR_FIXED = struct.Struct("!HHIH")
 _UINT32 = struct.Struct("!I")

@@ -1,6 +1,6 @@
-"""Configuration: YAML → frozen dataclasses, every check in one pass, `PATH:LINE: message`.
+"""Configuration loader: YAML → `model`'s dataclasses, every check in one pass, `PATH:LINE`.
 
-Only config.py and cli.py read settings; everything else receives these values. No I/O
+Only the loader and cli.py read settings; everything else receives these values. No I/O
 beyond reading the one file and the sync token file (a secret, checked like a setting);
 other file paths in it are resolved, not opened.
 """
@@ -8,15 +8,13 @@ other file paths in it are resolved, not opened.
 from __future__ import annotations
 
 import difflib
-import enum
 import ipaddress
 import math
 import os
 import re
-import socket
 import stat
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, TypeVar
@@ -24,132 +22,23 @@ from typing import Final, TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from smartdns.config.model import (
+    CacheConfig,
+    Config,
+    DatabaseConfig,
+    HostPort,
+    LoggingConfig,
+    RateLimitConfig,
+    Region,
+    RegistrationsConfig,
+    Secret,
+    ServerConfig,
+    SyncConfig,
+    UnblockConfig,
+    Unregistered,
+    UpstreamConfig,
+)
 from smartdns.errors import ConfigError
-
-
-class Unregistered(enum.Enum):
-    """What a query from an unregistered source gets (SPEC 2)."""
-
-    REFUSE = "refuse"
-    DROP = "drop"
-    RESOLVE = "resolve"
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    """An IP address and port; `host` is the normalized address text, without brackets."""
-
-    host: str
-    port: int
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: tuple[HostPort, ...] = (HostPort("0.0.0.0", 53), HostPort("::", 53))
-    workers: int = 1  # processes sharing the ports; YAML "auto" = os.cpu_count()
-    edns_udp_size: int = 1232  # bytes we advertise and the cap on UDP replies (512..4096)
-    tcp_idle_timeout: float = 10.0  # seconds
-    tcp_max_connections: int = 1024  # concurrent TCP connections per worker
-
-
-@dataclass(frozen=True, slots=True)
-class DatabaseConfig:
-    # Relative paths are taken relative to the config file's directory.
-    path: Path = Path("/var/lib/smartdns/registrations.db")
-
-
-@dataclass(frozen=True, slots=True)
-class RegistrationsConfig:
-    min_prefix_v4: int = 24  # widest IPv4 prefix accepted (0..32)
-    min_prefix_v6: int = 48  # widest IPv6 prefix accepted (0..128)
-    max_per_account: int = 16  # entries per account
-    public_only: bool = True  # reject loopback, private, link-local and other non-global ranges
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    ipv4: tuple[ipaddress.IPv4Address, ...] = ()
-    ipv6: tuple[ipaddress.IPv6Address, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class UnblockConfig:
-    ttl: int = 60  # seconds, for proxy answers and the synthesized SOA
-    regions: Mapping[str, Region] = field(default_factory=lambda: MappingProxyType({}))
-    # zone (lower-case, no trailing dot) → region name; flattened from `zones: {region: [...]}`
-    zones: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamConfig:
-    servers: tuple[HostPort, ...] = ()  # required, non-empty; port defaults to 53
-    timeout: float = 1.5  # seconds per attempt
-    attempts: int = 2  # tries per upstream
-    max_qps: int = 5000  # forwarding rate bound (queries per second, whole worker)
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    max_entries: int = 100_000
-    min_ttl: int = 0  # seconds
-    max_ttl: int = 86_400  # seconds
-    negative_ttl: int = 300  # seconds, cap for NXDOMAIN/NODATA (RFC 2308)
-    serve_stale: int = 86_400  # seconds past expiry an entry may still be served (RFC 8767)
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitConfig:
-    client_qps: int = 200  # per authorized source bucket
-    refused_qps: int = 5  # REFUSED replies per source bucket
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Secret:
-    """A credential; `repr` and `str` never show it, so it cannot leak into a log line."""
-
-    value: bytes = b""
-
-    def __repr__(self) -> str:
-        return "Secret(<redacted>)" if self.value else "Secret(<empty>)"
-
-    __str__ = __repr__
-
-
-@dataclass(frozen=True, slots=True)
-class SyncConfig:
-    listen: HostPort = HostPort("127.0.0.1", 8053)
-    token_file: Path = Path("/etc/smartdns/sync.token")  # relative to the config file's directory
-    max_body: int = 33_554_432  # bytes
-    # The bearer token, read from token_file by load_config (not a YAML key); empty = none.
-    token: Secret = Secret()
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str = "info"  # debug | info | warning | error
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: Path
-    server: ServerConfig = ServerConfig()
-    database: DatabaseConfig = DatabaseConfig()
-    registrations: RegistrationsConfig = RegistrationsConfig()
-    unregistered: Unregistered = Unregistered.REFUSE
-    unblock: UnblockConfig = UnblockConfig()
-    upstream: UpstreamConfig = UpstreamConfig()
-    cache: CacheConfig = CacheConfig()
-    rate_limit: RateLimitConfig = RateLimitConfig()
-    sync: SyncConfig = SyncConfig()
-    logging: LoggingConfig = LoggingConfig()
-
 
 # Loading. The YAML is composed into nodes, not loaded, so every value keeps its line;
 # scalars are converted where they are checked and nothing untyped leaves this section.

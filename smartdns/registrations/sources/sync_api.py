@@ -18,8 +18,18 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 from aiohttp import web
 
-from smartdns.config import Config, RegistrationsConfig
-from smartdns.entries import (
+from smartdns.config.model import Config, RegistrationsConfig
+from smartdns.core.counters import Metrics
+from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.node.metrics import (
+    CONTENT_TYPE,
+    CacheStatsLike,
+    ForwarderStatsLike,
+    RegistrationStatsLike,
+    WorkerSample,
+    render,
+)
+from smartdns.registrations.entries import (
     Network,
     ShapeError,
     Snapshot,
@@ -29,18 +39,8 @@ from smartdns.entries import (
     parse_version,
     validate_account_id,
 )
-from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
-from smartdns.json_body import decode_body
-from smartdns.metrics import (
-    CONTENT_TYPE,
-    CacheStatsLike,
-    ForwarderStatsLike,
-    Metrics,
-    RegistrationStatsLike,
-    WorkerSample,
-    render,
-)
-from smartdns.registry import DatabaseError, RegistrationStore
+from smartdns.registrations.json_body import decode_body
+from smartdns.registrations.store import DatabaseError, RegistrationStore
 
 log = logging.getLogger(__name__)
 

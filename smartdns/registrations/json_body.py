@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any, Final, NoReturn
 
-from smartdns.entries import ShapeError
+from smartdns.registrations.entries import ShapeError
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")  # JSON's four (RFC 8259 §2)
 
