@@ -296,7 +296,7 @@ async def worst_loop_gaps(body: bytes, rules: RegistrationsConfig) -> tuple[floa
     worker thread runs json.loads on `body`, then while it runs what PUT /v1/snapshot runs."""
     import asyncio
 
-    from smartdns.registrations.sources.sync_api import _decode_snapshot
+    from smartdns.registrations.json_body import decode_snapshot
 
     async def worst_gap_ms(work: Callable[[], object]) -> float:
         worst = 0.0
@@ -312,7 +312,7 @@ async def worst_loop_gaps(body: bytes, rules: RegistrationsConfig) -> tuple[floa
 
     return (
         await worst_gap_ms(lambda: json.loads(body)),
-        await worst_gap_ms(lambda: _decode_snapshot(body, rules)),
+        await worst_gap_ms(lambda: decode_snapshot(body, rules)),
     )
 
 

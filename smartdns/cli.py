@@ -21,9 +21,9 @@ from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
 from smartdns.registrations.entries import (
     format_network,
     parse_addresses,
-    parse_snapshot_document,
     validate_account_id,
 )
+from smartdns.registrations.json_body import decode_snapshot
 from smartdns.registrations.store import AccountRecord, RegistrationStore
 
 DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
@@ -160,17 +160,17 @@ async def _list(config: Config, store: RegistrationStore, args: argparse.Namespa
 
 async def _import(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     try:
-        document = json.loads(args.file.read_text(encoding="utf-8"))
+        body = args.file.read_bytes()
     except OSError as error:
         print(f"smartdns: error: {args.file}: {error.strerror}", file=sys.stderr)
         return EXIT_FAILURE
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        print(
-            f"smartdns: invalid input: {args.file}: not JSON ({type(error).__name__})",
-            file=sys.stderr,
-        )
+    # The sync API's decoder and rules (SPEC 5: "with the same rules"): a duplicate account
+    # key is an error here too, where json.loads would silently keep the last one.
+    try:
+        snapshot = decode_snapshot(body, config.registrations)
+    except RegistrationError as error:
+        print(f"smartdns: invalid input: {args.file}: {error}", file=sys.stderr)
         return EXIT_INVALID
-    snapshot = parse_snapshot_document(document, config.registrations)
     result = await store.replace_snapshot(snapshot)
     counts = f"{result.accounts} accounts, {result.entries} entries"
     print(f"imported snapshot version {snapshot.version}: {counts}")

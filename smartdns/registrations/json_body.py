@@ -15,7 +15,14 @@ import json
 import re
 from typing import Any, Final, NoReturn
 
-from smartdns.registrations.entries import ShapeError
+from smartdns.config.model import RegistrationsConfig
+from smartdns.registrations.entries import (
+    Network,
+    ShapeError,
+    Snapshot,
+    parse_account_document,
+    parse_snapshot_document,
+)
 
 _WHITESPACE: Final = re.compile(r"[ \t\n\r]*")  # JSON's four (RFC 8259 §2)
 
@@ -32,6 +39,33 @@ def _no_constant(_name: str) -> NoReturn:
 
 
 _SCANNER: Final = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def decode_account(body: bytes, rules: RegistrationsConfig) -> tuple[int, tuple[Network, ...]]:
+    """A `PUT /v1/accounts/{account}` body, decoded strictly and validated."""
+    return parse_account_document(decode_body(body), rules)
+
+
+def decode_snapshot(body: bytes, rules: RegistrationsConfig) -> Snapshot:
+    """A snapshot document (`PUT /v1/snapshot`, `registrations import`), decoded strictly and
+    validated; the decoded document is freed gradually (see free_gradually)."""
+    document = decode_body(body)
+    try:
+        return parse_snapshot_document(document, rules)
+    finally:
+        if isinstance(document, dict):
+            free_gradually(document)
+
+
+def free_gradually(mapping: dict[str, Any]) -> None:
+    """Empty `mapping` one item per step, and so each dict among its values (a decoded
+    snapshot's `accounts`). Freeing a million objects in one C-level deallocation holds the
+    GIL for a fifth of a second or more, stalling the DNS loop thread; between Python-level
+    steps the interpreter hands the GIL over every switch interval."""
+    while mapping:
+        _, value = mapping.popitem()
+        if isinstance(value, dict):
+            free_gradually(value)
 
 
 def decode_body(body: bytes) -> object:

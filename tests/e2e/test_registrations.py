@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dns.message
 import dns.rcode
+import pytest
+import yaml
 
-from tests.e2e.harness import REGISTERED_V6, UNREGISTERED, Server, rcode_within
+from tests.e2e.harness import (
+    REGISTERED_V6,
+    UNREGISTERED,
+    Server,
+    base_config,
+    free_port,
+    rcode_within,
+    run_cli,
+)
 
 EFFECT_DEADLINE_S = 1.0
 
@@ -45,3 +56,32 @@ def test_import_replaces_everything(server: Server) -> None:
     rcode_within(server, "127.0.0.2", dns.rcode.REFUSED, EFFECT_DEADLINE_S)
     exported = json.loads(server.cli("registrations", "export").stdout)
     assert exported == {"version": 5, "accounts": {"other": [UNREGISTERED]}}
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        (b'{"version": 7, "accounts": {"a": ["127.0.0.5"], "a": ["127.0.0.6"]}}', "duplicate"),
+        (b'{"version": 7, "accounts": {"a": ["127.0.0.5"]}, "version": 8}', "duplicate"),
+        (b'{"version": NaN, "accounts": {}}', "NaN"),
+        (b'{"version": 7, "accounts": {"a": ["127.0.0.5"]}', "not valid JSON"),
+        (b'{"version": 7, "accounts": {"a": ["127.0.0.5/8"]}}', 'accounts["a"][0]'),
+        (b"\xff\xfe{", "not UTF-8"),
+    ],
+    ids=["duplicate_account", "duplicate_version", "nan", "truncated", "bad_entry", "not_utf8"],
+)
+def test_import_uses_the_sync_api_rules(tmp_path: Path, document: bytes, reason: str) -> None:
+    """SPEC 5: `import` takes a snapshot document "with the same rules" as PUT /v1/snapshot;
+    json.loads would keep the last of two equal keys and silently drop an account."""
+    config_path = tmp_path / "smartdns.yaml"
+    config = base_config(free_port(), tmp_path, "127.0.0.1:53")
+    config["registrations"]["min_prefix_v4"] = 24
+    config_path.write_text(yaml.safe_dump(config))
+    assert run_cli(config_path, "registrations", "add", "kept", "127.0.0.9").returncode == 0
+    snapshot = tmp_path / "snapshot.json"
+    snapshot.write_bytes(document)
+    result = run_cli(config_path, "registrations", "import", str(snapshot))
+    assert result.returncode == 2, result.stderr
+    assert reason in result.stderr and "127.0.0.5" not in result.stderr
+    exported = json.loads(run_cli(config_path, "registrations", "export").stdout)
+    assert exported == {"version": 0, "accounts": {"kept": ["127.0.0.9"]}}

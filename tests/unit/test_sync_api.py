@@ -389,13 +389,13 @@ async def test_large_snapshot_is_decoded_off_the_loop(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[threading.Thread] = []
-    original = sync_api._decode_snapshot
+    original = sync_api.decode_snapshot
 
     def recording(body: bytes, rules: RegistrationsConfig) -> Any:
         threads.append(threading.current_thread())
         return original(body, rules)
 
-    monkeypatch.setattr(sync_api, "_decode_snapshot", recording)
+    monkeypatch.setattr(sync_api, "decode_snapshot", recording)
     accounts = {f"acct-{i}": [f"10.{i // 256}.{i % 256}.1"] for i in range(5000)}
     status, body = await api.call("PUT", "/v1/snapshot", {"version": 1, "accounts": accounts})
     assert (status, body) == (200, {"version": 1, "accounts": 5000, "entries": 5000})

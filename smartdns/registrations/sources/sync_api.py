@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -30,16 +30,13 @@ from smartdns.node.metrics import (
     render,
 )
 from smartdns.registrations.entries import (
-    Network,
     ShapeError,
     Snapshot,
     format_network,
-    parse_account_document,
-    parse_snapshot_document,
     parse_version,
     validate_account_id,
 )
-from smartdns.registrations.json_body import decode_body
+from smartdns.registrations.json_body import decode_account, decode_snapshot, free_gradually
 from smartdns.registrations.store import DatabaseError, RegistrationStore
 
 log = logging.getLogger(__name__)
@@ -124,37 +121,13 @@ _HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
 _HTTP_LOG.addFilter(_NoDetails())
 
 
-# --- JSON ---------------------------------------------------------------------------------
-
-
-def _decode_account(body: bytes, rules: RegistrationsConfig) -> tuple[int, tuple[Network, ...]]:
-    return parse_account_document(decode_body(body), rules)
-
-
-def _decode_snapshot(body: bytes, rules: RegistrationsConfig) -> Snapshot:
-    document = decode_body(body)
-    try:
-        return parse_snapshot_document(document, rules)
-    finally:
-        if isinstance(document, dict):
-            _free_gradually(document)
+# --- bodies -------------------------------------------------------------------------------
 
 
 def _release_snapshot(holder: list[Snapshot]) -> None:
     """Drop the last reference to a stored snapshot, a little at a time (worker thread)."""
     # The copy takes the accounts over, so the snapshot's own dict goes without freeing them.
-    _free_gradually(dict(holder.pop().accounts))
-
-
-def _free_gradually(mapping: dict[str, Any]) -> None:
-    """Empty `mapping` one item per step, and so each dict among its values (a decoded
-    snapshot's `accounts`). Freeing a million objects in one C-level deallocation holds the
-    GIL for a fifth of a second or more, stalling the DNS loop thread; between Python-level
-    steps the interpreter hands the GIL over every switch interval."""
-    while mapping:
-        _, value = mapping.popitem()
-        if isinstance(value, dict):
-            _free_gradually(value)
+    free_gradually(dict(holder.pop().accounts))
 
 
 class BulkWork:
@@ -367,7 +340,7 @@ class SyncApi:
     async def _put_account(self, request: web.Request) -> web.Response:
         body = await self._read_body(request)
         account = self._account(request)
-        version, networks = await self._parse(body, _decode_account)
+        version, networks = await self._parse(body, decode_account)
         record = await self._store.put_account(account, version, networks)
         return web.json_response(
             {"account": account, "version": record.version, "addresses": len(record.networks)}
@@ -397,7 +370,7 @@ class SyncApi:
         loop = asyncio.get_running_loop()
         with BULK_WORK:
             started = loop.time()
-            snapshot = await self._parse(body, _decode_snapshot)
+            snapshot = await self._parse(body, decode_snapshot)
             del body
             validated = loop.time()
             result = await self._store.replace_snapshot(snapshot)
