@@ -43,7 +43,8 @@ with atheris.instrument_imports(include=["smartdns"]):
         UpstreamConfig,
     )
     from smartdns.core.clients import AuthorizedClients
-    from smartdns.core.counters import Metrics, Transport
+    from smartdns.core.counters import Metrics
+    from smartdns.core.peer import Peer, stream_peer, udp_peer
     from smartdns.core.wire import Query, parse_query
     from smartdns.errors import UpstreamError, WireError
     from smartdns.node.daemon import build_settings
@@ -163,7 +164,7 @@ def run_to_completion(coroutine: Coroutine[Any, Any, bytes | None]) -> bytes | N
     return LOOP.run_until_complete(asyncio.wait_for(coroutine, FORWARD_TIMEOUT_S))
 
 
-def check_reply(packet: bytes, query: Query | None, reply: bytes, transport: Transport) -> None:
+def check_reply(packet: bytes, query: Query | None, reply: bytes, peer: Peer) -> None:
     """Invariants every reply must satisfy (SPEC 2)."""
     try:
         message = dns.message.from_wire(reply)
@@ -174,28 +175,28 @@ def check_reply(packet: bytes, query: Query | None, reply: bytes, transport: Tra
     if query is not None:
         question = query.question
         assert reply[12 : 12 + len(question)] == question, "question not echoed"
-        if transport is Transport.UDP:
+        limit = peer.reply_limit
+        if limit is None:
             limit = min(query.udp_limit, EDNS_UDP_SIZE)
-            assert len(reply) <= limit, "UDP reply over the client's limit"
+        assert len(reply) <= limit, "reply over the client's or the transport's limit"
 
 
 def test_one_input(data: bytes) -> None:
     if not data:
         return
     selector, packet = data[0], data[1:]
-    host = HOSTS[selector & 7]
-    transport = Transport.TCP if selector & 8 else Transport.UDP
+    peer = (stream_peer if selector & 8 else udp_peer)(HOSTS[selector & 7])
     FORWARDER.kind = selector >> 4 & 7
     query: Query | None
     try:
         query = parse_query(packet)
     except WireError:
         query = None
-    reply = build_pipeline().handle(packet, host, transport)
+    reply = build_pipeline().handle(packet, peer)
     if reply is not None and not isinstance(reply, bytes):
         reply = run_to_completion(reply)
     if reply is not None:
-        check_reply(packet, query, reply, transport)
+        check_reply(packet, query, reply, peer)
 
 
 def main(argv: list[str]) -> None:

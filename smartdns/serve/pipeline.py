@@ -19,6 +19,7 @@ from smartdns.core.answers import Responder, UnblockZone, rewrite_cname_chain
 from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, cache_key
 from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.peer import Peer
 from smartdns.core.policy import Verdict, decide
 from smartdns.core.ratelimit import Admission, RateLimits
 from smartdns.core.wire import (
@@ -63,7 +64,7 @@ class Settings:
 
 
 class Pipeline:
-    """`handle(packet, host, transport)`; `settings` and `clients` are swapped whole by the
+    """`handle(packet, peer)`; `settings` and `clients` are swapped whole by the
     daemon, and each query reads each reference once.
 
     Forwarded queries: policy first (authorization and zones, so a removed registration or a
@@ -88,11 +89,13 @@ class Pipeline:
         self._waiting = 0
         self._internal_errors = WarnOnce(__name__, "unexpected error while handling a query")
 
-    def handle(self, packet: bytes, host: str, transport: Transport) -> Reply:
+    def handle(self, packet: bytes, peer: Peer) -> Reply:
         """Reply bytes, None to send nothing, or a coroutine giving either (forwarding).
 
         Over UDP a query seen before (same bytes after the ID, same authorization state)
         is answered from the packet cache once the rate limits let it through."""
+        host = peer.host
+        transport = peer.transport
         settings = self.settings
         counts = self.metrics.queries
         authorized = self.clients.is_authorized(host)
@@ -284,10 +287,10 @@ class Pipeline:
         if fetches:
             await asyncio.wait(fetches, timeout=1.0)
 
-    def fail(self, packet: bytes, error: BaseException, transport: Transport) -> bytes | None:
+    def fail(self, packet: bytes, error: BaseException, peer: Peer) -> bytes | None:
         """The per-packet error boundary: SERVFAIL when the header is readable, a counter, and
         a rate-limited warning naming only the exception type (its text could carry a name)."""
-        self.metrics.queries[transport, Outcome.INTERNAL_ERROR] += 1
+        self.metrics.queries[peer.transport, Outcome.INTERNAL_ERROR] += 1
         self._internal_errors.warn(type(error).__name__)
         if len(packet) < HEADER_SIZE or struct.unpack_from("!H", packet, 2)[0] & 0x8000:
             return None

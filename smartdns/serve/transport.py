@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from smartdns.config.model import HostPort, ServerConfig
-from smartdns.core.counters import Transport
+from smartdns.core.peer import Peer, stream_peer, udp_peer
 from smartdns.errors import SmartDNSError
 from smartdns.logs import WarnOnce
 from smartdns.serve.pipeline import Pipeline
@@ -73,25 +73,30 @@ class UdpServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_UDP_QUERY or self._transport is None or not self.reading:
             return
+        peer = udp_peer(addr[0])
         try:
-            reply = self._pipeline.handle(data, addr[0], Transport.UDP)
+            reply = self._pipeline.handle(data, peer)
         except Exception as error:
-            reply = self._pipeline.fail(data, error, Transport.UDP)
+            reply = self._pipeline.fail(data, error, peer)
         if reply is None:
             return
         if type(reply) is bytes:
             self._transport.sendto(reply, addr)
             return
         assert not isinstance(reply, bytes)
-        self._in_flight.spawn(self._send_later(data, reply, addr))
+        self._in_flight.spawn(self._send_later(data, reply, peer, addr))
 
     async def _send_later(
-        self, data: bytes, pending: Coroutine[Any, Any, bytes | None], addr: tuple[Any, ...]
+        self,
+        data: bytes,
+        pending: Coroutine[Any, Any, bytes | None],
+        peer: Peer,
+        addr: tuple[Any, ...],
     ) -> None:
         try:
             reply = await pending
         except Exception as error:
-            reply = self._pipeline.fail(data, error, Transport.UDP)
+            reply = self._pipeline.fail(data, error, peer)
         transport = self._transport
         if reply is not None and transport is not None and not transport.is_closing():
             transport.sendto(reply, addr)
@@ -151,7 +156,7 @@ class TcpConnection(asyncio.Protocol):
         self._in_flight = in_flight
         self._connections = connections
         self._transport: asyncio.Transport | None = None
-        self._host = ""
+        self._peer = stream_peer("")
         self._buffer = bytearray()
         self._pending = 0
         self._queries = 0
@@ -171,7 +176,7 @@ class TcpConnection(asyncio.Protocol):
             stream.abort()
             return
         self._transport = stream
-        self._host = stream.get_extra_info("peername")[0]
+        self._peer = stream_peer(stream.get_extra_info("peername")[0])
         connections.open[self] = None
         self._opened = self._last_activity = self._loop.time()
         self._arm_timer(self._last_activity + connections.idle_timeout_s)
@@ -256,9 +261,9 @@ class TcpConnection(asyncio.Protocol):
 
     def _dispatch(self, packet: bytes) -> None:
         try:
-            reply = self._pipeline.handle(packet, self._host, Transport.TCP)
+            reply = self._pipeline.handle(packet, self._peer)
         except Exception as error:
-            reply = self._pipeline.fail(packet, error, Transport.TCP)
+            reply = self._pipeline.fail(packet, error, self._peer)
         if reply is None:
             return
         if type(reply) is bytes:
@@ -272,7 +277,7 @@ class TcpConnection(asyncio.Protocol):
         try:
             reply = await pending
         except Exception as error:
-            reply = self._pipeline.fail(packet, error, Transport.TCP)
+            reply = self._pipeline.fail(packet, error, self._peer)
         finally:
             self._pending -= 1
         if reply is not None:

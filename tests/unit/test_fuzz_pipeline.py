@@ -31,6 +31,7 @@ from smartdns.config.model import (
 )
 from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.peer import Peer, stream_peer, udp_peer
 from smartdns.core.wire import Query, parse_query
 from smartdns.errors import WireError
 from smartdns.node.daemon import build_settings
@@ -100,10 +101,8 @@ def harness() -> Iterator[Harness]:
         yield Harness(upstream, runner, config)
 
 
-def _handle(
-    harness: Harness, packet: bytes, host: str, transport: Transport, policy: Unregistered
-) -> bytes | None:
-    reply = harness.pipeline(policy).handle(packet, host, transport)
+def _handle(harness: Harness, packet: bytes, peer: Peer, policy: Unregistered) -> bytes | None:
+    reply = harness.pipeline(policy).handle(packet, peer)
     if reply is None or isinstance(reply, bytes):
         return reply
 
@@ -113,7 +112,7 @@ def _handle(
     return harness.runner.run(wait())
 
 
-def _check_reply(packet: bytes, reply: bytes, transport: Transport) -> dns.message.Message:
+def _check_reply(packet: bytes, reply: bytes, peer: Peer) -> dns.message.Message:
     try:
         message = dns.message.from_wire(reply)
     except dns.exception.DNSException as error:  # pragma: no cover - the failure message
@@ -126,35 +125,35 @@ def _check_reply(packet: bytes, reply: bytes, transport: Transport) -> dns.messa
         query = None
     if query is not None:
         assert reply[12 : 12 + len(query.question)] == query.question  # echoed byte for byte
-        if transport is Transport.UDP:
-            assert len(reply) <= min(query.udp_limit, EDNS_UDP_SIZE)
+        limit = peer.reply_limit
+        assert len(reply) <= (min(query.udp_limit, EDNS_UDP_SIZE) if limit is None else limit)
     return message
 
 
-sources = st.sampled_from(REGISTERED + UNREGISTERED)
-transports = st.sampled_from(list(Transport))
+peer_kinds = st.sampled_from([udp_peer, stream_peer])
+
+
+def _peers(hosts: list[str]) -> st.SearchStrategy[Peer]:
+    return st.builds(lambda make, host: make(host), peer_kinds, st.sampled_from(hosts))
+
+
 policies = st.sampled_from(list(Unregistered))
 upstream_modes = st.sampled_from(["normal", "normal", "normal", "garbage", "truncate_udp"])
 
 
 @CI
-@given(packets, sources, transports, policies, upstream_modes)
+@given(packets, _peers(REGISTERED + UNREGISTERED), policies, upstream_modes)
 def test_handle_replies_with_a_response_or_nothing(
-    harness: Harness,
-    packet: bytes,
-    host: str,
-    transport: Transport,
-    policy: Unregistered,
-    mode: str,
+    harness: Harness, packet: bytes, peer: Peer, policy: Unregistered, mode: str
 ) -> None:
     harness.upstream.garbage = mode == "garbage"
     harness.upstream.truncate_udp = mode == "truncate_udp"
     try:
-        reply = _handle(harness, packet, host, transport, policy)
+        reply = _handle(harness, packet, peer, policy)
     finally:
         harness.upstream.garbage = harness.upstream.truncate_udp = False
     if reply is not None:
-        _check_reply(packet, reply, transport)
+        _check_reply(packet, reply, peer)
 
 
 def _forwardable_names() -> st.SearchStrategy[bytes]:
@@ -174,13 +173,13 @@ def _forwardable_names() -> st.SearchStrategy[bytes]:
 
 
 @CI
-@given(_forwardable_names(), st.sampled_from(REGISTERED), transports)
+@given(_forwardable_names(), _peers(REGISTERED))
 def test_forwarded_answers_are_responses_within_the_client_limit(
-    harness: Harness, packet: bytes, host: str, transport: Transport
+    harness: Harness, packet: bytes, peer: Peer
 ) -> None:
-    reply = _handle(harness, packet, host, transport, Unregistered.REFUSE)
+    reply = _handle(harness, packet, peer, Unregistered.REFUSE)
     assert reply is not None
-    message = _check_reply(packet, reply, transport)
+    message = _check_reply(packet, reply, peer)
     assert message.rcode() in (0, 2, 3)  # NOERROR, SERVFAIL (the fake's unknowns), NXDOMAIN
 
 
@@ -190,9 +189,9 @@ def test_unregistered_never_forwarded_under_refuse(
     harness: Harness, packet: bytes, host: str
 ) -> None:
     pipeline = harness.pipeline(Unregistered.REFUSE)
-    reply = pipeline.handle(packet, host, Transport.UDP)
+    reply = pipeline.handle(packet, udp_peer(host))
     assert reply is None or isinstance(reply, bytes)  # never a pending forward
     assert pipeline.metrics.queries[Transport.UDP, Outcome.FORWARD] == 0
     if reply is not None:
-        message = _check_reply(packet, reply, Transport.UDP)
+        message = _check_reply(packet, reply, udp_peer(host))
         assert message.rcode() != 0  # REFUSED, FORMERR, NOTIMP, BADVERS: never an answer

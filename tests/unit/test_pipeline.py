@@ -29,7 +29,8 @@ from smartdns.config.model import (
 from smartdns.core.answers import Responder, build_unblock_zones
 from smartdns.core.cache import AnswerCache
 from smartdns.core.clients import AuthorizedClients
-from smartdns.core.counters import Metrics, Transport
+from smartdns.core.counters import Metrics
+from smartdns.core.peer import stream_peer, udp_peer
 from smartdns.core.ratelimit import RateLimits
 from smartdns.node.daemon import build_settings
 from smartdns.serve.pipeline import Pipeline, Settings
@@ -88,7 +89,7 @@ def _pipeline(up: FakeUpstream, clock: Clock, *zones: str) -> Pipeline:
 
 
 async def _ask(pipeline: Pipeline, name: str, qtype: str = "A") -> dns.message.Message:
-    reply = pipeline.handle(dns.message.make_query(name, qtype).to_wire(), CLIENT, Transport.UDP)
+    reply = pipeline.handle(dns.message.make_query(name, qtype).to_wire(), udp_peer(CLIENT))
     if reply is not None and not isinstance(reply, bytes):
         async with asyncio.timeout(WAIT_S):
             reply = await reply
@@ -110,7 +111,7 @@ async def test_hit_is_answered_synchronously_with_ttl_counted_down(up: FakeUpstr
     assert _answer(await _ask(pipeline, "example.org")) == [("example.org.", 300, "192.0.2.1")]
     clock.now += 100.5
     wire = dns.message.make_query("Example.Org", "A").to_wire()
-    reply = pipeline.handle(wire, CLIENT, Transport.UDP)
+    reply = pipeline.handle(wire, udp_peer(CLIENT))
     assert isinstance(reply, bytes)  # no task, no await: the cache answered
     assert reply[:2] == wire[:2] and reply[12 : len(wire)] == wire[12:]
     assert _answer(dns.message.from_wire(reply)) == [("Example.Org.", 200, "192.0.2.1")]
@@ -140,9 +141,7 @@ async def test_stale_answer_when_the_upstream_fails(up: FakeUpstream) -> None:
     assert nothing.rcode() == dns.rcode.SERVFAIL
     # the failure is remembered: the next query is answered at once, without upstream
     asked = up.count()
-    reply = pipeline.handle(
-        dns.message.make_query("example.org", "A").to_wire(), CLIENT, Transport.UDP
-    )
+    reply = pipeline.handle(dns.message.make_query("example.org", "A").to_wire(), udp_peer(CLIENT))
     assert reply is not None and not isinstance(reply, bytes)
     async with asyncio.timeout(0.1):
         assert _answer(dns.message.from_wire(await reply)) == [("example.org.", 30, "192.0.2.1")]
@@ -189,12 +188,12 @@ def test_client_over_its_rate_gets_tc_and_drops_alternately_then_recovers(up: Fa
     clock = Clock()
     pipeline = _limited(up, clock, client_qps=3, refused_qps=1)
     wire = dns.message.make_query("www.netflix.com", "A").to_wire()
-    replies = [pipeline.handle(wire, CLIENT, Transport.UDP) for _ in range(7)]
+    replies = [pipeline.handle(wire, udp_peer(CLIENT)) for _ in range(7)]
     kinds = [_kind(reply) for reply in replies]
     assert kinds == ["answer"] * 3 + ["tc", "drop", "tc", "drop"]
-    assert pipeline.handle(wire, CLIENT, Transport.TCP) is not None  # TCP is not limited
+    assert pipeline.handle(wire, stream_peer(CLIENT)) is not None  # TCP is not limited
     clock.now += 1.0
-    assert isinstance(pipeline.handle(wire, CLIENT, Transport.UDP), bytes)
+    assert isinstance(pipeline.handle(wire, udp_peer(CLIENT)), bytes)
 
 
 def test_refused_and_error_replies_share_the_refused_rate(up: FakeUpstream) -> None:
@@ -203,18 +202,16 @@ def test_refused_and_error_replies_share_the_refused_rate(up: FakeUpstream) -> N
     query = dns.message.make_query("www.netflix.com", "A").to_wire()
     formerr = query[:4] + b"\x00\x02" + query[6:]
     stranger = "127.0.0.9"
-    replies = [
-        pipeline.handle(packet, stranger, Transport.UDP) for packet in (query, formerr, query)
-    ]
+    replies = [pipeline.handle(packet, udp_peer(stranger)) for packet in (query, formerr, query)]
     assert [r is not None for r in replies] == [True, True, False]
-    assert pipeline.handle(query, stranger, Transport.TCP) is not None
-    assert pipeline.handle(formerr, CLIENT, Transport.UDP) is not None  # authorized: not limited
+    assert pipeline.handle(query, stream_peer(stranger)) is not None
+    assert pipeline.handle(formerr, udp_peer(CLIENT)) is not None  # authorized: not limited
     clock.now += 1.0
-    assert pipeline.handle(query, stranger, Transport.UDP) is not None
+    assert pipeline.handle(query, udp_peer(stranger)) is not None
 
 
 def _udp(pipeline: Pipeline, wire: bytes, host: str = CLIENT) -> bytes | None:
-    reply = pipeline.handle(wire, host, Transport.UDP)
+    reply = pipeline.handle(wire, udp_peer(host))
     assert reply is None or isinstance(reply, bytes)
     return reply
 
