@@ -708,3 +708,98 @@ def test_bulk_work_nests_and_restores_the_collector_and_switch_interval() -> Non
     finally:
         gc.enable()
         sys.setswitchinterval(interval)
+
+
+# --- the HTTP edge: every error is JSON and echoes nothing ---------------------------------------
+
+CANARY = "203.0.113.77"  # in bodies and headers of malformed requests: must never come back
+_AUTH = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+_ACCOUNT_BODY = json.dumps({"version": 1, "addresses": [CANARY]}).encode()
+
+
+def _put(headers: bytes, body: bytes = _ACCOUNT_BODY) -> bytes:
+    return (
+        b"PUT /v1/accounts/acct-edge HTTP/1.1\r\nHost: x\r\n"
+        + _AUTH
+        + headers
+        + b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+def _responses(received: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Each response in `received` (status, lower-cased header names, body), by Content-Length."""
+    responses = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].startswith(("HTTP/1.1 ", "HTTP/1.0 ")), lines[0]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers["content-length"])
+        responses.append((int(lines[0].split()[1]), headers, rest[:length]))
+        received = rest[length:]
+    return responses
+
+
+async def _whole_reply(api: Api, request: bytes) -> bytes:
+    """Send `request`; everything received until the server closes."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", api.server.port), AWAIT_S
+    )
+    try:
+        writer.write(request)
+        await asyncio.wait_for(writer.drain(), AWAIT_S)
+        return await asyncio.wait_for(reader.read(), AWAIT_S)
+    finally:
+        writer.close()
+
+
+_MALFORMED = {
+    "control_char_in_header": _put(b"X-Note: a\x01" + CANARY.encode() + b"\r\n"),
+    "over_long_header_line": _put(b"X-Note: " + CANARY.encode() * 2000 + b"\r\n"),
+    "over_long_request_line": b"GET /v1/accounts/"
+    + CANARY.encode() * 2000
+    + b" HTTP/1.1\r\nHost: x\r\n"
+    + _AUTH
+    + b"\r\n",
+    "bad_request_line": b"GET /v1/" + CANARY.encode() + b" HTTP/9.Z\r\n" + _AUTH + b"\r\n",
+    "content_encoding_br": _put(b"Content-Encoding: br\r\n"),
+    "content_encoding_gzip_plain_body": _put(b"Content-Encoding: gzip\r\n"),
+    "content_encoding_deflate_plain_body": _put(b"Content-Encoding: deflate\r\n"),
+    "content_encoding_unknown": _put(b"Content-Encoding: x-" + CANARY.encode() + b"\r\n"),
+    "pipelined_malformed_second_request": b"GET /v1/status HTTP/1.1\r\nHost: x\r\n"
+    + _AUTH
+    + b"\r\n"
+    + b"PUT /v1/accounts/acct-edge HTTP/1.1\r\nHost: x\r\n"
+    + _AUTH
+    + b"X-Note: \x00"
+    + CANARY.encode()
+    + b"\r\n\r\n",
+    "bad_chunk_size": b"PUT /v1/accounts/acct-edge HTTP/1.1\r\nHost: x\r\n"
+    + _AUTH
+    + b"Transfer-Encoding: chunked\r\n\r\nzz"
+    + CANARY.encode()
+    + b"\r\n",
+    "two_content_lengths": _put(b"Content-Length: 3\r\n"),
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(_MALFORMED.values()), ids=list(_MALFORMED))
+async def test_malformed_http_gets_a_json_error_echoing_nothing(
+    api: Api, request_bytes: bytes
+) -> None:
+    received = await _whole_reply(api, request_bytes)
+    responses = _responses(received)
+    assert responses and responses[-1][0] in (400, 413, 415, 431), received[:300]
+    for status, headers, body in responses:
+        assert headers["content-type"].startswith("application/json"), (status, headers)
+        if status >= 400:
+            assert set(json.loads(body)) == {"error"}
+    for secret in (CANARY, TOKEN, "Bearer", "acct-edge"):
+        assert secret.encode() not in received
+    assert (await api.call("GET", "/v1/accounts/acct-edge"))[0] == 404

@@ -14,9 +14,11 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final, NoReturn, Protocol, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.core.counters import Metrics
@@ -300,6 +302,14 @@ class SyncApi:
     async def _read_body(self, request: web.Request) -> bytes:
         """The body, at most `sync.max_body` bytes: 413 from Content-Length before reading,
         else as soon as the running total passes the limit; 408 if it does not arrive in time."""
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # aiohttp would inflate gzip and deflate (a body that is not compressed then fails
+            # mid-read) and its parser refuses others; the portal sends plain JSON. RFC 7694 §3.
+            raise HttpError(
+                415,
+                "Content-Encoding is not supported; send identity",
+                {"Accept-Encoding": "identity"},
+            )
         limit = self._max_body
         too_large = HttpError(413, f"request body is over {limit} bytes (sync.max_body)")
         if request.content_length is not None and request.content_length > limit:
@@ -434,6 +444,51 @@ class SyncApi:
 # --- the server ---------------------------------------------------------------------------
 
 
+class _JsonErrors(RequestHandler):
+    """aiohttp's connection handler, with the errors it answers itself made JSON.
+
+    The HTTP parser's failures (a control character in a header, an over-long line, a bad
+    request line, an unsupported Content-Encoding, a bad chunk) and a handler that escapes
+    every middleware end in `handle_error`, which by default answers text/plain quoting the
+    offending request line or header: the bearer token and body addresses included. Here the
+    reply is `{"error": <the status's phrase>}` and the log line names the exception type only.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        _HTTP_LOG.debug("malformed HTTP request (%s)", type(exc).__name__ if exc else status)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        try:
+            reason = HTTPStatus(status).phrase.lower()
+        except ValueError:
+            reason = "error"
+        response = _error_response(status, reason, {})
+        response.force_close()  # the parser cannot resynchronize on this connection
+        return response
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections are handled by `_JsonErrors`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp has no hook for the parser's error replies (aio-libs/aiohttp#3287, #9882):
+        # its Server builds a RequestHandler per connection, so use a Server that builds ours.
+        server.__class__ = _JsonErrorServer
+        return server
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
 class SyncServer:
     """The running API: its aiohttp runner and its own store connection."""
 
@@ -472,7 +527,7 @@ async def start_sync_api(
     long write), bind `sync.listen` and serve. Raises SmartDNSError when either fails."""
     store = await RegistrationStore.open(config.database.path, create=False)
     api = SyncApi(config, store, metrics, node, timeouts)
-    runner = web.AppRunner(
+    runner = _Runner(
         api.application(),
         handle_signals=False,
         access_log=None,  # it would log peer addresses (SPEC 7)
