@@ -1,7 +1,8 @@
 """Configuration loader: YAML → `model`'s dataclasses, every check in one pass, `PATH:LINE`.
 
 Only the loader and cli.py read settings; everything else receives these values. No I/O
-beyond reading the one file and the sync token file (a secret, checked like a setting);
+beyond reading the one file and the sync token file (a secret, checked like a setting), and
+looking at the feed's credentials and CA files (they must exist; credentials owner-only);
 other file paths in it are resolved, not opened.
 """
 
@@ -13,6 +14,7 @@ import math
 import os
 import re
 import stat
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +28,8 @@ from smartdns.config.model import (
     CacheConfig,
     Config,
     DatabaseConfig,
+    DdnsConfig,
+    FeedConfig,
     HostPort,
     LoggingConfig,
     RateLimitConfig,
@@ -60,6 +64,12 @@ _TOKEN: Final = re.compile(rb"[\x21-\x7e]+")  # one HTTP header word: visible AS
 _MIN_TOKEN_CHARS: Final = 16
 _MAX_TOKEN_BYTES: Final = 4096
 _MAX_UPSTREAM_TIMEOUT_S: Final = 10.0
+# JetStream's own rule for key-value bucket names (nats.js VALID_BUCKET_RE).
+_BUCKET_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
+_FEED_SCHEMES: Final = ("nats", "tls")
+_NATS_PORT: Final = 4222
+_HOST_LABEL: Final = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+_MAX_JETSTREAM_REPLICAS: Final = 5
 
 _T = TypeVar("_T")
 
@@ -229,6 +239,115 @@ def _file_path(loader: _Loader, node: Node, where: str) -> Path | None:
         return None
     path = Path(text)
     return path if path.is_absolute() else (loader.base_dir / path).resolve()
+
+
+def _file_problem(path: Path, *, owner_only: bool, missing: str) -> str | None:
+    """What is wrong with the file at `path` (None when nothing): absent, unreadable, not a
+    regular file, or, with `owner_only`, accessible by another user (mode & 0o077)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return missing
+    except OSError as error:
+        return f"cannot read the file: {error.strerror or error}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if owner_only and info.st_mode & 0o077:
+        which = "readable" if info.st_mode & 0o044 else "accessible"
+        return f"file is {which} by other users (chmod 600)"
+    return None
+
+
+def _existing_file_field(*, owner_only: bool) -> _Converter:
+    """A file path that must name an existing regular file (owner-only for a secret)."""
+
+    def convert(loader: _Loader, node: Node, where: str) -> Path | None:
+        path = _file_path(loader, node, where)
+        if path is None:
+            return None
+        problem = _file_problem(path, owner_only=owner_only, missing="file does not exist")
+        if problem is not None:
+            loader.add(node, f"{where}: {path}: {problem}")
+            return None
+        return path
+
+    return convert
+
+
+def _bucket_name(loader: _Loader, node: Node, where: str) -> str | None:
+    text = _text(loader, node, where)
+    if text is None:
+        return None
+    if not _BUCKET_NAME.fullmatch(text):
+        loader.add(
+            node, f'{where}: "{text}": a bucket name may contain only A-Z, a-z, 0-9, "-" and "_"'
+        )
+        return None
+    return text
+
+
+def _is_host_name(host: str) -> bool:
+    """An IP address or a DNS host name (letters, digits, inner hyphens; dots between)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+    return True
+
+
+def _feed_url_problem(text: str) -> str | None:
+    """What is wrong with a NATS server URL (None when nothing).
+
+    Host names are accepted here, unlike for DNS upstreams: the feed is not needed to answer
+    DNS, and TLS checks the server's name. User and password are refused so that no secret
+    sits in the YAML (they belong in feed.credentials_file).
+    """
+    try:
+        url = urllib.parse.urlsplit(text)
+    except ValueError:  # an unclosed "[" (the only thing urlsplit refuses)
+        return "expected nats://HOST:PORT (IPv6 in brackets)"
+    try:
+        port = url.port
+    except ValueError:
+        return "port must be a number 1..65535"
+    if url.scheme.lower() not in _FEED_SCHEMES:
+        return "must start with nats:// or tls://"
+    if url.username is not None or url.password is not None:
+        return "no user or password in the URL; put them in feed.credentials_file"
+    if not url.hostname or not _is_host_name(url.hostname):
+        return "expected nats://HOST:PORT (IPv6 in brackets)"
+    if port == 0:
+        return "port must be a number 1..65535"
+    if url.path not in ("", "/") or url.query or url.fragment:
+        return "nothing may follow HOST:PORT"
+    return None
+
+
+def _feed_servers(loader: _Loader, node: Node, where: str) -> tuple[str, ...] | None:
+    items = _sequence(loader, node, where)
+    if items is None:
+        return None
+    if not items:
+        loader.add(node, f"{where}: must list at least one server")
+        return None
+    found: dict[str, str] = {}
+    valid = True
+    for index, item in enumerate(items):
+        item_where = f"{where}[{index}]"
+        text = _text(loader, item, item_where)
+        problem = None if text is None else _feed_url_problem(text)
+        if text is None:
+            valid = False
+        elif problem is not None:
+            loader.add(item, f'{item_where}: "{text}": {problem}')
+            valid = False
+        elif text in found:
+            loader.add(item, f'{item_where}: "{text}" is listed twice (also {found[text]})')
+            valid = False
+        else:
+            found[text] = item_where
+    return tuple(found) if valid else None
 
 
 def _log_level(loader: _Loader, node: Node, where: str) -> str | None:
@@ -469,6 +588,7 @@ _REGISTRATIONS: Final[Mapping[str, _Converter]] = {
     "min_prefix_v4": _int_field(0, 32),
     "min_prefix_v6": _int_field(0, 128),
     "max_per_account": _int_field(1),
+    "max_hostnames_per_account": _int_field(0),
     "public_only": _bool,
 }
 _UPSTREAM: Final[Mapping[str, _Converter]] = {
@@ -493,8 +613,23 @@ _SYNC: Final[Mapping[str, _Converter]] = {
     "token_file": _file_path,
     "max_body": _int_field(1),
 }
+_DDNS: Final[Mapping[str, _Converter]] = {
+    "resolvers": _host_ports_field(53),
+    "min_ttl": _int_field(1),
+    "max_ttl": _int_field(1),
+    "grace": _int_field(0),
+    "max_concurrent": _int_field(1),
+}
+_FEED: Final[Mapping[str, _Converter]] = {
+    "servers": _feed_servers,
+    "bucket": _bucket_name,
+    "replicas": _int_field(1, _MAX_JETSTREAM_REPLICAS),
+    "credentials_file": _existing_file_field(owner_only=True),
+    "tls_ca_file": _existing_file_field(owner_only=False),
+    "refresher": _bool,
+}
 _LOGGING: Final[Mapping[str, _Converter]] = {"level": _log_level}
-_UNBLOCK_KEYS: Final = ("ttl", "regions", "zones")
+_UNBLOCK_KEYS: Final = ("ttl", "canary_nxdomain", "regions", "zones")
 _REGION_KEYS: Final = ("ipv4", "ipv6")
 
 
@@ -531,6 +666,10 @@ def _unblock(loader: _Loader, node: Node) -> UnblockConfig:
         ttl = _int_field(0, 86_400)(loader, entries["ttl"][1], "unblock.ttl")
         if ttl is not None:
             values["ttl"] = ttl
+    if "canary_nxdomain" in entries:
+        canary = _bool(loader, entries["canary_nxdomain"][1], "unblock.canary_nxdomain")
+        if canary is not None:
+            values["canary_nxdomain"] = canary
 
     # Every region named in the file counts as defined, even a broken one, so a zone list
     # pointing at it does not get a second, misleading problem.
@@ -592,9 +731,10 @@ _SECTION_TABLES: Final[Mapping[str, tuple[Mapping[str, _Converter], Callable[...
     "cache": (_CACHE, CacheConfig),
     "rate_limit": (_RATE_LIMIT, RateLimitConfig),
     "sync": (_SYNC, SyncConfig),
+    "ddns": (_DDNS, DdnsConfig),
     "logging": (_LOGGING, LoggingConfig),
 }
-_SECTIONS: Final = (*_SECTION_TABLES, "unregistered", "unblock")
+_SECTIONS: Final = (*_SECTION_TABLES, "unregistered", "unblock", "feed")
 _SERVERS_REQUIRED: Final = (
     "upstream.servers is required: a list of resolver addresses to forward to"
 )
@@ -612,17 +752,10 @@ def _token_problem(path: Path) -> bytes | str:
     The file must be a regular file that no other user can access (mode & 0o077 == 0),
     holding one word of visible ASCII. Messages never quote the content.
     """
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return f"file does not exist; create it: {_TOKEN_HINT}"
-    except OSError as error:
-        return f"cannot read the file: {error.strerror or error}"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    if info.st_mode & 0o077:
-        which = "readable" if info.st_mode & 0o044 else "accessible"
-        return f"file is {which} by other users (chmod 600)"
+    missing = f"file does not exist; create it: {_TOKEN_HINT}"
+    problem = _file_problem(path, owner_only=True, missing=missing)
+    if problem is not None:
+        return problem
     try:
         with path.open("rb") as file:
             content = file.read(_MAX_TOKEN_BYTES + 1)
@@ -647,6 +780,31 @@ def _sync_with_token(loader: _Loader, sync: SyncConfig, node: Node) -> SyncConfi
     return replace(sync, token=Secret(token))
 
 
+def _check_ttl_order(
+    loader: _Loader,
+    name: str,
+    section: CacheConfig | DdnsConfig,
+    found: Mapping[str, tuple[Node, Node]],
+) -> None:
+    if section.min_ttl > section.max_ttl:
+        where = found.get("min_ttl") or found["max_ttl"]
+        loader.add(
+            where[1],
+            f"{name}.min_ttl ({section.min_ttl}) must not be more than "
+            f"{name}.max_ttl ({section.max_ttl})",
+        )
+
+
+def _feed(loader: _Loader, key: Node, node: Node) -> FeedConfig | None:
+    """The optional feed section: None when absent or empty, else servers are required."""
+    section, found = _section(loader, node, "feed", _FEED, FeedConfig)
+    if not found:
+        return None
+    if "servers" not in found:
+        loader.add(key, "feed.servers is required: a list of nats:// or tls:// server URLs")
+    return section
+
+
 def _config(loader: _Loader, root: MappingNode) -> Config:
     entries = _mapping(loader, root, "", _SECTIONS) or {}
     sections: dict[str, object] = {}
@@ -661,6 +819,9 @@ def _config(loader: _Loader, root: MappingNode) -> Config:
         if name == "unblock":
             sections[name] = _unblock(loader, node)
             continue
+        if name == "feed":
+            sections[name] = _feed(loader, key, node)
+            continue
         fields, make = _SECTION_TABLES[name]
         section, found = _section(loader, node, name, fields, make)
         sections[name] = section
@@ -669,15 +830,14 @@ def _config(loader: _Loader, root: MappingNode) -> Config:
             token_node = found["token_file"][1] if token_file_given else key
         if name == "upstream" and "servers" not in found:
             loader.add(key, _SERVERS_REQUIRED)
-        if isinstance(section, CacheConfig) and section.min_ttl > section.max_ttl:
-            where = found.get("min_ttl") or found["max_ttl"]
-            loader.add(
-                where[1],
-                f"cache.min_ttl ({section.min_ttl}) must not be more than "
-                f"cache.max_ttl ({section.max_ttl})",
-            )
+        if isinstance(section, CacheConfig | DdnsConfig):
+            _check_ttl_order(loader, name, section, found)
     if "upstream" not in entries:
         loader.add(root, _SERVERS_REQUIRED)
+    ddns = sections.get("ddns", DdnsConfig())
+    upstream = sections.get("upstream")
+    if isinstance(ddns, DdnsConfig) and isinstance(upstream, UpstreamConfig) and not ddns.resolvers:
+        sections["ddns"] = replace(ddns, resolvers=upstream.servers)
     sync = sections.get("sync", SyncConfig())
     # A token_file value that is itself invalid was reported already; its default is no guide.
     if isinstance(sync, SyncConfig) and not (token_file_given and loader.has_problem(token_node)):
@@ -733,6 +893,7 @@ def describe(config: Config) -> str:
         _count(len(config.unblock.zones), "zone", "zones"),
         _count(len(config.upstream.servers), "upstream", "upstreams"),
         f"unregistered={config.unregistered.value}",
+        f"feed={'off' if config.feed is None else 'on'}",
     ]
     return "config OK: " + ", ".join(parts)
 

@@ -57,6 +57,7 @@ class RegistrationsConfig:
     min_prefix_v4: int = 24  # widest IPv4 prefix accepted (0..32)
     min_prefix_v6: int = 48  # widest IPv6 prefix accepted (0..128)
     max_per_account: int = 16  # entries per account
+    max_hostnames_per_account: int = 4  # hostname entries per account (SPEC 3)
     public_only: bool = True  # reject loopback, private, link-local and other non-global ranges
 
 
@@ -69,6 +70,8 @@ class Region:
 @dataclass(frozen=True, slots=True)
 class UnblockConfig:
     ttl: int = 60  # seconds, for proxy answers and the synthesized SOA
+    # use-application-dns.net gets NXDOMAIN for authorized clients (Firefox stays on us)
+    canary_nxdomain: bool = True
     regions: Mapping[str, Region] = field(default_factory=lambda: MappingProxyType({}))
     # zone (lower-case, no trailing dot) → region name; flattened from `zones: {region: [...]}`
     zones: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
@@ -119,6 +122,34 @@ class SyncConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DdnsConfig:
+    """Resolving registered hostnames (SPEC 3)."""
+
+    # Who resolves registered hostnames; port defaults to 53. The loader fills in
+    # upstream.servers when the key is left out, so a loaded Config never has this empty.
+    resolvers: tuple[HostPort, ...] = ()
+    min_ttl: int = 30  # seconds; re-resolve no sooner than this (at least 1)
+    max_ttl: int = 300  # seconds; and no later than this (at least min_ttl)
+    grace: int = 86_400  # seconds the last good addresses are kept while lookups fail
+    max_concurrent: int = 64  # lookups in flight
+
+
+@dataclass(frozen=True, slots=True)
+class FeedConfig:
+    """Following a NATS JetStream key-value bucket of registrations (SPEC 4); optional."""
+
+    # nats:// or tls:// URLs, as written (port defaults to 4222); required in the section.
+    servers: tuple[str, ...] = ()
+    bucket: str = "smartdns-registrations"  # KV bucket, [A-Za-z0-9_-]+; created when missing
+    # JetStream replicas when the bucket is created (1..5). 1 so a one-server dev or test
+    # setup works; a three-server cluster sets 3 as the SPEC example does.
+    replicas: int = 1
+    credentials_file: Path | None = None  # NATS credentials (owner-only); relative to the config
+    tls_ca_file: Path | None = None  # CA for TLS to the servers; relative to the config
+    refresher: bool = False  # true on the one node that resolves hostnames for the fleet
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
 
@@ -135,4 +166,6 @@ class Config:
     cache: CacheConfig = CacheConfig()
     rate_limit: RateLimitConfig = RateLimitConfig()
     sync: SyncConfig = SyncConfig()
+    ddns: DdnsConfig = DdnsConfig()
+    feed: FeedConfig | None = None  # None when the YAML has no feed section
     logging: LoggingConfig = LoggingConfig()

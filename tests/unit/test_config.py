@@ -16,6 +16,8 @@ from smartdns.config.model import (
     CacheConfig,
     Config,
     DatabaseConfig,
+    DdnsConfig,
+    FeedConfig,
     HostPort,
     LoggingConfig,
     RateLimitConfig,
@@ -67,13 +69,27 @@ def problems_of(path: Path) -> list[str]:
 # --- the example files ---------------------------------------------------------------------
 
 
-def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
-    # The example's token file is /etc/smartdns/sync.token; point it at one we own instead.
+def production_example(tmp_path: Path, *, feed: bool = False) -> Path:
+    """A copy of config/smartdns.yaml whose /etc files are files the test owns; with `feed`,
+    its commented-out feed block is turned on (the "# " removed from each of its lines)."""
     token_file = write_token(tmp_path / "sync.token")
     text = (REPO / "config" / "smartdns.yaml").read_text(encoding="utf-8")
+    text = text.replace("/etc/smartdns/sync.token", str(token_file))
+    if feed:
+        start = text.index("# feed:\n")
+        end = text.index("\n\n", start)
+        block = "\n".join(line.removeprefix("# ") for line in text[start:end].split("\n"))
+        text = text[:start] + block + text[end:]
+        for name in ("nats.creds", "nats-ca.pem"):
+            text = text.replace(f"/etc/smartdns/{name}", str(write_token(tmp_path / name)))
     path = tmp_path / "smartdns.yaml"
-    path.write_text(text.replace("/etc/smartdns/sync.token", str(token_file)), encoding="utf-8")
-    config = load_config(path)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
+    token_file = tmp_path / "sync.token"
+    config = load_config(production_example(tmp_path))
     assert config.server == ServerConfig(
         listen=(HostPort("0.0.0.0", 53), HostPort("::", 53)),
         workers=1,
@@ -82,9 +98,10 @@ def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
         tcp_max_connections=1024,
     )
     assert config.database == DatabaseConfig(Path("/var/lib/smartdns/registrations.db"))
-    assert config.registrations == RegistrationsConfig(24, 48, 16, True)
+    assert config.registrations == RegistrationsConfig(24, 48, 16, 4, True)
     assert config.unregistered is Unregistered.REFUSE
     assert config.unblock.ttl == 60
+    assert config.unblock.canary_nxdomain is True
     assert dict(config.unblock.regions) == {
         "us": Region(
             ipv4=(ipaddress.IPv4Address("198.51.100.10"), ipaddress.IPv4Address("198.51.100.11"))
@@ -117,11 +134,26 @@ def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
     assert config.sync == SyncConfig(
         HostPort("127.0.0.1", 8053), token_file, 33_554_432, Secret(TOKEN.encode())
     )
+    assert config.ddns == DdnsConfig((HostPort("9.9.9.9", 53),), 30, 300, 86_400, 64)
+    assert config.feed is None  # commented out in the example
     assert config.logging == LoggingConfig("info")
     assert describe(config) == (
         "config OK: 2 listen addresses, 1 worker, 2 regions, 6 zones, 3 upstreams, "
-        "unregistered=refuse"
+        "unregistered=refuse, feed=off"
     )
+
+
+def test_production_example_feed_block_loads_when_turned_on(tmp_path: Path) -> None:
+    config = load_config(production_example(tmp_path, feed=True))
+    assert config.feed == FeedConfig(
+        servers=("nats://10.0.0.5:4222", "nats://10.0.0.6:4222", "nats://10.0.0.7:4222"),
+        bucket="smartdns-registrations",
+        replicas=3,
+        credentials_file=tmp_path / "nats.creds",
+        tls_ca_file=tmp_path / "nats-ca.pem",
+        refresher=False,
+    )
+    assert describe(config).endswith(", feed=on")
 
 
 def test_dev_example_loads_with_paths_under_repo_var(tmp_path: Path) -> None:
@@ -151,20 +183,27 @@ def test_absent_sections_take_the_dataclass_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL)
     config = load_config(path)
     sync = SyncConfig(token_file=tmp_path / "sync.token", token=Secret(TOKEN.encode()))
+    servers = (HostPort("1.1.1.1", 53),)
     assert config == Config(
-        path=path, upstream=UpstreamConfig(servers=(HostPort("1.1.1.1", 53),)), sync=sync
+        path=path,
+        upstream=UpstreamConfig(servers=servers),
+        sync=sync,
+        ddns=DdnsConfig(resolvers=servers),  # ddns.resolvers defaults to upstream.servers
     )
     assert config.server == ServerConfig()
     assert config.unblock == UnblockConfig()
+    assert config.feed is None
     assert describe(config) == (
         "config OK: 2 listen addresses, 1 worker, 0 regions, 0 zones, 1 upstream, "
-        "unregistered=refuse"
+        "unregistered=refuse, feed=off"
     )
 
 
 def test_empty_sections_are_the_same_as_absent_ones(tmp_path: Path) -> None:
-    text = MINIMAL + "server:\ndatabase:\nunblock:\ncache:\nlogging:\n"
+    text = MINIMAL + "server:\ndatabase:\nunblock:\ncache:\nddns:\nfeed:\nlogging:\n"
     config = load_config(write(tmp_path, text))
+    assert config.feed is None
+    assert config.ddns.resolvers == (HostPort("1.1.1.1", 53),)
     assert config.server == ServerConfig()
     assert config.database == DatabaseConfig()
     assert config.unblock == UnblockConfig()
@@ -220,6 +259,31 @@ def test_accepted_forms_are_normalized(tmp_path: Path) -> None:
     assert str(config.upstream.servers[1]) == "[2001:db8::53]:5353"
 
 
+def test_feed_and_ddns_forms(tmp_path: Path) -> None:
+    creds = write_token(tmp_path / "creds" / "nats.creds")
+    text = """\
+        feed:
+          servers: ["tls://nats.example.net", "nats://[::1]:4223", "NATS://127.0.0.1:4222/"]
+          bucket: Fleet_1-a
+          credentials_file: creds/nats.creds
+          refresher: true
+        ddns: {resolvers: ["[::1]:5300", 127.0.0.1], min_ttl: 1, max_ttl: 1, grace: 0}
+        unblock: {canary_nxdomain: false}
+    """
+    config = load_config(write(tmp_path, MINIMAL + textwrap.dedent(text)))
+    assert config.feed == FeedConfig(
+        servers=("tls://nats.example.net", "nats://[::1]:4223", "NATS://127.0.0.1:4222/"),
+        bucket="Fleet_1-a",
+        replicas=1,
+        credentials_file=creds,
+        refresher=True,
+    )
+    assert config.ddns == DdnsConfig(
+        (HostPort("::1", 5300), HostPort("127.0.0.1", 53)), 1, 1, 0, 64
+    )
+    assert config.unblock.canary_nxdomain is False
+
+
 def test_describe_uses_singular_for_one() -> None:
     config = Config(
         path=Path("x.yaml"),
@@ -232,7 +296,8 @@ def test_describe_uses_singular_for_one() -> None:
         unregistered=Unregistered.RESOLVE,
     )
     assert describe(config) == (
-        "config OK: 1 listen address, 1 worker, 1 region, 1 zone, 1 upstream, unregistered=resolve"
+        "config OK: 1 listen address, 1 worker, 1 region, 1 zone, 1 upstream, "
+        "unregistered=resolve, feed=off"
     )
 
 
@@ -765,6 +830,144 @@ CASES: list[tuple[str, str, int, str]] = [
         6,
         "unblock.zones.us[0]: expected a string, got a mapping",
     ),
+    # unblock.canary_nxdomain and registrations.max_hostnames_per_account
+    (
+        "canary_not_bool",
+        MINIMAL + "unblock: {canary_nxdomain: 1}\n",
+        2,
+        "unblock.canary_nxdomain: expected true or false, got 1",
+    ),
+    (
+        "max_hostnames_negative",
+        MINIMAL + "registrations: {max_hostnames_per_account: -1}\n",
+        2,
+        "registrations.max_hostnames_per_account: must be at least 0, got -1",
+    ),
+    # ddns
+    (
+        "ddns_resolver_hostname",
+        MINIMAL + "ddns:\n  resolvers: [dns.quad9.net]\n",
+        3,
+        'ddns.resolvers[0]: "dns.quad9.net": "dns.quad9.net" is not an IP address',
+    ),
+    (
+        "ddns_resolvers_empty",
+        MINIMAL + "ddns: {resolvers: []}\n",
+        2,
+        "ddns.resolvers: must list at least one address",
+    ),
+    ("ddns_min_ttl_zero", MINIMAL + "ddns: {min_ttl: 0}\n", 2, "ddns.min_ttl: must be at least 1"),
+    (
+        "ddns_min_above_max",
+        MINIMAL + "ddns:\n  max_ttl: 20\n",
+        3,
+        "ddns.min_ttl (30) must not be more than ddns.max_ttl (20)",
+    ),
+    (
+        "ddns_min_above_default_max",
+        MINIMAL + "ddns:\n  min_ttl: 600\n",
+        3,
+        "ddns.min_ttl (600) must not be more than ddns.max_ttl (300)",
+    ),
+    ("ddns_grace_negative", MINIMAL + "ddns: {grace: -1}\n", 2, "ddns.grace: must be at least 0"),
+    (
+        "ddns_concurrency_zero",
+        MINIMAL + "ddns: {max_concurrent: 0}\n",
+        2,
+        "ddns.max_concurrent: must be at least 1",
+    ),
+    # feed
+    (
+        "feed_without_servers",
+        MINIMAL + "feed:\n  bucket: b\n",
+        2,
+        "feed.servers is required: a list of nats:// or tls:// server URLs",
+    ),
+    ("feed_servers_empty", MINIMAL + "feed: {servers: []}\n", 2, "must list at least one server"),
+    (
+        "feed_server_scheme",
+        MINIMAL + 'feed:\n  servers: ["http://127.0.0.1:4222"]\n',
+        3,
+        'feed.servers[0]: "http://127.0.0.1:4222": must start with nats:// or tls://',
+    ),
+    (
+        "feed_server_bare",
+        MINIMAL + "feed: {servers: [127.0.0.1]}\n",
+        2,
+        '"127.0.0.1": must start with nats:// or tls://',
+    ),
+    (
+        "feed_server_password",
+        MINIMAL + 'feed: {servers: ["nats://me:s3cret@127.0.0.1"]}\n',
+        2,
+        "no user or password in the URL; put them in feed.credentials_file",
+    ),
+    (
+        "feed_server_bad_port",
+        MINIMAL + 'feed: {servers: ["nats://127.0.0.1:99999"]}\n',
+        2,
+        'feed.servers[0]: "nats://127.0.0.1:99999": port must be a number 1..65535',
+    ),
+    (
+        "feed_server_port_zero",
+        MINIMAL + 'feed: {servers: ["nats://127.0.0.1:0"]}\n',
+        2,
+        "port must be a number 1..65535",
+    ),
+    (
+        "feed_server_unclosed_bracket",
+        MINIMAL + 'feed: {servers: ["nats://[::1:4222"]}\n',
+        2,
+        "expected nats://HOST:PORT (IPv6 in brackets)",
+    ),
+    (
+        "feed_server_bad_host",
+        MINIMAL + 'feed: {servers: ["nats://bad_host:4222"]}\n',
+        2,
+        "expected nats://HOST:PORT (IPv6 in brackets)",
+    ),
+    (
+        "feed_server_path",
+        MINIMAL + 'feed: {servers: ["nats://127.0.0.1:4222/x?y"]}\n',
+        2,
+        "nothing may follow HOST:PORT",
+    ),
+    (
+        "feed_server_twice",
+        MINIMAL + 'feed:\n  servers: ["nats://a:1",\n    "nats://a:1"]\n',
+        4,
+        'feed.servers[1]: "nats://a:1" is listed twice (also feed.servers[0])',
+    ),
+    (
+        "feed_bucket_dot",
+        MINIMAL + 'feed: {servers: ["nats://a"], bucket: a.b}\n',
+        2,
+        'feed.bucket: "a.b": a bucket name may contain only A-Z, a-z, 0-9, "-" and "_"',
+    ),
+    (
+        "feed_replicas_six",
+        MINIMAL + 'feed: {servers: ["nats://a"], replicas: 6}\n',
+        2,
+        "feed.replicas: must be 1..5, got 6",
+    ),
+    (
+        "feed_refresher_word",
+        MINIMAL + 'feed: {servers: ["nats://a"], refresher: on_}\n',
+        2,
+        "feed.refresher: expected true or false",
+    ),
+    (
+        "feed_ca_missing",
+        MINIMAL + 'feed: {servers: ["nats://a"], tls_ca_file: no-such-ca.pem}\n',
+        2,
+        "no-such-ca.pem: file does not exist",
+    ),
+    (
+        "feed_unknown_key",
+        MINIMAL + 'feed: {servers: ["nats://a"], replica: 3}\n',
+        2,
+        'unknown key "replica" in feed (did you mean "replicas"?)',
+    ),
 ]
 
 
@@ -968,3 +1171,38 @@ def test_token_problem_is_reported_with_the_others(tmp_path: Path) -> None:
     assert len(problems) == 2, problems
     assert problems[0].startswith(f"{path}:2: server.workers")
     assert problems[1].startswith(f"{path}:3: sync.token_file: /etc/smartdns/sync.token: ")
+
+
+# --- the feed's files: checked at load like the token file --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "fragment"),
+    [
+        (None, "file does not exist"),
+        (0o644, "file is readable by other users (chmod 600)"),
+        (0o620, "file is accessible by other users (chmod 600)"),
+    ],
+    ids=["missing", "world_readable", "group_writable"],
+)
+def test_bad_credentials_file_is_a_problem_on_its_line(
+    tmp_path: Path, mode: int | None, fragment: str
+) -> None:
+    creds = tmp_path / "nats.creds"
+    if mode is not None:
+        write_token(creds, mode=mode)
+    text = MINIMAL + 'feed:\n  servers: ["nats://127.0.0.1"]\n  credentials_file: nats.creds\n'
+    path = write(tmp_path, text)
+    assert problems_of(path) == [f"{path}:4: feed.credentials_file: {creds}: {fragment}"]
+
+
+def test_ca_file_may_be_world_readable_but_must_be_a_file(tmp_path: Path) -> None:
+    write_token(tmp_path / "ca.pem", mode=0o644)
+    (tmp_path / "ca.dir").mkdir()
+    text = MINIMAL + 'feed: {servers: ["tls://127.0.0.1"], tls_ca_file: CA}\n'
+    config = load_config(write(tmp_path, text.replace("CA", "ca.pem")))
+    assert config.feed is not None and config.feed.tls_ca_file == tmp_path / "ca.pem"
+    path = write(tmp_path, text.replace("CA", "ca.dir"))
+    assert problems_of(path) == [
+        f"{path}:2: feed.tls_ca_file: {tmp_path}/ca.dir: not a regular file"
+    ]
