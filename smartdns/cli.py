@@ -25,6 +25,7 @@ from smartdns.registrations.entries import (
 )
 from smartdns.registrations.json_body import decode_snapshot
 from smartdns.registrations.store import AccountRecord, RegistrationStore
+from smartdns.registrations.writer import RegistrationWriter
 
 DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
 EXIT_FAILURE: Final = 1
@@ -113,10 +114,16 @@ async def _registrations(config: Config, args: argparse.Namespace) -> int:
         await store.close()
 
 
+def _writer(config: Config, store: RegistrationStore) -> RegistrationWriter:
+    # No announcement: the DNS side runs in another process and notices the store's new
+    # generation within a quarter second (node/daemon.py).
+    return RegistrationWriter(store, config.registrations)
+
+
 async def _add(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     account = validate_account_id(args.account)
     networks = parse_addresses(list(args.addresses), config.registrations)
-    record = await store.add_entries(account, networks, config.registrations.max_per_account)
+    record = await _writer(config, store).add_entries(account, networks)
     print(f"{record.account}: {len(record.networks)} entries, version {record.version}")
     return 0
 
@@ -126,7 +133,7 @@ async def _remove(config: Config, store: RegistrationStore, args: argparse.Names
     networks = (
         parse_addresses(list(args.addresses), config.registrations) if args.addresses else None
     )
-    if not await store.remove_entries(account, networks):
+    if not await _writer(config, store).remove_entries(account, networks):
         print(f"smartdns: error: no registered account {account}", file=sys.stderr)
         return EXIT_FAILURE
     print(
@@ -171,7 +178,7 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
     except RegistrationError as error:
         print(f"smartdns: invalid input: {args.file}: {error}", file=sys.stderr)
         return EXIT_INVALID
-    result = await store.replace_snapshot(snapshot)
+    result = await _writer(config, store).replace_snapshot(snapshot)
     counts = f"{result.accounts} accounts, {result.entries} entries"
     print(f"imported snapshot version {snapshot.version}: {counts}")
     return 0

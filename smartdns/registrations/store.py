@@ -106,6 +106,14 @@ class RegistrationStore:
         self._db = db
         self._path = path
         self._lock = asyncio.Lock()
+        self._generation_written: int | None = None
+        self._pending_generation: int | None = None
+
+    @property
+    def generation_written(self) -> int | None:
+        """The generation of this connection's latest committed write (None before any): once
+        a write method returns, at least the generation that write produced."""
+        return self._generation_written
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -209,9 +217,12 @@ class RegistrationStore:
         """One IMMEDIATE transaction; rolled back on any exception, including cancellation."""
         async with self._lock:
             try:
+                self._pending_generation = None
                 await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 await self._db.execute("COMMIT")
+                if self._pending_generation is not None:
+                    self._generation_written = self._pending_generation
             except BaseException as exc:
                 # Shielded: a cancelled caller must not leave the transaction open. aiosqlite
                 # runs statements in order, so this follows whatever is still in flight.
@@ -227,8 +238,14 @@ class RegistrationStore:
         with contextlib.suppress(sqlite3.Error):
             await self._db.execute("ROLLBACK")
 
-    async def _bump_generation(self) -> None:
-        await self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+    async def _bump_generation(self) -> int:
+        """The next generation, which this write's rows carry; noted once committed."""
+        generation = await self._scalar(
+            "UPDATE meta SET value = value + 1 WHERE key = 'generation' RETURNING value"
+        )
+        assert generation is not None  # the meta row exists in every database
+        self._pending_generation = generation
+        return generation
 
     async def _meta(self, key: str) -> int:
         value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))

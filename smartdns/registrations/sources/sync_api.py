@@ -1,8 +1,8 @@
 """Portal sync API (SPEC 4): the /v1 routes, /healthz and /metrics on aiohttp.
 
 Owns authentication, body limits, validation and the HTTP status of each outcome; writes go
-to its own RegistrationStore connection. Never logs or echoes an address or the token, and
-never logs an account id; peer addresses are not logged either (no access log).
+through a RegistrationWriter on its own RegistrationStore connection. Never logs or echoes an
+address or the token, and never logs an account id; peer addresses are not logged either.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from smartdns.registrations.entries import (
 )
 from smartdns.registrations.json_body import decode_account, decode_snapshot, free_gradually
 from smartdns.registrations.store import DatabaseError, RegistrationStore
+from smartdns.registrations.writer import RegistrationWriter
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,8 @@ class SyncApi:
         node: Node,
         timeouts: Timeouts = Timeouts(),
     ) -> None:
-        self._store = store
+        self._store = store  # reads; writes go through the writer
+        self._writer = RegistrationWriter(store, config.registrations)
         self._metrics = metrics
         self._node = node
         self._timeouts = timeouts
@@ -198,6 +200,7 @@ class SyncApi:
         """Take the token and limits of a newly loaded config (already checked by load_config)."""
         self._token = config.sync.token.value
         self._rules = config.registrations
+        self._writer.reload(config.registrations)
         self._max_body = config.sync.max_body
 
     def application(self) -> web.Application:
@@ -351,7 +354,7 @@ class SyncApi:
         body = await self._read_body(request)
         account = self._account(request)
         version, networks = await self._parse(body, decode_account)
-        record = await self._store.put_account(account, version, networks)
+        record = await self._writer.put_account(account, version, networks)
         return web.json_response(
             {"account": account, "version": record.version, "addresses": len(record.networks)}
         )
@@ -359,7 +362,7 @@ class SyncApi:
     async def _delete_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
         version = self._delete_version(request)
-        existed = await self._store.delete_account(account, version)
+        existed = await self._writer.delete_account(account, version)
         return web.json_response({"account": account, "version": version, "existed": existed})
 
     async def _get_account(self, request: web.Request) -> web.Response:
@@ -383,7 +386,7 @@ class SyncApi:
             snapshot = await self._parse(body, decode_snapshot)
             del body
             validated = loop.time()
-            result = await self._store.replace_snapshot(snapshot)
+            result = await self._writer.replace_snapshot(snapshot)
             version = snapshot.version
             holder = [snapshot]
             del snapshot

@@ -1,0 +1,73 @@
+"""RegistrationWriter: the one path by which registrations change, whatever their source.
+
+The sync API and the CLI write through it today (the feed and the DDNS refresher will): it
+checks the input against the rules of SPEC 3, writes it to the store in one transaction,
+then announces the change so the DNS side applies it before the source reports success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from smartdns.config.model import RegistrationsConfig
+from smartdns.registrations.entries import Network, Snapshot, validate_account_id
+from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
+
+# Called with the store's generation after a write that changed something; returns once the
+# DNS side applied it (or gave up waiting). A source with no DNS side in its process (the
+# CLI) has none: the node's generation poll picks the change up.
+Announce = Callable[[int], Awaitable[None]]
+_T = TypeVar("_T")
+
+
+class RegistrationWriter:
+    """Validates, stores, announces. `reload` swaps the rules (limits) at once."""
+
+    def __init__(
+        self, store: RegistrationStore, rules: RegistrationsConfig, announce: Announce | None = None
+    ) -> None:
+        self._store = store
+        self._rules = rules
+        self._announce = announce
+
+    def reload(self, rules: RegistrationsConfig) -> None:
+        self._rules = rules
+
+    async def _through(self, write: Awaitable[_T]) -> _T:
+        """Await the store write, then announce it unless it changed nothing (a repeat).
+        Another coroutine's write may land in between: announcing a later generation too is
+        harmless, it covers this one."""
+        before = self._store.generation_written
+        result = await write
+        written = self._store.generation_written
+        if self._announce is not None and written is not None and written != before:
+            await self._announce(written)
+        return result
+
+    async def put_account(
+        self, account: str, version: int, networks: Sequence[Network]
+    ) -> AccountRecord:
+        """Replace the account's entries at `version` (SPEC 4 version rules)."""
+        validate_account_id(account)
+        return await self._through(self._store.put_account(account, version, networks))
+
+    async def delete_account(self, account: str, version: int) -> bool:
+        """Remove the account, leaving a tombstone at `version`; True if it was live."""
+        validate_account_id(account)
+        return await self._through(self._store.delete_account(account, version))
+
+    async def replace_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
+        """Replace every registration with `snapshot`, all or nothing."""
+        return await self._through(self._store.replace_snapshot(snapshot))
+
+    async def add_entries(self, account: str, networks: Sequence[Network]) -> AccountRecord:
+        """Operator override: add entries, keeping the account's version (new: version 0)."""
+        validate_account_id(account)
+        limit = self._rules.max_per_account
+        return await self._through(self._store.add_entries(account, networks, limit))
+
+    async def remove_entries(self, account: str, networks: Sequence[Network] | None) -> bool:
+        """Operator override: remove entries, or (None) the whole account as a tombstone."""
+        validate_account_id(account)
+        return await self._through(self._store.remove_entries(account, networks))
