@@ -21,12 +21,8 @@ from smartdns.core.counters import Metrics
 from smartdns.core.ratelimit import RateLimits
 from smartdns.errors import ConfigError, SmartDNSError
 from smartdns.node import systemd
-from smartdns.node.metrics import (
-    CacheStatsLike,
-    ForwarderStatsLike,
-    RegistrationStatsLike,
-    WorkerSample,
-)
+from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, WorkerSample
+from smartdns.node.status import NodeStatus
 from smartdns.node.workers import STATS_INTERVAL_S, Supervisor, WorkerLink, every, stats_message
 from smartdns.registrations.sources.sync_api import BULK_WORK, SyncServer, start_sync_api
 from smartdns.registrations.store import RegistrationStore
@@ -87,26 +83,11 @@ def _build_clients(prefixes: list[tuple[int, int, int]]) -> AuthorizedClients:
     return clients
 
 
-class _StoreView:
-    """The part of the sync API's view that reads the DNS side's store connection."""
+class NodeView:
+    """The query side when DNS runs in this process (status.QuerySide): listener state and
+    the query path's statistics, read at request time."""
 
-    def __init__(self, store: RegistrationStore) -> None:
-        self._store = store
-
-    async def ping_database(self) -> None:
-        # Reads a row of the file (SELECT 1 would succeed without touching it).
-        await self._store.generation()
-
-    async def registration_stats(self) -> RegistrationStatsLike:
-        return await self._store.status()
-
-
-class NodeView(_StoreView):
-    """What the sync API reads when DNS runs in this process (sync_api.Node): listener
-    state and the query path's statistics, read at request time."""
-
-    def __init__(self, store: RegistrationStore, pipeline: Pipeline, listeners: Listeners) -> None:
-        super().__init__(store)
+    def __init__(self, pipeline: Pipeline, listeners: Listeners) -> None:
         self._pipeline = pipeline
         self._listeners = listeners
 
@@ -123,12 +104,11 @@ class NodeView(_StoreView):
         return ()
 
 
-class WorkersView(_StoreView):
-    """The sync API's view in the main process of a node with worker processes: the DNS
-    side is up when every worker reports its listeners up; statistics are the workers' sums."""
+class WorkersView:
+    """The query side seen from the main process of a node with worker processes: up when
+    every worker reports its listeners up; statistics are the workers' sums."""
 
-    def __init__(self, store: RegistrationStore, supervisor: Supervisor) -> None:
-        super().__init__(store)
+    def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
 
     def listeners_up(self) -> bool:
@@ -174,8 +154,9 @@ class Daemon:
             try:
                 if self._link is None:
                     # Once per node, in this (main) process; its own store connection.
+                    view = NodeView(pipeline, listeners)
                     sync = await start_sync_api(
-                        config, self.metrics, NodeView(store, pipeline, listeners)
+                        config, self.metrics, NodeStatus(store, self.metrics, view)
                     )
                 await self._serve(config, store, pipeline, listeners, sync)
             finally:
@@ -315,7 +296,8 @@ class MainProcess:
             supervisor = Supervisor(config.path, config.server.workers, self.metrics)
             await supervisor.start()
             try:
-                sync = await start_sync_api(config, self.metrics, WorkersView(store, supervisor))
+                status = NodeStatus(store, self.metrics, WorkersView(supervisor))
+                sync = await start_sync_api(config, self.metrics, status)
             except BaseException:
                 await supervisor.stop(DRAIN_TIMEOUT_S)
                 raise

@@ -30,13 +30,14 @@ from smartdns.config.model import (
 )
 from smartdns.core.counters import Metrics
 from smartdns.errors import SmartDNSError
+from smartdns.node.status import NodeStatus
 from smartdns.registrations.sources import sync_api
 from smartdns.registrations.sources.sync_api import SyncServer, Timeouts, start_sync_api
 from smartdns.registrations.store import DatabaseError, RegistrationStore, StoreStatus
 
 TOKEN = secrets.token_hex(32)
 AWAIT_S = 5.0
-SHORT = Timeouts(body_s=0.3, idle_s=0.5, probe_s=0.3, shutdown_s=1.0)
+SHORT = Timeouts(body_s=0.3, idle_s=0.5, shutdown_s=1.0)
 ADDRESS = "203.0.113.7"  # distinctive: must never come back in an error or a log line
 
 
@@ -79,6 +80,8 @@ class FakeCache:
 
 
 class FakeNode:
+    """The query side and the DNS side's store as NodeStatus reads them, with switches."""
+
     def __init__(self) -> None:
         self.up = True
         self.database: str = "ok"  # ok | error | hang
@@ -87,14 +90,15 @@ class FakeNode:
     def listeners_up(self) -> bool:
         return self.up
 
-    async def ping_database(self) -> None:
+    async def generation(self) -> int:
         if self.database == "error":
             raise DatabaseError("registrations database: ping failed: disk I/O error")
         if self.database == "hang":
             await asyncio.Event().wait()
+        return 1
 
-    async def registration_stats(self) -> StoreStatus:
-        await self.ping_database()
+    async def status(self) -> StoreStatus:
+        await self.generation()
         return StoreStatus(accounts=2, entries=3, snapshot_version=4)
 
     def forwarder_stats(self) -> FakeStats:
@@ -105,6 +109,10 @@ class FakeNode:
 
     def worker_samples(self) -> tuple[()]:
         return ()
+
+
+def node_status(node: FakeNode, metrics: Metrics) -> NodeStatus:
+    return NodeStatus(node, metrics, node, probe_s=0.3)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -149,7 +157,7 @@ async def _start(tmp_path: Path, config: Config, timeouts: Timeouts) -> Api:
     store = await RegistrationStore.open(config.database.path, create=True)
     await store.close()
     node, metrics = FakeNode(), Metrics()
-    server = await start_sync_api(config, metrics, node, timeouts)
+    server = await start_sync_api(config, metrics, node_status(node, metrics), timeouts)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=AWAIT_S))
     return Api(server, session, node, metrics, config)
 
@@ -570,7 +578,9 @@ async def test_listen_address_taken(api: Api, tmp_path: Path) -> None:
         config, sync=replace(config.sync, listen=HostPort("127.0.0.1", api.server.port))
     )
     with pytest.raises(SmartDNSError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(sync API\)"):
-        await asyncio.wait_for(start_sync_api(config, Metrics(), FakeNode(), SHORT), AWAIT_S)
+        await asyncio.wait_for(
+            start_sync_api(config, Metrics(), node_status(FakeNode(), Metrics()), SHORT), AWAIT_S
+        )
 
 
 async def test_database_failure_is_503(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import gc
 import hmac
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final, NoReturn, Protocol, TypeVar
@@ -23,14 +23,6 @@ from aiohttp.web_protocol import RequestHandler
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.core.counters import Metrics
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
-from smartdns.node.metrics import (
-    CONTENT_TYPE,
-    CacheStatsLike,
-    ForwarderStatsLike,
-    RegistrationStatsLike,
-    WorkerSample,
-    render,
-)
 from smartdns.registrations.entries import (
     ShapeError,
     Snapshot,
@@ -60,27 +52,18 @@ class Timeouts:
 
     body_s: float = 30.0  # to receive a whole request body (32 MiB at ~1 MiB/s)
     idle_s: float = 15.0  # keep-alive, and a connection whose request headers never complete
-    probe_s: float = 2.0  # a database probe for /healthz or /metrics
     shutdown_s: float = 5.0  # in-flight requests at shutdown, then they are cancelled
 
 
 class Node(Protocol):
-    """What the sync API reads from the rest of the process (daemon.py provides it)."""
+    """What the sync API reads from the rest of the process (node/status.py provides it)."""
 
-    def listeners_up(self) -> bool: ...
-
-    async def ping_database(self) -> None:
-        """Raise DatabaseError unless the database the DNS side reads from answers."""
+    async def healthy(self) -> bool:
+        """DNS listeners and the database up; bounds its own waits."""
         ...
 
-    async def registration_stats(self) -> RegistrationStatsLike: ...
-
-    def forwarder_stats(self) -> ForwarderStatsLike | None: ...
-
-    def cache_stats(self) -> CacheStatsLike | None: ...
-
-    def worker_samples(self) -> Sequence[WorkerSample]:
-        """Per-worker series; empty when DNS runs in this process."""
+    async def metrics_page(self) -> tuple[str, str]:
+        """(content type, text) of the Prometheus exposition."""
         ...
 
 
@@ -415,33 +398,13 @@ class SyncApi:
         )
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        healthy = self._node.listeners_up()
-        if healthy:
-            try:
-                async with asyncio.timeout(self._timeouts.probe_s):
-                    await self._node.ping_database()
-            except (DatabaseError, TimeoutError):
-                healthy = False
-        if healthy:
+        if await self._node.healthy():
             return web.Response(text="ok\n")
         return web.Response(status=503, text="unavailable\n")
 
     async def _render_metrics(self, _request: web.Request) -> web.Response:
-        registrations: RegistrationStatsLike | None = None
-        try:
-            async with asyncio.timeout(self._timeouts.probe_s):
-                registrations = await self._node.registration_stats()
-        except (DatabaseError, TimeoutError):
-            pass
-        text = render(
-            self._metrics,
-            forwarder=self._node.forwarder_stats(),
-            cache=self._node.cache_stats(),
-            registrations=registrations,
-            database_up=registrations is not None,
-            workers=self._node.worker_samples(),
-        )
-        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+        content_type, text = await self._node.metrics_page()
+        return web.Response(body=text.encode(), headers={"Content-Type": content_type})
 
 
 # --- the server ---------------------------------------------------------------------------
