@@ -26,8 +26,8 @@ from smartdns.node.status import NodeStatus
 from smartdns.node.workers import STATS_INTERVAL_S, Supervisor, WorkerLink, every, stats_message
 from smartdns.registrations.sources.sync_api import BULK_WORK, SyncServer, start_sync_api
 from smartdns.registrations.store import RegistrationStore
+from smartdns.serve.listeners import InFlight, Listeners, start_listeners
 from smartdns.serve.pipeline import Pipeline, Settings
-from smartdns.serve.transport import InFlight, Listeners, start_listeners
 from smartdns.upstream.forwarder import Forwarder
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,12 @@ import dns.message
 import dns.rcode
 import pytest
 
-from smartdns.serve.transport import FIRST_QUERY_GRACE_S
+from smartdns.serve.framing import FIRST_QUERY_GRACE_S, MAX_QUERIES_PER_CONNECTION
 from tests.e2e.harness import REGISTERED, Server, running_server
 from tests.fake_upstream import FakeUpstream
 
 IDLE_TIMEOUT_S = 2.0  # harness default `server.tcp_idle_timeout`
 WAIT_S = 5.0
-MAX_QUERIES_PER_CONNECTION = 1000  # smartdns.serve.transport.MAX_QUERIES_PER_CONNECTION
 TCP_CLOSE = 7  # tcpi_state after a reset
 TCP_CLOSE_WAIT = 8  # tcpi_state after the peer's FIN
 

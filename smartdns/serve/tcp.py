@@ -1,0 +1,313 @@
+"""DNS over TCP (RFC 7766): the accept loop, one asyncio protocol per connection, and the
+connection cap with idle shedding shared by the connections of one worker.
+
+The framing and deadlines are `serve.framing`'s; this module only moves bytes between the
+socket, that machine and `Pipeline.handle`, and owns the timer and flow control. Each message
+is one call to the pipeline, inside the per-packet error boundary. Nothing here logs a peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, cast
+
+from smartdns.config.model import ServerConfig
+from smartdns.core.peer import Peer, stream_peer
+from smartdns.logs import WarnOnce
+from smartdns.serve.framing import Expiry, Framing, Stop
+from smartdns.serve.pipeline import Pipeline
+
+MAX_UNSENT_BYTES: Final = 256 * 1024  # a TCP client that never reads is disconnected
+ACCEPT_BATCH: Final = 64  # connections accepted per readiness event, so UDP is not starved
+ACCEPT_RETRY_S: Final = 0.25  # pause after EMFILE and the like before accepting again
+_NO_PEER: Final = stream_peer("")  # until connection_made names the client
+
+
+class TcpConnections:
+    """State shared by the TCP connections of one worker: the cap, the timeouts, and the
+    open connections in order of last activity (oldest first), for shedding."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.max_connections = config.tcp_max_connections
+        self.idle_timeout_s = config.tcp_idle_timeout
+        self.open: dict[TcpConnection, None] = {}
+        self.shed = 0  # idle connections closed to make room (cap or out of descriptors)
+        self.refused = 0  # new connections closed at once: full of busy connections
+
+    def close_all(self) -> None:
+        for connection in list(self.open):
+            connection.close()
+
+    def touch(self, connection: TcpConnection) -> None:
+        """`connection` was active: move it to the young end."""
+        if connection in self.open:
+            del self.open[connection]
+            self.open[connection] = None
+
+    def shed_idle(self) -> bool:
+        """Close the least recently active idle connection; False when none is idle."""
+        now = asyncio.get_running_loop().time()
+        for connection in self.open:
+            if connection.is_idle(now):
+                connection.abort()
+                self.shed += 1
+                return True
+        return False
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client connection: pipelined queries answered as they complete (possibly out of
+    order, RFC 7766 §6.2.1.1), with the limits of `Framing`. Unsent output above
+    MAX_UNSENT_BYTES aborts it, and reading pauses while the client is not reading."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        connections: TcpConnections,
+    ) -> None:
+        self._pipeline = pipeline
+        self._spawn = spawn  # owner of the forwarding tasks, so a drain can wait for them
+        self._connections = connections
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._peer: Peer = _NO_PEER
+        self._framing = Framing(self._loop.time(), connections.idle_timeout_s)
+        self._reading = True
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)
+        connections = self._connections
+        if len(connections.open) >= connections.max_connections and not connections.shed_idle():
+            connections.refused += 1
+            stream.abort()
+            return
+        self._transport = stream
+        self._peer = stream_peer(stream.get_extra_info("peername")[0])
+        connections.open[self] = None
+        self._arm_timer(self._loop.time() + connections.idle_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.open.pop(self, None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+
+    def is_idle(self, now: float) -> bool:
+        """Nothing in progress (see `Framing.is_idle`) and nothing unsent."""
+        transport = self._transport
+        return (
+            transport is not None
+            and self._framing.is_idle(now)
+            and not transport.get_write_buffer_size()
+        )
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._framing.feed(data)
+            self._process()
+
+    def _process(self) -> None:
+        framing = self._framing
+        now = self._loop.time()
+        read = False
+        while True:
+            message = framing.next_message(now)
+            if not isinstance(message, bytes):
+                break
+            read = True
+            self._dispatch(message)
+            if self._transport is None:
+                return
+        if read:
+            self._connections.touch(self)
+        if message is Stop.PAUSE:
+            self._pause_reading()  # resumed as answers complete or the client reads
+        elif message is Stop.BOGUS:
+            self.abort()
+        elif message is Stop.DONE:
+            self._pause_reading()
+            self._close_when_answered()
+
+    def _pause_reading(self) -> None:
+        if self._reading and self._transport is not None:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._reading and self._framing.may_read and self._transport is not None:
+            self._reading = True
+            self._transport.resume_reading()
+            self._process()
+
+    def _dispatch(self, packet: bytes) -> None:
+        try:
+            reply = self._pipeline.handle(packet, self._peer)
+        except Exception as error:
+            reply = self._pipeline.fail(packet, error, self._peer)
+        if reply is None:
+            return
+        if type(reply) is bytes:
+            self._write(reply)
+            return
+        assert not isinstance(reply, bytes)
+        self._framing.answer_pending()
+        self._spawn(self._write_later(packet, reply))
+
+    async def _write_later(self, packet: bytes, pending: Coroutine[Any, Any, bytes | None]) -> None:
+        try:
+            reply = await pending
+        except Exception as error:
+            reply = self._pipeline.fail(packet, error, self._peer)
+        finally:
+            self._framing.answer_finished()
+        if reply is not None:
+            self._write(reply)
+        if self._framing.finished:
+            self._close_when_answered()
+        else:
+            self._resume_reading()
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def _write(self, reply: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(len(reply).to_bytes(2, "big") + reply)
+        if transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+            self.abort()  # a client that does not read its answers
+            return
+        self._framing.answer_sent(self._loop.time())
+        self._connections.touch(self)
+
+    def pause_writing(self) -> None:
+        """The client reads slower than it asks: stop reading its queries meanwhile."""
+        self._framing.writing_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._framing.writing_paused = False
+        self._resume_reading()
+
+    # ---- timer and closing ---------------------------------------------------------------
+
+    def _arm_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        expiry = self._framing.expire(self._loop.time(), bool(transport.get_write_buffer_size()))
+        if expiry is Expiry.ABORT:
+            self.abort()
+        elif expiry is Expiry.CLOSE:
+            self.close()
+        else:
+            self._arm_timer(expiry)
+
+    def _close_when_answered(self) -> None:
+        if not self._framing.pending:
+            self.close()
+
+    def close(self) -> None:
+        """Close after the unsent output is flushed (bounded by MAX_UNSENT_BYTES)."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent output."""
+        transport = self._transport
+        if transport is not None:
+            self._connections.open.pop(self, None)
+            transport.abort()
+
+
+class TcpListener:
+    """Accepts on one listening socket by hand, so running out of file descriptors (EMFILE)
+    pauses accepting (the kernel's backlog holds new clients meanwhile), sheds the least
+    recently active idle connection and resumes after ACCEPT_RETRY_S, under asyncio and
+    uvloop alike (uvloop's own server closes the listener on that error)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], TcpConnection],
+        connections: TcpConnections,
+    ) -> None:
+        self._sock = sock
+        self._factory = factory
+        self._connections = connections
+        self._loop = asyncio.get_running_loop()
+        self._starting: set[asyncio.Task[Any]] = set()
+        self._retry: asyncio.TimerHandle | None = None
+        self._serving = True
+        self.paused = 0  # times accepting paused for lack of descriptors
+        self._exhausted = WarnOnce(__name__, "out of file descriptors; TCP accepting paused")
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for task in self._starting:
+            task.cancel()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up already
+                self._pause(error)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._start(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:
+            conn.close()
+
+    def _pause(self, error: OSError) -> None:
+        """EMFILE, ENFILE, ENOBUFS, ENOMEM: stop accepting for a moment, free an idle
+        connection, then try again (RFC 7766 §10: a server under stress sheds idle clients)."""
+        self.paused += 1
+        self._exhausted.warn(type(error).__name__)
+        self._loop.remove_reader(self._sock.fileno())
+        self._connections.shed_idle()
+        self._retry = self._loop.call_later(ACCEPT_RETRY_S, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
