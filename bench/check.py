@@ -1,6 +1,6 @@
 """Answer check: dnsperf counts rcodes only, so before measuring, a sample of each case is
 asked with a real client and the answers themselves are compared (a fast wrong answer is a
-failure). Uses dnslib, a smartdns dependency.
+failure). Uses dnslib, from smartdns' test extra.
 """
 
 from __future__ import annotations

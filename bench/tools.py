@@ -37,7 +37,8 @@ APT_PACKAGES: Final = {
     "dnsmasq": "dnsmasq-base",
     "taskset": "util-linux",
 }
-# Modules smartdns needs at run time (pyproject dependencies) plus what the harness uses.
+# Modules smartdns needs at run time (pyproject dependencies) plus what the harness uses
+# (dnslib, from the test extra).
 PYTHON_MODULES: Final = ("dnslib", "aiosqlite", "yaml", "asyncio_throttle", "aiohttp", "uvloop")
 
 # The job. Zones and regions match config/dev.yaml; every peer is configured the same way.
@@ -90,8 +91,8 @@ def ensure_python_env() -> None:
     if not python.exists():
         log(f"creating {VENV}")
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    log(f"installing smartdns and its dependencies into {VENV}")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+    log(f"installing smartdns and its test extra into {VENV}")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", f"{REPO}[test]"], check=True)
     os.execv(str(python), [str(python), *sys.argv])
 
 
