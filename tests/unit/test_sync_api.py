@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from smartdns.config.model import (
     Config,
@@ -813,3 +814,113 @@ async def test_malformed_http_gets_a_json_error_echoing_nothing(
     for secret in (CANARY, TOKEN, "Bearer", "acct-edge"):
         assert secret.encode() not in received
     assert (await api.call("GET", "/v1/accounts/acct-edge"))[0] == 404
+
+
+# --- the OpenAPI document against the running API ------------------------------------------------
+
+OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "sync-api.openapi.yaml"
+
+
+def _resolved(node: Any, document: dict[str, Any]) -> Any:
+    """`node` with every local `$ref` replaced by what it points at (the document has no
+    recursive schemas), so jsonschema checks it without a reference registry."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target: Any = document
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            return _resolved(target, document)
+        return {key: _resolved(value, document) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_resolved(value, document) for value in node]
+    return node
+
+
+@pytest.fixture(scope="module")
+def openapi() -> dict[str, Any]:
+    from openapi_spec_validator import validate
+
+    document = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
+    validate(document)  # a valid OpenAPI 3.1 document
+    return _resolved(document, document)  # type: ignore[no-any-return]
+
+
+def test_every_route_is_documented_and_every_documented_operation_exists(
+    api: Api, openapi: dict[str, Any]
+) -> None:
+    documented = {
+        (method.upper(), path)
+        for path, item in openapi["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    routes = {
+        (route.method, route.resource.canonical)
+        for route in api.server.api.application().router.routes()
+        if route.resource is not None and route.method != "HEAD"  # HEAD: GET without a body
+    }
+    assert routes == documented
+
+
+# (method, path, body or raw bytes, headers, token, expected status)
+_EXCHANGES: list[tuple[str, str, Any, dict[str, str], str | None, int]] = [
+    ("PUT", "/v1/accounts/acct-1", {"version": 2, "addresses": [ADDRESS]}, {}, TOKEN, 200),
+    ("PUT", "/v1/accounts/acct-1", {"version": 1, "addresses": []}, {}, TOKEN, 409),
+    ("PUT", "/v1/accounts/acct-1", {"version": 3, "addresses": ["bad"]}, {}, TOKEN, 422),
+    ("PUT", "/v1/accounts/acct-1", b'{"version": 3', {}, TOKEN, 400),
+    ("PUT", "/v1/accounts/acct-1", {"version": 3, "addresses": []}, {}, None, 401),
+    ("PUT", "/v1/accounts/acct-1", b"{}", {"Content-Encoding": "gzip"}, TOKEN, 415),
+    ("PUT", "/v1/accounts/acct-1", b" " * (2 << 20), {}, TOKEN, 413),
+    ("GET", "/v1/accounts/acct-1", None, {}, TOKEN, 200),
+    ("GET", "/v1/accounts/nobody", None, {}, TOKEN, 404),
+    ("GET", "/v1/accounts/bad%20id", None, {}, TOKEN, 422),
+    ("DELETE", "/v1/accounts/acct-1?version=5", None, {}, TOKEN, 200),
+    ("DELETE", "/v1/accounts/acct-1?version=4", None, {}, TOKEN, 409),
+    ("DELETE", "/v1/accounts/acct-1", None, {}, TOKEN, 400),
+    ("PUT", "/v1/snapshot", {"version": 9, "accounts": {"b": [ADDRESS]}}, {}, TOKEN, 200),
+    ("PUT", "/v1/snapshot", {"version": 8, "accounts": {}}, {}, TOKEN, 409),
+    ("PUT", "/v1/snapshot", {"version": 10, "accounts": {"b": ["x"]}}, {}, TOKEN, 422),
+    ("PUT", "/v1/snapshot", {"version": 10}, {}, TOKEN, 400),
+    ("GET", "/v1/status", None, {}, TOKEN, 200),
+    ("GET", "/v1/status", None, {}, "wrong-token", 401),
+    ("GET", "/healthz", None, {}, None, 200),
+    ("GET", "/metrics", None, {}, None, 200),
+]
+
+
+async def test_real_replies_match_the_document(api: Api, openapi: dict[str, Any]) -> None:
+    import jsonschema
+
+    exercised = set()
+    for method, target, body, headers, token, expected in _EXCHANGES:
+        sent = dict(headers)
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        async with api.session.request(method, api.url + target, data=data, headers=sent) as resp:
+            payload = await resp.read()
+            content_type = resp.headers["Content-Type"]
+            status = resp.status
+        assert status == expected, (method, target, payload[:200])
+        path = target.partition("?")[0]
+        if path.startswith("/v1/accounts/"):
+            path = "/v1/accounts/{account}"
+        operation = openapi["paths"][path][method.lower()]
+        exercised.add((method, path))
+        response = operation["responses"][str(status)]
+        media = response["content"]
+        documented_type = next(t for t in media if content_type.startswith(t.split(";")[0]))
+        if documented_type.startswith("text/plain; version"):
+            assert content_type == documented_type
+        schema = media[documented_type]["schema"]
+        value = json.loads(payload) if documented_type == "application/json" else payload.decode()
+        jsonschema.validate(value, schema)
+        for name in response.get("headers", {}):
+            assert name in resp.headers, (status, name)
+    documented = {
+        (method.upper(), path)
+        for path, item in openapi["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    assert exercised == documented
