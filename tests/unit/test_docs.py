@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -105,3 +106,18 @@ def test_the_key_check_finds_an_undocumented_key() -> None:
     sections = _config_sections(text.replace("`edns_udp_size`", "`udp size`"))
     assert "`edns_udp_size`" not in sections["server"]
     assert "`tcp_idle_timeout`" in sections["server"]
+
+
+def test_readme_names_what_the_tests_install() -> None:
+    """README's "Run the tests" names each Debian package scripts/run-tests installs and each
+    package of the `test` extra, so a new test dependency cannot go unmentioned."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    script = (REPO / "scripts" / "run-tests").read_text(encoding="utf-8")
+    debian = re.findall(r"missing\+=\(([^)\s]+)\)", script)
+    assert debian, "scripts/run-tests lists no packages: the pattern is out of date"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    python = [
+        re.split(r"[<>=!~;\[ ]", entry)[0] for entry in project["optional-dependencies"]["test"]
+    ]
+    missing = [name for name in [*debian, *python] if name not in readme]
+    assert not missing, f"README.md does not mention: {missing}"
