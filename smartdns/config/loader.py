@@ -885,7 +885,13 @@ def load_config(path: Path) -> Config:
 
 
 def describe(config: Config) -> str:
-    """One-line summary for `check-config` and the start-up log line: counts only, no secrets."""
+    """The line `check-config` prints for a valid file."""
+    return "config OK: " + summary(config)
+
+
+def summary(config: Config) -> str:
+    """The configuration in one line for `check-config` and the start and reload log lines:
+    counts and modes only, no addresses of clients, no secrets."""
     parts = [
         _count(len(config.server.listen), "listen address", "listen addresses"),
         _count(config.server.workers, "worker", "workers"),
@@ -895,7 +901,7 @@ def describe(config: Config) -> str:
         f"unregistered={config.unregistered.value}",
         f"feed={'off' if config.feed is None else 'on'}",
     ]
-    return "config OK: " + ", ".join(parts)
+    return ", ".join(parts)
 
 
 def _count(number: int, singular: str, plural: str) -> str:

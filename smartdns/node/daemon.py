@@ -1,6 +1,8 @@
-"""Composition root: builds everything from a Config, then starts, reloads and drains.
+"""Composition root: builds each process's ordered components from a Config and runs them.
 
-Start order: database, registration snapshot, sockets, sync API, READY=1; stop in reverse.
+A DNS process starts: database, watchdog (or a worker's reports), registration snapshot,
+DNS listeners, sync API (the whole node only), then READY=1; it stops in reverse. The main
+process of a node with workers: database, watchdog, workers, sync API, READY=1.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from smartdns import logs
-from smartdns.config.loader import load_config
+from smartdns.config.loader import load_config, summary
 from smartdns.config.model import Config
 from smartdns.core.answers import Responder, build_unblock_zones
 from smartdns.core.cache import AnswerCache
@@ -20,21 +22,25 @@ from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics
 from smartdns.core.ratelimit import RateLimits
 from smartdns.errors import ConfigError, SmartDNSError
-from smartdns.node import systemd
+from smartdns.node.components import (
+    Database,
+    SyncService,
+    SystemdAnnouncer,
+    Watchdog,
+    cancel_tasks,
+)
+from smartdns.node.lifecycle import Announcer, Component, Lifecycle
 from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, WorkerSample
+from smartdns.node.snapshot import SnapshotWatch
 from smartdns.node.status import NodeStatus
-from smartdns.node.workers import STATS_INTERVAL_S, Supervisor, WorkerLink, every, stats_message
-from smartdns.registrations.sources.sync_api import BULK_WORK, SyncServer, start_sync_api
-from smartdns.registrations.store import RegistrationStore
+from smartdns.node.workers import Supervisor, WorkerAnnouncer, WorkerLink, WorkerReports, Workers
 from smartdns.serve.listeners import InFlight, Listeners, start_listeners
 from smartdns.serve.pipeline import Pipeline, Settings
 from smartdns.upstream.forwarder import Forwarder
 
 log = logging.getLogger(__name__)
 
-REGISTRY_POLL_S: Final = 0.25  # SPEC 4: a change is in effect within one second
 DRAIN_TIMEOUT_S: Final = 5.0
-FREE_SLICE: Final = 10_000  # rows freed per step off the loop: well under a millisecond each
 
 
 def build_settings(config: Config, previous: Settings | None = None) -> Settings:
@@ -63,24 +69,6 @@ def build_settings(config: Config, previous: Settings | None = None) -> Settings
         cache=cache,
         limits=limits,
     )
-
-
-async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients]:
-    """The store's generation and a snapshot at least as new; built off the event loop."""
-    with BULK_WORK:  # a million rows
-        generation = await store.generation()
-        prefixes = await store.load_prefixes()
-        return generation, await asyncio.to_thread(_build_clients, prefixes)
-
-
-def _build_clients(prefixes: list[tuple[int, int, int]]) -> AuthorizedClients:
-    """Build the snapshot, then free the rows a slice at a time (worker thread): freed in one
-    go, on the loop thread when load_clients returns, a million rows hold the GIL for tens of
-    milliseconds."""
-    clients = AuthorizedClients.from_prefixes(prefixes)
-    while prefixes:
-        del prefixes[-FREE_SLICE:]
-    return clients
 
 
 class NodeView:
@@ -124,235 +112,132 @@ class WorkersView:
         return self._supervisor.samples()
 
 
-class Daemon:
-    """One DNS-serving process: the whole node (`workers: 1`), or a worker under
-    `MainProcess` when `link` is set (then the main process owns the sync API and systemd)."""
+class DnsService(Component):
+    """The query path of one process: binds the listen addresses (the snapshot is loaded by
+    then), rebinds and swaps the derived settings on reload, drains on stop."""
 
-    def __init__(self, config: Config, link: WorkerLink | None = None) -> None:
-        self.config = config
-        self.metrics = Metrics()
-        self._link = link
-        self._stop = asyncio.Event()
+    name = "DNS listeners"
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
         self._in_flight = InFlight()
-        self._generation = -1
-        self._registry_errors = logs.WarnOnce(
-            __name__, "registration database unreadable; serving the last good registrations"
+        self._listeners: Listeners | None = None
+
+    @property
+    def listeners(self) -> Listeners:
+        if self._listeners is None:
+            raise RuntimeError("the DNS listeners are not started")
+        return self._listeners
+
+    def are_up(self) -> bool:
+        return self._listeners is not None and self._listeners.are_up()
+
+    async def start(self, config: Config) -> None:
+        self._listeners = await start_listeners(
+            config.server, self._pipeline, self._in_flight, reuse_port=True
         )
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; raises SmartDNSError when start-up fails."""
-        logs.guard_loop_exceptions(asyncio.get_running_loop())
-        config = self.config
-        store = await RegistrationStore.open(config.database.path, create=False)
-        try:
-            self._generation, clients = await load_clients(store)
-            pipeline = Pipeline(build_settings(config), clients, self.metrics)
-            listeners = await start_listeners(
-                config.server, pipeline, self._in_flight, reuse_port=True
-            )
-            sync: SyncServer | None = None
-            try:
-                if self._link is None:
-                    # Once per node, in this (main) process; its own store connection.
-                    view = NodeView(pipeline, listeners)
-                    sync = await start_sync_api(
-                        config, self.metrics, NodeStatus(store, self.metrics, view)
-                    )
-                await self._serve(config, store, pipeline, listeners, sync)
-            finally:
-                if sync is not None:
-                    await sync.close()
-                listeners.close()
-                listeners.close_connections()
-        finally:
-            await store.close()
-        log.info("smartdns stopped")
-        return 0
+    async def reload(self, config: Config) -> None:
+        # New addresses first: a taken port fails the reload before anything changed.
+        await self.listeners.rebind(config.server.listen, reuse_port=True)
+        self._pipeline.settings = build_settings(config, self._pipeline.settings)
 
-    async def _serve(
+    async def stop(self) -> None:
+        listeners, self._listeners = self.listeners, None
+        log.info("stopping: draining %d in-flight queries", len(self._in_flight))
+        listeners.stop_reading()
+        await self._in_flight.drain(DRAIN_TIMEOUT_S)
+        listeners.close()
+        await self._pipeline.close()  # upstream fetches nobody waits for any more
+        listeners.close_connections()
+
+
+class Node:
+    """One process's run: its components started in order, then the announcer's READY;
+    SIGHUP reloads (one at a time), SIGTERM/SIGINT stop: components stopped in reverse."""
+
+    def __init__(
         self,
         config: Config,
-        store: RegistrationStore,
-        pipeline: Pipeline,
-        listeners: Listeners,
-        sync: SyncServer | None,
+        components: list[Component],
+        announcer: Announcer,
+        stop: asyncio.Event,
     ) -> None:
+        self.config = config
+        self._lifecycle = Lifecycle(components)
+        self._announcer = announcer
+        self._stop = stop
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT; raises SmartDNSError when start-up fails."""
         loop = asyncio.get_running_loop()
-        tasks = _handle_signals(
-            loop, lambda: self._reload(store, pipeline, listeners, sync), self._stop
-        )
-        tasks.add(loop.create_task(self._watch_registrations(store, pipeline)))
-        log.info(
-            "smartdns started: %d listen addresses, %d zones, %d regions, %d upstreams, "
-            "%d registered entries%s",
-            len(config.server.listen),
-            len(config.unblock.zones),
-            len(config.unblock.regions),
-            len(config.upstream.servers),
-            pipeline.clients.entries,
-            f"; sync API on {config.sync.listen}" if sync is not None else "",
-        )
-        link = self._link
-        if link is None:
-            systemd.notify("READY=1", "STATUS=serving")
-            tasks.add(systemd.keep_watchdog(listeners.are_up))
-        else:
-            link.send("ready")
-            tasks.add(every(STATS_INTERVAL_S, lambda: self._report(link, pipeline)))
-            tasks.add(loop.create_task(_stop_when(link.parent_gone(), self._stop)))
+        logs.guard_loop_exceptions(loop)
+        await self._lifecycle.start(self.config)
+        reloads: set[asyncio.Task[None]] = set()
         try:
+            reloads = _handle_signals(loop, self._reload, self._stop)  # before READY=1
+            log.info("smartdns started: %s", summary(self.config))
+            self._announcer.ready()
             await self._stop.wait()
         finally:
-            if link is None:
-                systemd.notify("STOPPING=1")
-            if sync is not None:
-                await sync.close()  # first: no registration change starts while DNS drains
-            log.info("stopping: draining %d in-flight queries", len(self._in_flight))
-            listeners.stop_reading()
-            await self._in_flight.drain(DRAIN_TIMEOUT_S)
-            listeners.close()
-            await pipeline.close()  # upstream fetches nobody waits for any more
-            await _cancel(tasks)
-            if link is not None:
-                self._report(link, pipeline)
-                link.close()
+            await self._announcer.stopping()
+            await cancel_tasks(*reloads)  # a reload does not race the components stopping
+            await self._lifecycle.stop()
+        log.info("smartdns stopped")
 
-    def _report(self, link: WorkerLink, pipeline: Pipeline) -> None:
-        settings = pipeline.settings
-        link.send("stats", **stats_message(self.metrics, settings.forwarder.stats, settings.cache))
-
-    async def _watch_registrations(self, store: RegistrationStore, pipeline: Pipeline) -> None:
-        """Notice changes by any writer (sync API, CLI, another process) with a cheap
-        generation check, then swap in a whole new snapshot."""
-        while True:
-            await asyncio.sleep(REGISTRY_POLL_S)
-            try:
-                if await store.generation() != self._generation:
-                    await self._refresh_clients(store, pipeline)
-            except SmartDNSError as error:
-                self._registry_errors.warn(type(error).__name__)
-
-    async def _refresh_clients(self, store: RegistrationStore, pipeline: Pipeline) -> None:
-        generation, clients = await load_clients(store)
-        pipeline.clients = clients
-        self._generation = generation
-        log.info("registrations loaded: %d entries", clients.entries)
-
-    async def _reload(
-        self,
-        store: RegistrationStore,
-        pipeline: Pipeline,
-        listeners: Listeners,
-        sync: SyncServer | None,
-    ) -> None:
-        """SIGHUP: re-read the config (and the sync token); on success swap the derived
-        objects, on failure keep serving the old ones and log each problem with its PATH:LINE."""
-        if self._link is None:
-            systemd.reloading()
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the config (and the sync token); on success each component takes
+        it, on failure the running one stays and each problem is logged with its PATH:LINE."""
+        self._announcer.reloading()
         config = _reread(self.config)
-        ok = config is not None
+        ok = False
         try:
             if config is not None:
-                # New addresses first: a taken port fails the reload before anything changed.
-                await listeners.rebind(config.server.listen, reuse_port=True)
-                pipeline.settings = build_settings(config, pipeline.settings)
+                await self._lifecycle.reload(config)
                 self.config = config
-                if sync is not None:
-                    sync.reload(config)  # the new token; a bad one never got past load_config
                 logs.set_level(config.logging.level)
-                await self._refresh_clients(store, pipeline)
-                log.info(
-                    "reloaded: %d zones, %d regions, %d upstreams",
-                    len(config.unblock.zones),
-                    len(config.unblock.regions),
-                    len(config.upstream.servers),
-                )
+                ok = True
+                log.info("reloaded: %s", summary(config))
         except SmartDNSError as error:
-            ok = False
             log.error("reload failed, keeping the running configuration: %s", error)
         finally:
-            if self._link is not None:
-                self._link.send("reloaded", ok=ok)
-            elif not self._stop.is_set():  # never READY=1 after STOPPING=1
-                systemd.notify("READY=1")
-
-
-class MainProcess:
-    """The node with `server.workers` > 1: worker processes serve DNS; this process owns the
-    sync API, systemd notifications, signals and the workers' lifecycle."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.metrics = Metrics()
-        self._stop = asyncio.Event()
-        self._stopped_by_crashes = False
-
-    async def run(self) -> int:
-        logs.guard_loop_exceptions(asyncio.get_running_loop())
-        config = self.config
-        # Fail closed before any worker starts: the database must exist and be readable.
-        store = await RegistrationStore.open(config.database.path, create=False)
-        try:
-            supervisor = Supervisor(config.path, config.server.workers, self.metrics)
-            await supervisor.start()
-            try:
-                status = NodeStatus(store, self.metrics, WorkersView(supervisor))
-                sync = await start_sync_api(config, self.metrics, status)
-            except BaseException:
-                await supervisor.stop(DRAIN_TIMEOUT_S)
-                raise
-            try:
-                await self._serve(supervisor, sync)
-            finally:
-                await sync.close()
-                await supervisor.stop(DRAIN_TIMEOUT_S)
-        finally:
-            await store.close()
-        log.info("smartdns stopped")
-        return 1 if self._stopped_by_crashes else 0
-
-    async def _serve(self, supervisor: Supervisor, sync: SyncServer) -> None:
-        loop = asyncio.get_running_loop()
-        tasks = _handle_signals(loop, lambda: self._reload(supervisor, sync), self._stop)
-        tasks.add(loop.create_task(self._stop_when_all_gave_up(supervisor)))
-        tasks.add(systemd.keep_watchdog(supervisor.all_ready))
-        log.info(
-            "smartdns started: %d workers; sync API on %s",
-            self.config.server.workers,
-            self.config.sync.listen,
-        )
-        systemd.notify("READY=1", "STATUS=serving")
-        try:
-            await self._stop.wait()
-        finally:
-            systemd.notify("STOPPING=1")
-            log.info("stopping: draining the workers")
-            await _cancel(tasks)
-
-    async def _stop_when_all_gave_up(self, supervisor: Supervisor) -> None:
-        await supervisor.all_gave_up.wait()
-        log.error("every worker keeps crashing; stopping")
-        self._stopped_by_crashes = True
-        self._stop.set()
-
-    async def _reload(self, supervisor: Supervisor, sync: SyncServer) -> None:
-        systemd.reloading()
-        try:
-            config = _reread(self.config)
-            if config is None:
-                return
-            if config.server.workers != self.config.server.workers:
-                log.warning("server.workers changed: restart smartdns to apply it")
-            if config.sync.listen != self.config.sync.listen:
-                log.warning("sync.listen changed: restart smartdns to apply it")
-            self.config = config
-            sync.reload(config)
-            logs.set_level(config.logging.level)
-            if await supervisor.reload():
-                log.info("reloaded: %d workers", config.server.workers)
-        finally:
             if not self._stop.is_set():  # never READY=1 after STOPPING=1
-                systemd.notify("READY=1")
+                self._announcer.reloaded(ok)
+
+
+def _dns_process(config: Config, link: WorkerLink | None) -> Node:
+    """A DNS-serving process: the whole node (`workers: 1`), or a worker under the main
+    process when `link` is set (the main process then owns the sync API and systemd)."""
+    stop = asyncio.Event()
+    metrics = Metrics()
+    pipeline = Pipeline(build_settings(config), AuthorizedClients.from_prefixes(()), metrics)
+    database = Database()
+    dns = DnsService(pipeline)
+    serving: list[Component] = [SnapshotWatch(database, pipeline), dns]
+    if link is not None:
+        reports = WorkerReports(link, metrics, pipeline)
+        return Node(config, [database, reports, *serving], WorkerAnnouncer(link, stop.set), stop)
+    sync = SyncService(
+        metrics, lambda: NodeStatus(database.store, metrics, NodeView(pipeline, dns.listeners))
+    )
+    components = [database, Watchdog(dns.are_up), *serving, sync]
+    return Node(config, components, SystemdAnnouncer(), stop)
+
+
+def _main_process(config: Config) -> tuple[Node, Workers]:
+    """The main process of a node with `server.workers` > 1: the workers serve DNS; this
+    process owns the sync API, systemd, signals and the workers' lifecycle. The database is
+    opened first: it must exist and be readable before any worker starts (fail closed)."""
+    stop = asyncio.Event()
+    metrics = Metrics()
+    database = Database()
+    supervisor = Supervisor(config.path, config.server.workers, metrics)
+    workers = Workers(supervisor, DRAIN_TIMEOUT_S, stop.set)
+    sync = SyncService(
+        metrics, lambda: NodeStatus(database.store, metrics, WorkersView(supervisor))
+    )
+    components = [database, Watchdog(supervisor.all_ready), workers, sync]
+    return Node(config, components, SystemdAnnouncer(), stop), workers
 
 
 def _reread(current: Config) -> Config | None:
@@ -371,7 +256,7 @@ def _handle_signals(
     stop: asyncio.Event,
 ) -> set[asyncio.Task[None]]:
     """SIGHUP runs `reload` (one at a time), SIGTERM/SIGINT set `stop`. Returns the set that
-    owns the reload tasks; the caller adds its own tasks and cancels them all at the end.
+    owns the reload tasks; the caller cancels them when it stops.
     The handlers stay until the loop closes: a second SIGTERM while draining changes nothing."""
     tasks: set[asyncio.Task[None]] = set()
     lock = asyncio.Lock()
@@ -391,25 +276,18 @@ def _handle_signals(
     return tasks
 
 
-async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _stop_when(event: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
-    await event
-    stop.set()
-
-
 async def _run(config: Config) -> int:
     inherited = WorkerLink.inherited()
     if inherited is not None:
         link = await WorkerLink.connect(*inherited)
-        return await Daemon(config, link).run()
+        await _dns_process(config, link).run()
+        return 0
     if config.server.workers > 1:
-        return await MainProcess(config).run()
-    return await Daemon(config).run()
+        node, workers = _main_process(config)
+        await node.run()
+        return 1 if workers.gave_up else 0
+    await _dns_process(config, None).run()
+    return 0
 
 
 def serve(config: Config) -> int:

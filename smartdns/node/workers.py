@@ -23,9 +23,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from smartdns.config.model import Config
 from smartdns.core.counters import Metrics, Outcome, Transport
 from smartdns.errors import SmartDNSError
+from smartdns.node.components import cancel_tasks
+from smartdns.node.lifecycle import Component
 from smartdns.node.metrics import WorkerSample
+from smartdns.serve.pipeline import Pipeline
 from smartdns.upstream.forwarder import ForwarderStats
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,61 @@ class WorkerLink:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class WorkerReports(Component):
+    """A worker's statistics to the main process every STATS_INTERVAL_S, and a last report
+    when stopped; early in the order, so the last one counts the queries drained after it."""
+
+    name = "worker reports"
+
+    def __init__(self, link: WorkerLink, metrics: Metrics, pipeline: Pipeline) -> None:
+        self._link = link
+        self._metrics = metrics
+        self._pipeline = pipeline
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, config: Config) -> None:
+        self._task = every(STATS_INTERVAL_S, self._report)
+
+    async def stop(self) -> None:
+        await cancel_tasks(self._task)
+        self._task = None
+        self._report()
+        self._link.close()
+
+    def _report(self) -> None:
+        settings = self._pipeline.settings
+        message = stats_message(self._metrics, settings.forwarder.stats, settings.cache)
+        self._link.send("stats", **message)
+
+
+class WorkerAnnouncer:
+    """A worker's `ready` and `reloaded` to the main process; the main process going away
+    (its end of the control socket closed) calls `stop`."""
+
+    def __init__(self, link: WorkerLink, stop: Callable[[], None]) -> None:
+        self._link = link
+        self._stop = stop
+        self._parent_watch: asyncio.Task[None] | None = None
+
+    def ready(self) -> None:
+        self._link.send("ready")
+        self._parent_watch = asyncio.get_running_loop().create_task(self._stop_when_parent_gone())
+
+    def reloading(self) -> None:
+        pass
+
+    def reloaded(self, ok: bool) -> None:
+        self._link.send("reloaded", ok=ok)
+
+    async def stopping(self) -> None:
+        await cancel_tasks(self._parent_watch)
+        self._parent_watch = None
+
+    async def _stop_when_parent_gone(self) -> None:
+        await self._link.parent_gone()
+        self._stop()
 
 
 def stats_message(metrics: Metrics, forwarder: ForwarderStats, cache: Any) -> dict[str, Any]:
@@ -342,6 +401,45 @@ class Supervisor:
             setattr(self.forwarder, name, totals.forwarder[name])
         for name in _CACHE_FIELDS:
             setattr(self.cache, name, totals.cache[name])
+
+
+class Workers(Component):
+    """The worker processes of a node with `server.workers` > 1, from the main process:
+    started (each with its listeners up) before the sync API, reloaded by SIGHUP, drained and
+    stopped after it. When every worker keeps crashing it calls `stop` and sets `gave_up`."""
+
+    name = "workers"
+
+    def __init__(self, supervisor: Supervisor, drain_s: float, stop: Callable[[], None]) -> None:
+        self._supervisor = supervisor
+        self._drain_s = drain_s
+        self._stop = stop
+        self._workers = 0
+        self._watch: asyncio.Task[None] | None = None
+        self.gave_up = False
+
+    async def start(self, config: Config) -> None:
+        self._workers = config.server.workers
+        await self._supervisor.start()
+        self._watch = asyncio.get_running_loop().create_task(self._stop_when_all_gave_up())
+
+    async def reload(self, config: Config) -> None:
+        if config.server.workers != self._workers:
+            log.warning("server.workers changed: restart smartdns to apply it")
+        if not await self._supervisor.reload():
+            raise SmartDNSError("a worker did not apply the new configuration (see its log lines)")
+
+    async def stop(self) -> None:
+        log.info("stopping: draining the workers")
+        await cancel_tasks(self._watch)
+        self._watch = None
+        await self._supervisor.stop(self._drain_s)
+
+    async def _stop_when_all_gave_up(self) -> None:
+        await self._supervisor.all_gave_up.wait()
+        log.error("every worker keeps crashing; stopping")
+        self.gave_up = True
+        self._stop()
 
 
 def every(interval_s: float, action: Callable[[], None]) -> asyncio.Task[None]:

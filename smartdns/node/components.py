@@ -1,0 +1,124 @@
+"""The lifecycle components both process kinds share: the registration database, the systemd
+watchdog and notifications, and the sync API. The daemon puts them in order.
+
+Nothing here sees a query; each component owns the tasks it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from smartdns.config.model import Config, HostPort
+from smartdns.core.counters import Metrics
+from smartdns.node import systemd
+from smartdns.node.lifecycle import Component
+from smartdns.registrations.sources.sync_api import Node, SyncServer, start_sync_api
+from smartdns.registrations.store import RegistrationStore
+
+log = logging.getLogger(__name__)
+
+
+class Database(Component):
+    """The DNS side's connection to the registration database; it must exist (fail closed:
+    a node never starts with an empty registration set because a path was wrong)."""
+
+    name = "registration database"
+
+    def __init__(self) -> None:
+        self._store: RegistrationStore | None = None
+        self._path: Path | None = None
+
+    @property
+    def store(self) -> RegistrationStore:
+        """The open store; only components started after this one read it."""
+        if self._store is None:
+            raise RuntimeError("the registration database is not open")
+        return self._store
+
+    async def start(self, config: Config) -> None:
+        self._path = config.database.path
+        self._store = await RegistrationStore.open(self._path, create=False)
+
+    async def reload(self, config: Config) -> None:
+        if config.database.path != self._path:
+            log.warning("database.path changed: restart smartdns to apply it")
+
+    async def stop(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
+
+
+class Watchdog(Component):
+    """WATCHDOG=1 while `healthy()`, from start until stopped; early in the order so the
+    pings go on while later components drain."""
+
+    name = "systemd watchdog"
+
+    def __init__(self, healthy: Callable[[], bool]) -> None:
+        self._healthy = healthy
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, config: Config) -> None:
+        self._task = systemd.keep_watchdog(self._healthy)
+
+    async def stop(self) -> None:
+        await cancel_tasks(self._task)
+        self._task = None
+
+
+class SyncService(Component):
+    """The sync API (SPEC 4), once per node: its own store connection, the token reloaded
+    with the config. `view` builds what it reads of the process, once the parts exist."""
+
+    name = "sync API"
+
+    def __init__(self, metrics: Metrics, view: Callable[[], Node]) -> None:
+        self._metrics = metrics
+        self._view = view
+        self._server: SyncServer | None = None
+        self._listen: HostPort | None = None
+
+    async def start(self, config: Config) -> None:
+        self._server = await start_sync_api(config, self._metrics, self._view())
+        self._listen = config.sync.listen
+        log.info("sync API on %s", self._listen)
+
+    async def reload(self, config: Config) -> None:
+        if config.sync.listen != self._listen:
+            log.warning("sync.listen changed: restart smartdns to apply it")
+        if self._server is not None:
+            self._server.reload(config)  # the new token; a bad one never got past load_config
+
+    async def stop(self) -> None:
+        # Stopped before DNS drains: no registration change starts while queries finish.
+        server, self._server = self._server, None
+        if server is not None:
+            await server.close()
+
+
+class SystemdAnnouncer:
+    """READY=1 / RELOADING=1 / STOPPING=1 to systemd (a no-op without NOTIFY_SOCKET)."""
+
+    def ready(self) -> None:
+        systemd.notify("READY=1", "STATUS=serving")
+
+    def reloading(self) -> None:
+        systemd.reloading()
+
+    def reloaded(self, ok: bool) -> None:
+        systemd.notify("READY=1")  # after a failed reload too: the old config still serves
+
+    async def stopping(self) -> None:
+        systemd.notify("STOPPING=1")
+
+
+async def cancel_tasks(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel `tasks` (None ones skipped) and wait until they have ended."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
