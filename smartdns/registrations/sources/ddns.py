@@ -1,0 +1,401 @@
+"""The DDNS refresher (SPEC 3 "Dynamic home addresses"): keeps every registered hostname
+resolved and hands "hostname → its current addresses" changes to a sink (the one writer).
+
+One task schedules every name from a heap of due times; lookups run at most
+`ddns.max_concurrent` at once and at most `max_lookups_per_s` start per second. Keeps only
+aggregate counts; never logs a hostname or an address, and no exception text carries one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import heapq
+import logging
+import math
+import random
+import socket
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Final, Protocol
+
+from smartdns.config.model import DdnsConfig, RegistrationsConfig
+from smartdns.core.chain import FAILED, LookupOutcome, Resolution
+from smartdns.logs import WarnOnce
+from smartdns.registrations.entries import Network, parse_address
+
+log = logging.getLogger(__name__)
+
+MAX_LOOKUPS_PER_S: Final = 4000.0  # hostname lookups started per second (2+ queries each)
+LOOKUP_DEADLINE_S: Final = 10.0  # a lookup (A and AAAA, CNAME targets) that takes longer failed
+JITTER: Final = 0.1  # refreshes are spread over the last 10 % of the TTL
+SINK_RETRY_S: Final = 1.0  # after the sink failed to apply a batch
+# Lookup latency histogram bounds, seconds (Prometheus `le`).
+LATENCY_BOUNDS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BURST_S: Final = 0.05  # the rate bound lets this much of a second's lookups start at once
+_IDLE_WAIT_S: Final = 3600.0
+_FAMILIES: Final = {4: socket.AF_INET, 16: socket.AF_INET6}
+
+Addresses = tuple[Network, ...]
+
+
+class HostnameResolver(Protocol):
+    """Looks a hostname's A and AAAA up (upstream.lookup.HostnameLookup in the node)."""
+
+    async def resolve(self, hostname: str) -> Resolution: ...
+
+
+class HostnameSink(Protocol):
+    """Where results go: the writer, which authorizes them on every worker (or the feed)."""
+
+    async def apply(self, changes: Mapping[str, Addresses]) -> None:
+        """Make each hostname's addresses these (empty: none), all at once; return when they
+        are in effect. A hostname's new and old addresses come in one change, so applying it
+        atomically authorizes the new address before (not after) the old one goes."""
+        ...
+
+
+class RefresherStats:
+    """Aggregate counters: nothing per hostname, nothing that names one."""
+
+    __slots__ = (
+        "latency_buckets",
+        "latency_count",
+        "latency_sum_s",
+        "lookups",
+        "rejected",
+        "sink_failures",
+    )
+
+    def __init__(self) -> None:
+        self.lookups: Counter[LookupOutcome] = Counter()
+        self.rejected = 0  # resolved addresses the registration rules refuse, or over the cap
+        self.sink_failures = 0  # batches the sink failed to apply (retried)
+        self.latency_buckets = [0] * (len(LATENCY_BOUNDS_S) + 1)  # the last is +Inf
+        self.latency_count = 0
+        self.latency_sum_s = 0.0
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_buckets[bisect.bisect_left(LATENCY_BOUNDS_S, seconds)] += 1
+        self.latency_count += 1
+        self.latency_sum_s += seconds
+
+
+class _Name:
+    """One distinct hostname's state; `refs` counts the accounts holding it."""
+
+    __slots__ = (
+        "accepted",
+        "addresses",
+        "answer",
+        "due",
+        "failures",
+        "good_until",
+        "refs",
+        "retry_at",
+    )
+
+    def __init__(self, due: float) -> None:
+        self.refs = 1
+        self.addresses: Addresses = ()  # what the sink was last given
+        self.answer: frozenset[bytes] = frozenset()  # the last answer with addresses, packed
+        self.accepted: Addresses = ()  # what the rules accept of `answer`
+        self.good_until = -math.inf  # last positive answer + grace
+        self.failures = 0  # consecutive failed lookups
+        self.retry_at = due  # next lookup
+        self.due = due  # heap key: min(next lookup, grace end), or inf while a lookup runs
+
+
+class HostnameRefresher:
+    """Resolves each distinct registered hostname once, on its TTL; see the module docstring.
+
+    The owner tells it which hostnames are registered (`add`, `remove` per account holding
+    them, or `replace_all`), and `start`s and `stop`s it; results reach `sink`.
+    """
+
+    def __init__(
+        self,
+        ddns: DdnsConfig,
+        rules: RegistrationsConfig,
+        resolver: HostnameResolver,
+        sink: HostnameSink,
+        *,
+        max_lookups_per_s: float = MAX_LOOKUPS_PER_S,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._ddns = ddns
+        self._rules = rules
+        self._resolver = resolver
+        self._sink = sink
+        self._rate = max_lookups_per_s
+        self._rng = rng or random.Random()
+        self._names: dict[str, _Name] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._lookups: set[asyncio.Task[None]] = set()
+        self._pending: dict[str, Addresses] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._tokens = 1.0
+        self._tokens_at = 0.0
+        self._address_count = 0
+        self._sink_warning = WarnOnce(__name__, "DDNS results not applied; retrying")
+        self.stats = RefresherStats()
+
+    # ---- what is registered ------------------------------------------------------------------
+
+    @property
+    def hostnames(self) -> int:
+        """Distinct hostnames being kept resolved."""
+        return len(self._names)
+
+    @property
+    def addresses_authorized(self) -> int:
+        """Addresses the sink holds for all hostnames together."""
+        return self._address_count
+
+    def addresses(self, hostname: str) -> Addresses:
+        """The addresses last given to the sink for `hostname` (empty when none or unknown)."""
+        state = self._names.get(hostname)
+        return state.addresses if state is not None else ()
+
+    def add(self, hostnames: Iterable[str]) -> None:
+        """One more account holds each of these (normalized) hostnames; new ones are looked
+        up at once, so a registration is authorized within a lookup of being made."""
+        now = self._now()
+        for hostname in hostnames:
+            state = self._names.get(hostname)
+            if state is not None:
+                state.refs += 1
+                continue
+            self._names[hostname] = _Name(now)
+            heapq.heappush(self._heap, (now, hostname))
+        self._wake.set()
+
+    def remove(self, hostnames: Iterable[str]) -> None:
+        """One account fewer holds each; a hostname no account holds is forgotten and its
+        addresses withdrawn (an empty change for it)."""
+        for hostname in hostnames:
+            state = self._names.get(hostname)
+            if state is None:
+                continue
+            state.refs -= 1
+            if state.refs <= 0:
+                del self._names[hostname]  # its heap entry is skipped when it comes up
+                if state.addresses:
+                    self._address_count -= len(state.addresses)
+                    self._queue_change(hostname, ())
+
+    def replace_all(self, hostnames: Iterable[str]) -> None:
+        """The whole registration set (one item per account holding a hostname): names no
+        longer held are removed, new ones added, kept ones keep their state and schedule."""
+        wanted = Counter(hostnames)
+        for hostname in [name for name in self._names if name not in wanted]:
+            self.remove([hostname] * self._names[hostname].refs)
+        for hostname, refs in wanted.items():
+            state = self._names.get(hostname)
+            if state is None:
+                self.add([hostname])
+                state = self._names[hostname]
+            state.refs = refs
+
+    def reload(self, ddns: DdnsConfig, rules: RegistrationsConfig) -> None:
+        """New settings: they apply from each name's next lookup."""
+        self._ddns = ddns
+        self._rules = rules
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+            if self._pending:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def stop(self) -> None:
+        """Stop looking up; lookups in flight and an undelivered batch are abandoned."""
+        tasks = [t for t in (self._dispatcher, self._flusher) if t is not None]
+        tasks.extend(self._lookups)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._dispatcher = self._flusher = None
+
+    # ---- scheduling --------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _dispatch(self) -> None:
+        """Start every due lookup the concurrency and rate bounds allow, then sleep until the
+        next is due, a slot frees or a name is added."""
+        while True:
+            self._wake.clear()
+            wait = self._start_due(self._now())
+            if wait > 0:
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+
+    def _start_due(self, now: float) -> float:
+        """Start what may start now; return how long to sleep (0: look again at once)."""
+        heap = self._heap
+        limit = self._ddns.max_concurrent
+        self._tokens = min(
+            max(1.0, self._rate * _BURST_S), self._tokens + (now - self._tokens_at) * self._rate
+        )
+        self._tokens_at = now
+        while heap and heap[0][0] <= now:
+            if len(self._lookups) >= limit:
+                return _IDLE_WAIT_S  # a finishing lookup wakes us
+            if self._tokens < 1.0:
+                return (1.0 - self._tokens) / self._rate
+            due, hostname = heapq.heappop(heap)
+            state = self._names.get(hostname)
+            if state is None or state.due != due:
+                continue  # removed, or rescheduled since this entry was pushed
+            if now < state.retry_at:
+                self._expire(hostname, state)  # the grace ended before the next retry
+                continue
+            self._tokens -= 1.0
+            state.due = math.inf
+            task = asyncio.get_running_loop().create_task(self._lookup(hostname, state))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookup_done)
+        return heap[0][0] - now if heap else _IDLE_WAIT_S
+
+    def _lookup_done(self, task: asyncio.Task[None]) -> None:
+        self._lookups.discard(task)
+        self._wake.set()
+
+    def _schedule(self, hostname: str, state: _Name, retry_at: float) -> None:
+        """Next lookup at `retry_at`; the heap entry comes earlier when the grace ends first."""
+        state.retry_at = retry_at
+        due = retry_at
+        if state.addresses and state.good_until < retry_at:
+            due = max(state.good_until, self._now())
+        state.due = due
+        heapq.heappush(self._heap, (due, hostname))
+
+    def _spread(self, base_s: float) -> float:
+        return spread(base_s, self._ddns.min_ttl, self._ddns.max_ttl, self._rng.random())
+
+    def _backoff(self, failures: int) -> float:
+        """min_ttl, doubling per consecutive failure up to max_ttl, spread like a refresh."""
+        return self._spread(self._ddns.min_ttl * 2.0 ** min(failures - 1, 32))
+
+    # ---- one lookup --------------------------------------------------------------------------
+
+    async def _lookup(self, hostname: str, state: _Name) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(LOOKUP_DEADLINE_S):
+                resolution = await self._resolver.resolve(hostname)
+        except Exception:  # boundary: a lookup that breaks is a failed lookup, never a crash
+            resolution = FAILED
+        now = loop.time()
+        self.stats.observe_latency(now - started)
+        self.stats.lookups[resolution.outcome] += 1
+        if self._names.get(hostname) is state:  # still registered (not removed and re-added)
+            self._finish(hostname, state, resolution, now)
+
+    def _finish(self, hostname: str, state: _Name, resolution: Resolution, now: float) -> None:
+        """Apply one result (SPEC 3): a positive answer replaces the addresses; a failure adds
+        what the half that answered found and keeps the rest through the grace; NXDOMAIN and
+        NODATA keep them through the grace. Past the grace only the answer counts."""
+        outcome = resolution.outcome
+        within_grace = now < state.good_until
+        if outcome is LookupOutcome.ADDRESSES:
+            state.failures = 0
+            state.good_until = now + self._ddns.grace
+            self._deliver(hostname, state, self._accept(state, resolution.addresses))
+            self._schedule(hostname, state, now + self._spread(resolution.ttl))
+            return
+        if outcome is LookupOutcome.FAILED:
+            state.failures += 1
+            found = self._accept(state, resolution.addresses) if resolution.addresses else ()
+            if within_grace:
+                found = tuple(sorted(set(state.addresses).union(found), key=_order))
+            self._deliver(hostname, state, found)
+            self._schedule(hostname, state, now + self._backoff(state.failures))
+            return
+        state.failures = 0
+        if not within_grace:
+            self._deliver(hostname, state, ())
+        ttl = resolution.ttl if resolution.ttl >= 0 else self._ddns.min_ttl
+        self._schedule(hostname, state, now + self._spread(ttl))
+
+    def _expire(self, hostname: str, state: _Name) -> None:
+        """The grace ended while lookups kept failing: withdraw, keep retrying on schedule."""
+        self._deliver(hostname, state, ())
+        self._schedule(hostname, state, state.retry_at)
+
+    def _accept(self, state: _Name, packed: tuple[bytes, ...]) -> Addresses:
+        """The addresses of an answer that SPEC 3's rules accept, as /32 and /128 networks,
+        at most `max_per_account` of them (the lowest). An answer equal to the previous one
+        is not checked again (nor its rejections counted again): a steady name costs no
+        parsing per refresh."""
+        answer = frozenset(packed)
+        if answer == state.answer:
+            return state.accepted
+        accepted: set[Network] = set()
+        for address in answer:
+            text = socket.inet_ntop(_FAMILIES[len(address)], address)
+            try:
+                accepted.add(parse_address(text, self._rules))
+            except ValueError:
+                self.stats.rejected += 1
+        ordered = sorted(accepted, key=_order)
+        cap = self._rules.max_per_account
+        self.stats.rejected += max(0, len(ordered) - cap)
+        state.answer = answer
+        state.accepted = tuple(ordered[:cap])
+        return state.accepted
+
+    def _deliver(self, hostname: str, state: _Name, addresses: Addresses) -> None:
+        if addresses == state.addresses:
+            return
+        self._address_count += len(addresses) - len(state.addresses)
+        state.addresses = addresses
+        self._queue_change(hostname, addresses)
+
+    # ---- to the sink -------------------------------------------------------------------------
+
+    def _queue_change(self, hostname: str, addresses: Addresses) -> None:
+        """Batch changes while the sink is busy; the latest set per hostname wins."""
+        self._pending[hostname] = addresses
+        if self._flusher is None and self._dispatcher is not None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                try:
+                    await self._sink.apply(batch)
+                except Exception as error:  # boundary: the sink failing must not stop refreshes
+                    self.stats.sink_failures += 1
+                    self._sink_warning.warn(type(error).__name__)
+                    for hostname, addresses in batch.items():
+                        self._pending.setdefault(hostname, addresses)  # unless superseded
+                    await asyncio.sleep(SINK_RETRY_S)
+        finally:
+            self._flusher = None
+
+
+def spread(base_s: float, min_ttl: float, max_ttl: float, fraction: float) -> float:
+    """When to look up again: `base_s` clamped to [min_ttl, max_ttl], then the point at
+    `fraction` (0..1, random) of its last JITTER part, so names answered together come due
+    apart and never later than their TTL. At min_ttl the spread goes up instead (a lookup is
+    never sooner than min_ttl), at most to max_ttl."""
+    base = min(max(base_s, min_ttl), max_ttl)
+    low = max(min_ttl, base * (1 - JITTER))
+    high = base if base > low else min(max_ttl, base * (1 + JITTER))
+    return low + (high - low) * fraction
+
+
+def _order(network: Network) -> tuple[int, int]:
+    return network.version, int(network.network_address)
