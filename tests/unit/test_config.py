@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -30,6 +31,7 @@ from smartdns.config.model import (
     Unregistered,
     UpstreamConfig,
 )
+from smartdns.config.sections import SECTIONS
 from smartdns.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1206,3 +1208,14 @@ def test_ca_file_may_be_world_readable_but_must_be_a_file(tmp_path: Path) -> Non
     assert problems_of(path) == [
         f"{path}:2: feed.tls_ca_file: {tmp_path}/ca.dir: not a regular file"
     ]
+
+
+# --- the section registry ------------------------------------------------------------------------
+
+
+def test_every_config_field_is_one_registered_section() -> None:
+    # A section is added in one place: a Config field without its SECTIONS entry (or the
+    # reverse) would be silently ignored or rejected as an unknown key.
+    names = [section.name for section in SECTIONS]
+    assert len(names) == len(set(names))
+    assert set(names) == {field.name for field in dataclasses.fields(Config)} - {"path"}
