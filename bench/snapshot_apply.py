@@ -249,7 +249,7 @@ def micro(args: argparse.Namespace) -> int:
     if args.public_only:
         del document["accounts"]["bench-source"]  # loopback: not global
     count = sum(len(addresses) for addresses in document["accounts"].values())
-    gc.disable()  # as sync_api.BulkWork around the whole apply
+    gc.disable()  # as bulk.BulkWork around the whole apply
     times = []
     for _ in range(max(1, args.rounds)):
         started = time.perf_counter()
@@ -280,7 +280,7 @@ def micro(args: argparse.Namespace) -> int:
     )
     print(f"replace_snapshot: {stored_s:.2f} s")
     if not args.public_only:
-        from smartdns.registrations.sources.sync_api import BULK_WORK
+        from smartdns.registrations.bulk import BULK_WORK
 
         with BULK_WORK:  # as around the server's apply
             worst_ms = asyncio.run(worst_loop_gaps(body, rules))

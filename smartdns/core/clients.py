@@ -1,7 +1,8 @@
-"""AuthorizedClients: an immutable snapshot of registered prefixes, longest-prefix match.
+"""AuthorizedClients: the registered prefixes the query path matches, longest prefix first.
 
-Pure; no I/O. A registry change builds a new snapshot and the daemon swaps one reference, so a
-query sees either the old set or the new one, never a mix.
+Pure; no I/O. A full load builds a new instance (off the event loop) and the node swaps one
+reference; a change of a few accounts is applied in place by `apply`, which runs on the
+event loop thread and never awaits, so a query sees all of one change or none of it.
 """
 
 from __future__ import annotations
@@ -10,32 +11,64 @@ import socket
 from collections.abc import Iterable
 
 _MAPPED_PREFIX = "::ffff:"
+Prefix = tuple[int, int, int]  # family 4|6, network as int, prefix length
 
 
 class AuthorizedClients:
-    """Answers `is_authorized(source address text)` from sets of prefixes keyed by length."""
+    """Answers `is_authorized(source address text)` from sets of prefixes keyed by length.
 
-    __slots__ = ("_v4", "_v6", "entries")
+    `entries` counts distinct prefixes (two accounts registering the same one count once).
+    """
 
-    def __init__(self, v4: dict[int, set[int]], v6: dict[int, set[int]], entries: int) -> None:
+    __slots__ = ("_v4", "_v4_sets", "_v6", "_v6_sets", "entries")
+
+    def __init__(self, v4: dict[int, set[int]], v6: dict[int, set[int]]) -> None:
+        self._v4_sets = v4
+        self._v6_sets = v6
         self._v4 = _by_length(v4, 32)
         self._v6 = _by_length(v6, 128)
-        self.entries = entries
+        self.entries = sum(map(len, v4.values())) + sum(map(len, v6.values()))
 
     @classmethod
-    def from_prefixes(cls, prefixes: Iterable[tuple[int, int, int]]) -> AuthorizedClients:
+    def from_prefixes(cls, prefixes: Iterable[Prefix]) -> AuthorizedClients:
         """Build from (family 4|6, network as int, prefix length) rows, as the registry stores
         them. Runs off the event loop for large sets (a million rows take about a second)."""
         v4: dict[int, set[int]] = {}
         v6: dict[int, set[int]] = {}
-        count = 0
         for family, network, length in prefixes:
             if family == 4:
                 v4.setdefault(length, set()).add(network >> (32 - length))
             else:
                 v6.setdefault(length, set()).add(network >> (128 - length))
-            count += 1
-        return cls(v4, v6, count)
+        return cls(v4, v6)
+
+    def apply(self, present: Iterable[Prefix], gone: Iterable[Prefix]) -> None:
+        """Make `gone` unregistered, then `present` registered (a prefix in both stays).
+
+        Costs what it is given, never what is held: each prefix is one set operation; only
+        a prefix length appearing or emptying rebuilds the (at most 33 + 129) length table.
+        Call it on the event loop thread: queries read these sets there, between awaits.
+        """
+        lengths = (len(self._v4_sets), len(self._v6_sets))
+        emptied = False
+        for family, network, length in gone:
+            sets, bits = (self._v4_sets, 32) if family == 4 else (self._v6_sets, 128)
+            networks = sets.get(length)
+            if networks is not None and network >> (bits - length) in networks:
+                networks.discard(network >> (bits - length))
+                self.entries -= 1
+                if not networks:
+                    del sets[length]
+                    emptied = True
+        for family, network, length in present:
+            sets, bits = (self._v4_sets, 32) if family == 4 else (self._v6_sets, 128)
+            networks = sets.setdefault(length, set())
+            if network >> (bits - length) not in networks:
+                networks.add(network >> (bits - length))
+                self.entries += 1
+        if emptied or lengths != (len(self._v4_sets), len(self._v6_sets)):
+            self._v4 = _by_length(self._v4_sets, 32)
+            self._v6 = _by_length(self._v6_sets, 128)
 
     def is_authorized(self, host: str) -> bool:
         """True when `host` (address text as the socket layer reports it) lies in a registered
@@ -54,12 +87,13 @@ class AuthorizedClients:
             return False
 
 
-_Table = tuple[tuple[int, frozenset[int]], ...]
+_Table = tuple[tuple[int, set[int]], ...]
 
 
 def _by_length(networks: dict[int, set[int]], bits: int) -> _Table:
-    """(shift, frozenset of network >> shift) per prefix length, longest first."""
-    return tuple((bits - length, frozenset(networks[length])) for length in sorted(networks)[::-1])
+    """(shift, set of network >> shift) per prefix length, longest first; the sets are the
+    ones `apply` changes, shared, not copies."""
+    return tuple((bits - length, networks[length]) for length in sorted(networks)[::-1])
 
 
 def _contains(table: _Table, address: int) -> bool:

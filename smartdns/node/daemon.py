@@ -213,12 +213,20 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
     pipeline = Pipeline(build_settings(config), AuthorizedClients.from_prefixes(()), metrics)
     database = Database()
     dns = DnsService(pipeline)
-    serving: list[Component] = [SnapshotWatch(database, pipeline), dns]
+    watch = SnapshotWatch(database, pipeline)
+    serving: list[Component] = [watch, dns]
     if link is not None:
         reports = WorkerReports(link, metrics, pipeline)
-        return Node(config, [database, reports, *serving], WorkerAnnouncer(link, stop.set), stop)
+        announcer = WorkerAnnouncer(link, stop.set, watch.wait_applied)
+        return Node(config, [database, reports, *serving], announcer, stop)
+
+    async def apply(generation: int, timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):  # no worker to restart: the poll retries
+            await watch.wait_applied(generation)
+
     sync = SyncService(
-        metrics, lambda: NodeStatus(database.store, metrics, NodeView(pipeline, dns.listeners))
+        metrics,
+        lambda: NodeStatus(database.store, metrics, NodeView(pipeline, dns.listeners), apply),
     )
     components = [database, Watchdog(dns.are_up), *serving, sync]
     return Node(config, components, SystemdAnnouncer(), stop)
@@ -234,7 +242,8 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
     supervisor = Supervisor(config.path, config.server.workers, metrics)
     workers = Workers(supervisor, DRAIN_TIMEOUT_S, stop.set)
     sync = SyncService(
-        metrics, lambda: NodeStatus(database.store, metrics, WorkersView(supervisor))
+        metrics,
+        lambda: NodeStatus(database.store, metrics, WorkersView(supervisor), supervisor.apply),
     )
     components = [database, Watchdog(supervisor.all_ready), workers, sync]
     return Node(config, components, SystemdAnnouncer(), stop), workers

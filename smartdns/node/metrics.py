@@ -20,6 +20,7 @@ class WorkerSample(NamedTuple):
     up: bool
     queries: int  # answered by its current process
     restarts: int
+    unconfirmed: int = 0  # restarts for not confirming a registration change in time
 
 
 class ForwarderStatsLike(Protocol):
@@ -248,4 +249,10 @@ def _render_workers(out: _Exposition, workers: Sequence[WorkerSample]) -> None:
         "counter",
         "Times the worker process was restarted after exiting.",
         (({"worker": str(w.worker)}, w.restarts) for w in workers),
+    )
+    out.family(
+        "smartdns_worker_unconfirmed_total",
+        "counter",
+        "Times the worker was restarted for not confirming a registration change in time.",
+        (({"worker": str(w.worker)}, w.unconfirmed) for w in workers),
     )

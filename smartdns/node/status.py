@@ -1,15 +1,19 @@
-"""NodeStatus: what the sync API reads from the node (registrations.sources.sync_api.Node):
+"""NodeStatus: what the sync API needs of the node (registrations.sources.sync_api.Node):
 `/healthz` and the `/metrics` page, from the query side's statistics and the DNS side's
-store connection. The sync API imports nothing of `node`; the daemon hands it this.
+store connection, and read-your-writes: a write's 200 waits until DNS applied it. The sync
+API imports nothing of `node`; the daemon hands it this.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
+from smartdns import logs
 from smartdns.core.counters import Metrics
+from smartdns.errors import SmartDNSError
 from smartdns.node.metrics import (
     CONTENT_TYPE,
     CacheStatsLike,
@@ -21,6 +25,14 @@ from smartdns.node.metrics import (
 from smartdns.registrations.store import DatabaseError, RegistrationStore
 
 PROBE_S: Final = 2.0  # a database probe for /healthz or /metrics
+APPLY_TIMEOUT_S: Final = 1.0  # SPEC 4: a worker confirms a write within a second
+# A snapshot is a full load in every worker (a million entries take a few seconds there).
+FULL_LOAD_TIMEOUT_S: Final = 30.0
+
+log = logging.getLogger(__name__)
+
+# Waits until every DNS process applied the write at `generation`, at most `timeout_s`.
+Applier = Callable[[int, float], Awaitable[None]]
 
 
 class QuerySide(Protocol):
@@ -41,12 +53,29 @@ class NodeStatus:
     """Health and metrics, read at request time; database probes bounded by `probe_s`."""
 
     def __init__(
-        self, store: RegistrationStore, metrics: Metrics, side: QuerySide, probe_s: float = PROBE_S
+        self,
+        store: RegistrationStore,
+        metrics: Metrics,
+        side: QuerySide,
+        applier: Applier,
+        probe_s: float = PROBE_S,
     ) -> None:
         self._store = store  # the DNS side's connection: it is the one that must answer
         self._metrics = metrics
         self._side = side
+        self._applier = applier
         self._probe_s = probe_s
+        self._apply_errors = logs.WarnOnce(
+            __name__, "a registration change was stored but not confirmed by the DNS side"
+        )
+
+    async def apply_registrations(self, generation: int, everything: bool) -> None:
+        """Read-your-writes; the write is durable, so a failure here is logged, not raised."""
+        timeout_s = FULL_LOAD_TIMEOUT_S if everything else APPLY_TIMEOUT_S
+        try:
+            await self._applier(generation, timeout_s)
+        except (SmartDNSError, TimeoutError) as error:
+            self._apply_errors.warn(type(error).__name__)
 
     async def healthy(self) -> bool:
         """DNS listeners up and the database answering (it reads a row of the file: SELECT 1

@@ -3,7 +3,9 @@
 The main process owns the sync API and the workers; each worker is `smartdns serve` with an
 inherited control socket (SMARTDNS_WORKER_FD) and binds every listen address itself with
 SO_REUSEPORT. Workers report `ready`, `reloaded` and aggregate `stats` as JSON lines; the
-control socket closing tells a worker that its parent is gone. Nothing here sees a query.
+main process sends `apply` with a registration write's generation and each worker answers
+`applied` once that write is in its answers (read-your-writes, SPEC 4). The control socket
+closing tells a worker that its parent is gone. Nothing here sees a query.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
@@ -76,10 +78,29 @@ class WorkerLink:
         if not self._writer.is_closing():
             self._writer.write(json.dumps({"event": event, **data}).encode() + b"\n")
 
-    async def parent_gone(self) -> None:
-        """Returns when the main process closed its end (it exited or was killed)."""
-        while await self._reader.read(4096):
-            pass
+    async def serve_parent(self, apply: Callable[[int], Awaitable[None]]) -> None:
+        """Answer the main process until it closes its end (it exited or was killed): each
+        `apply` is confirmed with `applied` once `apply(generation)` returns."""
+        confirming: set[asyncio.Task[None]] = set()
+        try:
+            while line := await self._reader.readline():
+                message = json.loads(line)
+                if message.get("event") == "apply":
+                    task = asyncio.get_running_loop().create_task(
+                        self._confirm(apply, int(message["generation"]))
+                    )
+                    confirming.add(task)
+                    task.add_done_callback(confirming.discard)
+        finally:
+            await cancel_tasks(*confirming)
+
+    async def _confirm(self, apply: Callable[[int], Awaitable[None]], generation: int) -> None:
+        try:
+            await apply(generation)
+        except SmartDNSError as error:  # unconfirmed: the main process restarts this worker
+            log.error("registration change not applied: %s", type(error).__name__)
+            return
+        self.send("applied", generation=generation)
 
     def close(self) -> None:
         self._writer.close()
@@ -113,12 +134,16 @@ class WorkerReports(Component):
 
 
 class WorkerAnnouncer:
-    """A worker's `ready` and `reloaded` to the main process; the main process going away
-    (its end of the control socket closed) calls `stop`."""
+    """A worker's `ready` and `reloaded` to the main process, and from then on its answers
+    to `apply` (with `apply`); the main process going away (its end of the control socket
+    closed) calls `stop`."""
 
-    def __init__(self, link: WorkerLink, stop: Callable[[], None]) -> None:
+    def __init__(
+        self, link: WorkerLink, stop: Callable[[], None], apply: Callable[[int], Awaitable[None]]
+    ) -> None:
         self._link = link
         self._stop = stop
+        self._apply = apply
         self._parent_watch: asyncio.Task[None] | None = None
 
     def ready(self) -> None:
@@ -136,7 +161,10 @@ class WorkerAnnouncer:
         self._parent_watch = None
 
     async def _stop_when_parent_gone(self) -> None:
-        await self._link.parent_gone()
+        try:
+            await self._link.serve_parent(self._apply)
+        except (ValueError, KeyError):
+            log.error("unreadable control message from the main process; stopping")
         self._stop()
 
 
@@ -195,6 +223,10 @@ class _Slot:
     restarts: int = 0
     crashes: deque[float] = field(default_factory=deque)
     given_up: bool = False
+    writer: asyncio.StreamWriter | None = None  # to the current process's control socket
+    confirming: dict[int, asyncio.Future[None]] = field(default_factory=dict)  # by generation
+    unconfirmed: int = 0  # processes restarted for not confirming a change in time
+    restarting: bool = False  # the current process is being killed for that
 
 
 class Supervisor:
@@ -283,14 +315,51 @@ class Supervisor:
     def all_ready(self) -> bool:
         return all(slot.ready.is_set() for slot in self._slots)
 
+    async def apply(self, generation: int, timeout_s: float) -> None:
+        """Return once every serving worker confirms that the write at `generation` is in
+        its answers, or after `timeout_s`: a worker that has not confirmed by then is counted
+        and restarted (a new process loads everything from the database at start)."""
+        loop = asyncio.get_running_loop()
+        waiting: dict[int, asyncio.Future[None]] = {}
+        for slot in self._running():
+            if not slot.ready.is_set() or slot.writer is None or slot.restarting:
+                continue  # starting: its first load reads the database after this write
+            future = slot.confirming.get(generation)
+            if future is None:
+                future = slot.confirming[generation] = loop.create_future()
+                line = json.dumps({"event": "apply", "generation": generation}) + "\n"
+                slot.writer.write(line.encode())
+            waiting[slot.index] = future
+        if not waiting:
+            return
+        await asyncio.wait(waiting.values(), timeout=timeout_s)
+        for index, future in waiting.items():
+            if not future.done():
+                self._restart_unconfirmed(self._slots[index], timeout_s)
+
+    def _restart_unconfirmed(self, slot: _Slot, timeout_s: float) -> None:
+        if slot.restarting or slot.process is None or slot.process.returncode is not None:
+            return
+        slot.restarting = True
+        slot.unconfirmed += 1
+        log.error(
+            "worker %d did not confirm a registration change within %g s; restarting it",
+            slot.index,
+            timeout_s,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            slot.process.kill()
+
     def samples(self) -> list[WorkerSample]:
-        """Per worker: up, queries answered by its current process, restarts."""
+        """Per worker: up, queries answered by its current process, restarts, and restarts
+        for not confirming a registration change."""
         return [
             WorkerSample(
                 slot.index,
                 slot.ready.is_set(),
                 sum(count for *_, count in slot.stats.get("queries", [])),
                 slot.restarts,
+                slot.unconfirmed,
             )
             for slot in self._slots
         ]
@@ -356,6 +425,7 @@ class Supervisor:
         finally:
             child_end.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=_MAX_LINE_BYTES)
+        slot.writer = writer
         try:
             while line := await reader.readline():
                 self._on_message(slot, line)
@@ -363,9 +433,14 @@ class Supervisor:
             log.error("worker %d sent an unreadable control message; stopping it", slot.index)
             slot.process.kill()
         finally:
+            slot.writer = None
             writer.close()
             status = await slot.process.wait()
             slot.ready.clear()
+            slot.restarting = False
+            for future in slot.confirming.values():
+                future.cancel()  # gone: its successor loads everything, nothing to wait for
+            slot.confirming.clear()
             if slot.reloaded is not None and not slot.reloaded.done():
                 slot.reloaded.set_result(False)
             slot.stats.get("cache", {}).pop("entries", None)  # a gauge: gone with the process
@@ -381,6 +456,10 @@ class Supervisor:
             slot.ready.set()
         elif event == "reloaded" and slot.reloaded is not None and not slot.reloaded.done():
             slot.reloaded.set_result(bool(message.get("ok")))
+        elif event == "applied":
+            future = slot.confirming.pop(int(message["generation"]), None)
+            if future is not None and not future.done():
+                future.set_result(None)
         elif event == "stats":
             slot.stats = message
             self._recount()

@@ -1,8 +1,9 @@
 """RegistrationStore: the SQLite registrations database (schema, versions, tombstones, changes).
 
-Used by daemon, sync API and CLI only; the DNS query path never awaits SQLite, it reads the
-in-memory snapshot built from `load_prefixes()`. Stores what SPEC 3 allows and nothing else:
-no timestamps, no counters of use. Error messages name the operation, never an address.
+Written through registrations.writer only; the DNS query path never awaits SQLite, it reads
+the in-memory snapshot built from `load_prefixes()` and kept up by `changes_since()`. Stores
+what SPEC 3 allows and nothing else: no timestamps, no counters of use. Error messages name
+the operation, never an address.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from smartdns.registrations.entries import (
     validate_account_id,
 )
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+# Removed entries are kept for this many generations, so a reader that far behind still
+# catches up by reading what changed; one further behind loads everything.
+KEEP_REMOVED_GENERATIONS: Final = 65_536
+_PRUNE_EVERY: Final = 256  # generations between prunes of the removed rows
 
-_SCHEMA: Final = (
+_SCHEMA_V1: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     # deleted = 1 is a tombstone: the account has no entries and blocks older writes.
     "CREATE TABLE IF NOT EXISTS accounts ("
@@ -48,10 +53,35 @@ _SCHEMA: Final = (
     ") WITHOUT ROWID",
     "INSERT OR IGNORE INTO meta (key, value) VALUES ('snapshot_version', 0), ('generation', 0)",
 )
+# Version 2: what changed since a generation is an indexed read of what changed. Each
+# account row carries the generation of its last write; each entry a write took away leaves
+# a `removed` row at that generation (pruned after KEEP_REMOVED_GENERATIONS); a snapshot
+# clears them and records its generation, since it rewrites everything.
+_ENTRIES_BY_PREFIX: Final = (
+    "CREATE INDEX IF NOT EXISTS entries_by_prefix ON entries (family, network, prefix_len)"
+)
+_SCHEMA_V2: Final = (
+    "ALTER TABLE accounts ADD COLUMN generation INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS accounts_by_generation ON accounts (generation)",
+    _ENTRIES_BY_PREFIX,
+    "CREATE TABLE IF NOT EXISTS removed ("
+    " generation INTEGER NOT NULL,"
+    " family INTEGER NOT NULL,"
+    " network BLOB NOT NULL,"
+    " prefix_len INTEGER NOT NULL,"
+    " PRIMARY KEY (generation, family, network, prefix_len)"
+    ") WITHOUT ROWID",
+    # An existing database's readers all start with a full load: mark everything as new.
+    "INSERT OR IGNORE INTO meta (key, value) SELECT 'snapshot_generation', value"
+    " FROM meta WHERE key = 'generation'",
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('removed_floor', 0)",
+    "UPDATE meta SET value = 2 WHERE key = 'schema_version'",
+)
 _CREATE_HINT: Final = "create it with `smartdns registrations add` or `import`"
 
 _Row = EntryRow  # account, family, network, prefix_len
 _Key = tuple[int, bytes, int]  # family, network, prefix_len
+_Prefix = tuple[int, int, int]  # family, network as int, prefix_len
 
 
 class DatabaseError(SmartDNSError):
@@ -65,6 +95,24 @@ class AccountRecord:
     account: str
     version: int
     networks: tuple[Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a reader at `since` must apply to reach `generation`, read in one transaction.
+
+    `present`: the entries of every account written after `since` (they are registered);
+    `gone`: entries removed after `since` that no account holds any more. Rows are (family,
+    network as int, prefix length). `full_load` is set when a snapshot was stored after
+    `since` (its changes are everything) or the removed rows `since` needs were pruned; the
+    changes are then those after `base`, the snapshot's generation (or none, `base` = since).
+    """
+
+    base: int
+    generation: int
+    present: list[tuple[int, int, int]]
+    gone: list[tuple[int, int, int]]
+    full_load: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,11 +217,10 @@ class RegistrationStore:
         if not tables:
             if not create:
                 raise DatabaseError(f"registrations database {self._path} is empty; {_CREATE_HINT}")
-            for statement in _SCHEMA:
+            for statement in _SCHEMA_V1:
                 await self._db.execute(statement)
             await self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (SCHEMA_VERSION,),
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1)"
             )
         elif not {"meta", "accounts", "entries"} <= tables:
             raise DatabaseError(f"{self._path} is not a smartdns registrations database")
@@ -182,9 +229,14 @@ class RegistrationStore:
         )
         if not rows:
             raise DatabaseError(f"{self._path} is not a smartdns registrations database")
-        if rows[0][0] != SCHEMA_VERSION:
+        version = int(rows[0][0])
+        if version == 1:
+            for statement in _SCHEMA_V2:
+                await self._db.execute(statement)
+            version = 2
+        if version != SCHEMA_VERSION:
             raise DatabaseError(
-                f"registrations database {self._path} has schema version {rows[0][0]}, "
+                f"registrations database {self._path} has schema version {version}, "
                 f"this smartdns supports {SCHEMA_VERSION}"
             )
 
@@ -245,6 +297,12 @@ class RegistrationStore:
         )
         assert generation is not None  # the meta row exists in every database
         self._pending_generation = generation
+        if generation % _PRUNE_EVERY == 0:
+            floor = generation - KEEP_REMOVED_GENERATIONS
+            await self._db.execute("DELETE FROM removed WHERE generation <= ?", (floor,))
+            await self._db.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE key = 'removed_floor'", (floor,)
+            )
         return generation
 
     async def _meta(self, key: str) -> int:
@@ -285,12 +343,22 @@ class RegistrationStore:
             ((account, *key) for key in keys),
         )
 
-    async def _upsert_account(self, account: str, version: int, deleted: bool) -> None:
+    async def _upsert_account(
+        self, account: str, version: int, deleted: bool, generation: int
+    ) -> None:
         await self._db.execute(
-            "INSERT INTO accounts (account, version, deleted) VALUES (?, ?, ?)"
-            " ON CONFLICT (account) DO UPDATE"
-            " SET version = excluded.version, deleted = excluded.deleted",
-            (account, version, int(deleted)),
+            "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (account) DO UPDATE SET version = excluded.version,"
+            " deleted = excluded.deleted, generation = excluded.generation",
+            (account, version, int(deleted), generation),
+        )
+
+    async def _remember_removed(self, generation: int, keys: Iterable[_Key]) -> None:
+        """Note entries this write took away, for readers catching up (changes_since)."""
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO removed (generation, family, network, prefix_len)"
+            " VALUES (?, ?, ?, ?)",
+            ((generation, *key) for key in keys),
         )
 
     async def _record(self, account: str, version: int) -> AccountRecord:
@@ -313,9 +381,10 @@ class RegistrationStore:
         wanted = sorted({_key(network) for network in networks})
         async with self._writing("put account") as _db:
             row = await self._account_row(account)
+            old = await self._entry_keys(account)
             if row is not None:
                 stored, live = row
-                if live and stored == version and await self._entry_keys(account) == wanted:
+                if live and stored == version and old == wanted:
                     return await self._record(account, stored)
                 _raise_if_older(version, stored)
                 if version == stored:
@@ -325,11 +394,12 @@ class RegistrationStore:
                         else f"the account was deleted at version {version}"
                     )
             _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            generation = await self._bump_generation()
             await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
-            await self._upsert_account(account, version, deleted=False)
+            await self._upsert_account(account, version, False, generation)
             await self._insert_entries(account, wanted)
-            await self._bump_generation()
-            return await self._record(account, version)
+            await self._remember_removed(generation, set(old).difference(wanted))
+            return AccountRecord(account, version, tuple(_network(*key) for key in wanted))
 
     async def delete_account(self, account: str, version: int) -> bool:
         """Remove the account's entries and leave a tombstone at `version`; True if it was live.
@@ -350,9 +420,11 @@ class RegistrationStore:
                 if version == stored:
                     raise StaleWriteError(f"version {version} is already stored with other content")
             _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            generation = await self._bump_generation()
+            old = await self._entry_keys(account)
             await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
-            await self._upsert_account(account, version, deleted=True)
-            await self._bump_generation()
+            await self._upsert_account(account, version, True, generation)
+            await self._remember_removed(generation, old)
             return live
 
     async def get_account(self, account: str) -> AccountRecord | None:
@@ -384,12 +456,14 @@ class RegistrationStore:
                     f"snapshot version {snapshot.version} is older than an account write"
                     f" at version {newest}"
                 )
+            generation = await self._bump_generation()
             await db.execute("DELETE FROM entries")
             await db.execute("DELETE FROM accounts")
+            await db.execute("DELETE FROM removed")  # every reader reloads after a snapshot
             accounts = sorted(snapshot.accounts)
             await db.executemany(
-                "INSERT INTO accounts (account, version, deleted) VALUES (?, ?, 0)",
-                ((account, snapshot.version) for account in accounts),
+                "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, 0, ?)",
+                ((account, snapshot.version, generation) for account in accounts),
             )
             cursor = await db.executemany(
                 "INSERT OR IGNORE INTO entries (account, family, network, prefix_len)"
@@ -399,10 +473,10 @@ class RegistrationStore:
             # The table was emptied above, so the rows inserted (executemany sums them; an
             # ignored duplicate adds nothing) are its new count, without scanning it again.
             entries = max(cursor.rowcount, 0)
-            await db.execute(
-                "UPDATE meta SET value = ? WHERE key = 'snapshot_version'", (snapshot.version,)
+            await db.executemany(
+                "UPDATE meta SET value = ? WHERE key = ?",
+                [(snapshot.version, "snapshot_version"), (generation, "snapshot_generation")],
             )
-            await self._bump_generation()
         return SnapshotResult(accounts=len(accounts), entries=entries)
 
     # --- reads ---------------------------------------------------------------------------
@@ -453,19 +527,63 @@ class RegistrationStore:
             records.append(AccountRecord(current[0], current[1], tuple(networks)))
         return records
 
-    async def load_prefixes(self) -> list[tuple[int, int, int]]:
-        """(family 4 or 6, network as int, prefix_len) for every live entry.
+    @asynccontextmanager
+    async def _consistent(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
+        """Reads in one transaction: what they return is one state of the database."""
+        async with self._reading(operation) as db:
+            await db.execute("BEGIN")
+            try:
+                yield db
+            finally:
+                await self._rollback()  # nothing was written; ends the read transaction
 
-        For the in-memory AuthorizedClients snapshot. Tombstones have no entries, so no join
-        is needed; rows are converted on the database thread and never become ipaddress objects.
+    async def _prefix_rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[_Prefix]:
+        cursor = await self._db.execute(sql, params)
+        # aiosqlite types the setter as `type | None`; sqlite3 takes any callable.
+        cursor.row_factory = _prefix_row  # type: ignore[assignment]
+        rows = await cursor.fetchall()
+        await cursor.close()
+        return list(rows)  # type: ignore[arg-type]  # rows come from _prefix_row
+
+    async def load_prefixes(self) -> tuple[int, list[_Prefix]]:
+        """The generation and (family 4 or 6, network as int, prefix_len) for every live entry
+        at that generation, for a full build of the in-memory AuthorizedClients.
+
+        Tombstones have no entries, so no join is needed; rows are converted on the database
+        thread and never become ipaddress objects.
         """
-        async with self._reading("load prefixes") as db:
-            cursor = await db.execute("SELECT family, network, prefix_len FROM entries")
-            # aiosqlite types the setter as `type | None`; sqlite3 takes any callable.
-            cursor.row_factory = _prefix_row  # type: ignore[assignment]
-            rows = await cursor.fetchall()
-            await cursor.close()
-            return list(rows)  # type: ignore[arg-type]  # rows come from _prefix_row
+        async with self._consistent("load prefixes"):
+            generation = await self._meta("generation")
+            rows = await self._prefix_rows("SELECT family, network, prefix_len FROM entries")
+            return generation, rows
+
+    async def changes_since(self, since: int) -> Changes:
+        """What changed after generation `since` (see Changes): indexed reads costing what
+        changed, not what is stored."""
+        async with self._consistent("read changes"):
+            generation = await self._meta("generation")
+            if generation == since:
+                return Changes(since, generation, [], [], full_load=False)
+            snapshot = await self._meta("snapshot_generation")
+            floor = await self._meta("removed_floor")
+            base = since
+            if since < snapshot or since < floor:
+                if snapshot < floor:  # the rows after the snapshot are pruned too
+                    return Changes(since, since, [], [], full_load=True)
+                base = snapshot
+            present = await self._prefix_rows(
+                "SELECT e.family, e.network, e.prefix_len FROM accounts AS a"
+                " JOIN entries AS e ON e.account = a.account WHERE a.generation > ?",
+                (base,),
+            )
+            gone = await self._prefix_rows(
+                "SELECT r.family, r.network, r.prefix_len FROM removed AS r"
+                " WHERE r.generation > ? AND NOT EXISTS (SELECT 1 FROM entries AS e"
+                " WHERE e.family = r.family AND e.network = r.network"
+                " AND e.prefix_len = r.prefix_len)",
+                (base,),
+            )
+            return Changes(base, generation, present, gone, full_load=base != since)
 
     async def ping(self) -> None:
         """Raise DatabaseError unless the database answers (health checks)."""
@@ -495,10 +613,9 @@ class RegistrationStore:
                 )
             if live and union == existing:
                 return await self._record(account, version)
-            if not live:
-                await self._upsert_account(account, version, deleted=False)
+            generation = await self._bump_generation()
+            await self._upsert_account(account, version, False, generation)
             await self._insert_entries(account, sorted(union - existing))
-            await self._bump_generation()
             return await self._record(account, version)
 
     async def remove_entries(self, account: str, networks: Sequence[Network] | None) -> bool:
@@ -511,18 +628,18 @@ class RegistrationStore:
             row = await self._account_row(account)
             if row is None or not row[1]:
                 return False
-            if networks is None:
-                await db.execute("DELETE FROM entries WHERE account = ?", (account,))
-                await self._upsert_account(account, row[0], deleted=True)
-            else:
-                cursor = await db.executemany(
-                    "DELETE FROM entries"
-                    " WHERE account = ? AND family = ? AND network = ? AND prefix_len = ?",
-                    [(account, *_key(network)) for network in networks],
-                )
-                if cursor.rowcount <= 0:
-                    return True
-            await self._bump_generation()
+            existing = set(await self._entry_keys(account))
+            gone = existing if networks is None else existing & {_key(n) for n in networks}
+            if networks is not None and not gone:
+                return True
+            generation = await self._bump_generation()
+            await db.executemany(
+                "DELETE FROM entries"
+                " WHERE account = ? AND family = ? AND network = ? AND prefix_len = ?",
+                [(account, *key) for key in gone],
+            )
+            await self._upsert_account(account, row[0], networks is None, generation)
+            await self._remember_removed(generation, gone)
             return True
 
 

@@ -14,10 +14,11 @@ from smartdns.config.model import RegistrationsConfig
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
 
-# Called with the store's generation after a write that changed something; returns once the
-# DNS side applied it (or gave up waiting). A source with no DNS side in its process (the
+# Called with the store's generation after a write that changed something, and whether that
+# write replaced everything (a snapshot: a full load, which may take seconds); returns once
+# the DNS side applied it, or gave up waiting. A source with no DNS side in its process (the
 # CLI) has none: the node's generation poll picks the change up.
-Announce = Callable[[int], Awaitable[None]]
+Announce = Callable[[int, bool], Awaitable[None]]
 _T = TypeVar("_T")
 
 
@@ -34,7 +35,7 @@ class RegistrationWriter:
     def reload(self, rules: RegistrationsConfig) -> None:
         self._rules = rules
 
-    async def _through(self, write: Awaitable[_T]) -> _T:
+    async def _through(self, write: Awaitable[_T], everything: bool = False) -> _T:
         """Await the store write, then announce it unless it changed nothing (a repeat).
         Another coroutine's write may land in between: announcing a later generation too is
         harmless, it covers this one."""
@@ -42,7 +43,7 @@ class RegistrationWriter:
         result = await write
         written = self._store.generation_written
         if self._announce is not None and written is not None and written != before:
-            await self._announce(written)
+            await self._announce(written, everything)
         return result
 
     async def put_account(
@@ -59,7 +60,7 @@ class RegistrationWriter:
 
     async def replace_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
         """Replace every registration with `snapshot`, all or nothing."""
-        return await self._through(self._store.replace_snapshot(snapshot))
+        return await self._through(self._store.replace_snapshot(snapshot), everything=True)
 
     async def add_entries(self, account: str, networks: Sequence[Network]) -> AccountRecord:
         """Operator override: add entries, keeping the account's version (new: version 0)."""

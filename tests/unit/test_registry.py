@@ -76,7 +76,7 @@ async def test_pragmas(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == (1,)
+        assert version == (2,)
     conn.close()
 
 
@@ -120,7 +120,7 @@ async def test_put_replaces_the_set(store: RegistrationStore) -> None:
     await store.put_account("acct-1", 5, (A, B))
     record = await store.put_account("acct-1", 6, (C,))
     assert record == AccountRecord("acct-1", 6, (C,))
-    assert await store.load_prefixes() == [(6, int(C.network_address), 64)]
+    assert (await store.load_prefixes())[1] == [(6, int(C.network_address), 64)]
 
 
 async def test_put_empty_set_keeps_a_live_account(store: RegistrationStore) -> None:
@@ -181,7 +181,7 @@ async def test_delete_leaves_a_tombstone(store: RegistrationStore) -> None:
     await store.put_account("acct-1", 5, (A,))
     assert await store.delete_account("acct-1", 6) is True
     assert await store.get_account("acct-1") is None
-    assert await store.load_prefixes() == []
+    assert (await store.load_prefixes())[1] == []
     assert await store.list_accounts() == []
     # Repeating the delete is a no-op; an older PUT cannot bring the account back.
     generation = await store.generation()
@@ -373,7 +373,7 @@ async def test_load_prefixes(store: RegistrationStore) -> None:
     await store.put_account("a", 1, (A, B))
     await store.put_account("b", 2, (C, D))
     await store.delete_account("c", 3)
-    assert sorted(await store.load_prefixes()) == [
+    assert sorted((await store.load_prefixes())[1]) == [
         (4, 0xC6336400, 24),
         (4, 0xCB007107, 32),
         (6, 0x20010DB8000000000000000000000001, 128),
@@ -387,7 +387,7 @@ async def test_generation_counts_writes_only(store: RegistrationStore) -> None:
     await store.get_account("a")
     await store.status()
     await store.list_accounts()
-    await store.load_prefixes()
+    (await store.load_prefixes())[1]
     assert await store.generation() == 1
     await store.delete_account("a", 2)
     await store.replace_snapshot(snapshot(3, {}))
@@ -406,7 +406,7 @@ async def test_second_instance_sees_changes(tmp_path: Path) -> None:
         before = await server.generation()
         await cli.add_entries("acct-1", (A,), 16)
         assert await server.generation() == before + 1
-        assert await server.load_prefixes() == [(4, int(A.network_address), 32)]
+        assert (await server.load_prefixes())[1] == [(4, int(A.network_address), 32)]
         await server.put_account("acct-1", 9, (B,))
         assert await cli.get_account("acct-1") == AccountRecord("acct-1", 9, (B,))
         with pytest.raises(StaleWriteError):
@@ -478,7 +478,7 @@ async def test_large_snapshot_round_trip(store: RegistrationStore) -> None:
     async with asyncio.timeout(110):
         result = await store.replace_snapshot(snapshot(1, accounts))
         assert result == SnapshotResult(accounts=10_000, entries=100_000)
-        prefixes = await store.load_prefixes()
+        prefixes = (await store.load_prefixes())[1]
         assert len(prefixes) == 100_000
         expected = {
             (network.version, int(network.network_address), network.prefixlen)
@@ -492,4 +492,24 @@ async def test_large_snapshot_round_trip(store: RegistrationStore) -> None:
         # Replacing it again (e.g. anti-entropy) works on a full database.
         result = await store.replace_snapshot(snapshot(2, {"acct-1": (A,)}))
         assert result == SnapshotResult(accounts=1, entries=1)
-        assert await store.load_prefixes() == [(4, int(A.network_address), 32)]
+        assert (await store.load_prefixes())[1] == [(4, int(A.network_address), 32)]
+
+
+async def test_changes_since_reads_what_changed_and_keeps_no_growing_log(
+    store: RegistrationStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from smartdns.registrations import store as store_module
+
+    monkeypatch.setattr(store_module, "KEEP_REMOVED_GENERATIONS", 4)
+    monkeypatch.setattr(store_module, "_PRUNE_EVERY", 1)
+    await store.put_account("keep", 1, [C])
+    for version in range(2, 40):  # an address moving every write: churn
+        await store.put_account("moving", version, [A if version % 2 else B])
+    changes = await store.changes_since(await store.generation() - 1)
+    assert not changes.full_load
+    assert changes.present == [(4, int(A.network_address), 32)]  # only the account written
+    assert changes.gone == [(4, int(B.network_address), 24)]
+    assert (await store.changes_since(5)).full_load  # its removed rows are pruned
+    with sqlite3.connect(tmp_path / "registrations.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM removed").fetchone()[0] <= 4
+    db.close()

@@ -32,6 +32,7 @@ from smartdns.config.model import (
 from smartdns.core.counters import Metrics
 from smartdns.errors import SmartDNSError
 from smartdns.node.status import NodeStatus
+from smartdns.registrations.bulk import BulkWork
 from smartdns.registrations.sources import sync_api
 from smartdns.registrations.sources.sync_api import SyncServer, Timeouts, start_sync_api
 from smartdns.registrations.store import DatabaseError, RegistrationStore, StoreStatus
@@ -87,6 +88,7 @@ class FakeNode:
         self.up = True
         self.database: str = "ok"  # ok | error | hang
         self.cache: FakeCache | None = None
+        self.applied: list[int] = []  # generations the sync API waited for
 
     def listeners_up(self) -> bool:
         return self.up
@@ -111,9 +113,12 @@ class FakeNode:
     def worker_samples(self) -> tuple[()]:
         return ()
 
+    async def apply(self, generation: int, timeout_s: float) -> None:
+        self.applied.append(generation)
+
 
 def node_status(node: FakeNode, metrics: Metrics) -> NodeStatus:
-    return NodeStatus(node, metrics, node, probe_s=0.3)  # type: ignore[arg-type]
+    return NodeStatus(node, metrics, node, node.apply, probe_s=0.3)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -700,19 +705,19 @@ def test_http_log_filter_drops_arguments_and_tracebacks() -> None:
 
 def test_bulk_work_nests_and_restores_the_collector_and_switch_interval() -> None:
     interval = sys.getswitchinterval()
-    bulk = sync_api.BulkWork()
+    work = BulkWork()
     assert gc.isenabled()
     try:
-        with bulk:
-            with bulk:  # a snapshot apply overlapping a prefix load
+        with work:
+            with work:  # a snapshot apply overlapping a prefix load
                 assert not gc.isenabled()
-                assert sys.getswitchinterval() == sync_api.BulkWork.SWITCH_INTERVAL_S
+                assert sys.getswitchinterval() == BulkWork.SWITCH_INTERVAL_S
             assert not gc.isenabled()  # the outer user is still at work
-            assert sys.getswitchinterval() == sync_api.BulkWork.SWITCH_INTERVAL_S
+            assert sys.getswitchinterval() == BulkWork.SWITCH_INTERVAL_S
         assert gc.isenabled()
         assert sys.getswitchinterval() == interval
         gc.disable()  # off before: stays off after
-        with bulk:
+        with work:
             pass
         assert not gc.isenabled()
         assert sys.getswitchinterval() == interval

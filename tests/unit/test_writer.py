@@ -23,9 +23,11 @@ B = ipaddress.IPv4Network("198.51.100.0/24")
 @dataclass
 class Announcements:
     generations: list[int] = field(default_factory=list)
+    everything: list[bool] = field(default_factory=list)
 
-    async def __call__(self, generation: int) -> None:
+    async def __call__(self, generation: int, everything: bool) -> None:
         self.generations.append(generation)
+        self.everything.append(everything)
 
 
 @pytest.fixture
@@ -46,6 +48,7 @@ async def test_each_change_is_announced_with_its_generation(store: RegistrationS
     await writer.replace_snapshot(Snapshot(3, MappingProxyType({"b": (A,)})))
     assert not await writer.remove_entries("missing", None)
     assert heard.generations == [1, 2, 3, 4, 5]
+    assert heard.everything == [False, False, False, False, True]
     assert heard.generations[-1] == await store.generation()
 
 

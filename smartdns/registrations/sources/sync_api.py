@@ -8,10 +8,8 @@ address or the token, and never logs an account id; peer addresses are not logge
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -23,6 +21,7 @@ from aiohttp.web_protocol import RequestHandler
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.core.counters import Metrics
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.registrations.bulk import BULK_WORK
 from smartdns.registrations.entries import (
     ShapeError,
     Snapshot,
@@ -64,6 +63,12 @@ class Node(Protocol):
 
     async def metrics_page(self) -> tuple[str, str]:
         """(content type, text) of the Prometheus exposition."""
+        ...
+
+    async def apply_registrations(self, generation: int, everything: bool) -> None:
+        """Return once the write that produced `generation` (`everything`: a snapshot) is in
+        DNS answers on every worker, or a worker failed to confirm in time (the node counts
+        that and restarts it: the write is durable, so the 200 goes out anyway)."""
         ...
 
 
@@ -116,45 +121,6 @@ def _release_snapshot(holder: list[Snapshot]) -> None:
     free_gradually(dict(holder.pop().accounts))
 
 
-class BulkWork:
-    """The process's mode while a large registration set is decoded, validated, stored or
-    loaded (`with BULK_WORK:`; nests across tasks). Used from the event loop thread only.
-
-    A million-entry snapshot allocates millions of tracked objects; each full collection
-    over them takes seconds with the GIL held, on whichever thread triggers it, which stalls
-    the DNS event loop (and more than doubles the validation time). Nothing built there is
-    cyclic, so reference counting frees it all: cyclic collection is off until the last
-    user ends. And the work runs in threads that hold the GIL the loop thread needs several
-    times per query, each time for up to the switch interval (5 ms by default): a tenth of
-    it meanwhile took the worst DNS latency during a 1M-entry apply from ~100 ms to ~20 ms.
-    """
-
-    SWITCH_INTERVAL_S: Final = 0.0005
-
-    def __init__(self) -> None:
-        self._users = 0
-        self._resume_collector = False
-        self._switch_interval_s = 0.0
-
-    def __enter__(self) -> None:
-        if self._users == 0:
-            self._resume_collector = gc.isenabled()
-            gc.disable()
-            self._switch_interval_s = sys.getswitchinterval()
-            sys.setswitchinterval(self.SWITCH_INTERVAL_S)
-        self._users += 1
-
-    def __exit__(self, *_exc: object) -> None:
-        self._users -= 1
-        if self._users == 0:
-            sys.setswitchinterval(self._switch_interval_s)
-            if self._resume_collector:
-                gc.enable()
-
-
-BULK_WORK: Final = BulkWork()
-
-
 # --- the application ----------------------------------------------------------------------
 
 
@@ -170,7 +136,7 @@ class SyncApi:
         timeouts: Timeouts = Timeouts(),
     ) -> None:
         self._store = store  # reads; writes go through the writer
-        self._writer = RegistrationWriter(store, config.registrations)
+        self._writer = RegistrationWriter(store, config.registrations, node.apply_registrations)
         self._metrics = metrics
         self._node = node
         self._timeouts = timeouts
