@@ -1,0 +1,175 @@
+"""The registration feed's bucket format (SPEC 4 "Registration feed"): keys and values.
+
+Pure; no I/O. A portal may write the bucket directly with any NATS client; docs/feed.md is the
+contract it follows, and this module is its one implementation here:
+
+Keys. An account lives at `acct.` + its id with `.` written as `/` and `:` written as `=`
+(`cust-42` -> `acct.cust-42`, `acct:7.eu` -> `acct.acct=7/eu`). NATS keys allow
+`[-/_=.a-zA-Z0-9]` with `.` separating subject tokens; account ids allow `[A-Za-z0-9._:-]`.
+`/` and `=` never occur in an account id, so the mapping is one character for one character,
+reversible and unambiguous, common ids stay as they are, and every account is one subject
+token after `acct.` (no empty token from `a..b`, no leading or trailing `.`). The one other key
+is `meta.snapshot`, the snapshot marker.
+
+Values. UTF-8 JSON objects, at most MAX_VALUE_BYTES:
+- a live account is exactly a `PUT /v1/accounts/{account}` body:
+  `{"version": N, "addresses": ["203.0.113.7", "2001:db8:7::/64"]}`;
+- a deleted account is a tombstone `{"version": N, "deleted": true}`;
+- the marker is `{"version": S, "complete": false|true}`: a snapshot at S is being written
+  (false), or is complete (true).
+A value is validated with the same rules as the sync API (entries.py) and rejected whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Final
+
+from smartdns.config.model import RegistrationsConfig
+from smartdns.errors import RegistrationError, StaleWriteError
+from smartdns.registrations.entries import (
+    Network,
+    ShapeError,
+    format_network,
+    parse_account_document,
+    parse_version,
+    validate_account_id,
+)
+
+ACCOUNT_PREFIX: Final = "acct."
+SNAPSHOT_KEY: Final = "meta.snapshot"
+# 16 entries and 4 hostnames fit in well under 2 KiB; the bucket is created with this limit.
+MAX_VALUE_BYTES: Final = 16 * 1024
+_TO_KEY: Final = str.maketrans(".:", "/=")
+_FROM_KEY: Final = str.maketrans("/=", ".:")
+_TOMBSTONE_KEYS: Final = frozenset({"version", "deleted"})
+_MARKER_KEYS: Final = frozenset({"version", "complete"})
+
+
+@dataclass(frozen=True, slots=True)
+class AccountValue:
+    """A live account in the bucket; `networks` sorted as entries.parse_addresses sorts them."""
+
+    version: int
+    networks: tuple[Network, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A deleted account: it blocks writes at or below `version` (SPEC 4)."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMarker:
+    """The `meta.snapshot` value: the snapshot at `version` is being written or is complete."""
+
+    version: int
+    complete: bool
+
+
+FeedValue = AccountValue | Tombstone
+
+
+def account_key(account: str) -> str:
+    """The bucket key of `account`; raises RegistrationError for an invalid account id."""
+    return ACCOUNT_PREFIX + validate_account_id(account).translate(_TO_KEY)
+
+
+def key_account(key: str) -> str | None:
+    """The account id a bucket key names; None for a key outside `acct.` (the marker).
+
+    Raises RegistrationError for an `acct.` key that no valid account id encodes to, such as
+    `acct.a.b` (a `.` the encoding never produces) or an id over 128 characters.
+    """
+    if not key.startswith(ACCOUNT_PREFIX):
+        return None
+    encoded = key[len(ACCOUNT_PREFIX) :]
+    if "." in encoded or ":" in encoded:
+        raise RegistrationError("key", "not an encoded account id")
+    return validate_account_id(encoded.translate(_FROM_KEY))
+
+
+def encode_value(value: FeedValue) -> bytes:
+    """An account key's value, canonical: entries in the order parse_addresses sorts them."""
+    if isinstance(value, Tombstone):
+        return _dump({"version": value.version, "deleted": True})
+    return _dump(
+        {"version": value.version, "addresses": [format_network(n) for n in value.networks]}
+    )
+
+
+def encode_marker(marker: SnapshotMarker) -> bytes:
+    return _dump({"version": marker.version, "complete": marker.complete})
+
+
+def decode_value(data: bytes, rules: RegistrationsConfig) -> FeedValue:
+    """Validate an account key's value; RegistrationError (ShapeError for shape) when it is bad.
+
+    A live value goes through parse_account_document, the sync API's own check, so a value the
+    sync API would refuse is refused here too, and nothing of it is used.
+    """
+    doc = _load(data)
+    if isinstance(doc, dict) and "deleted" in doc:
+        _check_keys(doc, _TOMBSTONE_KEYS)
+        if doc["deleted"] is not True:
+            raise ShapeError("deleted", "must be true")
+        return Tombstone(parse_version(doc["version"]))
+    version, networks = parse_account_document(doc, rules)
+    return AccountValue(version, networks)
+
+
+def decode_marker(data: bytes) -> SnapshotMarker:
+    """Validate the `meta.snapshot` value; ShapeError when it is bad."""
+    doc = _load(data)
+    _check_keys(doc, _MARKER_KEYS)
+    assert isinstance(doc, dict)  # _check_keys
+    if not isinstance(doc["complete"], bool):
+        raise ShapeError("complete", "must be true or false")
+    return SnapshotMarker(parse_version(doc["version"]), doc["complete"])
+
+
+def check_write(new: FeedValue, current: FeedValue | None, snapshot_version: int) -> bool:
+    """SPEC 4's version rules for a write of `new` over `current`; True for the same write
+    repeated (a no-op), False for a write to make, StaleWriteError (409) for a stale one.
+
+    Stale: a version below the stored one (live or tombstone); the same version with other
+    content, or a tombstone over a live account at its version and the reverse; a version not
+    above `snapshot_version`.
+    """
+    if current is not None:
+        if new == current:
+            return True
+        if new.version < current.version:
+            raise StaleWriteError(
+                f"version {new.version} is older than the stored version {current.version}"
+            )
+        if new.version == current.version:
+            raise StaleWriteError(f"version {new.version} is already stored with other content")
+    if new.version <= snapshot_version:
+        raise StaleWriteError(
+            f"version {new.version} is not newer than the snapshot version {snapshot_version}"
+        )
+    return False
+
+
+def _dump(doc: dict[str, object]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _load(data: bytes) -> object:
+    if len(data) > MAX_VALUE_BYTES:
+        raise ShapeError("", f"value over {MAX_VALUE_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise ShapeError("", "not a JSON document") from None
+
+
+def _check_keys(doc: object, expected: frozenset[str]) -> None:
+    if not isinstance(doc, dict):
+        raise ShapeError("", "value must be a JSON object")
+    if doc.keys() != expected:
+        raise ShapeError("", "keys must be " + " and ".join(f'"{key}"' for key in sorted(expected)))

@@ -1,0 +1,316 @@
+"""The feed module against real nats-server processes: follow, catch up, compare-and-set,
+bad values, a server killed in a three-server cluster, reconciliation, snapshots.
+
+The sink is an in-memory FeedSink with the store's version rule (apply only a newer version);
+the node's SQLite sink is exercised by the fleet tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections.abc import AsyncIterator, Callable, Sequence, Set
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.kv import KeyValue
+
+from smartdns.config.model import RegistrationsConfig
+from smartdns.errors import StaleWriteError
+from smartdns.registrations.entries import Snapshot
+from smartdns.registrations.feed_format import (
+    SNAPSHOT_KEY,
+    AccountValue,
+    FeedValue,
+    SnapshotMarker,
+    Tombstone,
+    account_key,
+    encode_marker,
+    encode_value,
+)
+from smartdns.registrations.sources.feed import (
+    Feed,
+    FeedChange,
+    FeedUnavailable,
+    SinkResult,
+    stream_name,
+)
+from tests.e2e.nats import NatsCluster, nats_cluster
+
+LAB = RegistrationsConfig(public_only=False)
+BUCKET = "smartdns-test"
+WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    servers: tuple[str, ...]
+    bucket: str = BUCKET
+    replicas: int = 1
+    credentials_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+
+class MemorySink:
+    """A FeedSink over a dict, with the registry's rule: only a newer version replaces."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, FeedValue] = {}
+        self.snapshot_version = 0
+        self.batches: list[int] = []
+        self._changed = asyncio.Condition()
+
+    async def apply_feed(
+        self, changes: Sequence[FeedChange], snapshot_version: int | None
+    ) -> SinkResult:
+        applied = stale = 0
+        for account, value in changes:
+            stored = self.accounts.get(account)
+            if value is None:
+                applied += self.accounts.pop(account, None) is not None
+            elif stored is not None and value.version <= stored.version:
+                stale += value.version < stored.version
+            else:
+                self.accounts[account] = value
+                applied += 1
+        if snapshot_version is not None:
+            self.snapshot_version = snapshot_version
+        self.batches.append(len(changes))
+        async with self._changed:
+            self._changed.notify_all()
+        return SinkResult(applied, stale)
+
+    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+        gone = [account for account in self.accounts if account not in present]
+        for account in gone:
+            del self.accounts[account]
+        if snapshot_version is not None:
+            self.snapshot_version = snapshot_version
+        return len(gone)
+
+    def live(self) -> dict[str, int]:
+        return {a: v.version for a, v in self.accounts.items() if isinstance(v, AccountValue)}
+
+
+def value(version: int, *addresses: str) -> AccountValue:
+    return AccountValue(version, tuple(ipaddress.ip_network(a) for a in addresses))
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> float:
+    """Seconds until `predicate()` holds; fails past the timeout (a bounded poll)."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, "condition not reached in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+@contextlib.asynccontextmanager
+async def running(
+    servers: Sequence[str], sink: MemorySink | None = None, replicas: int = 1
+) -> AsyncIterator[tuple[Feed, MemorySink]]:
+    sink = sink or MemorySink()
+    feed = Feed(Settings(tuple(servers), replicas=replicas), sink, LAB)
+    task = asyncio.create_task(feed.run())
+    try:
+        await eventually(lambda: feed.state.caught_up)
+        yield feed, sink
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def raw_bucket(servers: Sequence[str]) -> AsyncIterator[KeyValue]:
+    """A plain nats-py client on the bucket, as a portal writing directly would use."""
+    nc = await nats.connect(servers=list(servers), max_reconnect_attempts=-1)
+    try:
+        js = nc.jetstream()
+        try:
+            yield await js.key_value(BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            yield await js.create_key_value(bucket=BUCKET, history=1)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    with nats_cluster(tmp_path, size=1) as cluster:
+        yield cluster
+
+
+async def test_a_write_reaches_a_follower_and_the_writer_reads_its_own(
+    single: NatsCluster,
+) -> None:
+    async with running(single.urls) as (writer, mine), running(single.urls) as (_, theirs):
+        revision = await writer.put_account("acct:1.eu", value(3, "203.0.113.7/32"))
+        assert await writer.wait_applied(revision)
+        assert mine.accounts["acct:1.eu"] == value(3, "203.0.113.7/32")  # read-your-writes
+        await eventually(lambda: "acct:1.eu" in theirs.accounts, 1.0)
+        revision, existed = await writer.delete_account("acct:1.eu", 4)
+        assert existed
+        await eventually(lambda: theirs.accounts.get("acct:1.eu") == Tombstone(4), 1.0)
+        assert theirs.live() == {}
+        assert writer.state.applied >= 2 and writer.state.rejected == 0
+
+
+async def test_catch_up_reads_every_key_then_reports_caught_up(single: NatsCluster) -> None:
+    async with raw_bucket(single.urls) as kv:
+        for i in range(500):
+            await kv.put(account_key(f"a{i}"), encode_value(value(i + 1, f"203.0.{i % 250}.0/24")))
+        await kv.put(account_key("gone"), encode_value(Tombstone(7)))
+        last = (await kv.status()).stream_info.state.last_seq
+    async with running(single.urls) as (feed, sink):
+        assert len(sink.live()) == 500 and sink.accounts["gone"] == Tombstone(7)
+        assert feed.state.last_revision == last and feed.state.lag == 0
+        assert feed.state.applied == 501
+
+
+async def test_stale_and_conflicting_versions_are_refused_fleet_wide(
+    single: NatsCluster,
+) -> None:
+    async with running(single.urls) as (one, _), running(single.urls) as (two, _):
+        first = await one.put_account("x", value(5, "203.0.113.7/32"))
+        with pytest.raises(StaleWriteError, match="older"):
+            await two.put_account("x", value(4, "203.0.113.7/32"))
+        with pytest.raises(StaleWriteError, match="other content"):
+            await two.put_account("x", value(5, "203.0.113.8/32"))
+        assert await two.put_account("x", value(5, "203.0.113.7/32")) == first  # no-op
+        with pytest.raises(StaleWriteError):
+            await two.delete_account("x", 5)
+
+
+async def test_racing_writers_leave_the_highest_version(single: NatsCluster) -> None:
+    """Compare-and-set: of concurrent writes to one account, each either lands on the value
+    it read or is retried on the new one; the newest version always ends up stored."""
+    async with running(single.urls) as (one, sink), running(single.urls) as (two, _):
+
+        async def write(feed: Feed, version: int) -> None:
+            with contextlib.suppress(StaleWriteError):
+                await feed.put_account("race", value(version, "203.0.113.7/32"))
+
+        await asyncio.gather(*(write((one, two)[v % 2], v) for v in range(1, 13)))
+        await eventually(lambda: sink.live().get("race") == 12)
+        async with raw_bucket(single.urls) as kv:
+            assert (await kv.get(account_key("race"))).value == encode_value(
+                value(12, "203.0.113.7/32")
+            )
+
+
+async def test_bad_values_are_skipped_whole_and_counted(single: NatsCluster) -> None:
+    async with running(single.urls) as (feed, sink), raw_bucket(single.urls) as kv:
+        await kv.put(account_key("ok"), encode_value(value(5, "203.0.113.7/32")))
+        await eventually(lambda: "ok" in sink.accounts)
+        bad = [
+            (account_key("ok"), b'{"version": 9, "addresses": ["203.0.113.9", "bogus"]}'),
+            (account_key("ok"), b"not json"),
+            (account_key("ok"), encode_value(value(4, "203.0.113.4/32"))),  # going backwards
+            (account_key("b"), b'{"version": 1, "addresses": ["203.0.113.0/8"]}'),
+            ("acct.not.an.id", encode_value(value(1))),
+            ("stray", encode_value(value(1))),
+            (SNAPSHOT_KEY, b'{"version": "x"}'),
+        ]
+        for key, data in bad:
+            await kv.put(key, data)
+        await kv.put(account_key("after"), encode_value(value(6, "203.0.113.6/32")))
+        await eventually(lambda: "after" in sink.accounts)
+        assert feed.state.rejected == len(bad)
+        assert sink.accounts["ok"] == value(5, "203.0.113.7/32")  # nothing half-applied
+        assert "b" not in sink.accounts
+
+
+async def test_reconciles_what_was_purged_while_away(single: NatsCluster) -> None:
+    sink = MemorySink()
+    async with running(single.urls, sink) as (feed, _):
+        for name in ("keep", "purged", "wiped"):
+            await feed.put_account(name, value(2, "203.0.113.7/32"))
+        await feed.delete_account("tomb", 3)
+        await eventually(lambda: len(sink.accounts) == 4)
+    async with raw_bucket(single.urls) as kv:
+        await kv.purge(account_key("purged"))  # leaves a purge marker
+        js = kv._js  # a stream purge leaves nothing: only reconciliation notices
+        for name in ("wiped", "tomb"):
+            await js.purge_stream(stream_name(BUCKET), subject=f"$KV.{BUCKET}.{account_key(name)}")
+    async with running(single.urls, sink) as (feed, _):
+        assert set(sink.accounts) == {"keep"}
+        assert feed.state.reconciled == 2
+
+
+async def test_an_empty_bucket_keeps_the_local_copy(single: NatsCluster) -> None:
+    sink = MemorySink()
+    sink.accounts["local"] = value(1, "203.0.113.7/32")
+    async with running(single.urls, sink):
+        assert "local" in sink.accounts
+
+
+async def test_a_snapshot_replaces_the_bucket_and_lands_in_one_step(
+    single: NatsCluster,
+) -> None:
+    async with running(single.urls) as (writer, _), running(single.urls) as (_, sink):
+        await writer.put_account("old", value(2, "203.0.113.7/32"))
+        await writer.delete_account("tomb", 3)
+        await eventually(lambda: len(sink.accounts) == 2)
+        accounts = {f"s{i}": (ipaddress.ip_network("198.51.100.0/24"),) for i in range(300)}
+        revision = await writer.replace_snapshot(Snapshot(10, accounts))
+        assert await writer.wait_applied(revision)
+        await eventually(lambda: sink.snapshot_version == 10)
+        assert set(sink.accounts) == set(accounts)
+        assert max(sink.batches) >= 302  # 300 accounts and 2 removals in one apply
+        with pytest.raises(StaleWriteError, match="snapshot"):
+            await writer.put_account("late", value(10, "203.0.113.7/32"))
+        with pytest.raises(StaleWriteError, match="older"):
+            await writer.replace_snapshot(Snapshot(9, {}))
+        await writer.put_account("late", value(11, "203.0.113.7/32"))
+
+
+async def test_an_interrupted_snapshot_is_staged_until_repeated(single: NatsCluster) -> None:
+    async with running(single.urls) as (writer, sink), raw_bucket(single.urls) as kv:
+        await writer.put_account("old", value(2, "203.0.113.7/32"))
+        await kv.put(SNAPSHOT_KEY, encode_marker(SnapshotMarker(5, False)))
+        await kv.put(account_key("new"), encode_value(value(5, "203.0.113.5/32")))
+        await kv.put(account_key("live"), encode_value(value(6, "203.0.113.6/32")))
+        await eventually(lambda: "live" in sink.accounts)
+        assert "new" not in sink.accounts  # staged: the snapshot has not completed
+        await writer.replace_snapshot(Snapshot(5, {"new": value(5, "203.0.113.5/32").networks}))
+        await eventually(lambda: sink.snapshot_version == 5)
+        assert set(sink.live()) == {"new", "live"}  # `live` is newer than the snapshot
+
+
+async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
+    with nats_cluster(tmp_path, size=3) as cluster:
+        async with (
+            running(cluster.urls, replicas=3) as (writer, _),
+            running(cluster.urls, replicas=3) as (follower, sink),
+        ):
+            await writer.put_account("before", value(1, "203.0.113.1/32"))
+            await eventually(lambda: "before" in sink.accounts)
+            attached = follower._nc.connected_url.port  # type: ignore[union-attr]
+            victim = next(i for i, s in enumerate(cluster.servers) if s.client_port == attached)
+            cluster.kill(victim)
+            killed = time.monotonic()
+            accepted = None
+            for version in range(2, 12):
+                while True:
+                    try:
+                        await writer.put_account("after", value(version, "203.0.113.2/32"))
+                        break
+                    except FeedUnavailable:  # no leader yet: the cluster is electing
+                        assert time.monotonic() - killed < WAIT_S
+                        await asyncio.sleep(0.05)
+                accepted = accepted or time.monotonic()
+            converged = await eventually(lambda: sink.live().get("after") == 11)
+            print(
+                f"writes accepted {accepted - killed:.2f}s after the kill, follower"
+                f" {converged:.2f}s after the last write"
+            )
+            assert converged < 2.0
+            await eventually(lambda: follower.state.caught_up)
+            cluster.start(victim)
+            await writer.put_account("back", value(1, "203.0.113.3/32"))
+            await eventually(lambda: "back" in sink.accounts, 2.0)
