@@ -9,10 +9,12 @@ import os
 import re
 import signal
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dns.rcode
@@ -98,6 +100,51 @@ def test_put_then_delete_take_effect_within_one_second(server: Server) -> None:
         {"account": "acct-e2e", "version": 11, "existed": True},
     )
     rcode_within(server, UNREGISTERED, dns.rcode.REFUSED, EFFECT_DEADLINE_S)
+
+
+# --- read-your-writes (SPEC 4): in every worker's answers when the 200 arrives ----------------
+
+PROBES = 24  # fresh source ports: all on one of two workers by chance 1 in 2**23
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Server]:
+    with running_server(tmp_path, upstream.address, {"server": {"workers": 2}}) as server:
+        yield server
+
+
+def _every_probe_gets(server: Server, source: str, wanted: int) -> None:
+    """PROBES queries, each from a new socket (a new source port, so SO_REUSEPORT spreads
+    them over the workers), right away: no retry, no waiting."""
+    rcodes = [server.query("www.netflix.com", source=source).rcode() for _ in range(PROBES)]
+    assert rcodes == [wanted] * PROBES, [dns.rcode.to_text(rcode) for rcode in rcodes]
+
+
+def _worker_queries(server: Server) -> list[float]:
+    with urllib.request.urlopen(f"{server.sync_url}/metrics", timeout=HTTP_TIMEOUT_S) as reply:
+        text = reply.read().decode()
+    return re.findall(r"^smartdns_worker_queries_total\{[^}]*\} (\S+)$", text, re.M)
+
+
+def test_put_delete_and_snapshot_are_in_every_workers_answers_at_their_200(
+    two_workers: Server,
+) -> None:
+    server = two_workers
+    _every_probe_gets(server, UNREGISTERED, dns.rcode.REFUSED)
+    assert put(server, "acct-ryw", 10, [UNREGISTERED])[0] == 200
+    _every_probe_gets(server, UNREGISTERED, dns.rcode.NOERROR)
+    assert call(server, "DELETE", "/v1/accounts/acct-ryw?version=11")[0] == 200
+    _every_probe_gets(server, UNREGISTERED, dns.rcode.REFUSED)
+    snapshot = {"version": 12, "accounts": {"snap": [UNREGISTERED]}}
+    assert call(server, "PUT", "/v1/snapshot", snapshot)[0] == 200
+    _every_probe_gets(server, UNREGISTERED, dns.rcode.NOERROR)
+    _every_probe_gets(server, REGISTERED, dns.rcode.REFUSED)  # "demo" is not in the snapshot
+    # The probes did reach both workers (each reports its count about once a second).
+    deadline = time.monotonic() + 5.0
+    while not all(float(count) > 0 for count in _worker_queries(server)):
+        assert time.monotonic() < deadline, _worker_queries(server)
+        time.sleep(0.05)
+    assert len(_worker_queries(server)) == 2
 
 
 # --- 200 / 404 / 409 ---------------------------------------------------------------------------
