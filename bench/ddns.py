@@ -17,7 +17,8 @@ given, for `--duration` seconds. It reports
 - this process's CPU (user+sys over wall) in the steady state;
 - event-loop lateness p50/p99/max of a 10 ms ticker in the same loop: what a DNS query
   served by this process would wait (the node's single-process mode runs both here);
-- RSS before the names, after the first round, at the end.
+- RSS before the names, after the first round, at the end; full (generation 2) collections
+  of the cyclic garbage collector and the longest, a cause of loop lateness.
 
 A measurement, not a test: nothing is asserted. Bounded: the run ends after `--duration`
 and the child is stopped by its PID.
@@ -29,6 +30,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import multiprocessing.connection
 import resource
@@ -93,6 +95,23 @@ async def ticker(lateness: list[float], stop: asyncio.Event) -> None:
         lateness.append(loop.time() - due)
 
 
+class GcPauses:
+    """Durations of the cyclic collector's full (generation 2) collections."""
+
+    def __init__(self) -> None:
+        self.full: list[float] = []
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.full.append(time.perf_counter() - self._started)
+
+
 def cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -114,6 +133,7 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, float]:
     lateness: list[float] = []
     stop = asyncio.Event()
     figures: dict[str, float] = {"rss_before_kib": rss_kib_self()}
+    pauses = GcPauses()
     started = time.monotonic()
     refresher.add(name(i) for i in range(args.names))
     tick_task = asyncio.create_task(ticker(lateness, stop))
@@ -146,6 +166,8 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, float]:
     for outcome in LookupOutcome:
         figures[f"lookups_{outcome.value}"] = lookups[outcome]
     figures["addresses_authorized"] = refresher.addresses_authorized
+    figures["gc_full_collections"] = len(pauses.full)
+    figures["gc_full_max_ms"] = max(pauses.full, default=0.0) * 1000
     return figures
 
 

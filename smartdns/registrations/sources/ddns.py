@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
+import ipaddress
 import logging
 import math
 import random
@@ -37,6 +38,10 @@ _IDLE_WAIT_S: Final = 3600.0
 _FAMILIES: Final = {4: socket.AF_INET, 16: socket.AF_INET6}
 
 Addresses = tuple[Network, ...]
+# Held per hostname: packed addresses (4 or 16 octets), sorted, IPv4 first. Compact, and
+# invisible to the cyclic collector, which a hundred thousand sets of ipaddress objects are
+# not (each full collection would walk them all).
+_Packed = tuple[bytes, ...]
 
 
 class HostnameResolver(Protocol):
@@ -97,9 +102,9 @@ class _Name:
 
     def __init__(self, due: float) -> None:
         self.refs = 1
-        self.addresses: Addresses = ()  # what the sink was last given
-        self.answer: frozenset[bytes] = frozenset()  # the last answer with addresses, packed
-        self.accepted: Addresses = ()  # what the rules accept of `answer`
+        self.addresses: _Packed = ()  # what the sink was last given
+        self.answer: _Packed = ()  # the last answer with addresses, sorted
+        self.accepted: _Packed = ()  # what the rules accept of `answer`
         self.good_until = -math.inf  # last positive answer + grace
         self.failures = 0  # consecutive failed lookups
         self.retry_at = due  # next lookup
@@ -157,7 +162,7 @@ class HostnameRefresher:
     def addresses(self, hostname: str) -> Addresses:
         """The addresses last given to the sink for `hostname` (empty when none or unknown)."""
         state = self._names.get(hostname)
-        return state.addresses if state is not None else ()
+        return _networks(state.addresses) if state is not None else ()
 
     def add(self, hostnames: Iterable[str]) -> None:
         """One more account holds each of these (normalized) hostnames; new ones are looked
@@ -333,19 +338,20 @@ class HostnameRefresher:
         self._deliver(hostname, state, ())
         self._schedule(hostname, state, state.retry_at)
 
-    def _accept(self, state: _Name, packed: tuple[bytes, ...]) -> Addresses:
+    def _accept(self, state: _Name, packed: tuple[bytes, ...]) -> _Packed:
         """The addresses of an answer that SPEC 3's rules accept, as /32 and /128 networks,
         at most `max_per_account` of them (the lowest). An answer equal to the previous one
         is not checked again (nor its rejections counted again): a steady name costs no
         parsing per refresh."""
-        answer = frozenset(packed)
+        answer = tuple(sorted(set(packed), key=_order))
         if answer == state.answer:
             return state.accepted
-        accepted: set[Network] = set()
+        accepted: set[bytes] = set()
         for address in answer:
             text = socket.inet_ntop(_FAMILIES[len(address)], address)
             try:
-                accepted.add(parse_address(text, self._rules))
+                # the network's address: an IPv4-mapped AAAA is the IPv4 address (SPEC 2)
+                accepted.add(parse_address(text, self._rules).network_address.packed)
             except ValueError:
                 self.stats.rejected += 1
         ordered = sorted(accepted, key=_order)
@@ -355,12 +361,12 @@ class HostnameRefresher:
         state.accepted = tuple(ordered[:cap])
         return state.accepted
 
-    def _deliver(self, hostname: str, state: _Name, addresses: Addresses) -> None:
+    def _deliver(self, hostname: str, state: _Name, addresses: _Packed) -> None:
         if addresses == state.addresses:
             return
         self._address_count += len(addresses) - len(state.addresses)
         state.addresses = addresses
-        self._queue_change(hostname, addresses)
+        self._queue_change(hostname, _networks(addresses))
 
     # ---- to the sink -------------------------------------------------------------------------
 
@@ -397,5 +403,13 @@ def spread(base_s: float, min_ttl: float, max_ttl: float, fraction: float) -> fl
     return low + (high - low) * fraction
 
 
-def _order(network: Network) -> tuple[int, int]:
-    return network.version, int(network.network_address)
+def _order(packed: bytes) -> tuple[int, bytes]:
+    return len(packed), packed
+
+
+def _networks(addresses: _Packed) -> Addresses:
+    """/32 and /128 networks, for the sink (only for a change, never per refresh)."""
+    return tuple(
+        ipaddress.IPv4Network(address) if len(address) == 4 else ipaddress.IPv6Network(address)
+        for address in addresses
+    )
