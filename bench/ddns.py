@@ -81,7 +81,7 @@ class CountingSink:
         self.hostnames = 0
         self.complete = asyncio.Event()
 
-    async def apply(self, changes: Mapping[str, tuple[Network, ...]]) -> None:
+    async def apply_resolved(self, changes: Mapping[str, tuple[Network, ...]]) -> None:
         self.hostnames += sum(1 for addresses in changes.values() if addresses)
         if self.hostnames >= self.target:
             self.complete.set()

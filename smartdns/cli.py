@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from smartdns.config.loader import describe, load_config
-from smartdns.config.model import Config
+from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
 from smartdns.registrations.entries import (
     format_network,
     parse_addresses,
+    parse_hostnames,
     validate_account_id,
 )
 from smartdns.registrations.json_body import decode_snapshot
@@ -30,6 +31,16 @@ from smartdns.registrations.writer import RegistrationWriter
 DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
 EXIT_FAILURE: Final = 1
 EXIT_INVALID: Final = 2
+
+
+_HOSTNAME_OPTION: Final = "--hostname"
+_HOSTNAME_ARGUMENT: Final[dict[str, Any]] = {
+    "action": "append",
+    "default": [],
+    "dest": "hostnames",
+    "metavar": "NAME",
+    "help": "a DDNS hostname (repeatable)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,14 +62,18 @@ def _parser() -> argparse.ArgumentParser:
         "registrations", parents=[config_option], help="manage registered addresses"
     )
     actions = registrations.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", parents=[config_option], help="add addresses to an account")
+    add = actions.add_parser(
+        "add", parents=[config_option], help="add addresses and hostnames to an account"
+    )
     add.add_argument("account")
-    add.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    add.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    add.add_argument(_HOSTNAME_OPTION, **_HOSTNAME_ARGUMENT)
     remove = actions.add_parser(
-        "remove", parents=[config_option], help="remove addresses, or the whole account"
+        "remove", parents=[config_option], help="remove entries, or the whole account"
     )
     remove.add_argument("account")
     remove.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    remove.add_argument(_HOSTNAME_OPTION, **_HOSTNAME_ARGUMENT)
     listing = actions.add_parser("list", parents=[config_option], help="list registrations")
     listing.add_argument("account", nargs="?")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -122,23 +137,34 @@ def _writer(config: Config, store: RegistrationStore) -> RegistrationWriter:
 
 async def _add(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     account = validate_account_id(args.account)
+    if not args.addresses and not args.hostnames:
+        raise RegistrationError("", "give at least one address or --hostname")
     networks = parse_addresses(list(args.addresses), config.registrations)
-    record = await _writer(config, store).add_entries(account, networks)
-    print(f"{record.account}: {len(record.networks)} entries, version {record.version}")
+    hostnames = _hostnames(args.hostnames)
+    record = await _writer(config, store).add_entries(account, networks, hostnames)
+    counts = f"{len(record.networks)} entries, {len(record.hostnames)} hostnames"
+    print(f"{record.account}: {counts}, version {record.version}")
     return 0
+
+
+def _hostnames(values: list[str]) -> tuple[str, ...]:
+    """Command-line hostnames with the rules of SPEC 3 but no count: the store checks the
+    account's total against `max_hostnames_per_account`."""
+    return parse_hostnames(values, RegistrationsConfig(max_hostnames_per_account=len(values)))
 
 
 async def _remove(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     account = validate_account_id(args.account)
-    networks = (
-        parse_addresses(list(args.addresses), config.registrations) if args.addresses else None
-    )
-    if not await _writer(config, store).remove_entries(account, networks):
+    whole = not args.addresses and not args.hostnames
+    networks = None if whole else parse_addresses(list(args.addresses), config.registrations)
+    hostnames = _hostnames(args.hostnames)
+    if not await _writer(config, store).remove_entries(account, networks, hostnames):
         print(f"smartdns: error: no registered account {account}", file=sys.stderr)
         return EXIT_FAILURE
-    print(
-        f"{account}: removed" if networks is None else f"{account}: {len(networks)} entries removed"
-    )
+    if networks is None:
+        print(f"{account}: removed")
+    else:
+        print(f"{account}: {len(networks)} entries, {len(hostnames)} hostnames removed")
     return 0
 
 
@@ -147,6 +173,7 @@ def _record_json(record: AccountRecord) -> dict[str, Any]:
         "account": record.account,
         "version": record.version,
         "addresses": [format_network(network) for network in record.networks],
+        "hostnames": list(record.hostnames),
     }
 
 
@@ -157,8 +184,9 @@ async def _list(config: Config, store: RegistrationStore, args: argparse.Namespa
         print(json.dumps({"accounts": [_record_json(record) for record in records]}, indent=2))
         return 0
     for record in records:
-        addresses = " ".join(format_network(network) for network in record.networks)
-        print(f"{record.account}\tversion {record.version}\t{addresses}")
+        entries = [format_network(network) for network in record.networks]
+        entries += [f"{_HOSTNAME_OPTION} {hostname}" for hostname in record.hostnames]
+        print(f"{record.account}\tversion {record.version}\t{' '.join(entries)}")
     if account is not None and not records:
         print(f"smartdns: error: no registered account {account}", file=sys.stderr)
         return EXIT_FAILURE
@@ -187,6 +215,14 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
 async def _export(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     version = await store.snapshot_version()
     records = await store.list_accounts(None)
-    accounts = {record.account: _record_json(record)["addresses"] for record in records}
+    # The list form, or the object form for an account with hostnames (SPEC 4).
+    accounts: dict[str, Any] = {}
+    for record in records:
+        entry = _record_json(record)
+        accounts[record.account] = (
+            {"addresses": entry["addresses"], "hostnames": entry["hostnames"]}
+            if record.hostnames
+            else entry["addresses"]
+        )
     print(json.dumps({"version": version, "accounts": accounts}, indent=2))
     return 0

@@ -10,12 +10,13 @@ import re
 import socket
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, overload
+from typing import Final, NamedTuple, overload
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError
+from smartdns.registrations.hostnames import parse_hostname
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # One validated entry as a row of the registry's `entries` table: account, family (4 or 6),
@@ -31,6 +32,8 @@ _MULTICAST_V4: Final = ipaddress.IPv4Network("224.0.0.0/4")
 _MULTICAST_V6: Final = ipaddress.IPv6Network("ff00::/8")
 _ACCOUNT_KEYS: Final = frozenset({"version", "addresses"})
 _SNAPSHOT_KEYS: Final = frozenset({"version", "accounts"})
+_HOSTNAMES: Final = frozenset({"hostnames"})  # optional next to "addresses"
+_ENTRY_KEYS: Final = frozenset({"addresses"})  # a snapshot account in the object form
 
 
 class ShapeError(RegistrationError):
@@ -101,6 +104,16 @@ class Snapshot:
 
     version: int
     accounts: Mapping[str, Sequence[Network]]
+    # account → its hostnames (normalized, sorted); accounts without hostnames are absent
+    hostnames: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+class AccountDocument(NamedTuple):
+    """A validated `PUT /v1/accounts/{account}` body."""
+
+    version: int
+    networks: tuple[Network, ...]
+    hostnames: tuple[str, ...] = ()
 
 
 def validate_account_id(value: object) -> str:
@@ -344,33 +357,67 @@ def parse_version(value: object, position: str = "version") -> int:
     return value
 
 
-def _check_keys(doc: object, expected: frozenset[str]) -> dict[str, object]:
+def parse_hostnames(
+    values: object, rules: RegistrationsConfig, field: str = "hostnames"
+) -> tuple[str, ...]:
+    """Parse an account's list of hostnames (hostnames.parse_hostname); the first bad one is
+    reported as `field[i]`.
+
+    Duplicates (after normalization: case, trailing dot) collapse, so `Home.example.net.` and
+    `home.example.net` count once against `registrations.max_hostnames_per_account`. Returns
+    the names sorted. A non-list is a ShapeError; bad names, non-strings included, are
+    RegistrationErrors.
+    """
+    if not isinstance(values, list):
+        raise ShapeError(field, "must be a list")
+    unique: set[str] = set()
+    for index, value in enumerate(values):
+        try:
+            unique.add(parse_hostname(value))
+        except ValueError as exc:
+            raise RegistrationError(f"{field}[{index}]", str(exc)) from None
+    limit = rules.max_hostnames_per_account
+    if len(unique) > limit:
+        raise RegistrationError(
+            field, f"{len(unique)} hostnames exceed the limit of {limit} per account"
+        )
+    return tuple(sorted(unique))
+
+
+def _check_keys(
+    doc: object, expected: frozenset[str], optional: frozenset[str] = frozenset(), where: str = ""
+) -> dict[str, object]:
+    """`doc` as a dict with every key of `expected`, and no others but `optional` ones."""
     if not isinstance(doc, dict):
-        raise ShapeError("", "body must be a JSON object")
+        raise ShapeError(where, "must be a JSON object" if where else "body must be a JSON object")
     for key in sorted(expected):
         if key not in doc:
-            raise ShapeError(key, "missing")
-    if len(doc) != len(expected):
+            raise ShapeError(f"{where}.{key}" if where else key, "missing")
+    if any(key not in expected and key not in optional for key in doc):
         # Unknown key names are not echoed: they are arbitrary client text.
-        names = " and ".join(f'"{key}"' for key in sorted(expected))
-        raise ShapeError("", f"unexpected top-level key; only {names} are allowed")
+        names = " and ".join(f'"{key}"' for key in sorted(expected | optional))
+        level = "key" if where else "top-level key"
+        raise ShapeError(where, f"unexpected {level}; only {names} are allowed")
     return doc
 
 
-def parse_account_document(
-    doc: object, rules: RegistrationsConfig
-) -> tuple[int, tuple[Network, ...]]:
-    """Validate a `PUT /v1/accounts/{account}` body: `{"version": N, "addresses": [...]}`."""
-    body = _check_keys(doc, _ACCOUNT_KEYS)
+def parse_account_document(doc: object, rules: RegistrationsConfig) -> AccountDocument:
+    """Validate a `PUT /v1/accounts/{account}` body:
+    `{"version": N, "addresses": [...], "hostnames": [...]}` (`hostnames` optional)."""
+    body = _check_keys(doc, _ACCOUNT_KEYS, _HOSTNAMES)
     version = parse_version(body["version"])
-    return version, parse_addresses(body["addresses"], rules)
+    networks = parse_addresses(body["addresses"], rules)
+    hostnames = parse_hostnames(body["hostnames"], rules) if "hostnames" in body else ()
+    return AccountDocument(version, networks, hostnames)
 
 
 def parse_snapshot_document(doc: object, rules: RegistrationsConfig) -> Snapshot:
-    """Validate a `PUT /v1/snapshot` body: `{"version": N, "accounts": {"acct": [...], ...}}`.
+    """Validate a `PUT /v1/snapshot` body: `{"version": N, "accounts": {...}}`, each account
+    a list of addresses or an object `{"addresses": [...], "hostnames": [...]}`.
 
-    Positions name accounts by id (`accounts["acct-1"][3]`), which is an opaque portal id;
-    an invalid id is named by its index among the keys instead, since it is unchecked text.
+    Positions name accounts by id (`accounts["acct-1"][3]`, `accounts["acct-1"].hostnames[0]`),
+    which is an opaque portal id; an invalid id is named by its index among the keys instead,
+    since it is unchecked text.
     """
     body = _check_keys(doc, _SNAPSHOT_KEYS)
     version = parse_version(body["version"])
@@ -378,13 +425,24 @@ def parse_snapshot_document(doc: object, rules: RegistrationsConfig) -> Snapshot
     if not isinstance(accounts_doc, dict):
         raise ShapeError("accounts", "must be an object")
     accounts: dict[str, AccountEntries] = {}
+    hostnames: dict[str, tuple[str, ...]] = {}
     for index, (account, values) in enumerate(accounts_doc.items()):
         try:
             validate_account_id(account)
         except RegistrationError as exc:
             raise RegistrationError(f"accounts (key #{index})", exc.reason) from None
-        accounts[account] = _parse_entries(values, rules, f'accounts["{account}"]', account)
-    return Snapshot(version=version, accounts=MappingProxyType(accounts))
+        position = f'accounts["{account}"]'
+        if isinstance(values, dict):
+            entry = _check_keys(values, _ENTRY_KEYS, _HOSTNAMES, position)
+            values = entry["addresses"]
+            position += ".addresses"
+            names = parse_hostnames(
+                entry.get("hostnames", []), rules, f'accounts["{account}"].hostnames'
+            )
+            if names:
+                hostnames[account] = names
+        accounts[account] = _parse_entries(values, rules, position, account)
+    return Snapshot(version, MappingProxyType(accounts), MappingProxyType(hostnames))
 
 
 def format_network(network: Network) -> str:

@@ -117,8 +117,9 @@ def decode_value(data: bytes, rules: RegistrationsConfig) -> FeedValue:
         if doc["deleted"] is not True:
             raise ShapeError("deleted", "must be true")
         return Tombstone(parse_version(doc["version"]))
-    version, networks = parse_account_document(doc, rules)
-    return AccountValue(version, networks)
+    parsed = parse_account_document(doc, rules)
+    # Hostnames are not in the feed's values yet (the feed's part of issue 13).
+    return AccountValue(parsed.version, parsed.networks)
 
 
 def decode_marker(data: bytes) -> SnapshotMarker:

@@ -1,7 +1,7 @@
 """Hostname registrations (SPEC 3 "Dynamic home addresses"): syntax, normal form, count.
 
-Pure; no I/O. Error reasons name the entry by position (`hostnames[1]: label 2 ...`) and never
-repeat the submitted text: a hostname is registration data and must not reach a log.
+Pure; no I/O. Reasons never repeat the submitted text (a hostname is registration data and
+must not reach a log); entries.parse_hostnames adds the position (`hostnames[1]: label 2 ...`).
 """
 
 from __future__ import annotations
@@ -9,10 +9,6 @@ from __future__ import annotations
 import re
 import socket
 from typing import Final
-
-from smartdns.config.model import RegistrationsConfig
-from smartdns.errors import RegistrationError
-from smartdns.registrations.entries import ShapeError
 
 MAX_HOSTNAME_OCTETS: Final = 253  # RFC 1035 §2.3.4: 255 on the wire = 253 in text, no root dot
 MAX_LABEL_OCTETS: Final = 63
@@ -77,29 +73,3 @@ def _is_ipv4_literal(name: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def parse_hostnames(
-    values: object, rules: RegistrationsConfig, field: str = "hostnames"
-) -> tuple[str, ...]:
-    """Parse an account's list of hostnames; the first bad one is reported as `field[i]`.
-
-    Duplicates (after normalization: case, trailing dot) collapse, so `Home.example.net.` and
-    `home.example.net` count once against `registrations.max_hostnames_per_account`. Returns
-    the names sorted. A non-list is a ShapeError; bad names, non-strings included, are
-    RegistrationErrors.
-    """
-    if not isinstance(values, list):
-        raise ShapeError(field, "must be a list")
-    unique: set[str] = set()
-    for index, value in enumerate(values):
-        try:
-            unique.add(parse_hostname(value))
-        except ValueError as exc:
-            raise RegistrationError(f"{field}[{index}]", str(exc)) from None
-    limit = rules.max_hostnames_per_account
-    if len(unique) > limit:
-        raise RegistrationError(
-            field, f"{len(unique)} hostnames exceed the limit of {limit} per account"
-        )
-    return tuple(sorted(unique))

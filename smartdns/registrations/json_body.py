@@ -17,7 +17,7 @@ from typing import Any, Final, NoReturn
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.registrations.entries import (
-    Network,
+    AccountDocument,
     ShapeError,
     Snapshot,
     parse_account_document,
@@ -41,7 +41,7 @@ def _no_constant(_name: str) -> NoReturn:
 _SCANNER: Final = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
-def decode_account(body: bytes, rules: RegistrationsConfig) -> tuple[int, tuple[Network, ...]]:
+def decode_account(body: bytes, rules: RegistrationsConfig) -> AccountDocument:
     """A `PUT /v1/accounts/{account}` body, decoded strictly and validated."""
     return parse_account_document(decode_body(body), rules)
 

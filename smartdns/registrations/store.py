@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -30,7 +31,7 @@ from smartdns.registrations.entries import (
     validate_account_id,
 )
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 # Removed entries are kept for this many generations, so a reader that far behind still
 # catches up by reading what changed; one further behind loads everything.
 KEEP_REMOVED_GENERATIONS: Final = 65_536
@@ -77,6 +78,33 @@ _SCHEMA_V2: Final = (
     "INSERT OR IGNORE INTO meta (key, value) VALUES ('removed_floor', 0)",
     "UPDATE meta SET value = 2 WHERE key = 'schema_version'",
 )
+# Version 3: hostname registrations (SPEC 3) and what they resolve to. `resolved` holds the
+# DDNS refresher's results only while some account holds the hostname; they authorize as /32
+# and /128 entries of each such account (see _AUTHORIZED_ROWS). `hostnames_generation` moves
+# when the set of registered hostnames does, so the refresher polls one value.
+_SCHEMA_V3: Final = (
+    "CREATE TABLE IF NOT EXISTS hostnames ("
+    " account TEXT NOT NULL REFERENCES accounts(account) ON DELETE CASCADE,"
+    " hostname TEXT NOT NULL,"
+    " PRIMARY KEY (account, hostname)"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS hostnames_by_name ON hostnames (hostname)",
+    "CREATE TABLE IF NOT EXISTS resolved ("
+    " hostname TEXT NOT NULL,"
+    " family INTEGER NOT NULL CHECK (family IN (4, 6)),"
+    " network BLOB NOT NULL,"
+    " PRIMARY KEY (hostname, family, network)"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS resolved_by_address ON resolved (family, network)",
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('hostnames_generation', 0)",
+    "UPDATE meta SET value = 3 WHERE key = 'schema_version'",
+)
+_HOST_PREFIX: Final = "CASE r.family WHEN 4 THEN 32 ELSE 128 END"
+# The resolved addresses that authorize, as entries rows of the accounts holding them.
+_RESOLVED_ROWS: Final = (
+    f"SELECT r.family, r.network, {_HOST_PREFIX} FROM hostnames AS h"
+    " JOIN resolved AS r ON r.hostname = h.hostname"
+)
 _CREATE_HINT: Final = "create it with `smartdns registrations add` or `import`"
 
 _Row = EntryRow  # account, family, network, prefix_len
@@ -95,6 +123,7 @@ class AccountRecord:
     account: str
     version: int
     networks: tuple[Network, ...]
+    hostnames: tuple[str, ...] = ()  # normalized, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,15 +180,23 @@ _CHANGE_COUNTERS: Final = (
     " (SELECT value FROM meta WHERE key = 'snapshot_generation'),"
     " (SELECT value FROM meta WHERE key = 'removed_floor')"
 )
-# 0: an entry of an account written after the base generation (registered now);
-# 1: an entry removed after it that no account holds any more.
+# 0: an entry, or a resolved address of a hostname, of an account written after the base
+# generation (registered now); 1: an entry or address removed after it that no account
+# holds any more, neither as an entry nor through a hostname.
 _CHANGED_PREFIXES: Final = (
     "SELECT 0, e.family, e.network, e.prefix_len FROM accounts AS a"
     " JOIN entries AS e ON e.account = a.account WHERE a.generation > ?"
     " UNION ALL"
-    " SELECT 1, r.family, r.network, r.prefix_len FROM removed AS r"
-    " WHERE r.generation > ? AND NOT EXISTS (SELECT 1 FROM entries AS e"
-    " WHERE e.family = r.family AND e.network = r.network AND e.prefix_len = r.prefix_len)"
+    f" SELECT 0, r.family, r.network, {_HOST_PREFIX} FROM accounts AS a"
+    " JOIN hostnames AS h ON h.account = a.account"
+    " JOIN resolved AS r ON r.hostname = h.hostname WHERE a.generation > ?"
+    " UNION ALL"
+    " SELECT 1, g.family, g.network, g.prefix_len FROM removed AS g"
+    " WHERE g.generation > ? AND NOT EXISTS (SELECT 1 FROM entries AS e"
+    " WHERE e.family = g.family AND e.network = g.network AND e.prefix_len = g.prefix_len)"
+    " AND NOT EXISTS (SELECT 1 FROM resolved AS r JOIN hostnames AS h"
+    " ON h.hostname = r.hostname WHERE r.family = g.family AND r.network = g.network"
+    f" AND {_HOST_PREFIX} = g.prefix_len)"
 )
 
 
@@ -255,6 +292,10 @@ class RegistrationStore:
             for statement in _SCHEMA_V2:
                 await self._db.execute(statement)
             version = 2
+        if version == 2:
+            for statement in _SCHEMA_V3:
+                await self._db.execute(statement)
+            version = 3
         if version != SCHEMA_VERSION:
             raise DatabaseError(
                 f"registrations database {self._path} has schema version {version}, "
@@ -384,12 +425,61 @@ class RegistrationStore:
 
     async def _record(self, account: str, version: int) -> AccountRecord:
         keys = await self._entry_keys(account)
-        return AccountRecord(account, version, tuple(_network(*key) for key in keys))
+        hostnames = await self._hostnames(account)
+        return AccountRecord(account, version, tuple(_network(*key) for key in keys), hostnames)
+
+    async def _hostnames(self, account: str) -> tuple[str, ...]:
+        rows = await self._db.execute_fetchall(
+            "SELECT hostname FROM hostnames WHERE account = ? ORDER BY hostname", (account,)
+        )
+        return tuple(str(row[0]) for row in rows)
+
+    async def _set_hostnames(
+        self, account: str, old: Sequence[str], new: Sequence[str], generation: int
+    ) -> None:
+        """Give the account exactly `new` hostnames (it held `old`). The resolved addresses of
+        the ones it gave up are noted as removed (changes_since reports those no one else
+        authorizes) and forgotten when no account holds the hostname any more."""
+        if list(old) == list(new):
+            return
+        dropped = sorted(set(old).difference(new))
+        await self._db.execute("DELETE FROM hostnames WHERE account = ?", (account,))
+        await self._db.executemany(
+            "INSERT INTO hostnames (account, hostname) VALUES (?, ?)",
+            ((account, hostname) for hostname in new),
+        )
+        for hostname in dropped:
+            await self._db.execute(
+                "INSERT OR IGNORE INTO removed (generation, family, network, prefix_len)"
+                f" SELECT ?, r.family, r.network, {_HOST_PREFIX} FROM resolved AS r"
+                " WHERE r.hostname = ?",
+                (generation, hostname),
+            )
+        await self._forget_unheld(dropped)
+        await self._db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'hostnames_generation'", (generation,)
+        )
+
+    async def _forget_unheld(self, hostnames: Sequence[str] | None) -> None:
+        """Delete the resolved addresses of these hostnames (None: of all) that no account
+        holds: they are kept only to authorize a registration."""
+        unheld = "NOT EXISTS (SELECT 1 FROM hostnames AS h WHERE h.hostname = resolved.hostname)"
+        if hostnames is None:
+            await self._db.execute(f"DELETE FROM resolved WHERE {unheld}")
+            return
+        await self._db.executemany(
+            f"DELETE FROM resolved WHERE hostname = ? AND {unheld}",
+            ((hostname,) for hostname in hostnames),
+        )
 
     # --- sync API semantics (SPEC 4) -----------------------------------------------------
 
     async def put_account(
-        self, account: str, version: int, networks: Sequence[Network]
+        self,
+        account: str,
+        version: int,
+        networks: Sequence[Network],
+        hostnames: Sequence[str] = (),
     ) -> AccountRecord:
         """Replace the account's set atomically at `version`.
 
@@ -400,12 +490,14 @@ class RegistrationStore:
         """
         validate_account_id(account)
         wanted = sorted({_key(network) for network in networks})
+        names = sorted(set(hostnames))
         async with self._writing("put account") as _db:
             row = await self._account_row(account)
             old = await self._entry_keys(account)
+            old_names = await self._hostnames(account)
             if row is not None:
                 stored, live = row
-                if live and stored == version and old == wanted:
+                if live and stored == version and old == wanted and list(old_names) == names:
                     return await self._record(account, stored)
                 _raise_if_older(version, stored)
                 if version == stored:
@@ -420,7 +512,9 @@ class RegistrationStore:
             await self._upsert_account(account, version, False, generation)
             await self._insert_entries(account, wanted)
             await self._remember_removed(generation, set(old).difference(wanted))
-            return AccountRecord(account, version, tuple(_network(*key) for key in wanted))
+            await self._set_hostnames(account, old_names, names, generation)
+            networks_out = tuple(_network(*key) for key in wanted)
+            return AccountRecord(account, version, networks_out, tuple(names))
 
     async def delete_account(self, account: str, version: int) -> bool:
         """Remove the account's entries and leave a tombstone at `version`; True if it was live.
@@ -446,6 +540,7 @@ class RegistrationStore:
             await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
             await self._upsert_account(account, version, True, generation)
             await self._remember_removed(generation, old)
+            await self._set_hostnames(account, await self._hostnames(account), (), generation)
             return live
 
     async def get_account(self, account: str) -> AccountRecord | None:
@@ -482,6 +577,7 @@ class RegistrationStore:
             # sort) rather than kept up row by row in random order (2.1 s -> 5.3 s at 1M).
             await db.execute("DROP INDEX entries_by_prefix")
             await db.execute("DELETE FROM entries")
+            await db.execute("DELETE FROM hostnames")
             await db.execute("DELETE FROM accounts")
             await db.execute("DELETE FROM removed")  # every reader reloads after a snapshot
             accounts = sorted(snapshot.accounts)
@@ -499,8 +595,22 @@ class RegistrationStore:
             entries = max(cursor.rowcount, 0)
             await db.execute(_ENTRIES_BY_PREFIX)
             await db.executemany(
+                "INSERT INTO hostnames (account, hostname) VALUES (?, ?)",
+                (
+                    (account, hostname)
+                    for account, names in snapshot.hostnames.items()
+                    if account in snapshot.accounts
+                    for hostname in names
+                ),
+            )
+            await self._forget_unheld(None)
+            await db.executemany(
                 "UPDATE meta SET value = ? WHERE key = ?",
-                [(snapshot.version, "snapshot_version"), (generation, "snapshot_generation")],
+                [
+                    (snapshot.version, "snapshot_version"),
+                    (generation, "snapshot_generation"),
+                    (generation, "hostnames_generation"),
+                ],
             )
         return SnapshotResult(accounts=len(accounts), entries=entries)
 
@@ -550,7 +660,26 @@ class RegistrationStore:
                 networks.append(_network(int(family), bytes(packed), int(prefix_len)))
         if current is not None:
             records.append(AccountRecord(current[0], current[1], tuple(networks)))
-        return records
+        hostnames = await self._hostnames_by_account(account)
+        return [
+            dataclasses.replace(record, hostnames=tuple(hostnames[record.account]))
+            if record.account in hostnames
+            else record
+            for record in records
+        ]
+
+    async def _hostnames_by_account(self, account: str | None) -> dict[str, list[str]]:
+        where = "" if account is None else " WHERE account = ?"
+        params: tuple[Any, ...] = () if account is None else (account,)
+        async with self._reading("list hostnames") as db:
+            rows = await db.execute_fetchall(
+                f"SELECT account, hostname FROM hostnames{where} ORDER BY account, hostname",
+                params,
+            )
+        by_account: dict[str, list[str]] = {}
+        for name, hostname in rows:
+            by_account.setdefault(str(name), []).append(str(hostname))
+        return by_account
 
     @asynccontextmanager
     async def _consistent(self, operation: str) -> AsyncIterator[aiosqlite.Connection]:
@@ -580,6 +709,7 @@ class RegistrationStore:
         async with self._consistent("load prefixes"):
             generation = await self._meta("generation")
             rows = await self._prefix_rows("SELECT family, network, prefix_len FROM entries")
+            rows += await self._prefix_rows(_RESOLVED_ROWS)
             return generation, rows
 
     async def changes_since(self, since: int) -> Changes:
@@ -595,13 +725,76 @@ class RegistrationStore:
                 if snapshot < floor:  # the rows after the snapshot are pruned too
                     return Changes(since, since, [], [], full_load=True)
                 base = snapshot
-            cursor = await db.execute(_CHANGED_PREFIXES, (base, base))
+            cursor = await db.execute(_CHANGED_PREFIXES, (base, base, base))
             cursor.row_factory = _change_row  # type: ignore[assignment]  # as in _prefix_rows
             changed: list[tuple[int, _Prefix]] = list(await cursor.fetchall())  # type: ignore[arg-type]
             await cursor.close()
             present = [prefix for gone, prefix in changed if not gone]
             gone = [prefix for is_gone, prefix in changed if is_gone]
             return Changes(base, generation, present, gone, full_load=base != since)
+
+    # --- hostnames and what they resolve to (SPEC 3) -----------------------------------
+
+    async def registered_hostnames(self) -> tuple[int, list[str]]:
+        """`hostnames_generation` and every registered hostname, once per account holding
+        it (the DDNS refresher resolves each distinct one once)."""
+        async with self._consistent("read hostnames") as db:
+            generation = await self._meta("hostnames_generation")
+            rows = await db.execute_fetchall("SELECT hostname FROM hostnames")
+            return generation, [str(row[0]) for row in rows]
+
+    async def hostnames_generation(self) -> int:
+        """Moves whenever the set of registered hostnames does; cheap to poll."""
+        async with self._reading("hostnames generation"):
+            return await self._meta("hostnames_generation")
+
+    async def resolved_addresses(self) -> dict[str, list[bytes]]:
+        """hostname → its stored resolved addresses (packed), for a refresher starting up."""
+        async with self._reading("read resolved") as db:
+            rows = await db.execute_fetchall("SELECT hostname, network FROM resolved")
+        resolved: dict[str, list[bytes]] = {}
+        for hostname, packed in rows:
+            resolved.setdefault(str(hostname), []).append(bytes(packed))
+        return resolved
+
+    async def put_resolved(self, changes: Mapping[str, Sequence[Network]]) -> bool:
+        """Store what each hostname now resolves to (empty: nothing), in one write that
+        moves the generation of every account holding a changed hostname, so each DNS
+        process applies the change as it applies account writes. A hostname no account holds
+        keeps nothing. True when anything changed."""
+        async with self._writing("store resolved addresses") as db:
+            generation: int | None = None
+            for hostname, networks in changes.items():
+                rows = await db.execute_fetchall(
+                    "SELECT family, network FROM resolved WHERE hostname = ?", (hostname,)
+                )
+                old = {(int(row[0]), bytes(row[1])) for row in rows}
+                held = await self._scalar(
+                    "SELECT 1 FROM hostnames WHERE hostname = ? LIMIT 1", (hostname,)
+                )
+                new = {_key(network)[:2] for network in networks} if held else set()
+                if old == new:
+                    continue
+                if generation is None:
+                    generation = await self._bump_generation()
+                await db.executemany(
+                    "DELETE FROM resolved WHERE hostname = ? AND family = ? AND network = ?",
+                    ((hostname, *key) for key in old - new),
+                )
+                await db.executemany(
+                    "INSERT INTO resolved (hostname, family, network) VALUES (?, ?, ?)",
+                    ((hostname, *key) for key in new - old),
+                )
+                await self._remember_removed(
+                    generation,
+                    ((family, packed, 32 if family == 4 else 128) for family, packed in old - new),
+                )
+                await db.execute(
+                    "UPDATE accounts SET generation = ? WHERE account IN"
+                    " (SELECT account FROM hostnames WHERE hostname = ?)",
+                    (generation, hostname),
+                )
+            return generation is not None
 
     async def ping(self) -> None:
         """Raise DatabaseError unless the database answers (health checks)."""
@@ -611,12 +804,17 @@ class RegistrationStore:
     # --- operator overrides (SPEC 5) -----------------------------------------------------
 
     async def add_entries(
-        self, account: str, networks: Sequence[Network], max_per_account: int
+        self,
+        account: str,
+        networks: Sequence[Network],
+        max_per_account: int,
+        hostnames: Sequence[str] = (),
+        max_hostnames: int = 0,
     ) -> AccountRecord:
-        """Add entries, keeping the account's version (a new account gets version 0).
+        """Add entries and hostnames, keeping the account's version (new: version 0).
 
-        A tombstoned account is revived at its tombstone version. The union must stay within
-        `max_per_account`, else RegistrationError and nothing changes.
+        A tombstoned account is revived at its tombstone version. The unions must stay within
+        `max_per_account` and `max_hostnames`, else RegistrationError and nothing changes.
         """
         validate_account_id(account)
         async with self._writing("add entries"):
@@ -629,15 +827,26 @@ class RegistrationStore:
                     "addresses",
                     f"{len(union)} entries exceed the limit of {max_per_account} per account",
                 )
-            if live and union == existing:
+            old_names = await self._hostnames(account)
+            names = sorted(set(old_names).union(hostnames))
+            if len(names) > max(max_hostnames, len(old_names)):
+                raise RegistrationError(
+                    "hostnames",
+                    f"{len(names)} hostnames exceed the limit of {max_hostnames} per account",
+                )
+            if live and union == existing and names == list(old_names):
                 return await self._record(account, version)
             generation = await self._bump_generation()
             await self._upsert_account(account, version, False, generation)
             await self._insert_entries(account, sorted(union - existing))
+            await self._set_hostnames(account, old_names, names, generation)
             return await self._record(account, version)
 
-    async def remove_entries(self, account: str, networks: Sequence[Network] | None) -> bool:
-        """Remove entries; with None the account becomes a tombstone at its current version.
+    async def remove_entries(
+        self, account: str, networks: Sequence[Network] | None, hostnames: Sequence[str] = ()
+    ) -> bool:
+        """Remove entries and hostnames; with None the account becomes a tombstone at its
+        current version.
 
         Returns False (and changes nothing) when the account is not live.
         """
@@ -648,7 +857,9 @@ class RegistrationStore:
                 return False
             existing = set(await self._entry_keys(account))
             gone = existing if networks is None else existing & {_key(n) for n in networks}
-            if networks is not None and not gone:
+            old_names = await self._hostnames(account)
+            names = [] if networks is None else sorted(set(old_names).difference(hostnames))
+            if networks is not None and not gone and names == list(old_names):
                 return True
             generation = await self._bump_generation()
             await db.executemany(
@@ -658,6 +869,7 @@ class RegistrationStore:
             )
             await self._upsert_account(account, row[0], networks is None, generation)
             await self._remember_removed(generation, gone)
+            await self._set_hostnames(account, old_names, names, generation)
             return True
 
 

@@ -1,13 +1,13 @@
 """RegistrationWriter: the one path by which registrations change, whatever their source.
 
-The sync API and the CLI write through it today (the feed and the DDNS refresher will): it
+The sync API, the CLI and the DDNS refresher write through it (the feed will): it
 checks the input against the rules of SPEC 3, writes it to the store in one transaction,
 then announces the change so the DNS side applies it before the source reports success.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from smartdns.config.model import RegistrationsConfig
@@ -47,11 +47,16 @@ class RegistrationWriter:
         return result
 
     async def put_account(
-        self, account: str, version: int, networks: Sequence[Network]
+        self,
+        account: str,
+        version: int,
+        networks: Sequence[Network],
+        hostnames: Sequence[str] = (),
     ) -> AccountRecord:
-        """Replace the account's entries at `version` (SPEC 4 version rules)."""
+        """Replace the account's entries and hostnames at `version` (SPEC 4 version rules)."""
         validate_account_id(account)
-        return await self._through(self._store.put_account(account, version, networks))
+        write = self._store.put_account(account, version, networks, hostnames)
+        return await self._through(write)
 
     async def delete_account(self, account: str, version: int) -> bool:
         """Remove the account, leaving a tombstone at `version`; True if it was live."""
@@ -62,13 +67,27 @@ class RegistrationWriter:
         """Replace every registration with `snapshot`, all or nothing."""
         return await self._through(self._store.replace_snapshot(snapshot), everything=True)
 
-    async def add_entries(self, account: str, networks: Sequence[Network]) -> AccountRecord:
-        """Operator override: add entries, keeping the account's version (new: version 0)."""
+    async def add_entries(
+        self, account: str, networks: Sequence[Network], hostnames: Sequence[str] = ()
+    ) -> AccountRecord:
+        """Operator override: add entries and hostnames, keeping the account's version (new:
+        version 0)."""
         validate_account_id(account)
-        limit = self._rules.max_per_account
-        return await self._through(self._store.add_entries(account, networks, limit))
+        rules = self._rules
+        write = self._store.add_entries(
+            account, networks, rules.max_per_account, hostnames, rules.max_hostnames_per_account
+        )
+        return await self._through(write)
 
-    async def remove_entries(self, account: str, networks: Sequence[Network] | None) -> bool:
-        """Operator override: remove entries, or (None) the whole account as a tombstone."""
+    async def remove_entries(
+        self, account: str, networks: Sequence[Network] | None, hostnames: Sequence[str] = ()
+    ) -> bool:
+        """Operator override: remove entries and hostnames, or (None) the whole account as a
+        tombstone."""
         validate_account_id(account)
-        return await self._through(self._store.remove_entries(account, networks))
+        return await self._through(self._store.remove_entries(account, networks, hostnames))
+
+    async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
+        """What registered hostnames now resolve to (the DDNS refresher's sink): stored, then
+        announced like any write, so it is in DNS answers on every worker on return."""
+        await self._through(self._store.put_resolved(changes))

@@ -92,7 +92,7 @@ def test_put_then_delete_take_effect_within_one_second(server: Server) -> None:
     assert server.query("www.netflix.com", source=UNREGISTERED).rcode() == dns.rcode.REFUSED
     assert put(server, "acct-e2e", 10, [UNREGISTERED]) == (
         200,
-        {"account": "acct-e2e", "version": 10, "addresses": 1},
+        {"account": "acct-e2e", "version": 10, "addresses": 1, "hostnames": 0},
     )
     rcode_within(server, UNREGISTERED, dns.rcode.NOERROR, EFFECT_DEADLINE_S)
     assert call(server, "DELETE", "/v1/accounts/acct-e2e?version=11") == (
@@ -154,7 +154,7 @@ def test_ordering_idempotency_and_tombstones(server: Server) -> None:
     assert put(server, "acct-1", 5, ["127.0.5.1"])[0] == 200
     assert put(server, "acct-1", 5, ["127.0.5.1"]) == (
         200,
-        {"account": "acct-1", "version": 5, "addresses": 1},
+        {"account": "acct-1", "version": 5, "addresses": 1, "hostnames": 0},
     )
     status, body = put(server, "acct-1", 4, ["127.0.5.2"])
     assert status == 409 and "127.0.5.2" not in body["error"]
@@ -373,7 +373,7 @@ def test_cli_export_and_import_use_the_api_document(server: Server) -> None:
     assert imported.returncode == 0, imported.stderr
     assert call(server, "GET", "/v1/accounts/x3") == (
         200,
-        {"account": "x3", "version": 41, "addresses": [UNREGISTERED]},
+        {"account": "x3", "version": 41, "addresses": [UNREGISTERED], "hostnames": []},
     )
     status, body = call(server, "PUT", "/v1/snapshot", json.loads(exported.stdout))
     assert status == 409, body  # version 40 is older than the imported 41

@@ -39,7 +39,7 @@ class RecordingSink:
     fail_next: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
-    async def apply(self, changes: Mapping[str, tuple[Network, ...]]) -> None:
+    async def apply_resolved(self, changes: Mapping[str, tuple[Network, ...]]) -> None:
         if self.fail_next:
             self.fail_next -= 1
             raise OSError("sink down")

@@ -6,8 +6,14 @@ import pytest
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError
-from smartdns.registrations.entries import ShapeError
-from smartdns.registrations.hostnames import parse_hostname, parse_hostnames
+from smartdns.registrations.entries import (
+    AccountDocument,
+    ShapeError,
+    parse_account_document,
+    parse_hostnames,
+    parse_snapshot_document,
+)
+from smartdns.registrations.hostnames import parse_hostname
 
 RULES = RegistrationsConfig()  # max_hostnames_per_account 4
 LABEL_63 = "a" * 63
@@ -128,3 +134,87 @@ def test_non_list_is_a_shape_error(values: object) -> None:
     with pytest.raises(ShapeError) as caught:
         parse_hostnames(values, RULES)
     assert str(caught.value) == "hostnames: must be a list"
+
+
+def test_account_document_with_hostnames() -> None:
+    doc = {"version": 3, "addresses": [], "hostnames": ["Home.Example.net."]}
+    assert parse_account_document(doc, RULES) == AccountDocument(3, (), ("home.example.net",))
+    assert parse_account_document({"version": 3, "addresses": []}, RULES).hostnames == ()
+
+
+@pytest.mark.parametrize(
+    ("doc", "error", "message"),
+    [
+        (
+            {"version": 1, "addresses": [], "hostnames": ["ok.example.net", "1.2.3.4"]},
+            RegistrationError,
+            "hostnames[1]: an IP address literal, not a hostname",
+        ),
+        (
+            {"version": 1, "addresses": [], "hostnames": "home.example.net"},
+            ShapeError,
+            "hostnames: must be a list",
+        ),
+        (
+            {"version": 1, "addresses": [], "hostnames": [], "extra": 1},
+            ShapeError,
+            'unexpected top-level key; only "addresses" and "hostnames" and "version" are allowed',
+        ),
+    ],
+)
+def test_bad_account_document_hostnames(
+    doc: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        parse_account_document(doc, RULES)
+    assert str(caught.value) == message
+
+
+def test_snapshot_takes_both_forms() -> None:
+    doc = {
+        "version": 9,
+        "accounts": {
+            "plain": ["203.0.113.7"],
+            "both": {"addresses": ["203.0.113.8"], "hostnames": ["b.example.net"]},
+            "names": {"addresses": [], "hostnames": ["n.example.net", "N.example.net"]},
+            "empty": {"addresses": []},
+        },
+    }
+    snapshot = parse_snapshot_document(doc, RegistrationsConfig(public_only=False))
+    assert sorted(snapshot.accounts) == ["both", "empty", "names", "plain"]
+    assert dict(snapshot.hostnames) == {"both": ("b.example.net",), "names": ("n.example.net",)}
+    assert [str(n) for n in snapshot.accounts["both"]] == ["203.0.113.8/32"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "error", "message"),
+    [
+        (
+            {"addresses": [], "hostnames": ["x"]},
+            RegistrationError,
+            'accounts["a"].hostnames[0]: needs at least two labels',
+        ),
+        (
+            {"addresses": ["10.0.0.0/8"]},
+            RegistrationError,
+            'accounts["a"].addresses[0]: prefix /8 is wider than the allowed /24',
+        ),
+        ({"hostnames": []}, ShapeError, 'accounts["a"].addresses: missing'),
+        (
+            {"addresses": [], "other": 1},
+            ShapeError,
+            'accounts["a"]: unexpected key; only "addresses" and "hostnames" are allowed',
+        ),
+        (
+            {"addresses": [], "hostnames": [f"h{i}.example.net" for i in range(5)]},
+            RegistrationError,
+            'accounts["a"].hostnames: 5 hostnames exceed the limit of 4 per account',
+        ),
+    ],
+)
+def test_bad_snapshot_account_object(
+    entry: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as caught:
+        parse_snapshot_document({"version": 1, "accounts": {"a": entry}}, RULES)
+    assert str(caught.value) == message

@@ -21,6 +21,7 @@ from smartdns.registrations.entries import (
     parse_snapshot_document,
 )
 from smartdns.registrations.store import (
+    SCHEMA_VERSION,
     AccountRecord,
     DatabaseError,
     RegistrationStore,
@@ -76,7 +77,7 @@ async def test_pragmas(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == (2,)
+        assert version == (SCHEMA_VERSION,)
     conn.close()
 
 

@@ -283,11 +283,19 @@ async def test_empty_token_accepts_nobody(tmp_path: Path) -> None:
 
 async def test_put_get_delete_account(api: Api) -> None:
     status, body = await api.put("acct-1", 5, [ADDRESS, "2001:db8:7::/64"])
-    assert (status, body) == (200, {"account": "acct-1", "version": 5, "addresses": 2})
+    assert (status, body) == (
+        200,
+        {"account": "acct-1", "version": 5, "addresses": 2, "hostnames": 0},
+    )
     status, body = await api.call("GET", "/v1/accounts/acct-1")
     assert (status, body) == (
         200,
-        {"account": "acct-1", "version": 5, "addresses": [ADDRESS, "2001:db8:7::/64"]},
+        {
+            "account": "acct-1",
+            "version": 5,
+            "addresses": [ADDRESS, "2001:db8:7::/64"],
+            "hostnames": [],
+        },
     )
     status, body = await api.call("DELETE", "/v1/accounts/acct-1?version=6")
     assert (status, body) == (200, {"account": "acct-1", "version": 6, "existed": True})
@@ -304,7 +312,7 @@ async def test_same_write_repeated_is_a_no_op(api: Api) -> None:
     before = await _generation(api)
     assert await api.put("acct-1", 5, [ADDRESS]) == (
         200,
-        {"account": "acct-1", "version": 5, "addresses": 1},
+        {"account": "acct-1", "version": 5, "addresses": 1, "hostnames": 0},
     )
     assert await _generation(api) == before
 
@@ -475,7 +483,7 @@ async def test_broken_rule_is_422_naming_the_position(
     assert (status, body) == (422, {"error": message})
     assert await api.call("GET", "/v1/accounts/acct-1") == (
         200,
-        {"account": "acct-1", "version": 1, "addresses": ["198.51.100.1"]},
+        {"account": "acct-1", "version": 1, "addresses": ["198.51.100.1"], "hostnames": []},
     )
 
 

@@ -53,7 +53,7 @@ class HostnameResolver(Protocol):
 class HostnameSink(Protocol):
     """Where results go: the writer, which authorizes them on every worker (or the feed)."""
 
-    async def apply(self, changes: Mapping[str, Addresses]) -> None:
+    async def apply_resolved(self, changes: Mapping[str, Addresses]) -> None:
         """Make each hostname's addresses these (empty: none), all at once; return when they
         are in effect. A hostname's new and old addresses come in one change, so applying it
         atomically authorizes the new address before (not after) the old one goes."""
@@ -381,7 +381,7 @@ class HostnameRefresher:
             while self._pending:
                 batch, self._pending = self._pending, {}
                 try:
-                    await self._sink.apply(batch)
+                    await self._sink.apply_resolved(batch)
                 except Exception as error:  # boundary: the sink failing must not stop refreshes
                     self.stats.sink_failures += 1
                     self._sink_warning.warn(type(error).__name__)

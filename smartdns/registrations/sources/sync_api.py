@@ -302,10 +302,15 @@ class SyncApi:
     async def _put_account(self, request: web.Request) -> web.Response:
         body = await self._read_body(request)
         account = self._account(request)
-        version, networks = await self._parse(body, decode_account)
-        record = await self._writer.put_account(account, version, networks)
+        version, networks, hostnames = await self._parse(body, decode_account)
+        record = await self._writer.put_account(account, version, networks, hostnames)
         return web.json_response(
-            {"account": account, "version": record.version, "addresses": len(record.networks)}
+            {
+                "account": account,
+                "version": record.version,
+                "addresses": len(record.networks),
+                "hostnames": len(record.hostnames),
+            }
         )
 
     async def _delete_account(self, request: web.Request) -> web.Response:
@@ -324,6 +329,7 @@ class SyncApi:
                 "account": record.account,
                 "version": record.version,
                 "addresses": [format_network(network) for network in record.networks],
+                "hostnames": list(record.hostnames),
             }
         )
 
