@@ -13,7 +13,8 @@ is `meta.snapshot`, the snapshot marker.
 
 Values. UTF-8 JSON objects, at most MAX_VALUE_BYTES:
 - a live account is exactly a `PUT /v1/accounts/{account}` body:
-  `{"version": N, "addresses": ["203.0.113.7", "2001:db8:7::/64"]}`;
+  `{"version": N, "addresses": ["203.0.113.7", "2001:db8:7::/64"], "hostnames": [...]}`
+  (`hostnames` optional; written only when there are some);
 - a deleted account is a tombstone `{"version": N, "deleted": true}`;
 - the marker is `{"version": S, "complete": false|true}`: a snapshot at S is being written
   (false), or is complete (true).
@@ -49,10 +50,12 @@ _MARKER_KEYS: Final = frozenset({"version", "complete"})
 
 @dataclass(frozen=True, slots=True)
 class AccountValue:
-    """A live account in the bucket; `networks` sorted as entries.parse_addresses sorts them."""
+    """A live account in the bucket; `networks` sorted as entries.parse_addresses sorts them,
+    `hostnames` normalized and sorted (entries.parse_hostnames)."""
 
     version: int
     networks: tuple[Network, ...]
+    hostnames: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,17 @@ class SnapshotMarker:
 
 
 FeedValue = AccountValue | Tombstone
+# One change for the local copy: the account and its new value, or None when the key was
+# deleted or purged in the bucket (the account goes without a tombstone).
+FeedChange = tuple[str, FeedValue | None]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedApplied:
+    """What a batch of feed changes did to the local copy."""
+
+    applied: int  # changes that changed it
+    stale: int  # changes older than what it holds (a version going backwards)
 
 
 def account_key(account: str) -> str:
@@ -96,9 +110,13 @@ def encode_value(value: FeedValue) -> bytes:
     """An account key's value, canonical: entries in the order parse_addresses sorts them."""
     if isinstance(value, Tombstone):
         return _dump({"version": value.version, "deleted": True})
-    return _dump(
-        {"version": value.version, "addresses": [format_network(n) for n in value.networks]}
-    )
+    doc: dict[str, object] = {
+        "version": value.version,
+        "addresses": [format_network(network) for network in value.networks],
+    }
+    if value.hostnames:
+        doc["hostnames"] = list(value.hostnames)
+    return _dump(doc)
 
 
 def encode_marker(marker: SnapshotMarker) -> bytes:
@@ -118,8 +136,7 @@ def decode_value(data: bytes, rules: RegistrationsConfig) -> FeedValue:
             raise ShapeError("deleted", "must be true")
         return Tombstone(parse_version(doc["version"]))
     parsed = parse_account_document(doc, rules)
-    # Hostnames are not in the feed's values yet (the feed's part of issue 13).
-    return AccountValue(parsed.version, parsed.networks)
+    return AccountValue(parsed.version, parsed.networks, tuple(sorted(set(parsed.hostnames))))
 
 
 def decode_marker(data: bytes) -> SnapshotMarker:

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -30,6 +30,7 @@ from smartdns.registrations.entries import (
     Snapshot,
     validate_account_id,
 )
+from smartdns.registrations.feed_format import AccountValue, FeedApplied, FeedChange
 
 SCHEMA_VERSION: Final = 3
 # Removed entries are kept for this many generations, so a reader that far behind still
@@ -508,13 +509,28 @@ class RegistrationStore:
                     )
             _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
             generation = await self._bump_generation()
-            await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
-            await self._upsert_account(account, version, False, generation)
-            await self._insert_entries(account, wanted)
-            await self._remember_removed(generation, set(old).difference(wanted))
-            await self._set_hostnames(account, old_names, names, generation)
+            await self._replace_account(
+                account, version, (wanted, names), (old, old_names), generation
+            )
             networks_out = tuple(_network(*key) for key in wanted)
             return AccountRecord(account, version, networks_out, tuple(names))
+
+    async def _replace_account(
+        self,
+        account: str,
+        version: int,
+        new: tuple[Sequence[_Key], Sequence[str]] | None,
+        old: tuple[Sequence[_Key], Sequence[str]],
+        generation: int,
+    ) -> None:
+        """The account at `version` with `new` (entries, hostnames), or a tombstone for None;
+        `old` is what it held, whose losses readers are told of (changes_since)."""
+        entries, names = new if new is not None else ((), ())
+        await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
+        await self._upsert_account(account, version, new is None, generation)
+        await self._insert_entries(account, entries)
+        await self._remember_removed(generation, set(old[0]).difference(entries))
+        await self._set_hostnames(account, old[1], names, generation)
 
     async def delete_account(self, account: str, version: int) -> bool:
         """Remove the account's entries and leave a tombstone at `version`; True if it was live.
@@ -536,12 +552,73 @@ class RegistrationStore:
                     raise StaleWriteError(f"version {version} is already stored with other content")
             _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
             generation = await self._bump_generation()
-            old = await self._entry_keys(account)
-            await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
-            await self._upsert_account(account, version, True, generation)
-            await self._remember_removed(generation, old)
-            await self._set_hostnames(account, await self._hostnames(account), (), generation)
+            old = (await self._entry_keys(account), await self._hostnames(account))
+            await self._replace_account(account, version, None, old, generation)
             return live
+
+    # --- the registration feed (SPEC 4): the bucket is the truth ------------------------
+
+    async def apply_feed(
+        self, changes: Sequence[FeedChange], snapshot_version: int | None
+    ) -> FeedApplied:
+        """Apply the feed's changes in one transaction, one generation for all of them.
+
+        A value or tombstone replaces the stored account when its version is higher (the
+        bucket already enforced SPEC 4's rules fleet-wide, so `snapshot_version` does not
+        refuse it, and a snapshot's own accounts arrive at its version); a lower one is
+        counted stale, an equal one is the same change again. None removes the account
+        without a tombstone. `snapshot_version`, when given, is stored as well.
+        """
+        applied = stale = 0
+        async with self._writing("apply feed"):
+            generation: int | None = None
+            for account, value in changes:
+                row = await self._account_row(account)
+                if value is not None and row is not None and value.version <= row[0]:
+                    stale += value.version < row[0]
+                    continue
+                if value is None and row is None:
+                    continue
+                generation = generation or await self._bump_generation()
+                old = (await self._entry_keys(account), await self._hostnames(account))
+                if value is None:
+                    await self._drop_account(account, old, generation)
+                else:
+                    new = None
+                    if isinstance(value, AccountValue):
+                        new = (sorted({_key(n) for n in value.networks}), value.hostnames)
+                    await self._replace_account(account, value.version, new, old, generation)
+                applied += 1
+            if snapshot_version is not None:
+                await self._set_snapshot_version(snapshot_version)
+        return FeedApplied(applied, stale)
+
+    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+        """Remove every account and tombstone not in `present` (the bucket's keys after a
+        catch-up: what was purged while this node was away); returns how many went."""
+        async with self._writing("reconcile feed") as db:
+            rows = await db.execute_fetchall("SELECT account FROM accounts")
+            gone = [str(row[0]) for row in rows if str(row[0]) not in present]
+            if gone:
+                generation = await self._bump_generation()
+                for account in gone:
+                    old = (await self._entry_keys(account), await self._hostnames(account))
+                    await self._drop_account(account, old, generation)
+            if snapshot_version is not None:
+                await self._set_snapshot_version(snapshot_version)
+        return len(gone)
+
+    async def _drop_account(
+        self, account: str, old: tuple[Sequence[_Key], Sequence[str]], generation: int
+    ) -> None:
+        """The account gone without a tombstone (the bucket no longer has its key)."""
+        await self._replace_account(account, 0, None, old, generation)
+        await self._db.execute("DELETE FROM accounts WHERE account = ?", (account,))
+
+    async def _set_snapshot_version(self, version: int) -> None:
+        await self._db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'snapshot_version'", (version,)
+        )
 
     async def get_account(self, account: str) -> AccountRecord | None:
         """The live account, or None when unknown or deleted (tombstone)."""

@@ -7,11 +7,12 @@ then announces the change so the DNS side applies it before the source reports s
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from typing import TypeVar
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
+from smartdns.registrations.feed_format import FeedApplied, FeedChange
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
 
 # Called with the store's generation after a write that changed something, and whether that
@@ -66,6 +67,16 @@ class RegistrationWriter:
     async def replace_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
         """Replace every registration with `snapshot`, all or nothing."""
         return await self._through(self._store.replace_snapshot(snapshot), everything=True)
+
+    async def apply_feed(
+        self, changes: Sequence[FeedChange], snapshot_version: int | None
+    ) -> FeedApplied:
+        """The registration feed's changes (feed.FeedSink), checked there against the rules."""
+        return await self._through(self._store.apply_feed(changes, snapshot_version))
+
+    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+        """Drop what the feed's bucket no longer holds (feed.FeedSink)."""
+        return await self._through(self._store.reconcile_feed(present, snapshot_version))
 
     async def add_entries(
         self, account: str, networks: Sequence[Network], hostnames: Sequence[str] = ()

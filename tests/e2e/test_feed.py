@@ -25,6 +25,8 @@ from smartdns.registrations.entries import Snapshot
 from smartdns.registrations.feed_format import (
     SNAPSHOT_KEY,
     AccountValue,
+    FeedApplied,
+    FeedChange,
     FeedValue,
     SnapshotMarker,
     Tombstone,
@@ -34,9 +36,7 @@ from smartdns.registrations.feed_format import (
 )
 from smartdns.registrations.sources.feed import (
     Feed,
-    FeedChange,
     FeedUnavailable,
-    SinkResult,
     stream_name,
 )
 from tests.e2e.nats import NatsCluster, nats_cluster
@@ -67,7 +67,7 @@ class MemorySink:
 
     async def apply_feed(
         self, changes: Sequence[FeedChange], snapshot_version: int | None
-    ) -> SinkResult:
+    ) -> FeedApplied:
         applied = stale = 0
         for account, value in changes:
             stored = self.accounts.get(account)
@@ -83,7 +83,7 @@ class MemorySink:
         self.batches.append(len(changes))
         async with self._changed:
             self._changed.notify_all()
-        return SinkResult(applied, stale)
+        return FeedApplied(applied, stale)
 
     async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
         gone = [account for account in self.accounts if account not in present]

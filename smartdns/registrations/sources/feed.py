@@ -39,6 +39,8 @@ from smartdns.registrations.feed_format import (
     MAX_VALUE_BYTES,
     SNAPSHOT_KEY,
     AccountValue,
+    FeedApplied,
+    FeedChange,
     FeedValue,
     SnapshotMarker,
     Tombstone,
@@ -79,10 +81,6 @@ SNAPSHOT_CONCURRENCY: Final = 256  # snapshot writes in flight
 _T = TypeVar("_T")
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # JetStream API error codes
 
-# One change for the sink: the account and its new value, or None when the key was deleted or
-# purged in the bucket (the account is removed without a tombstone).
-FeedChange = tuple[str, FeedValue | None]
-
 
 class FeedSettings(Protocol):
     """The `feed` configuration section (config.model) as this module reads it."""
@@ -99,18 +97,12 @@ class FeedSettings(Protocol):
     def tls_ca_file(self) -> Path | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class SinkResult:
-    applied: int  # changes that changed the local copy
-    stale: int  # changes older than what the local copy holds (a version going backwards)
-
-
 class FeedSink(Protocol):
     """Where the follower's changes go: the node's one change path (SQLite, then workers)."""
 
     async def apply_feed(
         self, changes: Sequence[FeedChange], snapshot_version: int | None
-    ) -> SinkResult:
+    ) -> FeedApplied:
         """Apply each change whose version is above the stored one (a None change always
         removes), and set `snapshot_version` when it is not None, in one transaction."""
         ...
@@ -715,7 +707,9 @@ class Feed:
                 SNAPSHOT_KEY, encode_marker(SnapshotMarker(version, False)), marker_revision
             )
             wanted: dict[str, FeedValue | None] = {
-                account_key(account): AccountValue(version, tuple(networks))
+                account_key(account): AccountValue(
+                    version, tuple(networks), snapshot.hostnames.get(account, ())
+                )
                 for account, networks in snapshot.accounts.items()
             }
             for key in keys - wanted.keys():

@@ -1,0 +1,100 @@
+"""The store's side of the registration feed on a real SQLite file: apply_feed's version rule,
+removals, reconciliation, and what the DNS side's change reads then report."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smartdns.config.model import RegistrationsConfig
+from smartdns.registrations.feed_format import AccountValue, FeedApplied, Tombstone
+from smartdns.registrations.store import RegistrationStore
+from smartdns.registrations.writer import RegistrationWriter
+
+A = ipaddress.IPv4Network("203.0.113.7/32")
+B = ipaddress.IPv4Network("198.51.100.0/24")
+A_PREFIX = (4, int(A.network_address), 32)
+B_PREFIX = (4, int(B.network_address), 24)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RegistrationStore]:
+    opened = await RegistrationStore.open(tmp_path / "registrations.db", create=True)
+    yield opened
+    await opened.close()
+
+
+async def test_newer_versions_apply_older_are_stale_equal_are_repeats(
+    store: RegistrationStore,
+) -> None:
+    first = await store.apply_feed([("x", AccountValue(5, (A,), ("home.example.net",)))], None)
+    assert first == FeedApplied(1, 0)
+    record = await store.get_account("x")
+    assert record is not None and record.hostnames == ("home.example.net",)
+    again = await store.apply_feed(
+        [("x", AccountValue(5, (B,))), ("x", AccountValue(4, (B,))), ("x", Tombstone(3))], None
+    )
+    assert again == FeedApplied(0, 2)
+    assert (await store.get_account("x")).networks == (A,)  # type: ignore[union-attr]
+    assert await store.apply_feed([("x", AccountValue(6, (B,)))], None) == FeedApplied(1, 0)
+    assert (await store.get_account("x")).networks == (B,)  # type: ignore[union-attr]
+
+
+async def test_a_snapshot_version_never_refuses_the_bucket(store: RegistrationStore) -> None:
+    await store.apply_feed([("x", AccountValue(10, (A,)))], 10)
+    assert (await store.status()).snapshot_version == 10
+    # A snapshot's accounts arrive at its version; the bucket already applied SPEC 4's rules.
+    await store.apply_feed([("y", AccountValue(10, (B,)))], None)
+    assert {r.account for r in await store.list_accounts()} == {"x", "y"}
+
+
+async def test_tombstones_and_removals_reach_the_dns_side(store: RegistrationStore) -> None:
+    await store.apply_feed([("x", AccountValue(1, (A,))), ("y", AccountValue(1, (B,)))], None)
+    since = await store.generation()
+    await store.apply_feed([("x", Tombstone(2)), ("y", None)], None)
+    changes = await store.changes_since(since)
+    assert sorted(changes.gone) == sorted([A_PREFIX, B_PREFIX]) and not changes.present
+    status = await store.status()
+    assert status.accounts == 0
+    # x is a tombstone, blocking older values; y is gone entirely, so any version returns it.
+    assert await store.apply_feed([("x", AccountValue(1, (A,)))], None) == FeedApplied(0, 1)
+    assert await store.apply_feed([("y", AccountValue(1, (B,)))], None) == FeedApplied(1, 0)
+
+
+async def test_nothing_changed_bumps_no_generation(store: RegistrationStore) -> None:
+    await store.apply_feed([("x", AccountValue(1, (A,)))], None)
+    generation = await store.generation()
+    await store.apply_feed([("x", AccountValue(1, (A,))), ("gone", None)], None)
+    assert await store.generation() == generation
+
+
+async def test_reconcile_drops_accounts_and_tombstones_the_bucket_lacks(
+    store: RegistrationStore,
+) -> None:
+    await store.apply_feed(
+        [("keep", AccountValue(1, (A,))), ("drop", AccountValue(1, (B,))), ("t", Tombstone(3))],
+        None,
+    )
+    since = await store.generation()
+    assert await store.reconcile_feed({"keep", "not-local"}, 7) == 2
+    assert [r.account for r in await store.list_accounts()] == ["keep"]
+    assert (await store.changes_since(since)).gone == [B_PREFIX]
+    assert (await store.status()).snapshot_version == 7
+    # The tombstone went too: the bucket no longer blocks that account's older versions.
+    assert await store.apply_feed([("t", AccountValue(2, (B,)))], None) == FeedApplied(1, 0)
+
+
+async def test_the_writer_announces_feed_changes(store: RegistrationStore) -> None:
+    announced: list[int] = []
+
+    async def announce(generation: int, _everything: bool) -> None:
+        announced.append(generation)
+
+    writer = RegistrationWriter(store, RegistrationsConfig(), announce)
+    await writer.apply_feed([("x", AccountValue(1, (A,)))], None)
+    await writer.apply_feed([("x", AccountValue(1, (A,)))], None)  # a repeat: nothing new
+    await writer.reconcile_feed(set(), None)
+    assert announced == [1, 2]
