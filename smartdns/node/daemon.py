@@ -1,8 +1,9 @@
 """Composition root: builds each process's ordered components from a Config and runs them.
 
 A DNS process starts: database, watchdog (or a worker's reports), registration snapshot,
-DNS listeners, sync API (the whole node only), then READY=1; it stops in reverse. The main
-process of a node with workers: database, watchdog, workers, sync API, READY=1.
+DNS listeners, DDNS refresher and sync API (the whole node only), then READY=1; it stops in
+reverse. The main process of a node with workers: database, watchdog, workers, DDNS
+refresher, sync API, READY=1.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from smartdns.node.components import (
     Watchdog,
     cancel_tasks,
 )
+from smartdns.node.ddns import DdnsService
 from smartdns.node.lifecycle import Announcer, Component, Lifecycle
 from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, WorkerSample
 from smartdns.node.snapshot import SnapshotWatch
@@ -224,11 +226,14 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
         async with asyncio.timeout(timeout_s):  # no worker to restart: the poll retries
             await watch.wait_applied(generation)
 
+    ddns = DdnsService(apply)
     sync = SyncService(
         metrics,
-        lambda: NodeStatus(database.store, metrics, NodeView(pipeline, dns.listeners), apply),
+        lambda: NodeStatus(
+            database.store, metrics, NodeView(pipeline, dns.listeners), apply, ddns=ddns.sample
+        ),
     )
-    components = [database, Watchdog(dns.are_up), *serving, sync]
+    components = [database, Watchdog(dns.are_up), *serving, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop)
 
 
@@ -241,11 +246,14 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
     database = Database()
     supervisor = Supervisor(config.path, config.server.workers, metrics)
     workers = Workers(supervisor, DRAIN_TIMEOUT_S, stop.set)
+    ddns = DdnsService(supervisor.apply)
     sync = SyncService(
         metrics,
-        lambda: NodeStatus(database.store, metrics, WorkersView(supervisor), supervisor.apply),
+        lambda: NodeStatus(
+            database.store, metrics, WorkersView(supervisor), supervisor.apply, ddns=ddns.sample
+        ),
     )
-    components = [database, Watchdog(supervisor.all_ready), workers, sync]
+    components = [database, Watchdog(supervisor.all_ready), workers, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop), workers
 
 

@@ -5,7 +5,7 @@ exactly one place. No I/O: `render` formats numbers it is handed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NamedTuple, Protocol, runtime_checkable
 
 from smartdns.core.counters import Metrics, Outcome, Transport
@@ -68,6 +68,18 @@ class RegistrationStatsLike(Protocol):
     def snapshot_version(self) -> int: ...
 
 
+class DdnsSample(NamedTuple):
+    """The DDNS refresher's aggregate figures (SPEC 3): no hostname, no address."""
+
+    hostnames: int  # distinct hostnames kept resolved
+    addresses: int  # addresses authorized through them
+    lookups: Mapping[str, int]  # by outcome (core.chain.LookupOutcome values)
+    rejected: int  # resolved addresses the registration rules refused
+    latency_bounds_s: Sequence[float]
+    latency_buckets: Sequence[int]  # per bound, then one over the last (not cumulative)
+    latency_sum_s: float
+
+
 _Sample = tuple[dict[str, str], int | float]
 
 
@@ -89,6 +101,24 @@ class _Exposition:
 
     def single(self, name: str, kind: str, help_text: str, value: int | float) -> None:
         self.family(name, kind, help_text, [({}, value)])
+
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        bounds: Sequence[float],
+        buckets: Sequence[int],
+        sum_value: float,
+    ) -> None:
+        """A histogram from per-bucket counts (the last one above every bound)."""
+        self._lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self._lines.append(f"# TYPE {name} histogram")
+        total = 0
+        for bound, count in zip([*map(repr, map(float, bounds)), "+Inf"], buckets, strict=True):
+            total += count
+            self._lines.append(f'{name}_bucket{{le="{bound}"}} {total}')
+        self._lines.append(f"{name}_sum {_number(float(sum_value))}")
+        self._lines.append(f"{name}_count {total}")
 
     def text(self) -> str:
         return "\n".join(self._lines) + "\n"
@@ -114,6 +144,7 @@ def render(
     registrations: RegistrationStatsLike | None,
     database_up: bool,
     workers: Sequence[WorkerSample] = (),
+    ddns: DdnsSample | None = None,
 ) -> str:
     """The whole /metrics page. Query counters list every transport and outcome (zeros too),
     so each series exists from the start; a None source leaves its families out."""
@@ -160,6 +191,8 @@ def render(
         )
     if workers:
         _render_workers(out, workers)
+    if ddns is not None:
+        _render_ddns(out, ddns)
     out.family(
         "smartdns_sync_requests_total",
         "counter",
@@ -229,6 +262,40 @@ def _render_cache(out: _Exposition, cache: CacheStatsLike) -> None:
         cache.evictions,
     )
     out.single("smartdns_cache_entries", "gauge", "Answers held in the cache.", len(cache))
+
+
+def _render_ddns(out: _Exposition, ddns: DdnsSample) -> None:
+    out.single(
+        "smartdns_ddns_hostnames",
+        "gauge",
+        "Distinct registered hostnames kept resolved.",
+        ddns.hostnames,
+    )
+    out.single(
+        "smartdns_ddns_addresses",
+        "gauge",
+        "Addresses authorized through registered hostnames.",
+        ddns.addresses,
+    )
+    out.family(
+        "smartdns_ddns_lookups_total",
+        "counter",
+        "Hostname lookups (A and AAAA together) by outcome.",
+        (({"outcome": outcome}, count) for outcome, count in ddns.lookups.items()),
+    )
+    out.single(
+        "smartdns_ddns_rejected_addresses_total",
+        "counter",
+        "Resolved addresses the registration rules refused (counted when an answer changes).",
+        ddns.rejected,
+    )
+    out.histogram(
+        "smartdns_ddns_lookup_seconds",
+        "Time a hostname lookup took.",
+        ddns.latency_bounds_s,
+        ddns.latency_buckets,
+        ddns.latency_sum_s,
+    )
 
 
 def _render_workers(out: _Exposition, workers: Sequence[WorkerSample]) -> None:

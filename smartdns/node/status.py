@@ -17,6 +17,7 @@ from smartdns.errors import SmartDNSError
 from smartdns.node.metrics import (
     CONTENT_TYPE,
     CacheStatsLike,
+    DdnsSample,
     ForwarderStatsLike,
     RegistrationStatsLike,
     WorkerSample,
@@ -59,12 +60,14 @@ class NodeStatus:
         side: QuerySide,
         applier: Applier,
         probe_s: float = PROBE_S,
+        ddns: Callable[[], DdnsSample | None] = lambda: None,
     ) -> None:
         self._store = store  # the DNS side's connection: it is the one that must answer
         self._metrics = metrics
         self._side = side
         self._applier = applier
         self._probe_s = probe_s
+        self._ddns = ddns
         self._apply_errors = logs.WarnOnce(
             __name__, "a registration change was stored but not confirmed by the DNS side"
         )
@@ -106,5 +109,6 @@ class NodeStatus:
             registrations=registrations,
             database_up=registrations is not None,
             workers=side.worker_samples(),
+            ddns=self._ddns(),
         )
         return CONTENT_TYPE, text

@@ -420,3 +420,16 @@ async def test_resolver_exception_is_a_failed_lookup(authority: FakeAuthority) -
         await refresher.stop()
     assert refresher.stats.lookups[LookupOutcome.FAILED] == 1
     assert sink.history == []
+
+
+async def test_seeded_addresses_kept_until_a_lookup_says_otherwise(rig: Rig) -> None:
+    rig.authority.drop = True  # the first lookups fail: the stored addresses stay
+    rig.refresher.add([HOME])
+    rig.refresher.seed({HOME: [bytes([127, 0, 0, 2])], "unregistered.example.net": [b"\0" * 4]})
+    assert rig.refresher.addresses_authorized == 1
+    await rig.lookups.wait(1)
+    assert rig.sink.history == []  # nothing withdrawn, nothing rewritten
+    rig.authority.drop = False
+    rig.authority.set_addresses(HOME, ["127.0.0.3"], ttl=60)
+    await rig.sink.wait(lambda: rig.sink.current.get(HOME) == {"127.0.0.3"})
+    assert rig.sink.sets_of(HOME) == [{"127.0.0.3"}]

@@ -204,6 +204,24 @@ class HostnameRefresher:
                 state = self._names[hostname]
             state.refs = refs
 
+    def seed(self, resolved: Mapping[str, Iterable[bytes]]) -> None:
+        """What registered hostnames resolved to before (packed, from the store), so a restart
+        does not withdraw them: kept as the last good addresses, through the grace from now,
+        until the first lookup replaces or confirms them."""
+        now = self._now()
+        for hostname, packed in resolved.items():
+            state = self._names.get(hostname)
+            if state is None:
+                continue
+            addresses = tuple(sorted(set(packed), key=_order))
+            self._address_count += len(addresses) - len(state.addresses)
+            state.addresses = addresses
+            state.good_until = now + self._ddns.grace
+
+    def use(self, resolver: HostnameResolver) -> None:
+        """Look up through `resolver` from now on (new resolvers after a reload)."""
+        self._resolver = resolver
+
     def reload(self, ddns: DdnsConfig, rules: RegistrationsConfig) -> None:
         """New settings: they apply from each name's next lookup."""
         self._ddns = ddns

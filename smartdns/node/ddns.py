@@ -1,0 +1,142 @@
+"""The DDNS refresher as a lifecycle component (SPEC 3): in the process that owns writes (the
+whole node, or the main process of a node with workers), never in a worker, and with a feed
+only on the node with `feed.refresher: true`.
+
+It follows the registered hostnames in the store and writes what they resolve to through a
+RegistrationWriter on its own connection, announced like any write, so every DNS process
+applies it before the write returns. Logs counts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from smartdns import logs
+from smartdns.config.model import Config
+from smartdns.core.chain import LookupOutcome
+from smartdns.errors import SmartDNSError
+from smartdns.node.components import cancel_tasks
+from smartdns.node.lifecycle import Component
+from smartdns.node.metrics import DdnsSample
+from smartdns.node.status import APPLY_TIMEOUT_S, Applier
+from smartdns.registrations.sources.ddns import LATENCY_BOUNDS_S, HostnameRefresher
+from smartdns.registrations.store import RegistrationStore
+from smartdns.registrations.writer import RegistrationWriter
+from smartdns.upstream.forwarder import Forwarder
+from smartdns.upstream.lookup import HostnameLookup, forwarder_config
+
+log = logging.getLogger(__name__)
+
+HOSTNAMES_POLL_S: Final = 0.25  # a newly registered hostname is looked up this soon
+
+
+def runs_refresher(config: Config) -> bool:
+    """Resolution runs once per deployment: with a feed, on its refresher node only."""
+    return config.feed is None or config.feed.refresher
+
+
+class DdnsService(Component):
+    """Starts the refresher with the registered hostnames (and the addresses stored for them,
+    so a restart withdraws nothing until a lookup says so), then follows the store."""
+
+    name = "DDNS refresher"
+
+    def __init__(self, applier: Applier) -> None:
+        self._applier = applier
+        self._store: RegistrationStore | None = None
+        self._writer: RegistrationWriter | None = None
+        self._lookup: HostnameLookup | None = None
+        self._refresher: HostnameRefresher | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._generation = -1
+        self._lookup_settings: object = None
+        self._errors = logs.WarnOnce(__name__, "registered hostnames unreadable; keeping the last")
+        self._apply_errors = logs.WarnOnce(
+            __name__, "resolved addresses stored but not confirmed by the DNS side"
+        )
+
+    def sample(self) -> DdnsSample | None:
+        """The refresher's aggregate figures for /metrics; None when it does not run here."""
+        refresher = self._refresher
+        if refresher is None:
+            return None
+        stats = refresher.stats
+        return DdnsSample(
+            hostnames=refresher.hostnames,
+            addresses=refresher.addresses_authorized,
+            lookups={outcome.value: stats.lookups[outcome] for outcome in LookupOutcome},
+            rejected=stats.rejected,
+            latency_bounds_s=LATENCY_BOUNDS_S,
+            latency_buckets=tuple(stats.latency_buckets),
+            latency_sum_s=stats.latency_sum_s,
+        )
+
+    async def start(self, config: Config) -> None:
+        if not runs_refresher(config):
+            return
+        store = await RegistrationStore.open(config.database.path, create=False)
+        self._store = store
+        self._writer = RegistrationWriter(store, config.registrations, self._announce)
+        self._lookup = self._new_lookup(config)
+        refresher = HostnameRefresher(config.ddns, config.registrations, self._lookup, self._writer)
+        self._refresher = refresher
+        self._generation, hostnames = await store.registered_hostnames()
+        refresher.replace_all(hostnames)
+        refresher.seed(await store.resolved_addresses())
+        await refresher.start()
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+        log.info("DDNS refresher: %d hostnames", refresher.hostnames)
+
+    async def reload(self, config: Config) -> None:
+        if self._refresher is None or self._writer is None:
+            return
+        self._writer.reload(config.registrations)
+        self._refresher.reload(config.ddns, config.registrations)
+        if self._settings(config) != self._lookup_settings:
+            old, self._lookup = self._lookup, self._new_lookup(config)
+            self._refresher.use(self._lookup)
+            if old is not None:
+                old.close()
+
+    async def stop(self) -> None:
+        await cancel_tasks(self._task)
+        self._task = None
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            await refresher.stop()
+        if self._lookup is not None:
+            self._lookup.close()
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
+
+    def _settings(self, config: Config) -> object:
+        return (forwarder_config(config.ddns, config.upstream), config.ddns.max_concurrent)
+
+    def _new_lookup(self, config: Config) -> HostnameLookup:
+        self._lookup_settings = self._settings(config)
+        upstream = forwarder_config(config.ddns, config.upstream)
+        forwarder = Forwarder(upstream, edns_udp_size=config.server.edns_udp_size)
+        return HostnameLookup(forwarder, config.ddns.max_concurrent)
+
+    async def _announce(self, generation: int, everything: bool) -> None:
+        """Read-your-writes for resolved addresses; the write is durable, so a DNS process
+        that does not confirm in time is counted by the applier, not retried here."""
+        try:
+            await self._applier(generation, APPLY_TIMEOUT_S)
+        except (SmartDNSError, TimeoutError) as error:
+            self._apply_errors.warn(type(error).__name__)
+
+    async def _follow(self) -> None:
+        """Poll the hostnames' generation (one cheap read); reread them when it moved."""
+        assert self._store is not None and self._refresher is not None
+        while True:
+            await asyncio.sleep(HOSTNAMES_POLL_S)
+            try:
+                if await self._store.hostnames_generation() != self._generation:
+                    self._generation, hostnames = await self._store.registered_hostnames()
+                    self._refresher.replace_all(hostnames)
+            except SmartDNSError as error:
+                self._errors.warn(type(error).__name__)
