@@ -218,6 +218,10 @@ class RegistrationStore:
         self._pending_generation: int | None = None
 
     @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
     def generation_written(self) -> int | None:
         """The generation of this connection's latest committed write (None before any): once
         a write method returns, at least the generation that write produced."""
