@@ -45,11 +45,11 @@ with atheris.instrument_imports(include=["smartdns"]):
     from smartdns.core.clients import AuthorizedClients
     from smartdns.core.counters import Metrics
     from smartdns.core.peer import Peer, stream_peer, udp_peer
-    from smartdns.core.wire import Query, parse_query
+    from smartdns.core.wire import ForwardedAnswer, Query, parse_query, parse_upstream_answer
     from smartdns.errors import UpstreamError, WireError
     from smartdns.node.daemon import build_settings
     from smartdns.serve.pipeline import Pipeline
-    from smartdns.upstream.forwarder import Forwarder, _AttemptFailed, _check_parseable
+    from smartdns.upstream.forwarder import Forwarder
 
 EDNS_UDP_SIZE = 1232
 HOSTS = (
@@ -115,7 +115,7 @@ class CannedForwarder(Forwarder):
 
     kind = 0
 
-    async def resolve(self, query: Query) -> bytes:
+    async def resolve(self, query: Query) -> ForwardedAnswer:
         if self.kind >= len(UPSTREAM_ANSWERS):
             raise UpstreamError("no upstream answered")
         rcode, ancount, nscount, arcount, records = UPSTREAM_ANSWERS[self.kind]
@@ -123,11 +123,10 @@ class CannedForwarder(Forwarder):
         flags = 0x8180 | rcode
         header = struct.pack("!6H", 0x4242, flags, 1, ancount, nscount, arcount)
         response = header + question + records
-        try:
-            _check_parseable(response)  # what the real Forwarder requires of every answer
-        except _AttemptFailed:
+        try:  # what the real Forwarder requires of every answer, parsed once
+            return parse_upstream_answer(response, len(question))
+        except WireError:
             raise UpstreamError("unparseable upstream answer") from None
-        return response
 
 
 # a closed port: nothing is ever sent there, CannedForwarder.resolve answers instead

@@ -1,93 +1,124 @@
-"""Every reply smartdns builds itself, from byte templates prepared at start-up and reload.
+"""Every reply smartdns sends, as bytes: templates prepared at start-up and reload, filled in
+per query with the ID, the client's question and our OPT. Pure; no I/O.
 
-Pure; no I/O. Per query only the ID, the client's question bytes and the OPT are filled in.
+Nothing here decides what a query gets (that is policy); this module only builds what the
+verdict names. Every reply copies the query's ID, opcode, RD and CD (RFC 1035 §4.1.1: a
+client discards a reply whose opcode differs), and sets QR and RA.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final
 
-from smartdns.config.model import Region, UnblockConfig
+from smartdns.config.model import UnblockConfig
+from smartdns.core.policy import ChainCut, NameKind, Verdict, local_names
 from smartdns.core.wire import (
     FLAG_AA,
     FLAG_AD,
+    FLAG_CD,
+    FLAG_QR,
+    FLAG_RA,
+    FLAG_RD,
     FLAG_TC,
-    HEADER_SIZE,
     QCLASS_IN,
     QTYPE_A,
     QTYPE_AAAA,
-    QTYPE_ANY,
     QTYPE_CNAME,
-    QTYPE_HTTPS,
     QTYPE_SOA,
-    QTYPE_SVCB,
     RCODE_BADVERS,
     RCODE_NOERROR,
+    RCODE_NXDOMAIN,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
+    CnameLink,
     ForwardedAnswer,
     Query,
-    build_error,
     build_opt,
-    build_reply,
     encode_name,
-    read_name,
-    scan_records,
 )
 from smartdns.core.zones import ZoneMatcher
 from smartdns.errors import WireError
 
+_HEADER = struct.Struct("!6H")
+_PACK: Final = _HEADER.pack
+_ID_AND_FLAGS = struct.Struct("!HH")
 _RR_FIXED = struct.Struct("!HHIH")
-_UINT32 = struct.Struct("!I")
-_POINTER_TO_QNAME = b"\xc0\x0c"  # the question name always starts at offset 12
-_SOA_MNAME = encode_name("smartdns.invalid")
-_SOA_RNAME = encode_name("hostmaster.smartdns.invalid")
+_POINTER_TO_QNAME: Final = b"\xc0\x0c"  # the question name always starts at offset 12
+_SOA_MNAME: Final = encode_name("smartdns.invalid")
+_SOA_RNAME: Final = encode_name("hostmaster.smartdns.invalid")
+_COPIED_FLAGS: Final = 0x7800 | FLAG_RD | FLAG_CD  # opcode, RD, CD
+_AA_NOERROR: Final = FLAG_QR | FLAG_RA | FLAG_AA | RCODE_NOERROR
+_AA_NXDOMAIN: Final = FLAG_QR | FLAG_RA | FLAG_AA | RCODE_NXDOMAIN
+_REFUSED: Final = FLAG_QR | FLAG_RA | RCODE_REFUSED
+_SERVFAIL: Final = FLAG_QR | FLAG_RA | RCODE_SERVFAIL
+_TRUNCATED: Final = FLAG_QR | FLAG_RA | FLAG_TC | RCODE_NOERROR
+_UNBLOCK: Final = Verdict.UNBLOCK
+_NXDOMAIN: Final = Verdict.NXDOMAIN
+
+
+def reply_flags(query_flags: int, rcode: int, extra: int = 0) -> int:
+    """Reply header flags: QR and RA set; opcode, RD and CD copied (RFC 1035 §4.1.1,
+    RFC 4035 §3.2.2)."""
+    return FLAG_QR | FLAG_RA | (query_flags & _COPIED_FLAGS) | extra | (rcode & 0xF)
+
+
+def error_reply(packet: bytes, rcode: int, question: bytes = b"", opt: bytes = b"") -> bytes:
+    """An error reply from a readable header: ID, opcode, RD and CD copied, the question
+    echoed when it was readable, `opt` (empty or our OPT record) appended."""
+    query_id, flags = _ID_AND_FLAGS.unpack_from(packet)
+    header = _HEADER.pack(
+        query_id, reply_flags(flags, rcode), 1 if question else 0, 0, 0, 1 if opt else 0
+    )
+    return header + question + opt
 
 
 @dataclass(frozen=True, slots=True)
-class UnblockZone:
-    """Answer templates for one unblock zone; records own the qname by pointer."""
+class LocalZone:
+    """Answer templates for one name the node answers itself (policy.local_names); records
+    own the qname by pointer, `*_tails` are the records after their owner name (for a cut
+    CNAME chain, whose owner is the chain's last target)."""
 
-    region: str
+    kind: NameKind
+    region: str  # "" for the names that are not unblock zones
     a_records: bytes
     a_count: int
     aaaa_records: bytes
     aaaa_count: int
-    soa_record: bytes  # authority section of NODATA replies
-    a_tails: tuple[bytes, ...] = ()  # each A record after its owner name (CNAME chains)
+    soa_record: bytes  # authority section of NODATA and NXDOMAIN replies
+    a_tails: tuple[bytes, ...] = ()
     aaaa_tails: tuple[bytes, ...] = ()
 
 
-def build_unblock_zones(unblock: UnblockConfig) -> ZoneMatcher[UnblockZone]:
-    """Templates for every configured zone; regions are encoded once and shared."""
-    by_region = {
-        name: _region_records(region, unblock.ttl) for name, region in unblock.regions.items()
-    }
-    zones: dict[bytes, UnblockZone] = {}
-    for zone, region in unblock.zones.items():
-        a_tails, aaaa_tails = by_region[region]
-        zone_wire = encode_name(zone)
-        zones[zone_wire] = UnblockZone(
-            region,
-            b"".join(_POINTER_TO_QNAME + tail for tail in a_tails),
-            len(a_tails),
-            b"".join(_POINTER_TO_QNAME + tail for tail in aaaa_tails),
-            len(aaaa_tails),
-            _soa_record(zone_wire, unblock.ttl),
-            a_tails,
-            aaaa_tails,
+def build_local_zones(unblock: UnblockConfig) -> ZoneMatcher[LocalZone]:
+    """Templates for every local name; each region's records are encoded once and shared."""
+    regions = {
+        name: (
+            _address_tails(QTYPE_A, region.ipv4, unblock.ttl),
+            _address_tails(QTYPE_AAAA, region.ipv6, unblock.ttl),
         )
+        for name, region in unblock.regions.items()
+    }
+    region_of = {encode_name(zone): region for zone, region in unblock.zones.items()}
+    zones: dict[bytes, LocalZone] = {}
+    for zone_wire, kind in local_names(unblock).items():
+        soa = _soa_record(zone_wire, unblock.ttl)
+        if kind in (NameKind.UNBLOCK, NameKind.UNBLOCK_V4):
+            region = region_of[zone_wire]
+            a, aaaa = regions[region]
+            zones[zone_wire] = LocalZone(
+                kind, region, _owned(a), len(a), _owned(aaaa), len(aaaa), soa, a, aaaa
+            )
+        else:
+            zones[zone_wire] = LocalZone(kind, "", b"", 0, b"", 0, soa)
     return ZoneMatcher(zones)
 
 
-def _region_records(region: Region, ttl: int) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    return (
-        _address_tails(QTYPE_A, region.ipv4, ttl),
-        _address_tails(QTYPE_AAAA, region.ipv6, ttl),
-    )
+def _owned(tails: tuple[bytes, ...]) -> bytes:
+    return b"".join(_POINTER_TO_QNAME + tail for tail in tails)
 
 
 def _address_tails(
@@ -107,7 +138,8 @@ def _soa_record(zone_wire: bytes, ttl: int) -> bytes:
 
 
 class Responder:
-    """Builds replies for one configuration: our OPT variants are prepared once."""
+    """Builds replies for one configuration: our OPT variants are prepared once. Every
+    method returns the finished reply (header, question, records, OPT) in one step."""
 
     __slots__ = ("_opt_badvers", "_opt_do", "_opt_plain", "edns_udp_size")
 
@@ -122,131 +154,95 @@ class Responder:
         OPT (version 0) with the upper rcode bits, as RFC 6891 §6.1.3 requires."""
         assert error.rcode is not None
         opt = self._opt_badvers if error.rcode == RCODE_BADVERS else b""
-        return build_error(packet, error.rcode, error.question, opt)
+        return error_reply(packet, error.rcode, error.question, opt)
 
-    def opt_for(self, query: Query) -> bytes:
-        """Our OPT when the query had one (RFC 6891 §7), DO copied (RFC 3225 §3)."""
-        if not query.has_edns:
-            return b""
-        return self._opt_do if query.dnssec_ok else self._opt_plain
+    def _build(
+        self, query: Query, flags: int, an: int, ns: int, ar: int, records: bytes, limit: int
+    ) -> bytes:
+        """Header + question + records + our OPT when the query had one (RFC 6891 §7, DO
+        copied per RFC 3225 §3); over `limit` octets, header + question + OPT with TC set,
+        so the client retries over TCP (RFC 1035 §4.2.1). `flags` are the reply's own
+        (see `reply_flags`); `ar` excludes our OPT."""
+        if query.has_edns:
+            opt = self._opt_do if query.dnssec_ok else self._opt_plain
+            extra = 1
+        else:
+            opt = b""
+            extra = 0
+        reply = _PACK(query.id, flags, 1, an, ns, ar + extra) + query.question + records + opt
+        if len(reply) <= limit:
+            return reply
+        return self._bare(query, flags | FLAG_TC)
 
-    def unblock(self, query: Query, zone: UnblockZone) -> bytes:
-        if query.qtype == QTYPE_AAAA:
-            records, count = zone.aaaa_records, zone.aaaa_count
-        else:  # A, and ANY per RFC 8482
-            records, count = zone.a_records, zone.a_count
-        return build_reply(query, RCODE_NOERROR, FLAG_AA, count, 0, 0, records, self.opt_for(query))
+    def local(self, query: Query, verdict: Verdict, zone: LocalZone, limit: int) -> bytes:
+        """UNBLOCK, NODATA or NXDOMAIN for a local name (authoritative: AA set)."""
+        copied = query.flags & _COPIED_FLAGS
+        if verdict is _UNBLOCK:
+            if query.qtype == QTYPE_AAAA:
+                return self._build(
+                    query, _AA_NOERROR | copied, zone.aaaa_count, 0, 0, zone.aaaa_records, limit
+                )
+            # A, and ANY per RFC 8482
+            return self._build(
+                query, _AA_NOERROR | copied, zone.a_count, 0, 0, zone.a_records, limit
+            )
+        flags = (_AA_NXDOMAIN if verdict is _NXDOMAIN else _AA_NOERROR) | copied
+        return self._build(query, flags, 0, 1, 0, zone.soa_record, limit)
 
-    def nodata(self, query: Query, zone: UnblockZone) -> bytes:
-        return build_reply(
-            query, RCODE_NOERROR, FLAG_AA, 0, 1, 0, zone.soa_record, self.opt_for(query)
-        )
+    def _bare(self, query: Query, flags: int) -> bytes:
+        """Header + question + our OPT when the query had one: fits any limit."""
+        if query.has_edns:
+            opt = self._opt_do if query.dnssec_ok else self._opt_plain
+            return _PACK(query.id, flags, 1, 0, 0, 1) + query.question + opt
+        return _PACK(query.id, flags, 1, 0, 0, 0) + query.question
 
     def refused(self, query: Query) -> bytes:
-        return build_reply(query, RCODE_REFUSED, 0, 0, 0, 0, b"", self.opt_for(query))
+        return self._bare(query, _REFUSED | (query.flags & _COPIED_FLAGS))
 
     def truncated(self, query: Query) -> bytes:
         """An empty reply with TC set: the client retries over TCP (rate limiting)."""
-        return build_reply(query, RCODE_NOERROR, FLAG_TC, 0, 0, 0, b"", self.opt_for(query))
+        return self._bare(query, _TRUNCATED | (query.flags & _COPIED_FLAGS))
 
     def servfail(self, query: Query) -> bytes:
-        return build_reply(query, RCODE_SERVFAIL, 0, 0, 0, 0, b"", self.opt_for(query))
+        return self._bare(query, _SERVFAIL | (query.flags & _COPIED_FLAGS))
 
-    def chain(self, query: Query, rewrite: ChainRewrite) -> bytes:
-        """A CNAME chain cut where it enters an unblock zone (see `rewrite_cname_chain`)."""
-        return build_reply(
-            query,
-            RCODE_NOERROR,
-            0,
-            rewrite.answer_count,
-            rewrite.authority_count,
-            0,
-            rewrite.records,
-            self.opt_for(query),
-        )
-
-    def forwarded(self, query: Query, answer: ForwardedAnswer, records: bytes) -> bytes:
+    def forwarded(self, query: Query, answer: ForwardedAnswer, records: bytes, limit: int) -> bytes:
         """An upstream answer for this client: its ID, question and OPT; `records` may carry
         TTLs rewritten by the cache. AD only for clients that asked for it (RFC 6840 §5.8)."""
         flags = answer.flags
         if not (query.dnssec_ok or query.flags & FLAG_AD):
             flags &= ~FLAG_AD
-        return build_reply(
+        return self._build(
             query,
-            answer.rcode,
-            flags,
+            reply_flags(query.flags, answer.rcode, flags),
             answer.answer_count,
             answer.authority_count,
             answer.additional_count,
             records,
-            self.opt_for(query),
+            limit,
         )
 
-
-class ChainRewrite(NamedTuple):
-    """The sections of a reply whose CNAME chain was cut at an unblock zone."""
-
-    answer_count: int
-    authority_count: int
-    records: bytes
-
-
-_CHAIN_QTYPES: Final = frozenset({QTYPE_A, QTYPE_AAAA, QTYPE_ANY, QTYPE_HTTPS, QTYPE_SVCB})
-
-
-def rewrite_cname_chain(
-    query: Query, answer: ForwardedAnswer, records: bytes, zones: ZoneMatcher[UnblockZone]
-) -> ChainRewrite | None:
-    """Stop a forwarded answer from leaking real addresses through a CNAME chain.
-
-    Follows the answer section's CNAMEs from the qname; at the first target inside an unblock
-    zone the answer becomes the chain up to that name, then what the zone itself would
-    answer for that name (SPEC 2's table): the region's proxy A records for A and ANY, its
-    IPv6 proxies for AAAA, and for AAAA without them, HTTPS and SVCB no address records but
-    the zone's synthesized SOA. None when the chain never enters a zone (the answer is
-    passed on as it is). `records` are the answer's records with the TTLs this reply hands
-    out. Raises WireError when a name in the chain cannot be read; the caller answers
-    SERVFAIL rather than risk passing on the real addresses.
-    """
-    if query.qtype not in _CHAIN_QTYPES or query.qclass != QCLASS_IN or not len(zones):
-        return None
-    # Pointers in `records` count from the start of the upstream message, whose header and
-    # question had the same lengths as these.
-    message = bytes(HEADER_SIZE) + query.question + records
-    base = HEADER_SIZE + len(query.question)
-    targets: dict[bytes, tuple[int, bytes]] = {}  # CNAME owner -> (TTL, target)
-    for span in scan_records(message, base, answer.answer_count):
-        if span.rtype != QTYPE_CNAME:
-            continue
-        owner, _ = read_name(message, span.start)
-        target, _ = read_name(message, span.ttl_offset + 6)
-        ttl = _UINT32.unpack_from(message, span.ttl_offset)[0]
-        targets.setdefault(owner, (ttl, target))
-    chain = bytearray()
-    links = 0
-    name = query.qname
-    while name in targets:  # each owner is used once: a CNAME loop ends here
-        ttl, target = targets.pop(name)
-        owner = _POINTER_TO_QNAME if links == 0 else name
-        chain += owner + _RR_FIXED.pack(QTYPE_CNAME, QCLASS_IN, ttl, len(target)) + target
-        links += 1
-        zone = zones.match(target)
-        if zone is not None:
-            return _cut_chain(query.qtype, bytes(chain), links, target, zone)
-        name = target
-    return None
-
-
-def _cut_chain(
-    qtype: int, chain: bytes, links: int, owner: bytes, zone: UnblockZone
-) -> ChainRewrite:
-    if qtype in (QTYPE_A, QTYPE_ANY):
-        tails = zone.a_tails
-    elif qtype == QTYPE_AAAA:
-        tails = zone.aaaa_tails
-    else:
-        tails = ()
-    if tails:
-        addresses = b"".join(owner + tail for tail in tails)
-        return ChainRewrite(links + len(tails), 0, chain + addresses)
-    return ChainRewrite(links, 1, chain + zone.soa_record)
+    def chain(
+        self, query: Query, chain: Sequence[CnameLink], cut: ChainCut[LocalZone], limit: int
+    ) -> bytes:
+        """A forwarded CNAME chain cut where policy says (`cut.links` links kept), then the
+        local answer for the last target: its proxy addresses, or the name's SOA."""
+        records = bytearray()
+        for index, link in enumerate(chain[: cut.links]):
+            owner = _POINTER_TO_QNAME if index == 0 else link.owner
+            target = link.target
+            records += owner + _RR_FIXED.pack(QTYPE_CNAME, QCLASS_IN, link.ttl, len(target))
+            records += target
+        last = chain[cut.links - 1].target
+        zone = cut.zone
+        tails: tuple[bytes, ...] = ()
+        if cut.verdict is Verdict.UNBLOCK:
+            tails = zone.aaaa_tails if query.qtype == QTYPE_AAAA else zone.a_tails
+        if tails:
+            records += b"".join(last + tail for tail in tails)
+            answers, authorities = cut.links + len(tails), 0
+        else:  # an empty region behaves like NODATA, as the zone itself would answer
+            records += zone.soa_record
+            answers, authorities = cut.links, 1
+        flags = reply_flags(query.flags, RCODE_NXDOMAIN if cut.verdict is _NXDOMAIN else 0)
+        return self._build(query, flags, answers, authorities, 0, bytes(records), limit)

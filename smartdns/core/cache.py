@@ -39,10 +39,9 @@ def cache_key(query: Query) -> bytes:
 
 
 class CacheEntry(NamedTuple):
-    """One stored answer: records carry the clamped TTLs, `ttls` repeats them in order."""
+    """One stored answer: its records and `ttls` carry the clamped TTLs."""
 
     answer: ForwardedAnswer
-    ttls: tuple[int, ...]
     stored_at: float
     expires_at: float
     size: int  # bytes counted against the budget
@@ -129,7 +128,7 @@ class AnswerCache:
             return entry.answer.records
         buffer = bytearray(entry.answer.records)
         pack_into = _UINT32.pack_into
-        for offset, ttl in zip(entry.answer.ttl_offsets, entry.ttls, strict=True):
+        for offset, ttl in zip(entry.answer.ttl_offsets, entry.answer.ttls, strict=True):
             pack_into(buffer, offset, ttl - elapsed if ttl > elapsed else 0)
         return bytes(buffer)
 
@@ -148,7 +147,7 @@ class AnswerCache:
         cached (TTL 0, a negative answer without SOA, another rcode) is returned unstored, so
         the queries waiting for it still get the clamped form."""
         config = self.config
-        ttls = _record_ttls(answer)
+        ttls = list(answer.ttls)
         cacheable = True
         if answer.rcode == RCODE_NXDOMAIN or (
             answer.rcode == RCODE_NOERROR and answer.answer_count == 0
@@ -165,7 +164,6 @@ class AnswerCache:
         lifetime = min(ttls, default=0)
         entry = CacheEntry(
             _with_ttls(answer, ttls),
-            tuple(ttls),
             now,
             now + lifetime,
             len(answer.records) + len(key) + ENTRY_OVERHEAD_BYTES,
@@ -199,21 +197,19 @@ class AnswerCache:
         self.bytes -= entry.size
 
 
-def _record_ttls(answer: ForwardedAnswer) -> list[int]:
-    """TTLs as stored in the records; RFC 2181 §8: the top bit set counts as zero."""
-    records = answer.records
-    ttls = []
-    for offset in answer.ttl_offsets:
-        ttl: int = _UINT32.unpack_from(records, offset)[0]
-        ttls.append(0 if ttl & 0x80000000 else ttl)
-    return ttls
-
-
 def _with_ttls(answer: ForwardedAnswer, ttls: list[int]) -> ForwardedAnswer:
     buffer = bytearray(answer.records)
     for offset, ttl in zip(answer.ttl_offsets, ttls, strict=True):
         _UINT32.pack_into(buffer, offset, ttl)
-    return answer._replace(records=bytes(buffer))
+    return answer._replace(records=bytes(buffer), ttls=tuple(ttls))
+
+
+class PacketHit(NamedTuple):
+    """A stored reply: fresh until `until`, how its query ended, the reply after its ID."""
+
+    until: float
+    outcome: Outcome
+    reply: bytes
 
 
 class PacketCache:
@@ -229,15 +225,15 @@ class PacketCache:
     MAX_ENTRIES: Final = 10_000
 
     def __init__(self) -> None:
-        self._replies: dict[bytes, tuple[float, Outcome, bytes]] = {}
+        self._replies: dict[bytes, PacketHit] = {}
 
     def __len__(self) -> int:
         return len(self._replies)
 
-    def get(self, key: bytes, now: float) -> tuple[float, Outcome, bytes] | None:
-        """(until, outcome, reply without its ID) while fresh, else None."""
+    def get(self, key: bytes, now: float) -> PacketHit | None:
+        """The stored reply while fresh, else None."""
         hit = self._replies.get(key)
-        if hit is None or now >= hit[0]:
+        if hit is None or now >= hit.until:
             return None
         return hit
 
@@ -245,4 +241,4 @@ class PacketCache:
         replies = self._replies
         if replies.pop(key, None) is None and len(replies) >= self.MAX_ENTRIES:
             del replies[next(iter(replies))]
-        replies[key] = (until, outcome, reply[2:])  # (re)stored at the young end
+        replies[key] = PacketHit(until, outcome, reply[2:])  # (re)stored at the young end

@@ -21,9 +21,10 @@ from smartdns.core.wire import (
     RCODE_FORMERR,
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
-    parse_upstream_answer,
+    ForwardedAnswer,
     read_name,
     scan_records,
+    ttl_value,
 )
 from smartdns.errors import WireError
 
@@ -54,29 +55,32 @@ class ChainAnswer(NamedTuple):
     links: int  # CNAMEs followed in this answer
 
 
-def read_chain(message: bytes, qname: bytes, qtype: int, max_links: int) -> ChainAnswer:
-    """Follow `qname`'s CNAME chain through the answer section of a reply to (qname, qtype).
+def read_chain(forwarded: ForwardedAnswer, qname: bytes, qtype: int, max_links: int) -> ChainAnswer:
+    """Follow `qname`'s CNAME chain through the answer section of a reply to (qname, qtype),
+    as the forwarder returns it (parsed and checked once, there).
 
     `qname` is the lower-cased wire name that was asked (the reply's question must be it,
     as the forwarder checks). Only answer records of class IN count; records owned by names
     off the chain are ignored (RFC 2181 §5.4.1: they are not part of the answer). A chain
     that ends at a CNAME is NODATA when an SOA is in the authority section (the resolver
     followed it to a name without records), else CNAME: an authority answered for its own
-    zone only and the target is to be asked. Raises WireError for an unparseable message,
-    an rcode other than NOERROR or NXDOMAIN, and more than `max_links` CNAMEs (a loop).
+    zone only and the target is to be asked. Raises WireError for an rcode other than
+    NOERROR or NXDOMAIN, and more than `max_links` CNAMEs (a loop).
     """
     question_length = len(qname) + 4
-    forwarded = parse_upstream_answer(message, question_length)
+    # Pointers in the records count from the start of the upstream message, whose header and
+    # question had these lengths.
+    message = bytes(HEADER_SIZE) + qname + bytes(4) + forwarded.records
     if forwarded.rcode not in (RCODE_NOERROR, RCODE_NXDOMAIN):
         raise WireError(forwarded.rcode, "not an answer")
     cnames: dict[bytes, tuple[bytes, int]] = {}
     found: dict[bytes, list[tuple[bytes, int]]] = {}
     size = _ADDRESS_LENGTH[qtype]
     for span in scan_records(message, HEADER_SIZE + question_length, forwarded.answer_count):
-        rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(message, span.ttl_offset - 4)
+        rtype, rclass, _, rdlength = _RR_FIXED.unpack_from(message, span.ttl_offset - 4)
         if rclass != QCLASS_IN:
             continue
-        ttl = 0 if ttl & 0x80000000 else ttl  # RFC 2181 §8: the top bit set means zero
+        ttl = ttl_value(message, span.ttl_offset)
         if rtype == QTYPE_CNAME:
             owner = read_name(message, span.start)[0]
             target = read_name(message, span.ttl_offset + 6)[0]

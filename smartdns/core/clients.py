@@ -15,7 +15,7 @@ Prefix = tuple[int, int, int]  # family 4|6, network as int, prefix length
 
 
 class AuthorizedClients:
-    """Answers `is_authorized(source address text)` from sets of prefixes keyed by length.
+    """Answers `contains(packed source address)` from sets of prefixes keyed by length.
 
     `entries` counts distinct prefixes (two accounts registering the same one count once).
     """
@@ -71,20 +71,32 @@ class AuthorizedClients:
             self._v6 = _by_length(self._v6_sets, 128)
 
     def is_authorized(self, host: str) -> bool:
-        """True when `host` (address text as the socket layer reports it) lies in a registered
-        prefix. IPv4-mapped IPv6 counts as the IPv4 address; a zone index (`%eth0`) is ignored.
-        Anything unparseable is unauthorized."""
-        try:
-            if ":" not in host:
-                return _contains(self._v4, int.from_bytes(socket.inet_pton(socket.AF_INET, host)))
-            if "%" in host:
-                host = host.partition("%")[0]
-            if host.startswith(_MAPPED_PREFIX) and "." in host:
-                address = socket.inet_pton(socket.AF_INET, host[len(_MAPPED_PREFIX) :])
-                return _contains(self._v4, int.from_bytes(address))
-            return _contains(self._v6, int.from_bytes(socket.inet_pton(socket.AF_INET6, host)))
-        except OSError:
-            return False
+        """True when `host` (address text as the socket layer reports it) lies in a
+        registered prefix; see `source_address`."""
+        return self.contains(source_address(host))
+
+    def contains(self, address: bytes) -> bool:
+        """True when `address` (from `source_address`) lies in a registered prefix."""
+        if len(address) == 4:
+            return _contains(self._v4, int.from_bytes(address))
+        return len(address) == 16 and _contains(self._v6, int.from_bytes(address))
+
+
+def source_address(host: str) -> bytes:
+    """The packed address of a source as the socket layer reports it (the one parser of
+    source text): 4 octets for IPv4 and for IPv4-mapped IPv6 (the IPv4 address, SPEC 2),
+    16 for IPv6 (a zone index such as `%eth0` ignored); b"" for anything unparseable, which
+    is never authorized."""
+    try:
+        if ":" not in host:
+            return socket.inet_pton(socket.AF_INET, host)
+        if "%" in host:
+            host = host.partition("%")[0]
+        if host.startswith(_MAPPED_PREFIX) and "." in host:
+            return socket.inet_pton(socket.AF_INET, host[len(_MAPPED_PREFIX) :])
+        return socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        return b""
 
 
 _Table = tuple[tuple[int, set[int]], ...]

@@ -23,6 +23,7 @@ class Outcome(enum.Enum):
 
     UNBLOCK = "unblock"
     NODATA = "nodata"
+    NXDOMAIN = "nxdomain"  # a local NXDOMAIN (the canary name)
     FORWARD = "forward"
     REFUSE = "refuse"
     DROP = "drop"

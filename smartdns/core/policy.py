@@ -1,10 +1,18 @@
-"""The one place that decides what a query gets (SPEC 2's table). Pure: no I/O, no clock."""
+"""SPEC 2 decided in one place: what a query gets, which names the node answers itself, and
+where a forwarded CNAME chain is cut. Pure: no I/O, no clock, no bytes built here.
+
+The decision is a table: CHAOS first (no version banner for anyone), then authorization
+(`unregistered` for everyone else), then one row per kind of name, looked up by qtype.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Final, Generic, NamedTuple, Protocol, TypeVar
 
-from smartdns.config.model import Unregistered
+from smartdns.config.model import UnblockConfig, Unregistered
 from smartdns.core.wire import (
     QCLASS_CHAOS,
     QCLASS_IN,
@@ -13,12 +21,16 @@ from smartdns.core.wire import (
     QTYPE_ANY,
     QTYPE_HTTPS,
     QTYPE_SVCB,
+    CnameLink,
+    encode_name,
 )
+from smartdns.core.zones import ZoneMatcher
 
 
 class Verdict(enum.Enum):
     UNBLOCK = "unblock"  # proxy addresses from the zone's region
     NODATA = "nodata"  # NOERROR, no answer, synthesized SOA
+    NXDOMAIN = "nxdomain"  # NXDOMAIN, synthesized SOA (the canary name)
     FORWARD = "forward"  # upstream through the cache
     REFUSE = "refuse"
     DROP = "drop"
@@ -28,38 +40,142 @@ class Verdict(enum.Enum):
     __hash__ = object.__hash__
 
 
-_UNREGISTERED = {
-    Unregistered.REFUSE: Verdict.REFUSE,
-    Unregistered.DROP: Verdict.DROP,
-    Unregistered.RESOLVE: Verdict.FORWARD,  # forwarded, never unblocked
-}
+class NameKind(enum.Enum):
+    """Which row of the table a name falls in (see `local_names`)."""
+
+    PLAIN = "plain"  # no name the node answers itself
+    UNBLOCK = "unblock"  # an unblock zone whose region has IPv6 proxies
+    UNBLOCK_V4 = "unblock_v4"  # an unblock zone whose region has none
+    RESOLVER = "resolver"  # resolver.arpa and below (RFC 9462 §4)
+    CANARY = "canary"  # use-application-dns.net and below, while canary_nxdomain is true
+
+    __hash__ = object.__hash__
 
 
-def decide(
-    authorized: bool,
-    in_unblock_zone: bool,
-    region_has_ipv6: bool,
-    qtype: int,
-    qclass: int,
-    unregistered: Unregistered,
-) -> Verdict:
-    """Verdict for a well-formed query.
+class QueryFacts(NamedTuple):
+    """Everything the decision reads about one well-formed query."""
 
-    CHAOS comes first (no version banner for anyone), then authorization, then the zone
-    table: A and ANY (RFC 8482 minimal answer) get the proxies; AAAA gets the region's IPv6
-    proxies or NODATA so the device falls back to IPv4 through the proxy; HTTPS and SVCB get
-    NODATA because their ipv4hint/ipv6hint would bypass the proxy. Other types and classes
-    are forwarded.
-    """
+    authorized: bool
+    kind: NameKind  # of the query name (PLAIN for unauthorized sources: never matched)
+    qtype: int
+    qclass: int
+
+
+class Row(NamedTuple):
+    """One kind of name: the verdict by qtype in class IN, the verdict for other IN types,
+    and for other classes (CHAOS never gets this far)."""
+
+    by_qtype: Mapping[int, Verdict]
+    default: Verdict
+    other_class: Verdict
+
+
+_V = Verdict
+_NO_HINTS: Final = {QTYPE_HTTPS: _V.NODATA, QTYPE_SVCB: _V.NODATA}
+# A and ANY (RFC 8482 minimal answer) get the proxies; AAAA the region's IPv6 proxies, or
+# NODATA so the device falls back to IPv4 through the proxy; HTTPS and SVCB NODATA because
+# their ipv4hint/ipv6hint would bypass the proxy; other types are forwarded. The local names
+# are never forwarded: a class other than IN is refused there.
+TABLE: Final[Mapping[NameKind, Row]] = MappingProxyType(
+    {
+        NameKind.PLAIN: Row({}, _V.FORWARD, _V.FORWARD),
+        NameKind.UNBLOCK: Row(
+            {QTYPE_A: _V.UNBLOCK, QTYPE_ANY: _V.UNBLOCK, QTYPE_AAAA: _V.UNBLOCK, **_NO_HINTS},
+            _V.FORWARD,
+            _V.FORWARD,
+        ),
+        NameKind.UNBLOCK_V4: Row(
+            {QTYPE_A: _V.UNBLOCK, QTYPE_ANY: _V.UNBLOCK, QTYPE_AAAA: _V.NODATA, **_NO_HINTS},
+            _V.FORWARD,
+            _V.FORWARD,
+        ),
+        NameKind.RESOLVER: Row({}, _V.NODATA, _V.REFUSE),
+        NameKind.CANARY: Row({}, _V.NXDOMAIN, _V.REFUSE),
+    }
+)
+
+UNREGISTERED: Final[Mapping[Unregistered, Verdict]] = MappingProxyType(
+    {
+        Unregistered.REFUSE: _V.REFUSE,
+        Unregistered.DROP: _V.DROP,
+        Unregistered.RESOLVE: _V.FORWARD,  # forwarded, never unblocked
+    }
+)
+
+# What a cut chain can end in (a REFUSE for another class leaves the answer as it is).
+_LOCAL_ANSWERS: Final = frozenset({_V.UNBLOCK, _V.NODATA, _V.NXDOMAIN})
+
+_ROWS: Final = dict(TABLE)  # a plain dict: a MappingProxyType lookup costs more per query
+_REFUSE: Final = Verdict.REFUSE
+
+RESOLVER_ARPA: Final = "resolver.arpa"
+CANARY_NAME: Final = "use-application-dns.net"
+
+
+def decide(facts: QueryFacts, unregistered: Unregistered) -> Verdict:
+    """The verdict for a well-formed query (SPEC 2's order of checks after parsing)."""
+    authorized, kind, qtype, qclass = facts
     if qclass == QCLASS_CHAOS:
-        return Verdict.REFUSE
+        return _REFUSE
     if not authorized:
-        return _UNREGISTERED[unregistered]
-    if in_unblock_zone and qclass == QCLASS_IN:
-        if qtype in (QTYPE_A, QTYPE_ANY):
-            return Verdict.UNBLOCK
-        if qtype == QTYPE_AAAA:
-            return Verdict.UNBLOCK if region_has_ipv6 else Verdict.NODATA
-        if qtype in (QTYPE_HTTPS, QTYPE_SVCB):
-            return Verdict.NODATA
-    return Verdict.FORWARD
+        return UNREGISTERED[unregistered]
+    row = _ROWS[kind]
+    if qclass != QCLASS_IN:
+        return row.other_class
+    return row.by_qtype.get(qtype, row.default)
+
+
+def local_names(unblock: UnblockConfig) -> dict[bytes, NameKind]:
+    """Every name the node answers for itself (with what is below it), in wire form, and its
+    row. `resolver.arpa` always; the canary while `canary_nxdomain` is true (NXDOMAIN for it
+    means nothing below it exists either, RFC 8020). These two win over an unblock zone
+    of the same name; a more specific unblock zone below them wins as any zone does."""
+    names = {
+        encode_name(zone): (
+            NameKind.UNBLOCK if unblock.regions[region].ipv6 else NameKind.UNBLOCK_V4
+        )
+        for zone, region in unblock.zones.items()
+    }
+    names[encode_name(RESOLVER_ARPA)] = NameKind.RESOLVER
+    if unblock.canary_nxdomain:
+        names[encode_name(CANARY_NAME)] = NameKind.CANARY
+    return names
+
+
+class Classified(Protocol):
+    """A local name's entry in a ZoneMatcher: what it is is all the decision needs."""
+
+    @property
+    def kind(self) -> NameKind: ...
+
+
+Z = TypeVar("Z", bound=Classified)
+
+
+class ChainCut(NamedTuple, Generic[Z]):
+    """Where a forwarded answer's CNAME chain enters a local name: the reply keeps the first
+    `links` CNAME records, then carries what `verdict` says for the last target."""
+
+    links: int
+    zone: Z
+    verdict: Verdict
+
+
+def cut_chain(
+    facts: QueryFacts, chain: Sequence[CnameLink], zones: ZoneMatcher[Z]
+) -> ChainCut[Z] | None:
+    """Stop a forwarded answer from leaking real addresses (or a designated resolver)
+    through a CNAME chain: at the first target whose name the table answers locally for
+    this qtype, the chain is cut and that target gets the local answer, as if it had been
+    asked. None when the chain never gets there (the answer is passed on as it is).
+    Unauthorized sources are never cut: `resolve` forwards them, never unblocked."""
+    if not facts.authorized:
+        return None
+    for links, link in enumerate(chain, 1):
+        zone = zones.match(link.target)
+        if zone is not None:
+            # the target as if it had been asked (authorized: `unregistered` plays no part)
+            verdict = decide(facts._replace(kind=zone.kind), Unregistered.REFUSE)
+            if verdict in _LOCAL_ANSWERS:
+                return ChainCut(links, zone, verdict)
+    return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-import socket
 import sys
 from array import array
 from collections.abc import Callable
@@ -22,7 +21,6 @@ DEFAULT_SLOTS: Final = 65_536
 DEFAULT_ROTATE_AFTER_S: Final = 600.0
 KEY_BYTES: Final = 16
 IPV6_PREFIX_BYTES: Final = 7  # /56: what one subscriber line usually gets (RFC 6177)
-_MAPPED_PREFIX: Final = "::ffff:"
 # Python's bytes hash is SipHash (keyed per process) on every CPython build we support; a build
 # compiled with FNV would make `hash()` unkeyed, so fall back to keyed BLAKE2b there.
 _HASH_IS_SIPHASH: Final = sys.hash_info.algorithm.startswith("siphash")
@@ -47,10 +45,10 @@ class RateLimiter:
     a flood that exceeds the table anyway. Every `rotate_after_s` the key is replaced and the table
     cleared, so bucket positions cannot be correlated over time (everyone gets a fresh burst).
 
-    Source text is what the socket layer reports: IPv4, IPv6, IPv4-mapped IPv6 (counted as
-    the IPv4 address) or IPv6 with a `%scope` (ignored). IPv6 sources are counted per /56 so a
-    single line cannot escape the limit by rotating through its addresses. Text that is no
-    address at all shares one bucket.
+    Sources are packed addresses from `clients.source_address` (IPv4-mapped IPv6 is already
+    the IPv4 address there). IPv6 sources are counted per /56 so a single line cannot escape
+    the limit by rotating through its addresses. Text that was no address at all (b"")
+    shares one bucket.
     """
 
     __slots__ = (
@@ -101,16 +99,16 @@ class RateLimiter:
     def slots(self) -> int:
         return self._mask + 1
 
-    def allow(self, host: str, now: float) -> bool:
-        """True when a query from `host` at monotonic time `now` is within the rate; a
-        conforming query is counted, a refused one is not (so a flood cannot starve the
-        source's own later queries beyond the rate)."""
-        return self._take(self._slot(host, now), now)
+    def allow(self, address: bytes, now: float) -> bool:
+        """True when a query from `address` (clients.source_address) at monotonic time
+        `now` is within the rate; a conforming query is counted, a refused one is not (so a
+        flood cannot starve the source's own later queries beyond the rate)."""
+        return self._take(self._slot(address, now), now)
 
-    def check(self, host: str, now: float) -> Admission:
+    def check(self, address: bytes, now: float) -> Admission:
         """ALLOW within the rate; over it TRUNCATE and DROP alternate per bucket, starting
         with TRUNCATE, so half the excess gets a small TC reply (SPEC 6 `client_qps`)."""
-        slot = self._slot(host, now)
+        slot = self._slot(address, now)
         if self._take(slot, now):
             return Admission.ALLOW
         parity = self._excess_parity[slot] ^ 1
@@ -128,10 +126,10 @@ class RateLimiter:
         arrivals[slot] = arrival
         return True
 
-    def _slot(self, host: str, now: float) -> int:
+    def _slot(self, address: bytes, now: float) -> int:
         if now >= self._rotates_at:
             self._rotate(now)
-        return _keyed_hash(self._key, _source_bytes(host)) & self._mask
+        return _keyed_hash(self._key, _source_key(address)) & self._mask
 
     def _rotate(self, now: float) -> None:
         key = self._key_source(KEY_BYTES)
@@ -144,19 +142,10 @@ class RateLimiter:
         self._excess_parity = bytearray(slots)
 
 
-def _source_bytes(host: str) -> bytes:
-    """The part of the address that names the source: 4 bytes for IPv4, 7 for an IPv6 /56,
-    with a family marker so an IPv4 address and a /56 never compare equal."""
-    try:
-        if ":" not in host:
-            return b"4" + socket.inet_pton(socket.AF_INET, host)
-        if "%" in host:
-            host = host.partition("%")[0]
-        if host.startswith(_MAPPED_PREFIX) and "." in host:
-            return b"4" + socket.inet_pton(socket.AF_INET, host[len(_MAPPED_PREFIX) :])
-        return b"6" + socket.inet_pton(socket.AF_INET6, host)[:IPV6_PREFIX_BYTES]
-    except OSError:
-        return b""
+def _source_key(address: bytes) -> bytes:
+    """The part of a packed address that names the source: all 4 octets of IPv4, the /56
+    of IPv6 (7 octets: the lengths keep the two apart); b"" (unparseable) stays b""."""
+    return address if len(address) <= 4 else address[:IPV6_PREFIX_BYTES]
 
 
 def _keyed_hash(key: bytes, data: bytes) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Final
 from smartdns import logs
 from smartdns.config.loader import load_config, summary
 from smartdns.config.model import Config
-from smartdns.core.answers import Responder, build_unblock_zones
+from smartdns.core.answers import Responder, build_local_zones
 from smartdns.core.cache import AnswerCache
 from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics
@@ -65,7 +65,7 @@ def build_settings(config: Config, previous: Settings | None = None) -> Settings
         limits = RateLimits(config.rate_limit)
     return Settings(
         responder=Responder(edns_udp_size),
-        zones=build_unblock_zones(config.unblock),
+        zones=build_local_zones(config.unblock),
         unregistered=config.unregistered,
         forwarder=forwarder,
         cache=cache,

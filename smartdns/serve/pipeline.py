@@ -1,64 +1,64 @@
 """The query path: bytes in, bytes (or nothing) out. The only module that calls the others.
 
-Nothing here logs (SPEC 7); outcomes are counted once, at the end. Everything but a
-forwarded query is answered synchronously; a forward returns a coroutine for the transport
-to await.
+Nothing here logs (SPEC 7); each outcome is counted once, where the reply is returned.
+Everything but a forwarded cache miss is answered synchronously; a miss returns a coroutine
+for the transport to await.
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from smartdns.config.model import CacheConfig, RateLimitConfig, Unregistered
-from smartdns.core.answers import Responder, UnblockZone, rewrite_cname_chain
-from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, cache_key
+from smartdns.core.answers import LocalZone, Responder, error_reply
+from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, PacketHit, cache_key
 from smartdns.core.clients import AuthorizedClients
-from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.counters import Metrics, Outcome
 from smartdns.core.peer import Peer
-from smartdns.core.policy import Verdict, decide
+from smartdns.core.policy import NameKind, QueryFacts, Verdict, cut_chain, decide
 from smartdns.core.ratelimit import Admission, RateLimits
 from smartdns.core.wire import (
     HEADER_SIZE,
     RCODE_SERVFAIL,
     Query,
-    build_error,
+    cname_chain,
+    new_tuple,
     parse_query,
-    parse_upstream_answer,
-    truncate,
 )
 from smartdns.core.zones import ZoneMatcher
 from smartdns.errors import UpstreamError, WireError
 from smartdns.logs import WarnOnce
-from smartdns.upstream.forwarder import DEADLINE_S, Forwarder, UpstreamBusyError
+from smartdns.upstream.forwarder import Forwarder
+from smartdns.upstream.resolver import DEADLINE_S, Resolver, UpstreamBusyError
 
 PendingReply = Coroutine[Any, Any, bytes | None]
 Reply = bytes | PendingReply | None
 
 STALE_AFTER_S: Final = 1.8  # RFC 8767 §5 client response timer: then a stale answer goes out
 MAX_WAITING: Final = 10_000  # queries waiting for upstream; more get SERVFAIL at once
-MAX_TCP_MESSAGE: Final = 65535  # a 2-byte length prefix cannot announce more
 
-_OUTCOME = {verdict: Outcome(verdict.value) for verdict in Verdict}
+_OUTCOME: Final = {verdict: Outcome(verdict.value) for verdict in Verdict}
 _FOREVER: Final = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What the query path needs from the configuration; reload swaps the whole object
-    (the daemon hands an unchanged cache and forwarder over to the new one)."""
+    (the daemon hands an unchanged cache and forwarder over to the new one). The pipeline
+    asks `forwarder` only through the Resolver protocol; the daemon reads its health."""
 
     responder: Responder
-    zones: ZoneMatcher[UnblockZone]
+    zones: ZoneMatcher[LocalZone]
     unregistered: Unregistered
     forwarder: Forwarder
     cache: AnswerCache = field(default_factory=lambda: AnswerCache(CacheConfig()))
     limits: RateLimits = field(default_factory=lambda: RateLimits(RateLimitConfig()))
-    # UDP replies by query bytes, for authorized and for other sources; new with each reload
+    # replies to spoofable peers by query bytes, for authorized and for other sources; new
+    # with each reload
     packets_authorized: PacketCache = field(default_factory=PacketCache)
     packets_other: PacketCache = field(default_factory=PacketCache)
 
@@ -90,155 +90,160 @@ class Pipeline:
         self._internal_errors = WarnOnce(__name__, "unexpected error while handling a query")
 
     def handle(self, packet: bytes, peer: Peer) -> Reply:
-        """Reply bytes, None to send nothing, or a coroutine giving either (forwarding).
+        """Reply bytes, None to send nothing, or a coroutine giving either (a cache miss).
 
-        Over UDP a query seen before (same bytes after the ID, same authorization state)
-        is answered from the packet cache once the rate limits let it through."""
-        host = peer.host
-        transport = peer.transport
+        In order: for a spoofable peer the client rate and the packet cache (a query seen
+        before: same bytes after the ID, same authorization state); then parsing; then
+        policy (SPEC 2's table); then the local answer, or the answer cache and upstream."""
         settings = self.settings
-        counts = self.metrics.queries
-        authorized = self.clients.is_authorized(host)
-        udp = transport is Transport.UDP
-        packets = settings.packets_authorized if authorized else settings.packets_other
+        authorized = self.clients.contains(peer.address)
+        now = self._clock() if peer.spoofable else 0.0  # only the limits read it
         admission = Admission.ALLOW
-        now = 0.0
-        if udp:
-            now = self._clock()
+        if peer.spoofable:
             if authorized:
-                # TCP is not limited: its source cannot be spoofed, and TC sends clients there.
-                admission = settings.limits.client.check(host, now)
+                admission = settings.limits.client.check(peer.address, now)
                 if admission is Admission.DROP:
-                    counts[transport, Outcome.RATE_LIMITED] += 1
-                    return None
+                    return self._done(peer, Outcome.RATE_LIMITED, None)
             if admission is Admission.ALLOW:
+                packets = settings.packets_authorized if authorized else settings.packets_other
                 hit = packets.get(packet[2:], now)
                 if hit is not None:
-                    outcome = hit[1]
-                    if outcome is Outcome.REFUSE and not settings.limits.refused.allow(host, now):
-                        counts[transport, Outcome.RATE_LIMITED] += 1
-                        return None
-                    if outcome is Outcome.FORWARD:
-                        settings.cache.hits += 1
-                    counts[transport, outcome] += 1
-                    return packet[:2] + hit[2]
+                    return self._replay(packet, hit, peer, authorized, now)
         try:
             query = parse_query(packet)
         except WireError as error:
             if error.rcode is None:
-                counts[transport, Outcome.UNREADABLE] += 1
-                return None
-            # Error replies to unauthorized sources could be reflected: they share refused_qps.
-            if udp and not authorized and not settings.limits.refused.allow(host, now):
-                counts[transport, Outcome.RATE_LIMITED] += 1
-                return None
-            counts[transport, Outcome.MALFORMED] += 1
-            return settings.responder.error(packet, error)
+                return self._done(peer, Outcome.UNREADABLE, None)
+            reply = settings.responder.error(packet, error)
+            return self._send(peer, Outcome.MALFORMED, reply, authorized, now)
         if admission is Admission.TRUNCATE:
-            counts[transport, Outcome.TRUNCATED] += 1
-            return settings.responder.truncated(query)
+            return self._done(peer, Outcome.TRUNCATED, settings.responder.truncated(query))
         zone = settings.zones.match(query.qname) if authorized else None
-        verdict = decide(
-            authorized,
-            zone is not None,
-            zone is not None and zone.aaaa_count > 0,
-            query.qtype,
-            query.qclass,
-            settings.unregistered,
-        )
+        kind = NameKind.PLAIN if zone is None else zone.kind
+        facts = new_tuple(QueryFacts, (authorized, kind, query.qtype, query.qclass))
+        verdict = decide(facts, settings.unregistered)
         if verdict is Verdict.FORWARD:
-            key = cache_key(query)
-            now = self._clock()
-            entry = settings.cache.get(key, now)
-            if entry is not None:
-                counts[transport, Outcome.FORWARD] += 1
-                records = settings.cache.records(entry, now)
-                reply = self._reply(query, entry, records, settings, transport, authorized)
-                if udp:
-                    # valid until the TTL countdown moves to its next whole second
-                    second_ends = now + 1.0 - (now - entry.stored_at) % 1.0
-                    packets.put(
-                        packet[2:], min(second_ends, entry.expires_at), Outcome.FORWARD, reply
-                    )
-                return reply
-            if self._waiting >= MAX_WAITING:
-                counts[transport, Outcome.SERVFAIL] += 1
-                return settings.responder.servfail(query)
-            return self._forward(query, key, settings, transport, authorized)
-        responder = settings.responder
+            return self._forward(packet, query, peer, authorized)
+        if verdict is Verdict.DROP:
+            return self._done(peer, Outcome.DROP, None)
         if verdict is Verdict.REFUSE:
-            if udp and not settings.limits.refused.allow(host, now):
-                counts[transport, Outcome.RATE_LIMITED] += 1  # anti-reflection: silence
-                return None
-            reply = responder.refused(query)
-        elif verdict is Verdict.DROP:
-            counts[transport, Outcome.DROP] += 1
-            return None
+            reply = settings.responder.refused(query)
         else:
-            assert zone is not None  # UNBLOCK and NODATA only come from a matched zone
-            if verdict is Verdict.UNBLOCK:
-                reply = responder.unblock(query, zone)
-            else:
-                reply = responder.nodata(query, zone)
+            assert zone is not None  # the local verdicts only come from a local name
+            limit = _limit(query, peer, settings.responder)
+            reply = settings.responder.local(query, verdict, zone, limit)
         outcome = _OUTCOME[verdict]
-        counts[transport, outcome] += 1
-        if udp:
-            packets.put(packet[2:], _FOREVER, outcome, reply)  # local answers change by reload
+        if peer.spoofable:  # local answers change only by reload
+            packets = settings.packets_authorized if authorized else settings.packets_other
+            packets.put(packet[2:], _FOREVER, outcome, reply)
+        return self._send(peer, outcome, reply, authorized, now)
+
+    def _done(self, peer: Peer, outcome: Outcome, reply: bytes | None) -> bytes | None:
+        """Count the query's outcome (once) and return its reply."""
+        self.metrics.queries[peer.transport, outcome] += 1
         return reply
 
-    async def _forward(
-        self, query: Query, key: bytes, settings: Settings, transport: Transport, authorized: bool
-    ) -> bytes:
-        """A cache miss: wait for the shared fetch, a stale entry after STALE_AFTER_S, or
-        SERVFAIL when nothing answered by DEADLINE_S."""
+    def _send(
+        self, peer: Peer, outcome: Outcome, reply: bytes, authorized: bool, now: float
+    ) -> bytes | None:
+        """`_done`, but a reply that could be reflected at a forged source (REFUSED, or an
+        error reply to an unauthorized source) first passes `refused_qps`; over it, silence.
+        The one place the refused limiter is consulted."""
+        if (
+            peer.spoofable
+            and (outcome is Outcome.REFUSE or (outcome is Outcome.MALFORMED and not authorized))
+            and not self.settings.limits.refused.allow(peer.address, now)
+        ):
+            return self._done(peer, Outcome.RATE_LIMITED, None)
+        return self._done(peer, outcome, reply)
+
+    def _replay(
+        self, packet: bytes, hit: PacketHit, peer: Peer, authorized: bool, now: float
+    ) -> bytes | None:
+        """A packet-cache hit: the stored reply with this query's ID."""
+        if hit.outcome is Outcome.FORWARD:
+            self.settings.cache.hits += 1  # the answer cache would have answered it
+        return self._send(peer, hit.outcome, packet[:2] + hit.reply, authorized, now)
+
+    def _forward(self, packet: bytes, query: Query, peer: Peer, authorized: bool) -> Reply:
+        """A fresh cache entry answers at once (and fills the packet cache until the TTL
+        countdown moves to its next whole second); a miss waits for upstream."""
+        settings = self.settings
+        now = self._clock()
+        key = cache_key(query)
+        entry = settings.cache.get(key, now)
+        if entry is None:
+            if self._waiting >= MAX_WAITING:
+                return self._done(peer, Outcome.SERVFAIL, settings.responder.servfail(query))
+            return self._resolve(query, key, settings, peer, authorized)
+        records = settings.cache.records(entry, now)
+        reply = self._reply(query, entry, records, settings, peer, authorized)
+        if peer.spoofable:
+            packets = settings.packets_authorized if authorized else settings.packets_other
+            second_ends = now + 1.0 - (now - entry.stored_at) % 1.0
+            packets.put(packet[2:], min(second_ends, entry.expires_at), Outcome.FORWARD, reply)
+        return self._done(peer, Outcome.FORWARD, reply)
+
+    async def _resolve(
+        self, query: Query, key: bytes, settings: Settings, peer: Peer, authorized: bool
+    ) -> bytes | None:
+        """A cache miss: the shared fetch's answer, a stale entry after STALE_AFTER_S or on
+        failure (RFC 8767), or SERVFAIL when nothing answered by DEADLINE_S."""
+        cache = settings.cache
         self._waiting += 1
         try:
-            cache = settings.cache
             stale = cache.stale(key, self._clock())
-            entry: CacheEntry | None = None
-            if not cache.has_failed(key, self._clock()):
-                fetch = self._fetches.get(key)
-                if fetch is None:
-                    fetch = asyncio.get_running_loop().create_task(
-                        self._fetch(query, key, settings)
-                    )
-                    self._fetches[key] = fetch
-                    fetch.add_done_callback(lambda done: self._fetch_done(key, done))
-                try:
-                    async with asyncio.timeout(STALE_AFTER_S if stale is not None else DEADLINE_S):
-                        entry = await asyncio.shield(fetch)
-                except TimeoutError:
-                    entry = None  # the fetch goes on and refreshes the entry for the next query
+            entry = await self._fetched(query, key, settings, stale is not None)
         finally:
             self._waiting -= 1
-        counts = self.metrics.queries
         now = self._clock()
         if entry is not None:
-            counts[transport, Outcome.FORWARD] += 1
             records = cache.records(entry, now)
         elif stale is not None:
-            counts[transport, Outcome.FORWARD] += 1
             entry = stale
             records = (
                 cache.records(stale, now) if now < stale.expires_at else cache.stale_records(stale)
             )
         else:
-            counts[transport, Outcome.SERVFAIL] += 1
-            return settings.responder.servfail(query)
-        return self._reply(query, entry, records, settings, transport, authorized)
+            return self._done(peer, Outcome.SERVFAIL, settings.responder.servfail(query))
+        reply = self._reply(query, entry, records, settings, peer, authorized)
+        return self._done(peer, Outcome.FORWARD, reply)
 
-    async def _fetch(self, query: Query, key: bytes, settings: Settings) -> CacheEntry | None:
-        """One upstream resolution shared by every query with this key; stores the answer,
-        or remembers the failure (not when we were only out of local capacity)."""
+    async def _fetched(
+        self, query: Query, key: bytes, settings: Settings, has_stale: bool
+    ) -> CacheEntry | None:
+        """Join the one upstream fetch for `key` (coalescing), starting it when there is
+        none; None after a recent failure or when the wait is over (STALE_AFTER_S with a
+        stale entry to fall back on, else DEADLINE_S): the fetch goes on and refreshes the
+        entry for the next query."""
+        if settings.cache.has_failed(key, self._clock()):
+            return None
+        fetch = self._fetches.get(key)
+        if fetch is None:
+            fetch = asyncio.get_running_loop().create_task(
+                self._fetch(settings.forwarder, query, key, settings.cache)
+            )
+            self._fetches[key] = fetch
+            fetch.add_done_callback(lambda done: self._fetch_done(key, done))
         try:
-            response = await settings.forwarder.resolve(query)
-            answer = parse_upstream_answer(response, len(query.question))
+            async with asyncio.timeout(STALE_AFTER_S if has_stale else DEADLINE_S):
+                return await asyncio.shield(fetch)
+        except TimeoutError:
+            return None
+
+    async def _fetch(
+        self, resolver: Resolver, query: Query, key: bytes, cache: AnswerCache
+    ) -> CacheEntry | None:
+        """One upstream resolution shared by every query with this key; stores the parsed
+        answer, or remembers the failure (not when we were only out of local capacity)."""
+        try:
+            answer = await resolver.resolve(query)
         except UpstreamBusyError:
             return None
-        except (UpstreamError, WireError):
-            settings.cache.put_failure(key, self._clock())
+        except UpstreamError:
+            cache.put_failure(key, self._clock())
             return None
-        return settings.cache.put(key, answer, self._clock())
+        return cache.put(key, answer, self._clock())
 
     def _fetch_done(self, key: bytes, fetch: asyncio.Task[CacheEntry | None]) -> None:
         if self._fetches.get(key) is fetch:
@@ -253,31 +258,24 @@ class Pipeline:
         entry: CacheEntry,
         records: bytes,
         settings: Settings,
-        transport: Transport,
+        peer: Peer,
         authorized: bool,
     ) -> bytes:
-        """The client's reply from an entry: its ID, question and OPT; a CNAME chain into an
-        unblock zone is cut there for authorized clients (with the zones of now, so a reload
-        applies to cached answers too); truncated to the client's UDP limit."""
+        """The client's reply from an entry, where policy may cut a CNAME chain that enters
+        a local name (with the zones of now, so a reload applies to cached answers too)."""
         responder = settings.responder
         answer = entry.answer
-        if answer.has_cname and authorized:
+        limit = _limit(query, peer, responder)
+        if answer.has_cname and authorized:  # policy never cuts other sources' chains
             try:
-                rewrite = rewrite_cname_chain(query, answer, records, settings.zones)
+                chain = cname_chain(query.question, records, answer.answer_count)
             except WireError:
                 return responder.servfail(query)
-            reply = (
-                responder.forwarded(query, answer, records)
-                if rewrite is None
-                else responder.chain(query, rewrite)
-            )
-        else:
-            reply = responder.forwarded(query, answer, records)
-        if transport is Transport.TCP:
-            limit = MAX_TCP_MESSAGE
-        else:
-            limit = min(query.udp_limit, responder.edns_udp_size)
-        return truncate(reply, query, limit, responder.opt_for(query))
+            facts = QueryFacts(authorized, NameKind.PLAIN, query.qtype, query.qclass)
+            cut = cut_chain(facts, chain, settings.zones)
+            if cut is not None:
+                return responder.chain(query, chain, cut, limit)
+        return responder.forwarded(query, answer, records, limit)
 
     async def close(self) -> None:
         """Cancel the fetches still running (shutdown; their waiters are gone)."""
@@ -290,8 +288,15 @@ class Pipeline:
     def fail(self, packet: bytes, error: BaseException, peer: Peer) -> bytes | None:
         """The per-packet error boundary: SERVFAIL when the header is readable, a counter, and
         a rate-limited warning naming only the exception type (its text could carry a name)."""
-        self.metrics.queries[peer.transport, Outcome.INTERNAL_ERROR] += 1
         self._internal_errors.warn(type(error).__name__)
-        if len(packet) < HEADER_SIZE or struct.unpack_from("!H", packet, 2)[0] & 0x8000:
-            return None
-        return build_error(packet, RCODE_SERVFAIL, b"", b"")
+        if len(packet) < HEADER_SIZE or packet[2] & 0x80:  # a runt, or QR set
+            return self._done(peer, Outcome.INTERNAL_ERROR, None)
+        return self._done(peer, Outcome.INTERNAL_ERROR, error_reply(packet, RCODE_SERVFAIL))
+
+
+def _limit(query: Query, peer: Peer, responder: Responder) -> int:
+    """The largest reply this peer takes: the transport's, else the query's UDP limit (its
+    EDNS size or 512) capped by ours (SPEC 2)."""
+    if peer.reply_limit is not None:
+        return peer.reply_limit
+    return min(query.udp_limit, responder.edns_udp_size)

@@ -1,7 +1,7 @@
-"""Forwarding to upstream resolvers: health order, fresh ID and source port, retries, TCP on TC.
+"""Forwarding to upstream resolvers: health order, retries, TCP on TC, the answer checked once.
 
-Owns the sockets it opens (one per attempt, closed on every path). Sends nothing of the client's
-but the question; keeps aggregate counters only and never logs a query name.
+The socket exchange itself is `exchange.Exchange`. Sends nothing of the client's but the
+question; keeps aggregate counters only and never logs a query name.
 """
 
 from __future__ import annotations
@@ -10,44 +10,37 @@ import asyncio
 import enum
 import errno
 import logging
-import secrets
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Final
 
 from asyncio_throttle.throttler import Throttler
 
-from smartdns.config.model import HostPort, UpstreamConfig
+from smartdns.config.model import UpstreamConfig
 from smartdns.core.wire import (
     FLAG_CD,
-    FLAG_QR,
     FLAG_RD,
     FLAG_TC,
-    HEADER_SIZE,
     RCODE_FORMERR,
     RCODE_NOTIMP,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
+    ForwardedAnswer,
     Query,
-    build_opt,
     parse_upstream_answer,
-    skip_name,
 )
 from smartdns.errors import UpstreamError, WireError
+from smartdns.upstream.exchange import Exchange, ExchangeFailedError
+from smartdns.upstream.resolver import DEADLINE_S, UpstreamBusyError
 
 log = logging.getLogger(__name__)
 
-DEADLINE_S: Final = 4.0  # SPEC 2: the client gets SERVFAIL if nothing has answered within 4 s
-MAX_MESSAGE_BYTES: Final = 65535  # largest UDP datagram we read; TCP lengths cannot exceed it
 MAX_IN_FLIGHT: Final = 1000  # concurrent resolve() calls per worker; each holds a socket
 PROBE_INTERVAL_S: Final = 10.0  # a failing upstream is probed this often so it can come back
 # `. IN NS`: what a probe asks. It carries nothing of any client.
 PROBE_QUESTION: Final = b"\x00" + struct.pack("!HH", 2, 1)
 # Our own process is out of sockets or memory: not the upstream's fault.
 _LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_OPCODE_MASK: Final = 0x7800
-_RCODE_MASK: Final = 0x000F
 # Answers that say "ask someone else": the next upstream is tried at once.
 _NEXT_SERVER_RCODES: Final = frozenset({RCODE_SERVFAIL, RCODE_REFUSED, RCODE_NOTIMP, RCODE_FORMERR})
 # ...of which these also count against the server's health (it cannot handle our query at all).
@@ -75,16 +68,6 @@ class _Outcome(enum.Enum):
     NEXT = "next"  # a refusing rcode: go to the next server
 
 
-class _AttemptFailed(Exception):
-    """An attempt's reply was unusable; internal, never leaves this module."""
-
-
-class UpstreamBusyError(UpstreamError):
-    """Refused for lack of local capacity (rate bound, in-flight bound, no sockets): says
-    nothing about the upstreams, so it is neither remembered as a failure nor held against
-    an upstream's health."""
-
-
 class Forwarder:
     """Resolves parsed queries through the configured upstreams (SPEC 2 "Forwarding").
 
@@ -103,8 +86,6 @@ class Forwarder:
             raise ValueError("no upstream servers configured")
         self.config = config  # the daemon keeps this forwarder over a reload that keeps these
         self.edns_udp_size = edns_udp_size
-        self._opt_plain = build_opt(edns_udp_size, dnssec_ok=False)
-        self._opt_do = build_opt(edns_udp_size, dnssec_ok=True)
         self._failures = [0] * len(config.servers)  # consecutive failures per server
         self._probe_at = [0.0] * len(config.servers)  # when a failing server is probed next
         self._next_probe = float("inf")  # min(_probe_at) over failing servers
@@ -115,6 +96,7 @@ class Forwarder:
         self._throttler = Throttler(rate_limit=config.max_qps, period=1.0)
         self._closed = False
         self.stats = ForwarderStats()
+        self._exchange = Exchange(edns_udp_size, config.timeout, self.stats)
 
     def close(self) -> None:
         """Refuse new work and stop probing. Sockets belong to attempts and are closed by them."""
@@ -122,8 +104,9 @@ class Forwarder:
         for task in self._probes:
             task.cancel()
 
-    async def resolve(self, query: Query) -> bytes:
-        """Return the first acceptable upstream response to `query`'s question, as received.
+    async def resolve(self, query: Query) -> ForwardedAnswer:
+        """The first acceptable upstream answer to `query`'s question, parsed and checked
+        once (wire.parse_upstream_answer; SPEC 2: an unparseable answer is a failure).
 
         Our own message is built from the question alone (fresh ID, RD, CD copied, an OPT with
         our size and the client's DO bit, no options), so nothing of the client reaches an
@@ -147,7 +130,7 @@ class Forwarder:
         finally:
             self._in_flight -= 1
 
-    async def _resolve(self, query: Query) -> bytes:
+    async def _resolve(self, query: Query) -> ForwardedAnswer:
         try:
             # acquire() only suspends when the rate bound is reached; a zero timeout turns
             # that suspension into an immediate TimeoutError, so excess fails and never queues.
@@ -165,12 +148,12 @@ class Forwarder:
                 for index in self._health_order():
                     tried += 1
                     for _ in range(self.config.attempts):
-                        outcome, response = await self._attempt(
+                        outcome, answer = await self._attempt(
                             index, question, flags, query.dnssec_ok
                         )
-                        if outcome is _Outcome.ANSWER:
+                        if answer is not None:
                             self.stats.answers += 1
-                            return response
+                            return answer
                         if outcome is _Outcome.NEXT:
                             break
         except TimeoutError:
@@ -232,190 +215,36 @@ class Forwarder:
 
     async def _attempt(
         self, index: int, question: bytes, flags: int, dnssec_ok: bool
-    ) -> tuple[_Outcome, bytes]:
-        """One try at one server: UDP, then TCP if the UDP answer was truncated."""
+    ) -> tuple[_Outcome, ForwardedAnswer | None]:
+        """One try at one server: UDP, then TCP if the UDP answer was truncated; the answer
+        is parsed here, once, and only an answer that parses counts as one."""
         server = self.config.servers[index]
         try:
-            response = await self._exchange_udp(server, question, flags, dnssec_ok)
-            if _flags(response) & FLAG_TC:
+            response = await self._exchange.udp(server, question, flags, dnssec_ok)
+            if (response[2] << 8) & FLAG_TC:
                 self.stats.tcp_retries += 1
-                response = await self._exchange_tcp(server, question, flags, dnssec_ok)
-            _check_parseable(response, len(question))
+                response = await self._exchange.tcp(server, question, flags, dnssec_ok)
+            answer = parse_upstream_answer(response, len(question))
         except TimeoutError:
             self.stats.timeouts += 1
             self._mark_failed(index)
-            return _Outcome.FAILED, b""
+            return _Outcome.FAILED, None
         except OSError as error:
             if error.errno in _LOCAL_ERRNOS:
                 self.stats.overloaded += 1
                 raise UpstreamBusyError("no socket for an upstream query") from None
+            return self._failed(index)
+        except (ExchangeFailedError, WireError):
+            return self._failed(index)
+        if answer.rcode in _NEXT_SERVER_RCODES:
             self.stats.failures += 1
-            self._mark_failed(index)
-            return _Outcome.FAILED, b""
-        except _AttemptFailed:
-            self.stats.failures += 1
-            self._mark_failed(index)
-            return _Outcome.FAILED, b""
-        rcode = _flags(response) & _RCODE_MASK
-        if rcode in _NEXT_SERVER_RCODES:
-            self.stats.failures += 1
-            if rcode in _UNHEALTHY_RCODES:
+            if answer.rcode in _UNHEALTHY_RCODES:
                 self._mark_failed(index)
-            return _Outcome.NEXT, b""
+            return _Outcome.NEXT, None
         self._mark_ok(index)
-        return _Outcome.ANSWER, response
+        return _Outcome.ANSWER, answer
 
-    def _build(self, question: bytes, flags: int, dnssec_ok: bool) -> tuple[int, bytes]:
-        """Our query: fresh random ID, one question, one OPT (RFC 6891) without options."""
-        query_id = secrets.randbits(16)
-        header = struct.pack("!HHHHHH", query_id, flags, 1, 0, 0, 1)
-        return query_id, header + question + (self._opt_do if dnssec_ok else self._opt_plain)
-
-    async def _exchange_udp(
-        self, server: HostPort, question: bytes, flags: int, dnssec_ok: bool
-    ) -> bytes:
-        """Send over a fresh connected UDP socket; wait for the reply that matches.
-
-        Connected, so the kernel drops datagrams from other sources; the OS picks a fresh
-        source port per socket. Non-matching datagrams are counted and ignored until the
-        attempt's timeout (a spoofer must not be able to end the attempt early).
-        """
-        query_id, message = self._build(question, flags, dnssec_ok)
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(server.family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.connect((server.host, server.port))
-            sock.send(message)
-            self.stats.queries_sent += 1
-            async with asyncio.timeout(self.config.timeout):
-                while True:
-                    await _wait_io(loop, sock, writable=False)
-                    while True:
-                        try:
-                            data = sock.recv(MAX_MESSAGE_BYTES)
-                        except BlockingIOError:
-                            break
-                        if _matches(data, query_id, question):
-                            return data
-                        self.stats.mismatched += 1
-        finally:
-            sock.close()
-
-    async def _exchange_tcp(
-        self, server: HostPort, question: bytes, flags: int, dnssec_ok: bool
-    ) -> bytes:
-        """One query over a fresh TCP connection with 2-byte length framing (RFC 7766)."""
-        query_id, message = self._build(question, flags, dnssec_ok)
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(server.family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            async with asyncio.timeout(self.config.timeout):
-                status = sock.connect_ex((server.host, server.port))
-                if status == errno.EINPROGRESS:
-                    await _wait_io(loop, sock, writable=True)
-                    status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if status:
-                    raise OSError(status, "connect failed")
-                await _send_all(loop, sock, struct.pack("!H", len(message)) + message)
-                self.stats.queries_sent += 1
-                (length,) = struct.unpack("!H", await _recv_exactly(loop, sock, 2))
-                data = await _recv_exactly(loop, sock, length)
-        finally:
-            sock.close()
-        if not _matches(data, query_id, question):
-            self.stats.mismatched += 1
-            raise _AttemptFailed("TCP reply does not match the query")
-        return data
-
-
-# ---- helpers -------------------------------------------------------------------------------
-
-
-def _flags(message: bytes) -> int:
-    flags: int = struct.unpack_from("!H", message, 2)[0]
-    return flags
-
-
-def _matches(data: bytes, query_id: int, question: bytes) -> bool:
-    """Is `data` a reply to our query: same ID, QR set, QUERY, one question equal to ours?
-
-    The name is compared case-insensitively (an upstream may apply 0x20 randomization);
-    lower-casing also touches length bytes, but those are at most 63, below b"A".
-    """
-    end = HEADER_SIZE + len(question)
-    if len(data) < end:
-        return False
-    reply_id, flags, qdcount = struct.unpack_from("!HHH", data)
-    if reply_id != query_id or not flags & FLAG_QR or flags & _OPCODE_MASK or qdcount != 1:
-        return False
-    name_end = end - 4
-    return (
-        data[HEADER_SIZE:name_end].lower() == question[:-4] and data[name_end:end] == question[-4:]
-    )
-
-
-def _check_parseable(data: bytes, question_length: int | None = None) -> None:
-    """Refuse a reply that wire.parse_upstream_answer refuses (SPEC 2: unparseable upstream
-    answers count as upstream failures): truncated, names over 255 octets or with pointers to
-    no earlier name, A/AAAA with the wrong RDLENGTH and other RDATA that does not fit its
-    type, more than MAX_UPSTREAM_RECORDS records, a misplaced OPT. The walk costs about a
-    microsecond per record and is capped, so a crafted reply cannot stall the loop (a full
-    parser such as dnslib costs over ten times that per record)."""
-    try:
-        if question_length is None:
-            question_length = skip_name(data, HEADER_SIZE) + 4 - HEADER_SIZE
-        parse_upstream_answer(data, question_length)
-    except WireError:
-        raise _AttemptFailed("unparseable upstream reply") from None
-
-
-async def _wait_io(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writable: bool) -> None:
-    """Wait until `sock` is readable (or writable). The watcher is removed before returning,
-    on every path, so the caller can close the socket at once without leaving a stale fd
-    registered in the loop."""
-    ready: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
-
-
-async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            await _wait_io(loop, sock, writable=True)
-            continue
-        view = view[sent:]
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:
-    """Read exactly `size` bytes (at most 65535, a 2-byte length); EOF is a failure."""
-    buffer = bytearray()
-    while len(buffer) < size:
-        try:
-            chunk = sock.recv(size - len(buffer))
-        except BlockingIOError:
-            await _wait_io(loop, sock, writable=False)
-            continue
-        if not chunk:
-            raise _AttemptFailed("upstream closed the TCP connection early")
-        buffer += chunk
-    return bytes(buffer)
+    def _failed(self, index: int) -> tuple[_Outcome, None]:
+        self.stats.failures += 1
+        self._mark_failed(index)
+        return _Outcome.FAILED, None

@@ -71,8 +71,8 @@ class HostnameLookup:
         for _ in range(MAX_QUERIES_PER_FAMILY):
             try:
                 async with self._slots:
-                    message = await self._forwarder.resolve(_question(name, qtype))
-                answer = read_chain(message, name, qtype, MAX_CNAME_LINKS - links)
+                    forwarded = await self._forwarder.resolve(_question(name, qtype))
+                answer = read_chain(forwarded, name, qtype, MAX_CNAME_LINKS - links)
             except (UpstreamError, WireError):
                 return None
             links += answer.links

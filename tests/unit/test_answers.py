@@ -1,18 +1,32 @@
-"""answers: templates parse as the replies SPEC 2 describes (checked with dnspython)."""
+"""answers: every reply kind parses as the reply SPEC 2 describes (checked with dnspython),
+copies the query's ID, opcode, RD and CD, and fits the limit it is given."""
 
 from __future__ import annotations
 
 import ipaddress
+import struct
 from types import MappingProxyType
 
 import dns.flags
 import dns.message
+import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
+import pytest
 
 from smartdns.config.model import Region, UnblockConfig
-from smartdns.core.answers import Responder, build_unblock_zones
-from smartdns.core.wire import encode_name, parse_query
+from smartdns.core.answers import LocalZone, Responder, build_local_zones, error_reply
+from smartdns.core.policy import ChainCut, NameKind, Verdict
+from smartdns.core.wire import (
+    RCODE_FORMERR,
+    RCODE_SERVFAIL,
+    CnameLink,
+    encode_name,
+    parse_query,
+    parse_upstream_answer,
+)
+from smartdns.errors import WireError
 
 UNBLOCK = UnblockConfig(
     ttl=60,
@@ -32,8 +46,10 @@ UNBLOCK = UnblockConfig(
     ),
     zones=MappingProxyType({"netflix.com": "us", "bbc.co.uk": "uk"}),
 )
-ZONES = build_unblock_zones(UNBLOCK)
+ZONES = build_local_zones(UNBLOCK)
 RESPONDER = Responder(1232)
+ROOMY = 65535
+SOA_TEXT = "smartdns.invalid. hostmaster.smartdns.invalid. 1 3600 600 86400 60"
 
 
 def _ask(name: str, qtype: str, **kwargs: object) -> tuple[dns.message.Message, bytes]:
@@ -41,17 +57,25 @@ def _ask(name: str, qtype: str, **kwargs: object) -> tuple[dns.message.Message, 
     return message, message.to_wire()
 
 
+def _local(name: str, qtype: str, verdict: Verdict, **kwargs: object) -> dns.message.Message:
+    _, wire = _ask(name, qtype, **kwargs)
+    query = parse_query(wire)
+    zone = ZONES.match(query.qname)
+    assert zone is not None
+    reply = RESPONDER.local(query, verdict, zone, ROOMY)
+    assert reply[12 : 12 + len(query.question)] == query.question
+    return dns.message.from_wire(reply)
+
+
 def test_a_answer_echoes_question_and_carries_region_addresses() -> None:
     request, wire = _ask("WWW.NetFlix.com", "A")
     query = parse_query(wire)
     zone = ZONES.match(query.qname)
-    assert zone is not None and zone.region == "us"
-    reply_wire = RESPONDER.unblock(query, zone)
-    assert reply_wire[12 : 12 + len(query.question)] == query.question
-    reply = dns.message.from_wire(reply_wire)
+    assert zone is not None and zone.region == "us" and zone.kind is NameKind.UNBLOCK_V4
+    reply = dns.message.from_wire(RESPONDER.local(query, Verdict.UNBLOCK, zone, ROOMY))
     assert reply.id == request.id and reply.rcode() == dns.rcode.NOERROR
     assert reply.flags & dns.flags.RA and reply.flags & dns.flags.RD and reply.flags & dns.flags.QR
-    assert reply.edns == -1
+    assert reply.flags & dns.flags.AA and reply.edns == -1
     (rrset,) = reply.answer
     assert rrset.ttl == 60 and sorted(r.address for r in rrset) == [
         "198.51.100.10",
@@ -60,25 +84,43 @@ def test_a_answer_echoes_question_and_carries_region_addresses() -> None:
 
 
 def test_aaaa_with_region_ipv6_and_opt_do_copied() -> None:
-    _, wire = _ask("bbc.co.uk", "AAAA", use_edns=0, want_dnssec=True)
-    query = parse_query(wire)
-    zone = ZONES.match(query.qname)
-    assert zone is not None
-    reply = dns.message.from_wire(RESPONDER.unblock(query, zone))
+    reply = _local("bbc.co.uk", "AAAA", Verdict.UNBLOCK, use_edns=0, want_dnssec=True)
     assert [r.address for r in reply.answer[0]] == ["2001:db8:20::1"]
     assert reply.edns == 0 and reply.payload == 1232 and reply.ednsflags & dns.flags.DO
 
 
-def test_nodata_has_synthesized_soa() -> None:
-    _, wire = _ask("www.netflix.com", "HTTPS")
-    query = parse_query(wire)
-    zone = ZONES.match(query.qname)
-    assert zone is not None
-    reply = dns.message.from_wire(RESPONDER.nodata(query, zone))
-    assert reply.rcode() == dns.rcode.NOERROR and not reply.answer
+@pytest.mark.parametrize(
+    ("name", "qtype", "verdict", "rcode", "owner"),
+    [
+        ("www.netflix.com", "HTTPS", Verdict.NODATA, dns.rcode.NOERROR, "netflix.com."),
+        ("_dns.resolver.arpa", "SVCB", Verdict.NODATA, dns.rcode.NOERROR, "resolver.arpa."),
+        ("resolver.arpa", "A", Verdict.NODATA, dns.rcode.NOERROR, "resolver.arpa."),
+        (
+            "use-application-dns.net",
+            "A",
+            Verdict.NXDOMAIN,
+            dns.rcode.NXDOMAIN,
+            "use-application-dns.net.",
+        ),
+    ],
+)
+def test_negative_local_answers_carry_the_synthesized_soa(
+    name: str, qtype: str, verdict: Verdict, rcode: dns.rcode.Rcode, owner: str
+) -> None:
+    reply = _local(name, qtype, verdict)
+    assert reply.rcode() == rcode and not reply.answer and reply.flags & dns.flags.AA
     (soa,) = reply.authority
-    assert str(soa.name) == "netflix.com." and soa.ttl == 60
-    assert soa[0].to_text() == "smartdns.invalid. hostmaster.smartdns.invalid. 1 3600 600 86400 60"
+    assert soa.rdtype == dns.rdatatype.SOA and str(soa.name) == owner and soa.ttl == 60
+    assert soa[0].to_text() == SOA_TEXT
+
+
+def test_special_names_are_local_without_addresses() -> None:
+    for name, kind in (
+        ("resolver.arpa", NameKind.RESOLVER),
+        ("use-application-dns.net", NameKind.CANARY),
+    ):
+        zone = ZONES.match(encode_name("x." + name))
+        assert isinstance(zone, LocalZone) and zone.kind is kind and zone.a_count == 0
 
 
 def test_refused_and_servfail_keep_id_and_question() -> None:
@@ -95,6 +137,141 @@ def test_refused_and_servfail_keep_id_and_question() -> None:
         assert reply.edns == 0
 
 
-def test_zone_keys_are_wire_names() -> None:
-    assert ZONES.match(encode_name("hulu.com")) is None
-    assert len(ZONES) == 2
+def _with_opcode(wire: bytes, opcode: int) -> bytes:
+    return wire[:2] + bytes([wire[2] & 0x87 | opcode << 3]) + wire[3:]
+
+
+@pytest.mark.parametrize("opcode", [dns.opcode.IQUERY, dns.opcode.STATUS, 3, dns.opcode.UPDATE, 15])
+def test_notimp_copies_the_opcode(opcode: int) -> None:
+    """RFC 1035 §4.1.1: dig discards a reply whose opcode differs from its query's."""
+    request, wire = _ask("example.org", "A")
+    packet = _with_opcode(wire, opcode)
+    with pytest.raises(WireError) as raised:
+        parse_query(packet)
+    reply = dns.message.from_wire(RESPONDER.error(packet, raised.value))
+    assert reply.rcode() == dns.rcode.NOTIMP and reply.opcode() == opcode
+    assert reply.id == request.id and reply.flags & dns.flags.RD and reply.flags & dns.flags.QR
+
+
+@pytest.mark.parametrize("opcode", [dns.opcode.QUERY, dns.opcode.UPDATE, 15])
+def test_formerr_and_servfail_from_a_header_copy_the_opcode(opcode: int) -> None:
+    _, wire = _ask("example.org", "A")
+    packet = _with_opcode(wire[:4] + b"\x00\x02" + wire[6:], opcode)  # QDCOUNT 2
+    if opcode == dns.opcode.QUERY:
+        with pytest.raises(WireError) as raised:
+            parse_query(packet)
+        assert raised.value.rcode == RCODE_FORMERR
+        formerr = RESPONDER.error(packet, raised.value)
+    else:
+        formerr = error_reply(packet, RCODE_FORMERR)
+    for reply, rcode in ((formerr, 1), (error_reply(packet, RCODE_SERVFAIL), 2)):
+        assert (reply[2] >> 3 & 0xF, reply[3] & 0xF, reply[:2]) == (opcode, rcode, packet[:2])
+        assert reply[2] & 0x80 and reply[2] & 0x01  # QR set, RD copied
+
+
+def test_badvers_reply_carries_extended_rcode() -> None:
+    _, packet = _ask("example.org", "A", use_edns=1)
+    with pytest.raises(WireError) as raised:
+        parse_query(packet)
+    reply = dns.message.from_wire(RESPONDER.error(packet, raised.value))
+    assert reply.rcode() == dns.rcode.BADVERS and reply.edns == 0
+    assert str(reply.question[0].name) == "example.org."
+
+
+def _upstream(request: dns.message.Message, addresses: list[str]) -> bytes:
+    response = dns.message.make_response(request)
+    response.answer.append(
+        dns.rrset.from_text_list(request.question[0].name, 60, "IN", "A", addresses)
+    )
+    response.flags |= dns.flags.AD
+    return response.to_wire(max_size=65535)
+
+
+def test_forwarded_reply_is_truncated_to_the_limit_with_question_and_opt() -> None:
+    request, wire = _ask("example.org", "A", use_edns=0)
+    query = parse_query(wire)
+    upstream = _upstream(request, [f"192.0.2.{i}" for i in range(100)])
+    answer = parse_upstream_answer(upstream, len(query.question))
+    whole = RESPONDER.forwarded(query, answer, answer.records, ROOMY)
+    assert len(dns.message.from_wire(whole).answer[0]) == 100
+    assert not dns.message.from_wire(whole).flags & dns.flags.AD  # the client did not ask
+    small = RESPONDER.forwarded(query, answer, answer.records, 512)
+    assert len(small) <= 512
+    parsed = dns.message.from_wire(small)
+    assert parsed.flags & dns.flags.TC and not parsed.answer and parsed.edns == 0
+    assert small[12 : 12 + len(query.question)] == query.question
+
+
+def _cut(name: str, qtype: str, target: str, verdict: Verdict) -> dns.message.Message:
+    _, wire = _ask(name, qtype)
+    query = parse_query(wire)
+    chain = [
+        CnameLink(query.qname, 300, encode_name("cdn.example.net")),
+        CnameLink(encode_name("cdn.example.net"), 200, encode_name(target)),
+    ]
+    zone = ZONES.match(encode_name(target))
+    assert zone is not None
+    reply = RESPONDER.chain(query, chain, ChainCut(2, zone, verdict), ROOMY)
+    assert reply[12 : 12 + len(query.question)] == query.question
+    return dns.message.from_wire(reply)
+
+
+def _records(section: list[dns.rrset.RRset]) -> list[tuple[str, int, str]]:
+    return [(str(rrset.name), rrset.ttl, rdata.to_text()) for rrset in section for rdata in rrset]
+
+
+def test_cut_chain_ends_in_the_region_addresses() -> None:
+    reply = _cut("Alias.Example.org", "A", "www.netflix.com", Verdict.UNBLOCK)
+    assert reply.rcode() == dns.rcode.NOERROR and not reply.flags & dns.flags.AA
+    assert _records(reply.answer) == [
+        ("Alias.Example.org.", 300, "cdn.example.net."),
+        ("cdn.example.net.", 200, "www.netflix.com."),
+        ("www.netflix.com.", 60, "198.51.100.10"),
+        ("www.netflix.com.", 60, "198.51.100.11"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("qtype", "target", "verdict", "rcode", "owner"),
+    [
+        ("AAAA", "www.netflix.com", Verdict.NODATA, dns.rcode.NOERROR, "netflix.com."),
+        ("SVCB", "_dns.resolver.arpa", Verdict.NODATA, dns.rcode.NOERROR, "resolver.arpa."),
+        (
+            "A",
+            "use-application-dns.net",
+            Verdict.NXDOMAIN,
+            dns.rcode.NXDOMAIN,
+            "use-application-dns.net.",
+        ),
+    ],
+)
+def test_cut_chain_ends_in_the_soa(
+    qtype: str, target: str, verdict: Verdict, rcode: dns.rcode.Rcode, owner: str
+) -> None:
+    reply = _cut("alias.example.org", qtype, target, verdict)
+    assert reply.rcode() == rcode and [data for _, _, data in _records(reply.answer)] == [
+        "cdn.example.net.",
+        target + ".",
+    ]
+    (soa,) = reply.authority
+    assert str(soa.name) == owner and soa[0].to_text() == SOA_TEXT
+
+
+def test_local_answer_over_the_limit_is_truncated() -> None:
+    big = UnblockConfig(
+        ttl=60,
+        regions=MappingProxyType(
+            {"many": Region(ipv4=tuple(ipaddress.IPv4Address(0xC6336400 + i) for i in range(40)))}
+        ),
+        zones=MappingProxyType({"example.com": "many"}),
+    )
+    _, wire = _ask("example.com", "A")
+    query = parse_query(wire)
+    zone = build_local_zones(big).match(query.qname)
+    assert zone is not None
+    assert (
+        len(dns.message.from_wire(RESPONDER.local(query, Verdict.UNBLOCK, zone, ROOMY)).answer[0])
+        == 40
+    )
+    small = RESPONDER.local(query, Verdict.UNBLOCK, zone, 512)
+    assert struct.unpack_from("!H", small, 2)[0] & 0x0200 and len(small) < 512

@@ -26,7 +26,7 @@ from smartdns.config.model import (
     Unregistered,
     UpstreamConfig,
 )
-from smartdns.core.answers import Responder, build_unblock_zones
+from smartdns.core.answers import Responder, build_local_zones
 from smartdns.core.cache import AnswerCache
 from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics
@@ -76,7 +76,7 @@ def up() -> Iterator[FakeUpstream]:
 def _pipeline(up: FakeUpstream, clock: Clock, *zones: str) -> Pipeline:
     settings = Settings(
         responder=Responder(1232),
-        zones=build_unblock_zones(_unblock(*zones)),
+        zones=build_local_zones(_unblock(*zones)),
         unregistered=Unregistered.REFUSE,
         forwarder=Forwarder(
             UpstreamConfig(servers=(HostPort(up.host, up.port),), timeout=0.3, attempts=1),
@@ -153,7 +153,7 @@ async def test_reload_applies_new_zones_to_a_cached_cname_chain(up: FakeUpstream
     plain = await _ask(pipeline, "alias.example.org")
     assert [data for _, _, data in _answer(plain)] == ["cdn.example.net.", "192.0.2.9"]
     pipeline.settings = dataclasses.replace(
-        pipeline.settings, zones=build_unblock_zones(_unblock("netflix.com", "example.net"))
+        pipeline.settings, zones=build_local_zones(_unblock("netflix.com", "example.net"))
     )
     cut = await _ask(pipeline, "alias.example.org")
     assert _answer(cut) == [
