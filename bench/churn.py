@@ -247,11 +247,12 @@ def measure(args: argparse.Namespace, workdir: Path, children: Children, source:
         [*smartdns, "registrations", "import", str(snapshot_file(workdir, args.accounts))],
         check=True,
         env=env,
+        cwd=source,  # `python -m` puts the working directory first on sys.path
         capture_output=True,
         timeout=START_TIMEOUT_S,
     )
     log(f"imported in {time.monotonic() - started:.1f} s; starting the node")
-    server = children.start([*smartdns, "serve"], workdir / "smartdns.log", env=env)
+    server = children.start([*smartdns, "serve"], workdir / "smartdns.log", env=env, cwd=source)
     url = f"http://127.0.0.1:{sync_port}"
     wait_for("healthy node", lambda: healthy(url), START_TIMEOUT_S, server)
     time.sleep(2.0)  # start-up garbage settles before RSS is read

@@ -3,6 +3,7 @@
     python3 bench/ddns.py                         # 100,000 names, TTL 60, about 2.5 minutes
     python3 bench/ddns.py --names 10000 --duration 130
     python3 bench/ddns.py --names 100000 --max-concurrent 128
+    python3 bench/ddns.py --server                # the real node: smartdns serve, DNS probes
 
 What it does: a child process serves N names `h<i>.bench.test` (A 10.x.y.z, no AAAA: NODATA,
 TTL `--ttl`) from tests/fake_authority.py on a free port of 127.0.0.1 and notes, per name,
@@ -20,6 +21,14 @@ given, for `--duration` seconds. It reports
 - RSS before the names, after the first round, at the end; full (generation 2) collections
   of the cyclic garbage collector and the longest, a cause of loop lateness.
 
+With `--server` the node itself runs instead: `python -m smartdns serve` (`--workers`, default
+1, so DNS and the refresher share one process: the worst case) with a temporary config and
+database, the names registered with `registrations import` (one account per hostname, the
+snapshot's object form) plus the probe source 127.0.0.2. A thread asks for an unblock name from
+127.0.0.2 every 10 ms (answered by the node itself); the report then has the node's CPU and RSS
+(with its workers), the time until /metrics shows every name's address authorized, lookups/s
+from /metrics, and the probe's latency p50/p99/max during the first round and after.
+
 A measurement, not a test: nothing is asserted. Bounded: the run ends after `--duration`
 and the child is stopped by its PID.
 """
@@ -31,24 +40,33 @@ import array
 import asyncio
 import contextlib
 import gc
+import json
 import multiprocessing
 import multiprocessing.connection
 import resource
+import socket
 import statistics
 import sys
+import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.tools import rss_kib_self
+import dns.message
+import yaml
+
+from bench.tools import cpu_seconds, free_port, rss_kib, rss_kib_self
 from smartdns.config.model import DdnsConfig, HostPort, RegistrationsConfig, UpstreamConfig
 from smartdns.core.chain import LookupOutcome
 from smartdns.registrations.entries import Network
 from smartdns.registrations.sources.ddns import HostnameRefresher
 from smartdns.upstream.forwarder import Forwarder
 from smartdns.upstream.lookup import HostnameLookup, forwarder_config
+from tests.e2e.harness import Server, base_config, merge
 
 SUFFIX = "bench.test"
 TICK_S = 0.01
@@ -171,12 +189,110 @@ async def run(args: argparse.Namespace, port: int) -> dict[str, float]:
     return figures
 
 
+def probe(port: int, latencies: list[float], stop: threading.Event) -> None:
+    """Thread: an unblock query from the registered probe source every TICK_S; RTTs."""
+    query = dns.message.make_query("www.netflix.com", "A").to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.2", 0))
+        sock.settimeout(2.0)
+        while not stop.is_set():
+            started = time.perf_counter()
+            sock.sendto(query, ("127.0.0.1", port))
+            try:
+                sock.recv(4096)
+                latencies.append(time.perf_counter() - started)
+            except TimeoutError:
+                latencies.append(2.0)
+            time.sleep(TICK_S)
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """The DDNS figures of /metrics: addresses authorized and lookups of every outcome."""
+    with urllib.request.urlopen(server.sync_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    figures = {"addresses": 0.0, "lookups": 0.0}
+    for line in text.splitlines():
+        if line.startswith("smartdns_ddns_addresses "):
+            figures["addresses"] = float(line.split()[1])
+        elif line.startswith("smartdns_ddns_lookups_total{"):
+            figures["lookups"] += float(line.split()[1])
+    return figures
+
+
+def run_server(args: argparse.Namespace, port: int) -> dict[str, float]:
+    """The node: start, wait for the first round, measure a steady window; see the docstring."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="smartdns-bench-ddns-") as directory:
+        state = Path(directory)
+        dns_port = free_port()
+        config = merge(
+            base_config(dns_port, state, f"127.0.0.1:{port}"),
+            {
+                "server": {"listen": [f"127.0.0.1:{dns_port}"], "workers": args.workers},
+                "ddns": {"resolvers": [f"127.0.0.1:{port}"], "max_concurrent": args.max_concurrent},
+                "logging": {"level": "info"},
+            },
+        )
+        config_path = state / "smartdns.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        accounts: dict[str, object] = {"probe": ["127.0.0.2"]}
+        accounts.update(
+            (f"a{i}", {"addresses": [], "hostnames": [name(i)]}) for i in range(args.names)
+        )
+        snapshot = state / "snapshot.json"
+        snapshot.write_text(json.dumps({"version": 1, "accounts": accounts}))
+        server = Server(state=state, port=dns_port, config_path=config_path)
+        imported = server.cli("registrations", "import", str(snapshot))
+        if imported.returncode:
+            raise SystemExit(imported.stderr)
+        latencies: list[float] = []
+        stop = threading.Event()
+        server.start()
+        assert server.process is not None
+        pid = server.process.pid
+        thread = threading.Thread(target=probe, args=(dns_port, latencies, stop), daemon=True)
+        started = time.monotonic()
+        thread.start()
+        try:
+            while scrape(server)["addresses"] < args.names:
+                if time.monotonic() - started > args.duration:
+                    break
+                time.sleep(0.5)
+            first_round_s = time.monotonic() - started
+            first_ticks, first = len(latencies), scrape(server)
+            figures["first_round_s"] = first_round_s
+            figures["first_round_lookups_per_s"] = first["lookups"] / first_round_s
+            steady_cpu, steady_at = cpu_seconds(pid), time.monotonic()
+            time.sleep(max(0.0, args.duration - first_round_s))
+            wall = time.monotonic() - steady_at
+            last = scrape(server)
+            figures["steady_s"] = wall
+            figures["steady_lookups_per_s"] = (last["lookups"] - first["lookups"]) / wall
+            figures["node_cpu_fraction_steady"] = (cpu_seconds(pid) - steady_cpu) / wall
+            figures["node_rss_kib"] = rss_kib(pid)
+            figures["addresses_authorized"] = last["addresses"]
+        finally:
+            stop.set()
+            thread.join(5)
+            server.stop()
+    for label, values in (
+        ("probe_first_round", latencies[:first_ticks]),
+        ("probe_steady", latencies[first_ticks:]),
+    ):
+        figures[f"{label}_p50_ms"] = percentile(values, 0.5) * 1000
+        figures[f"{label}_p99_ms"] = percentile(values, 0.99) * 1000
+        figures[f"{label}_max_ms"] = max(values, default=float("nan")) * 1000
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--names", type=int, default=100_000)
     parser.add_argument("--ttl", type=int, default=60)
     parser.add_argument("--duration", type=float, default=150.0, help="seconds in all")
     parser.add_argument("--max-concurrent", type=int, default=64)
+    parser.add_argument("--server", action="store_true", help="measure the node itself")
+    parser.add_argument("--workers", type=int, default=1, help="with --server")
     args = parser.parse_args()
 
     context = multiprocessing.get_context("fork")
@@ -187,13 +303,16 @@ def main() -> None:
         if not parent.poll(120):
             raise SystemExit("the fake authority did not start")
         port = parent.recv()
-        try:
-            import uvloop
+        if args.server:
+            figures = run_server(args, port)
+        else:
+            try:
+                import uvloop
 
-            uvloop.install()
-        except ImportError:
-            pass
-        figures = asyncio.run(run(args, port))
+                uvloop.install()
+            except ImportError:
+                pass
+            figures = asyncio.run(run(args, port))
         parent.send("stop")
         if not parent.poll(60):
             raise SystemExit("the fake authority did not report")
@@ -211,7 +330,8 @@ def main() -> None:
     figures["refresh_lag_p99_s"] = percentile(lag, 0.99)
     figures["refresh_lag_max_s"] = max(lag, default=float("nan"))
     figures["refresh_lag_mean_s"] = statistics.fmean(lag) if lag else float("nan")
-    print(f"names={args.names} ttl={args.ttl} max_concurrent={args.max_concurrent}")
+    mode = f"server workers={args.workers}" if args.server else "in-process"
+    print(f"{mode} names={args.names} ttl={args.ttl} max_concurrent={args.max_concurrent}")
     for key, value in figures.items():
         print(f"  {key:32} {value:,.3f}" if isinstance(value, float) else f"  {key:32} {value:,}")
 

@@ -432,6 +432,9 @@ class Supervisor:
         except (ValueError, asyncio.LimitOverrunError):
             log.error("worker %d sent an unreadable control message; stopping it", slot.index)
             slot.process.kill()
+        except ConnectionError:
+            # Killed with our `apply` lines unread, its socket resets rather than closes.
+            pass
         finally:
             slot.writer = None
             writer.close()

@@ -116,7 +116,10 @@ class ClientsFollower:
         again if another snapshot landed meanwhile. On failure the current set stays."""
         try:
             while self._pending is not None:
-                generation, clients = await load_clients(self._store)
+                # A connection of its own: reading a million rows takes the database thread
+                # for a second, and the changes applied meanwhile must not wait behind it.
+                async with await RegistrationStore.open(self._store.path, create=False) as bulk:
+                    generation, clients = await load_clients(bulk)
                 async with self._lock:
                     changes = await self._store.changes_since(generation)
                     self._pending = None

@@ -106,6 +106,7 @@ _RESOLVED_ROWS: Final = (
     f"SELECT r.family, r.network, {_HOST_PREFIX} FROM hostnames AS h"
     " JOIN resolved AS r ON r.hostname = h.hostname"
 )
+_IN_CHUNK: Final = 500  # hostnames per `IN (...)` list, well under SQLite's variable limit
 _CREATE_HINT: Final = "create it with `smartdns registrations add` or `import`"
 
 _Row = EntryRow  # account, family, network, prefix_len
@@ -215,6 +216,10 @@ class RegistrationStore:
         self._lock = asyncio.Lock()
         self._generation_written: int | None = None
         self._pending_generation: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     @property
     def generation_written(self) -> int | None:
@@ -838,40 +843,53 @@ class RegistrationStore:
         """Store what each hostname now resolves to (empty: nothing), in one write that
         moves the generation of every account holding a changed hostname, so each DNS
         process applies the change as it applies account writes. A hostname no account holds
-        keeps nothing. True when anything changed."""
+        keeps nothing. True when anything changed.
+
+        A batch costs a fixed number of statements, not some per hostname: the refresher's
+        first round after a start hands over thousands of hostnames at a time.
+        """
+        names = list(changes)
         async with self._writing("store resolved addresses") as db:
-            generation: int | None = None
-            for hostname, networks in changes.items():
+            held: set[str] = set()
+            old: dict[str, set[tuple[int, bytes]]] = {name: set() for name in names}
+            for start in range(0, len(names), _IN_CHUNK):
+                chunk = names[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
                 rows = await db.execute_fetchall(
-                    "SELECT family, network FROM resolved WHERE hostname = ?", (hostname,)
+                    f"SELECT DISTINCT hostname FROM hostnames WHERE hostname IN ({marks})", chunk
                 )
-                old = {(int(row[0]), bytes(row[1])) for row in rows}
-                held = await self._scalar(
-                    "SELECT 1 FROM hostnames WHERE hostname = ? LIMIT 1", (hostname,)
+                held.update(str(row[0]) for row in rows)
+                rows = await db.execute_fetchall(
+                    f"SELECT hostname, family, network FROM resolved WHERE hostname IN ({marks})",
+                    chunk,
                 )
-                new = {_key(network)[:2] for network in networks} if held else set()
-                if old == new:
-                    continue
-                if generation is None:
-                    generation = await self._bump_generation()
-                await db.executemany(
-                    "DELETE FROM resolved WHERE hostname = ? AND family = ? AND network = ?",
-                    ((hostname, *key) for key in old - new),
-                )
-                await db.executemany(
-                    "INSERT INTO resolved (hostname, family, network) VALUES (?, ?, ?)",
-                    ((hostname, *key) for key in new - old),
-                )
-                await self._remember_removed(
-                    generation,
-                    ((family, packed, 32 if family == 4 else 128) for family, packed in old - new),
-                )
-                await db.execute(
-                    "UPDATE accounts SET generation = ? WHERE account IN"
-                    " (SELECT account FROM hostnames WHERE hostname = ?)",
-                    (generation, hostname),
-                )
-            return generation is not None
+                for hostname, family, packed in rows:
+                    old[str(hostname)].add((int(family), bytes(packed)))
+            gone: list[tuple[str, int, bytes]] = []
+            added: list[tuple[str, int, bytes]] = []
+            for hostname in names:
+                new = {_key(n)[:2] for n in changes[hostname]} if hostname in held else set()
+                gone.extend((hostname, *key) for key in old[hostname] - new)
+                added.extend((hostname, *key) for key in new - old[hostname])
+            touched = sorted({row[0] for row in gone} | {row[0] for row in added})
+            if not touched:
+                return False
+            generation = await self._bump_generation()
+            await db.executemany(
+                "DELETE FROM resolved WHERE hostname = ? AND family = ? AND network = ?", gone
+            )
+            await db.executemany(
+                "INSERT INTO resolved (hostname, family, network) VALUES (?, ?, ?)", added
+            )
+            await self._remember_removed(
+                generation, ((f, packed, 32 if f == 4 else 128) for _, f, packed in gone)
+            )
+            await db.executemany(
+                "UPDATE accounts SET generation = ? WHERE account IN"
+                " (SELECT account FROM hostnames WHERE hostname = ?)",
+                ((generation, hostname) for hostname in touched),
+            )
+            return True
 
     async def ping(self) -> None:
         """Raise DatabaseError unless the database answers (health checks)."""

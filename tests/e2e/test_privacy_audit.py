@@ -5,12 +5,15 @@ at `logging.level: debug`: canary sources — registered and unregistered, IPv4 
 valid queries (A, AAAA, HTTPS, TXT; unblock-zone and forwarded names), malformed packets
 (FORMERR, NOTIMP, BADVERS, dropped), TCP queries and rate-limited floods, and the sync API gets
 PUT/GET/DELETE of an account holding canary addresses, PUTs with invalid canary addresses (422)
-and requests with a wrong token (401). Then everything the server produced is searched — stdout,
+and requests with a wrong token (401); an account registers a canary DDNS hostname that the
+upstream (the default `ddns.resolvers`) resolves to canary addresses, which then authorize.
+Then everything the server produced is searched — stdout,
 stderr, every file under its state and TMPDIR directories, the database dump and raw
 database/WAL bytes, /metrics, /v1/status, /healthz, the sync API's error bodies — for every
 canary in dotted/compressed, reversed, hex, packed, decimal, expanded and upper-case forms, and
 names in text, upper-case and wire form. The only hits allowed: registered addresses in the
-registration table (its `entries` rows in the dump, the raw database files).
+registration table (its `entries` rows in the dump, the raw database files), and the hostname
+and what it resolved to in its `hostnames` and `resolved` rows.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ UNREGISTERED_V6 = "fd53:7:300::88"
 FLOOD_REGISTERED = ("127.0.0.79", "fd53:7:200::79")
 FLOOD_UNREGISTERED = ("127.0.0.89", "fd53:7:400::89")
 SYNC_ADDRESSES = ("127.0.0.99", "fd53:7:500::99")  # registered through the API, then deleted
+DDNS_ADDRESSES = ("127.0.0.55", "fd53:7:600::55")  # what the canary hostname resolves to
 INVALID_ADDRESSES = ("127.0.0.66/33", "ff05:7::66")  # a PUT holding one of them gets 422
 QUERY_SOURCES = (REGISTERED_V4, REGISTERED_V6, UNREGISTERED_V4, UNREGISTERED_V6)
 REGISTERED_SOURCES = (REGISTERED_V4, REGISTERED_V6, *FLOOD_REGISTERED)
@@ -57,6 +61,7 @@ NAMESPACE_ADDRESSES = (
     *FLOOD_REGISTERED,
     *FLOOD_UNREGISTERED,
     *SYNC_ADDRESSES,
+    DDNS_ADDRESSES[1],
 )
 
 # Canary names.
@@ -68,6 +73,8 @@ TCP_NAME = "canary-tcp-6a0b.example.org"
 FLOOD_NAME = "canary-flood-4c2f.nflxvideo.net"
 CHAOS_NAME = "canary-chaos-83b7.bind"
 NAMES = (FORWARDED, UNBLOCK, NXDOMAIN, MALFORMED, TCP_NAME, FLOOD_NAME, CHAOS_NAME)
+DDNS_NAME = "canary-ddns-5e1f.example.org"  # a registered hostname: registration data
+DDNS_ACCOUNT = "acct-ddns"
 
 SYNC_ACCOUNT = "acct-audit"  # account ids are opaque and stored by design: not a canary
 WRONG_TOKEN = "c0ffee5eed" * 6
@@ -80,6 +87,7 @@ DROP_WAIT_S = 0.2  # how long to listen for the reply that must not come (QR set
 METRICS_DEADLINE_S = 5.0
 CLIENT_TIMEOUT_S = 60.0
 SYNC_EFFECT_S = 2.0
+DDNS_EFFECT_S = 5.0  # the refresher's hostname poll, then the lookup and its write
 
 UPSTREAM_RECORDS = [
     (FORWARDED, "A", [f"{FORWARDED}. 300 IN A 192.0.2.9"]),
@@ -87,6 +95,8 @@ UPSTREAM_RECORDS = [
     (FORWARDED, "TXT", [f'{FORWARDED}. 300 IN TXT "fwd"']),
     (TCP_NAME, "A", [f"{TCP_NAME}. 300 IN A 192.0.2.10"]),
     ("www.netflix.com", "A", ["www.netflix.com. 300 IN A 192.0.2.11"]),
+    (DDNS_NAME, "A", [f"{DDNS_NAME}. 60 IN A {DDNS_ADDRESSES[0]}"]),
+    (DDNS_NAME, "AAAA", [f"{DDNS_NAME}. 60 IN AAAA {DDNS_ADDRESSES[1]}"]),
 ]
 
 
@@ -126,7 +136,12 @@ NEVER = {
 }
 REGISTERED = {f"registered {a}": all_address_forms(a) for a in REGISTERED_SOURCES}
 DELETED = {f"deleted {a}": all_address_forms(a) for a in SYNC_ADDRESSES}
-EVERY_CANARY = {**NEVER, **REGISTERED, **DELETED}
+HOSTNAME = {
+    f"hostname {DDNS_NAME}": all_name_forms(DDNS_NAME),
+    **{f"resolved {a}": all_address_forms(a) for a in DDNS_ADDRESSES},
+}
+EVERY_CANARY = {**NEVER, **REGISTERED, **DELETED, **HOSTNAME}
+HOSTNAME_ROWS = (b'INSERT INTO "hostnames"', b'INSERT INTO "resolved"')
 
 
 def found_forms(
@@ -241,6 +256,10 @@ def _sync(server: Server) -> dict[str, Any]:
     for source in SYNC_ADDRESSES:
         rcode_within(server, source, dns.rcode.REFUSED, SYNC_EFFECT_S)
     results["get_deleted"] = call(server, "GET", account)
+    body = {"version": 9, "addresses": [], "hostnames": [DDNS_NAME]}
+    results["ddns_put"] = call(server, "PUT", f"/v1/accounts/{DDNS_ACCOUNT}", body)
+    for source in DDNS_ADDRESSES:  # the hostname was resolved and what it resolved to authorizes
+        rcode_within(server, source, dns.rcode.NOERROR, DDNS_EFFECT_S)
     return results
 
 
@@ -370,10 +389,14 @@ def test_search_finds_every_form_of_every_canary_when_planted(tmp_path: Path) ->
 
 
 def test_search_finds_the_registered_canaries_in_the_registration_table(session: Session) -> None:
-    """The real database is searched for real: each registered canary is in its entries rows."""
+    """The real database is searched for real: each registered canary is in its entries rows,
+    the hostname and what it resolved to in theirs."""
     entries = b"\n".join(line for line in session.dump if line.startswith(b'INSERT INTO "entries"'))
     for canary, forms in REGISTERED.items():
         assert find_canaries({"entries": entries}, {canary: forms}), canary
+    rows = b"\n".join(line for line in session.dump if line.startswith(HOSTNAME_ROWS))
+    for canary, forms in HOSTNAME.items():
+        assert find_canaries({"hostname rows": rows}, {canary: forms}), canary
 
 
 # --- the session ran as intended -----------------------------------------------------------------
@@ -411,6 +434,7 @@ def test_session_really_ran(session: Session) -> None:
     assert sync["put_wrong_token"][0] == sync["get_wrong_token"][0] == 401
     assert sync["delete"] == [200, {"account": SYNC_ACCOUNT, "version": 8, "existed": True}]
     assert sync["get_deleted"][0] == 404
+    assert sync["ddns_put"][0] == 200
     assert session.summary["healthz"][0] == 200
     assert session.summary["status"][0] == 200
     assert session.exit_code == 0
@@ -423,13 +447,13 @@ def test_session_really_ran(session: Session) -> None:
 
 
 def test_no_canary_in_stdout_or_stderr(session: Session) -> None:
-    assert find_canaries(session.output, {**NEVER, **REGISTERED, **DELETED}) == []
+    assert find_canaries(session.output, {**NEVER, **REGISTERED, **DELETED, **HOSTNAME}) == []
 
 
 def test_no_canary_in_files_outside_the_database(session: Session) -> None:
     files = {k: v for k, v in session.files.items() if not is_registration_db(k)}
     assert any(Path(k).name == "stderr.log" for k in files)  # the captured output is among them
-    assert find_canaries(files, {**NEVER, **REGISTERED, **DELETED}) == []
+    assert find_canaries(files, {**NEVER, **REGISTERED, **DELETED, **HOSTNAME}) == []
 
 
 def test_no_unregistered_canary_or_name_in_the_raw_database(session: Session) -> None:
@@ -451,8 +475,16 @@ def test_database_dump_holds_registered_addresses_only_in_entries(session: Sessi
     assert find_canaries(outside_entries, REGISTERED) == []
 
 
+def test_database_dump_holds_the_hostname_only_in_its_rows(session: Session) -> None:
+    """The hostname in its `hostnames` row, what it resolved to in its `resolved` rows (kept
+    only while an account holds it), and nowhere else in the database."""
+    dump = {f"dump line {i}": line for i, line in enumerate(session.dump)}
+    outside = {where: line for where, line in dump.items() if not line.startswith(HOSTNAME_ROWS)}
+    assert find_canaries(outside, HOSTNAME) == []
+
+
 def test_no_canary_in_http_answers(session: Session) -> None:
-    assert find_canaries(session.http, {**NEVER, **REGISTERED, **DELETED}) == []
+    assert find_canaries(session.http, {**NEVER, **REGISTERED, **DELETED, **HOSTNAME}) == []
 
 
 def test_the_temporary_directory_was_searched(session: Session) -> None:

@@ -4,6 +4,7 @@ CLI's import/export speaking the same document."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -120,10 +121,10 @@ def _every_probe_gets(server: Server, source: str, wanted: int) -> None:
     assert rcodes == [wanted] * PROBES, [dns.rcode.to_text(rcode) for rcode in rcodes]
 
 
-def _worker_queries(server: Server) -> list[float]:
+def _metric_values(server: Server, name: str) -> list[float]:
     with urllib.request.urlopen(f"{server.sync_url}/metrics", timeout=HTTP_TIMEOUT_S) as reply:
         text = reply.read().decode()
-    return re.findall(r"^smartdns_worker_queries_total\{[^}]*\} (\S+)$", text, re.M)
+    return [float(value) for value in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)]
 
 
 def test_put_delete_and_snapshot_are_in_every_workers_answers_at_their_200(
@@ -141,10 +142,35 @@ def test_put_delete_and_snapshot_are_in_every_workers_answers_at_their_200(
     _every_probe_gets(server, REGISTERED, dns.rcode.REFUSED)  # "demo" is not in the snapshot
     # The probes did reach both workers (each reports its count about once a second).
     deadline = time.monotonic() + 5.0
-    while not all(float(count) > 0 for count in _worker_queries(server)):
-        assert time.monotonic() < deadline, _worker_queries(server)
+    while not all(_metric_values(server, "smartdns_worker_queries_total")):
+        assert time.monotonic() < deadline, _metric_values(server, "smartdns_worker_queries_total")
         time.sleep(0.05)
-    assert len(_worker_queries(server)) == 2
+    assert len(_metric_values(server, "smartdns_worker_queries_total")) == 2
+
+
+def test_a_worker_that_does_not_confirm_is_counted_and_restarted(two_workers: Server) -> None:
+    """SPEC 4: the 200 goes out after a second anyway (the write is durable); the silent
+    worker is counted and replaced, and its successor answers from the database."""
+    server = two_workers
+    assert server.process is not None
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    stopped = int(children.read_text().split()[0])
+    os.kill(stopped, signal.SIGSTOP)  # alive but silent: it cannot confirm
+    try:
+        started = time.monotonic()
+        assert put(server, "acct-slow", 10, [UNREGISTERED])[0] == 200
+        waited = time.monotonic() - started
+        assert 0.9 < waited < 3.0, waited
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    assert sorted(_metric_values(server, "smartdns_worker_unconfirmed_total")) == [0, 1]
+    deadline = time.monotonic() + 15.0
+    while _metric_values(server, "smartdns_worker_up") != [1, 1]:
+        assert time.monotonic() < deadline, "not replaced:\n" + server.output()[-3000:]
+        time.sleep(0.05)
+    assert stopped not in [int(pid) for pid in children.read_text().split()]
+    _every_probe_gets(server, UNREGISTERED, dns.rcode.NOERROR)
 
 
 # --- 200 / 404 / 409 ---------------------------------------------------------------------------

@@ -152,3 +152,20 @@ async def test_schema_2_database_is_upgraded(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert version == (SCHEMA_VERSION,) == (3,)
+
+
+async def test_large_batch_in_one_write(store: RegistrationStore) -> None:
+    count = 1200  # over two IN (...) chunks
+    names = [f"h{i}.example.net" for i in range(count)]
+    await store.replace_snapshot(
+        Snapshot(
+            1, {f"a{i}": [] for i in range(count)}, {f"a{i}": (n,) for i, n in enumerate(names)}
+        )
+    )
+    since = await store.generation()
+    addresses = {n: [ipaddress.IPv4Network((0x0A000000 + i, 32))] for i, n in enumerate(names)}
+    assert await store.put_resolved({**addresses, "unheld.example.net": [R1]})
+    assert await store.generation() == since + 1
+    changes = await store.changes_since(since)
+    assert len(changes.present) == count and changes.gone == []
+    assert len(await authorized(store)) == count
