@@ -205,6 +205,57 @@ def render(
     return out.text()
 
 
+class FeedStateLike(Protocol):
+    """The registration feed's state (registrations.sources.feed.FeedState)."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def caught_up(self) -> bool: ...
+    @property
+    def last_revision(self) -> int: ...
+    @property
+    def lag(self) -> int: ...
+    @property
+    def applied(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    @property
+    def reconciled(self) -> int: ...
+
+
+def render_feed(state: FeedStateLike) -> str:
+    """The feed's families, appended to the page when `feed` is configured; no labels at all,
+    so no account id can reach them."""
+    out = _Exposition()
+    for name, kind, help_text, value in (
+        ("connected", "gauge", "1 while connected to a NATS server of the feed.", state.connected),
+        ("caught_up", "gauge", "1 once the bucket's current values are applied.", state.caught_up),
+        (
+            "last_revision",
+            "gauge",
+            "Bucket revision of the last change processed.",
+            state.last_revision,
+        ),
+        ("lag", "gauge", "Changes in the bucket not yet processed, at the last probe.", state.lag),
+        ("applied_total", "counter", "Feed changes that changed the local copy.", state.applied),
+        (
+            "rejected_total",
+            "counter",
+            "Feed values skipped whole: invalid, or older than held.",
+            state.rejected,
+        ),
+        (
+            "reconciled_total",
+            "counter",
+            "Local accounts removed as absent from the bucket.",
+            state.reconciled,
+        ),
+    ):
+        out.single(f"smartdns_feed_{name}", kind, help_text, int(value))
+    return out.text()
+
+
 def _render_forwarder(out: _Exposition, stats: ForwarderStatsLike) -> None:
     out.single(
         "smartdns_upstream_queries_sent_total",

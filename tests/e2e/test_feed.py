@@ -150,7 +150,7 @@ async def test_a_write_reaches_a_follower_and_the_writer_reads_its_own(
     single: NatsCluster,
 ) -> None:
     async with running(single.urls) as (writer, mine), running(single.urls) as (_, theirs):
-        revision = await writer.put_account("acct:1.eu", value(3, "203.0.113.7/32"))
+        revision, _ = await writer.put_account("acct:1.eu", value(3, "203.0.113.7/32"))
         assert await writer.wait_applied(revision)
         assert mine.accounts["acct:1.eu"] == value(3, "203.0.113.7/32")  # read-your-writes
         await eventually(lambda: "acct:1.eu" in theirs.accounts, 1.0)
@@ -177,12 +177,12 @@ async def test_stale_and_conflicting_versions_are_refused_fleet_wide(
     single: NatsCluster,
 ) -> None:
     async with running(single.urls) as (one, _), running(single.urls) as (two, _):
-        first = await one.put_account("x", value(5, "203.0.113.7/32"))
+        first, _ = await one.put_account("x", value(5, "203.0.113.7/32"))
         with pytest.raises(StaleWriteError, match="older"):
             await two.put_account("x", value(4, "203.0.113.7/32"))
         with pytest.raises(StaleWriteError, match="other content"):
             await two.put_account("x", value(5, "203.0.113.8/32"))
-        assert await two.put_account("x", value(5, "203.0.113.7/32")) == first  # no-op
+        assert (await two.put_account("x", value(5, "203.0.113.7/32")))[0] == first  # no-op
         with pytest.raises(StaleWriteError):
             await two.delete_account("x", 5)
 

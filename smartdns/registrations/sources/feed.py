@@ -237,6 +237,10 @@ class Feed:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.state = FeedState()
 
+    def reload(self, rules: RegistrationsConfig) -> None:
+        """New registration rules for the values read from now on (servers need a restart)."""
+        self._rules = rules
+
     # --- connection and follower ---------------------------------------------------------
 
     async def run(self) -> None:
@@ -673,10 +677,11 @@ class Feed:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
         raise FeedUnavailable("registration feed: the account is being written concurrently")
 
-    async def put_account(self, account: str, value: AccountValue) -> int:
-        """Replace the account in the bucket; returns the revision holding it (SPEC 4 PUT)."""
-        revision, _ = await self._write(account, value)
-        return revision
+    async def put_account(self, account: str, value: AccountValue) -> tuple[int, bool]:
+        """Replace the account in the bucket (SPEC 4 PUT); returns the revision holding it and
+        whether the account was live before."""
+        revision, previous = await self._write(account, value)
+        return revision, isinstance(previous, AccountValue)
 
     async def delete_account(self, account: str, version: int) -> tuple[int, bool]:
         """Leave a tombstone at `version`; returns the revision and whether the account was live."""

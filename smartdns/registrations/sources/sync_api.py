@@ -18,9 +18,11 @@ from typing import Final, NoReturn, Protocol, TypeVar
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from smartdns import logs
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.core.counters import Metrics
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.node.metrics import render_feed
 from smartdns.registrations.bulk import BULK_WORK
 from smartdns.registrations.entries import (
     ShapeError,
@@ -29,8 +31,10 @@ from smartdns.registrations.entries import (
     parse_version,
     validate_account_id,
 )
+from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.json_body import decode_account, decode_snapshot, free_gradually
-from smartdns.registrations.store import DatabaseError, RegistrationStore
+from smartdns.registrations.sources.feed import Feed, FeedUnavailable
+from smartdns.registrations.store import DatabaseError, RegistrationStore, SnapshotResult
 from smartdns.registrations.writer import RegistrationWriter
 
 log = logging.getLogger(__name__)
@@ -135,14 +139,21 @@ class SyncApi:
         node: Node,
         timeouts: Timeouts = Timeouts(),
     ) -> None:
-        self._store = store  # reads; writes go through the writer
+        self._store = store  # reads; writes go through the writer (or, with `feed`, the bucket)
         self._writer = RegistrationWriter(store, config.registrations, node.apply_registrations)
+        # With `feed` the bucket is written and this node's copy follows it through the writer.
+        self.feed = (
+            None if config.feed is None else Feed(config.feed, self._writer, config.registrations)
+        )
         self._metrics = metrics
         self._node = node
         self._timeouts = timeouts
         self._token = b""
         self._rules = config.registrations
         self._max_body = config.sync.max_body
+        self._feed_late = logs.WarnOnce(
+            __name__, "a feed write is in the bucket but this node did not apply it in time"
+        )
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -150,6 +161,8 @@ class SyncApi:
         self._token = config.sync.token.value
         self._rules = config.registrations
         self._writer.reload(config.registrations)
+        if self.feed is not None:
+            self.feed.reload(config.registrations)
         self._max_body = config.sync.max_body
 
     def application(self) -> web.Application:
@@ -303,6 +316,17 @@ class SyncApi:
         body = await self._read_body(request)
         account = self._account(request)
         version, networks, hostnames = await self._parse(body, decode_account)
+        if self.feed is not None:
+            value = AccountValue(version, networks, tuple(sorted(set(hostnames))))
+            await self._through_feed(self.feed.put_account(account, value))
+            return web.json_response(
+                {
+                    "account": account,
+                    "version": version,
+                    "addresses": len(networks),
+                    "hostnames": len(value.hostnames),
+                }
+            )
         record = await self._writer.put_account(account, version, networks, hostnames)
         return web.json_response(
             {
@@ -316,8 +340,24 @@ class SyncApi:
     async def _delete_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
         version = self._delete_version(request)
-        existed = await self._writer.delete_account(account, version)
+        if self.feed is not None:
+            existed = await self._through_feed(self.feed.delete_account(account, version))
+        else:
+            existed = await self._writer.delete_account(account, version)
         return web.json_response({"account": account, "version": version, "existed": existed})
+
+    async def _through_feed(self, write: Awaitable[tuple[int, _T]]) -> _T:
+        """A write to the bucket, answered once the bucket has it and this node applied it
+        (read-your-writes; a node that does not apply it within APPLIED_TIMEOUT_S answers
+        anyway, since the bucket holds the write). 503 when the bucket cannot be written."""
+        assert self.feed is not None
+        try:
+            revision, result = await write
+        except FeedUnavailable as error:
+            raise HttpError(503, str(error)) from None
+        if not await self.feed.wait_applied(revision):
+            self._feed_late.warn("timeout")
+        return result
 
     async def _get_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
@@ -341,7 +381,10 @@ class SyncApi:
             snapshot = await self._parse(body, decode_snapshot)
             del body
             validated = loop.time()
-            result = await self._writer.replace_snapshot(snapshot)
+            if self.feed is not None:
+                result = await self._through_feed(self._feed_snapshot(snapshot))
+            else:
+                result = await self._writer.replace_snapshot(snapshot)
             version = snapshot.version
             holder = [snapshot]
             del snapshot
@@ -359,6 +402,12 @@ class SyncApi:
             {"version": version, "accounts": result.accounts, "entries": result.entries}
         )
 
+    async def _feed_snapshot(self, snapshot: Snapshot) -> tuple[int, SnapshotResult]:
+        assert self.feed is not None
+        revision = await self.feed.replace_snapshot(snapshot)
+        entries = sum(len(networks) for networks in snapshot.accounts.values())
+        return revision, SnapshotResult(accounts=len(snapshot.accounts), entries=entries)
+
     async def _status(self, _request: web.Request) -> web.Response:
         status = await self._store.status()
         return web.json_response(
@@ -370,12 +419,19 @@ class SyncApi:
         )
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        if await self._node.healthy():
-            return web.Response(text="ok\n")
-        return web.Response(status=503, text="unavailable\n")
+        """200 `ok`; 200 `degraded` while DNS answers from the local copy but the feed is
+        disconnected or not caught up (not down: the node serves); 503 `unavailable`."""
+        if not await self._node.healthy():
+            return web.Response(status=503, text="unavailable\n")
+        state = None if self.feed is None else self.feed.state
+        if state is not None and not (state.connected and state.caught_up):
+            return web.Response(text="degraded\n")
+        return web.Response(text="ok\n")
 
     async def _render_metrics(self, _request: web.Request) -> web.Response:
         content_type, text = await self._node.metrics_page()
+        if self.feed is not None:
+            text += render_feed(self.feed.state)
         return web.Response(body=text.encode(), headers={"Content-Type": content_type})
 
 
@@ -428,12 +484,15 @@ class _JsonErrorServer(web.Server):
 
 
 class SyncServer:
-    """The running API: its aiohttp runner and its own store connection."""
+    """The running API: its aiohttp runner, its own store connection, and with `feed` the
+    task following the bucket (it writes through the API's writer)."""
 
     def __init__(self, runner: web.AppRunner, store: RegistrationStore, api: SyncApi) -> None:
         self._runner: web.AppRunner | None = runner
         self._store = store
         self.api = api
+        feed = api.feed
+        self._feed_task = None if feed is None else asyncio.create_task(feed.run(), name="feed")
 
     @property
     def port(self) -> int:
@@ -452,6 +511,9 @@ class SyncServer:
         try:
             await runner.cleanup()
         finally:
+            if self._feed_task is not None:
+                self._feed_task.cancel()
+                await asyncio.gather(self._feed_task, return_exceptions=True)
             try:
                 await self._store.close()
             except DatabaseError as error:

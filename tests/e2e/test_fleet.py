@@ -1,0 +1,152 @@
+"""A fleet (SPEC 4 "Registration feed"): three smartdns nodes, each with its own database,
+following one bucket on a three-server NATS cluster, all on loopback.
+
+Sources 127.0.0.20 and up stand for the customers' devices: registered through one node's
+sync API, they must be answered (NOERROR) or refused on every node within a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.rcode
+import pytest
+
+from tests.e2e.harness import Server, rcode_within, running_server
+from tests.e2e.nats import NatsCluster, nats_cluster
+from tests.e2e.test_sync_api import call
+from tests.fake_upstream import FakeUpstream
+
+EFFECT_S = 1.0  # SPEC 4: in DNS answers on every node within one second
+ELECTION_S = 30.0  # a NATS cluster that lost servers accepts writes again within this
+FEED_S = 20.0  # a node reconnects and catches up within this
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Fleet:
+    nats: NatsCluster
+    nodes: list[Server]
+
+
+def device(n: int) -> str:
+    return f"127.0.0.{20 + n}"
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Fleet]:
+    with nats_cluster(tmp_path / "nats", size=3) as cluster, contextlib.ExitStack() as stack:
+        feed = {"servers": cluster.urls, "bucket": "fleet", "replicas": 3}
+        nodes = []
+        for i in range(3):
+            state = tmp_path / f"node-{i}"
+            state.mkdir()
+            nodes.append(
+                stack.enter_context(running_server(state, upstream.address, {"feed": feed}))
+            )
+        fleet = Fleet(cluster, nodes)
+        for node in nodes:
+            wait_health(node, "ok")
+        yield fleet
+
+
+def health(node: Server) -> str:
+    status, text = call(node, "GET", "/healthz", token=None)
+    return f"{status} {str(text).strip()}"
+
+
+def wait_health(node: Server, wanted: str, timeout_s: float = FEED_S) -> float:
+    start = time.monotonic()
+    while (seen := health(node)) != f"200 {wanted}":
+        assert time.monotonic() - start < timeout_s, f"/healthz still {seen}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def put(node: Server, account: str, version: int, *sources: str) -> tuple[int, object]:
+    return call(
+        node, "PUT", f"/v1/accounts/{account}", {"version": version, "addresses": list(sources)}
+    )
+
+
+def put_retrying(node: Server, account: str, version: int, *sources: str) -> None:
+    """A write through `node`, retried while the cluster elects leaders (503)."""
+    start = time.monotonic()
+    while (result := put(node, account, version, *sources))[0] == 503:
+        assert time.monotonic() - start < ELECTION_S, result
+        time.sleep(0.1)
+    assert result[0] == 200, result
+
+
+def test_writes_through_any_node_reach_every_node_within_a_second(fleet: Fleet) -> None:
+    one, two, three = fleet.nodes
+    status, body = put(one, "cust:1.eu", 1, device(1))
+    assert (status, body) == (
+        200,
+        {"account": "cust:1.eu", "version": 1, "addresses": 1, "hostnames": 0},
+    )
+    assert one.query("www.netflix.com", source=device(1)).rcode() == dns.rcode.NOERROR
+    for node in (two, three):
+        rcode_within(node, device(1), dns.rcode.NOERROR, EFFECT_S)
+    assert put(two, "cust:1.eu", 0, device(1))[0] == 409  # stale, through another node
+    assert put(three, "cust:1.eu", 1, device(2))[0] == 409  # same version, other content
+    assert put(two, "cust:1.eu", 1, device(1))[0] == 200  # the same write repeated
+    status, body = call(three, "DELETE", "/v1/accounts/cust:1.eu?version=2")
+    assert (status, body) == (200, {"account": "cust:1.eu", "version": 2, "existed": True})
+    for node in fleet.nodes:
+        rcode_within(node, device(1), dns.rcode.REFUSED, EFFECT_S)
+    assert put(one, "cust:1.eu", 2, device(1))[0] == 409  # the tombstone holds fleet-wide
+    status, metrics = call(one, "GET", "/metrics", token=None)
+    assert "smartdns_feed_connected 1" in metrics and "smartdns_feed_caught_up 1" in metrics
+    assert "cust" not in metrics
+
+
+def test_a_killed_nats_server_and_a_restarted_node(fleet: Fleet) -> None:
+    one, two, three = fleet.nodes
+    put_retrying(one, "before", 1, device(1))
+    rcode_within(three, device(1), dns.rcode.NOERROR, EFFECT_S)
+    fleet.nats.kill(0)
+    put_retrying(two, "during", 1, device(2))
+    for node in fleet.nodes:
+        rcode_within(node, device(2), dns.rcode.NOERROR, EFFECT_S)
+
+    three.stop()
+    for n in range(50):
+        put_retrying(one, f"acct-{n}", 10 + n, f"127.0.1.{n}")
+    for n in range(10):
+        status, _ = call(two, "DELETE", f"/v1/accounts/acct-{n}?version=100")
+        assert status == 200
+    put_retrying(one, "before", 200)  # no addresses: device(1) refused from now on
+    three.start()
+    # Its old state at once (device(2) was registered before it stopped, and still is).
+    assert three.query("www.netflix.com", source=device(2)).rcode() == dns.rcode.NOERROR
+    wait_health(three, "ok")
+    rcode_within(three, device(1), dns.rcode.REFUSED, EFFECT_S)
+    rcode_within(three, "127.0.1.49", dns.rcode.NOERROR, EFFECT_S)
+    rcode_within(three, "127.0.1.3", dns.rcode.REFUSED, EFFECT_S)
+    _, status = call(three, "GET", "/v1/status")
+    assert status["accounts"] == 40 + 1 + 1  # acct-10..49, during, before (no addresses)
+
+
+def test_nodes_keep_answering_without_nats_and_converge_when_it_returns(fleet: Fleet) -> None:
+    one, two, _ = fleet.nodes
+    put_retrying(one, "kept", 1, device(3))
+    for node in fleet.nodes:
+        rcode_within(node, device(3), dns.rcode.NOERROR, EFFECT_S)
+    fleet.nats.kill()
+    for node in fleet.nodes:
+        wait_health(node, "degraded")
+        assert node.query("www.netflix.com", source=device(3)).rcode() == dns.rcode.NOERROR
+    assert put(two, "new", 1, device(4))[0] == 503  # the bucket cannot take it now
+    fleet.nats.start()
+    for node in fleet.nodes:
+        wait_health(node, "ok")
+    put_retrying(two, "new", 1, device(4))
+    for node in fleet.nodes:
+        rcode_within(node, device(4), dns.rcode.NOERROR, EFFECT_S)
+        rcode_within(node, device(3), dns.rcode.NOERROR, EFFECT_S)
