@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
+import subprocess
 
 import dns.message
 import dns.rcode
@@ -85,8 +87,28 @@ def test_bad_input_then_normal_query(
         assert reply[:2] == packet[:2]  # same ID
         assert reply[2] & 0x80  # QR
         assert reply[3] & 0x0F == rcode
+        assert reply[2] & 0x78 == packet[2] & 0x78  # the opcode copied (RFC 1035 §4.1.1)
     follow_up = server.query("www.netflix.com", "A")
     assert follow_up.rcode() == dns.rcode.NOERROR and follow_up.answer
+
+
+@pytest.mark.parametrize("source", [REGISTERED, UNREGISTERED])
+@pytest.mark.parametrize("opcode", ["15", "status", "notify", "update"])
+def test_dig_with_another_opcode_gets_notimp_with_its_opcode(
+    server: Server, opcode: str, source: str
+) -> None:
+    """dig discards a reply whose opcode differs ("Opcode mismatch") and times out."""
+    dig = shutil.which("dig")
+    if dig is None:
+        pytest.fail("dig is not installed; the README's test command installs it")
+    args = [dig, "@127.0.0.1", "-p", str(server.port), "-b", source, f"+opcode={opcode}"]
+    result = subprocess.run(
+        [*args, "+tries=1", "+time=2", "example.org"], capture_output=True, text=True, timeout=10
+    )
+    assert "mismatch" not in result.stdout + result.stderr
+    assert "status: NOTIMP" in result.stdout, result.stdout
+    shown = "RESERVED" + opcode if opcode.isdigit() else opcode.upper()
+    assert f"opcode: {shown}," in result.stdout
 
 
 def test_burst_of_random_packets_does_not_stall(server: Server) -> None:

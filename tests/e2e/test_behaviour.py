@@ -12,6 +12,7 @@ import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import pytest
@@ -23,6 +24,11 @@ from tests.fake_upstream import FakeUpstream
 CASES: list[dict[str, Any]] = yaml.safe_load(
     (Path(__file__).parents[1] / "data" / "behaviour.yaml").read_text()
 )
+# a designated resolver's SVCB RDATA (RFC 9461) in RFC 3597 form, as the fake upstream reads it
+_DDR_RDATA = dns.rdata.from_text(
+    "IN", "SVCB", '1 dns.upstream.example. alpn="dot" ipv4hint=192.0.2.53'
+)
+DDR = f"\\# {len(_DDR_RDATA.to_wire())} {_DDR_RDATA.to_wire().hex()}"
 SOURCES = {"registered": REGISTERED, "unregistered": UNREGISTERED, "registered_v6": REGISTERED_V6}
 
 
@@ -33,6 +39,24 @@ def table_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
         upstream.add("example.org", "AAAA", ["example.org. 300 IN AAAA 2001:db8::1"])
         upstream.add("www.netflix.com", "MX", ["www.netflix.com. 300 IN MX 10 mx.netflix.com."])
         upstream.add("www.netflix.com", "TXT", ['www.netflix.com. 300 IN TXT "real-txt"'])
+        # what an upstream would say for the names the node answers itself: never asked
+        upstream.add("_dns.resolver.arpa", "SVCB", [f"_dns.resolver.arpa. 300 IN SVCB {DDR}"])
+        upstream.add("resolver.arpa", "A", ["resolver.arpa. 300 IN A 192.0.2.53"])
+        upstream.add(
+            "use-application-dns.net", "A", ["use-application-dns.net. 300 IN A 192.0.2.8"]
+        )
+        # chains from a forwarded name into local names, with the real records behind them
+        cname = "tv.example.org. 300 IN CNAME www.netflix.com."
+        upstream.add("tv.example.org", "A", [cname, "www.netflix.com. 300 IN A 192.0.2.66"])
+        upstream.add("tv.example.org", "AAAA", [cname, "www.netflix.com. 300 IN AAAA 2001:db8::66"])
+        upstream.add(
+            "ddr.example.org",
+            "SVCB",
+            [
+                "ddr.example.org. 300 IN CNAME _dns.resolver.arpa.",
+                f"_dns.resolver.arpa. 300 IN SVCB {DDR}",
+            ],
+        )
         with running_server(tmp_path_factory.mktemp("table"), upstream.address) as server:
             yield server, upstream
 
@@ -189,3 +213,27 @@ def test_conformance_edns_512_dnskey_answer_truncated_then_complete_over_tcp(
         "dnssec.example.org", "DNSKEY", use_edns=0, payload=512, source=UNREGISTERED
     )
     assert refused.rcode() == dns.rcode.REFUSED and not refused.flags & dns.flags.TC
+
+
+def test_canary_forwarded_when_switched_off_and_resolve_mode_forwards_strangers(
+    tmp_path: Path,
+) -> None:
+    """`unblock.canary_nxdomain: false` lets the canary through to the upstream; under
+    `unregistered: resolve` the local names are, like every name, forwarded for strangers."""
+    with FakeUpstream() as upstream:
+        upstream.add(
+            "use-application-dns.net", "A", ["use-application-dns.net. 300 IN A 192.0.2.8"]
+        )
+        upstream.add("_dns.resolver.arpa", "SVCB", [f"_dns.resolver.arpa. 300 IN SVCB {DDR}"])
+        override = {"unblock": {"canary_nxdomain": False}, "unregistered": "resolve"}
+        with running_server(tmp_path, upstream.address, override) as server:
+            canary = server.query("use-application-dns.net", "A")
+            assert canary.rcode() == dns.rcode.NOERROR
+            assert [r.to_text() for rrset in canary.answer for r in rrset] == ["192.0.2.8"]
+            local = server.query("_dns.resolver.arpa", "SVCB")
+            assert local.rcode() == dns.rcode.NOERROR and not local.answer
+            assert upstream.count("_dns.resolver.arpa", "SVCB") == 0
+            stranger = server.query("_dns.resolver.arpa", "SVCB", source=UNREGISTERED)
+            assert stranger.rcode() == dns.rcode.NOERROR and stranger.answer
+            assert upstream.count("use-application-dns.net", "A") == 1
+            assert upstream.count("_dns.resolver.arpa", "SVCB") == 1

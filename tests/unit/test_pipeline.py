@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 
@@ -30,7 +30,7 @@ from smartdns.core.answers import Responder, build_local_zones
 from smartdns.core.cache import AnswerCache
 from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics
-from smartdns.core.peer import stream_peer, udp_peer
+from smartdns.core.peer import Peer, stream_peer, udp_peer
 from smartdns.core.ratelimit import RateLimits
 from smartdns.node.daemon import build_settings
 from smartdns.serve.pipeline import Pipeline, Settings
@@ -267,3 +267,65 @@ def test_reload_starts_with_an_empty_packet_cache_and_keeps_the_answer_cache(
     reloaded = build_settings(config, pipeline.settings)
     assert len(reloaded.packets_other) == 0 and len(reloaded.packets_authorized) == 0
     assert reloaded.cache is pipeline.settings.cache
+
+
+@pytest.mark.parametrize("peer_of", [udp_peer, stream_peer])
+def test_local_names_are_answered_here_for_clients_and_refused_to_strangers(
+    up: FakeUpstream, peer_of: Callable[[str], Peer]
+) -> None:
+    up.add("_dns.resolver.arpa", "SVCB", ["_dns.resolver.arpa. 300 IN SVCB \\# 3 000100"])
+    pipeline = _pipeline(up, Clock(), "netflix.com")
+    for name, qtype, rcode, owner in (
+        ("_dns.resolver.arpa", "SVCB", dns.rcode.NOERROR, "resolver.arpa."),
+        ("use-application-dns.net", "A", dns.rcode.NXDOMAIN, "use-application-dns.net."),
+    ):
+        wire = dns.message.make_query(name, qtype).to_wire()
+        reply = pipeline.handle(wire, peer_of(CLIENT))
+        assert isinstance(reply, bytes)  # answered at once: no upstream
+        local = dns.message.from_wire(reply)
+        assert local.rcode() == rcode and not local.answer
+        assert [str(rrset.name) for rrset in local.authority] == [owner]
+        stranger = pipeline.handle(wire, peer_of("127.0.0.9"))
+        assert isinstance(stranger, bytes)
+        assert dns.message.from_wire(stranger).rcode() == dns.rcode.REFUSED
+    assert up.count() == 0
+
+
+async def test_each_query_is_counted_once_under_its_outcome(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _limited(up, clock, client_qps=100, refused_qps=1)
+    unblock = dns.message.make_query("www.netflix.com", "A").to_wire()
+    await _ask(pipeline, "example.org")  # a miss: forward
+    packets = [
+        (unblock, CLIENT),  # unblock
+        (unblock, CLIENT),  # the same again, from the packet cache: unblock
+        (dns.message.make_query("example.org", "A").to_wire(), CLIENT),  # forward, cache hit
+        (unblock[:4] + b"\x00\x02" + unblock[6:], CLIENT),  # malformed
+        (unblock[:2] + b"\x79" + unblock[3:], CLIENT),  # opcode 15: malformed (NOTIMP)
+        (unblock, "127.0.0.9"),  # refuse
+        (unblock, "127.0.0.9"),  # over refused_qps: rate limited
+        (b"\x00", CLIENT),  # unreadable
+        (dns.message.make_query("version.bind", "TXT", rdclass="CH").to_wire(), CLIENT),
+    ]
+    for packet, host in packets:
+        pipeline.handle(packet, udp_peer(host))
+    counted = {outcome.value: n for (_, outcome), n in pipeline.metrics.queries.items()}
+    assert counted == {
+        "forward": 2,
+        "unblock": 2,
+        "malformed": 2,
+        "refuse": 2,  # the stranger's first query and CHAOS
+        "rate_limited": 1,
+        "unreadable": 1,
+    }
+    assert sum(counted.values()) == len(packets) + 1
+
+
+def test_notimp_for_another_opcode_copies_it(up: FakeUpstream) -> None:
+    pipeline = _pipeline(up, Clock())
+    query = dns.message.make_query("example.org", "A")
+    query.set_opcode(15)
+    reply = pipeline.handle(query.to_wire(), udp_peer(CLIENT))
+    assert isinstance(reply, bytes)
+    parsed = dns.message.from_wire(reply)
+    assert parsed.rcode() == dns.rcode.NOTIMP and parsed.opcode() == 15 and parsed.id == query.id
