@@ -206,9 +206,10 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
     except RegistrationError as error:
         print(f"smartdns: invalid input: {args.file}: {error}", file=sys.stderr)
         return EXIT_INVALID
-    result = await _writer(config, store).replace_snapshot(snapshot)
+    version = snapshot.version
+    result = await _writer(config, store).replace_snapshot([snapshot])
     counts = f"{result.accounts} accounts, {result.entries} entries"
-    print(f"imported snapshot version {snapshot.version}: {counts}")
+    print(f"imported snapshot version {version}: {counts}")
     return 0
 
 

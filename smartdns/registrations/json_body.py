@@ -57,6 +57,12 @@ def decode_snapshot(body: bytes, rules: RegistrationsConfig) -> Snapshot:
             free_gradually(document)
 
 
+def release_snapshot(holder: list[Snapshot]) -> None:
+    """Drop the last reference to a stored snapshot, a little at a time (worker thread)."""
+    # The copy takes the accounts over, so the snapshot's own dict goes without freeing them.
+    free_gradually(dict(holder.pop().accounts))
+
+
 def free_gradually(mapping: dict[str, Any]) -> None:
     """Empty `mapping` one item per step, and so each dict among its values (a decoded
     snapshot's `accounts`). Freeing a million objects in one C-level deallocation holds the

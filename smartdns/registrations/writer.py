@@ -7,12 +7,14 @@ then announces the change so the DNS side applies it before the source reports s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from typing import TypeVar
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
 from smartdns.registrations.feed_format import FeedApplied, FeedChange
+from smartdns.registrations.json_body import release_snapshot
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
 
 # Called with the store's generation after a write that changed something, and whether that
@@ -64,9 +66,16 @@ class RegistrationWriter:
         validate_account_id(account)
         return await self._through(self._store.delete_account(account, version))
 
-    async def replace_snapshot(self, snapshot: Snapshot) -> SnapshotResult:
-        """Replace every registration with `snapshot`, all or nothing."""
-        return await self._through(self._store.replace_snapshot(snapshot), everything=True)
+    async def replace_snapshot(self, holder: list[Snapshot]) -> SnapshotResult:
+        """Replace every registration with the snapshot in `holder`, all or nothing. The
+        snapshot is taken out of `holder` and freed once stored, before the DNS side loads
+        the new set, so a million entries are not held twice over meanwhile."""
+        return await self._through(self._store_snapshot(holder), everything=True)
+
+    async def _store_snapshot(self, holder: list[Snapshot]) -> SnapshotResult:
+        result = await self._store.replace_snapshot(holder[0])
+        await asyncio.to_thread(release_snapshot, holder)
+        return result
 
     async def apply_feed(
         self, changes: Sequence[FeedChange], snapshot_version: int | None

@@ -45,7 +45,9 @@ async def test_each_change_is_announced_with_its_generation(store: RegistrationS
     await writer.add_entries("a", [B])
     await writer.remove_entries("a", [B])
     assert await writer.delete_account("a", 2)
-    await writer.replace_snapshot(Snapshot(3, MappingProxyType({"b": (A,)})))
+    holder = [Snapshot(3, MappingProxyType({"b": (A,)}))]
+    assert (await writer.replace_snapshot(holder)).entries == 1
+    assert holder == []  # taken and freed once stored
     assert not await writer.remove_entries("missing", None)
     assert heard.generations == [1, 2, 3, 4, 5]
     assert heard.everything == [False, False, False, False, True]

@@ -32,7 +32,7 @@ from smartdns.registrations.entries import (
     validate_account_id,
 )
 from smartdns.registrations.feed_format import AccountValue
-from smartdns.registrations.json_body import decode_account, decode_snapshot, free_gradually
+from smartdns.registrations.json_body import decode_account, decode_snapshot, release_snapshot
 from smartdns.registrations.sources.feed import Feed, FeedUnavailable
 from smartdns.registrations.store import DatabaseError, RegistrationStore, SnapshotResult
 from smartdns.registrations.writer import RegistrationWriter
@@ -117,12 +117,6 @@ _HTTP_LOG.addFilter(_NoDetails())
 
 
 # --- bodies -------------------------------------------------------------------------------
-
-
-def _release_snapshot(holder: list[Snapshot]) -> None:
-    """Drop the last reference to a stored snapshot, a little at a time (worker thread)."""
-    # The copy takes the accounts over, so the snapshot's own dict goes without freeing them.
-    free_gradually(dict(holder.pop().accounts))
 
 
 # --- the application ----------------------------------------------------------------------
@@ -381,14 +375,14 @@ class SyncApi:
             snapshot = await self._parse(body, decode_snapshot)
             del body
             validated = loop.time()
-            if self.feed is not None:
-                result = await self._through_feed(self._feed_snapshot(snapshot))
-            else:
-                result = await self._writer.replace_snapshot(snapshot)
             version = snapshot.version
             holder = [snapshot]
-            del snapshot
-            await asyncio.to_thread(_release_snapshot, holder)
+            del snapshot  # freed once stored, before the DNS side loads the new set
+            if self.feed is not None:
+                result = await self._through_feed(self._feed_snapshot(holder[0]))
+                await asyncio.to_thread(release_snapshot, holder)
+            else:
+                result = await self._writer.replace_snapshot(holder)
         log.info(
             "snapshot version %d applied: %d accounts, %d entries "
             "(validated in %.2f s, stored in %.2f s)",
