@@ -23,6 +23,7 @@ from smartdns.node.metrics import (
     WorkerSample,
     render,
 )
+from smartdns.registrations.sources.feed import FeedState
 from smartdns.registrations.store import DatabaseError, RegistrationStore
 
 PROBE_S: Final = 2.0  # a database probe for /healthz or /metrics
@@ -92,9 +93,9 @@ class NodeStatus:
             return False
         return True
 
-    async def metrics_page(self) -> tuple[str, str]:
+    async def metrics_page(self, feed: FeedState | None = None) -> tuple[str, str]:
         """(content type, Prometheus text); without registration counts when the database
-        does not answer in time."""
+        does not answer in time; with the feed's state when the node follows one."""
         registrations: RegistrationStatsLike | None = None
         try:
             async with asyncio.timeout(self._probe_s):

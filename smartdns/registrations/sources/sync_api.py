@@ -22,7 +22,6 @@ from smartdns import logs
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.core.counters import Metrics
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
-from smartdns.node.metrics import render_feed
 from smartdns.registrations.bulk import BULK_WORK
 from smartdns.registrations.entries import (
     ShapeError,
@@ -33,7 +32,7 @@ from smartdns.registrations.entries import (
 )
 from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.json_body import decode_account, decode_snapshot, release_snapshot
-from smartdns.registrations.sources.feed import Feed, FeedUnavailable
+from smartdns.registrations.sources.feed import Feed, FeedState, FeedUnavailable
 from smartdns.registrations.store import DatabaseError, RegistrationStore, SnapshotResult
 from smartdns.registrations.writer import RegistrationWriter
 
@@ -65,8 +64,9 @@ class Node(Protocol):
         """DNS listeners and the database up; bounds its own waits."""
         ...
 
-    async def metrics_page(self) -> tuple[str, str]:
-        """(content type, text) of the Prometheus exposition."""
+    async def metrics_page(self, feed: FeedState | None) -> tuple[str, str]:
+        """(content type, text) of the Prometheus exposition, with the feed's families when
+        one is configured."""
         ...
 
     async def apply_registrations(self, generation: int, everything: bool) -> None:
@@ -423,9 +423,8 @@ class SyncApi:
         return web.Response(text="ok\n")
 
     async def _render_metrics(self, _request: web.Request) -> web.Response:
-        content_type, text = await self._node.metrics_page()
-        if self.feed is not None:
-            text += render_feed(self.feed.state)
+        feed = None if self.feed is None else self.feed.state
+        content_type, text = await self._node.metrics_page(feed)
         return web.Response(body=text.encode(), headers={"Content-Type": content_type})
 
 
