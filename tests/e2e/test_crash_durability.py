@@ -221,3 +221,65 @@ def test_kill_9_of_a_worker_mid_burst(tmp_path: Path, upstream: FakeUpstream) ->
                 assert time.monotonic() < deadline + 20, f"round {round_number}: no restart"
                 time.sleep(0.02)
             _answers_equal_the_database(server, _stored(server.database_path), ledger)
+
+
+def _snapshot_put(server: Server, body: bytes, outcome: list[int]) -> None:
+    request = urllib.request.Request(
+        server.sync_url + "/v1/snapshot",
+        data=body,
+        method="PUT",
+        headers={"Authorization": f"Bearer {server.token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=WRITE_TIMEOUT_S * 6) as response:
+            outcome.append(int(response.status))
+    except (urllib.error.URLError, http.client.HTTPException, OSError):
+        pass  # the server is gone
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_snapshot_leaves_all_of_it_or_none(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A snapshot killed at any moment is all there or not at all after the restart, a 200'd
+    one always all there, and DNS answers what the database holds."""
+    seed = int(time.time())
+    rng = random.Random(seed)
+    with running_server(tmp_path, upstream.address) as server:
+        for round_number in range(4):
+            version = 100 + round_number
+            accounts = {
+                f"s{version}-{i}": [f"127.{version}.{i // 250}.{i % 250 + 1}"]
+                for i in range(20_000)
+            }
+            body = json.dumps({"version": version, "accounts": accounts}).encode()
+            before = _stored(server.database_path)
+            outcome: list[int] = []
+            put = threading.Thread(target=_snapshot_put, args=(server, body, outcome), daemon=True)
+            put.start()
+            time.sleep(rng.uniform(0.0, 0.5))  # upload, validation, transaction, or the load
+            server.kill()
+            put.join(WRITER_JOIN_S)
+            stored = _stored(server.database_path)
+            new = {name: (version, False, frozenset(a)) for name, a in accounts.items()}
+            assert stored in (before, new), f"seed {seed}: a half-applied snapshot"
+            if outcome == [200]:
+                assert stored == new, f"seed {seed}: a 200'd snapshot lost"
+            server.start()
+            _some_answer(server, stored, dns.rcode.NOERROR, rng)
+            _some_answer(server, before if stored == new else new, dns.rcode.REFUSED, rng)
+
+
+def _some_answer(
+    server: Server,
+    accounts: dict[str, tuple[int, bool, frozenset[str]]],
+    wanted: int,
+    rng: random.Random,
+) -> None:
+    """Twenty addresses of `accounts` (all when fewer) get `wanted`."""
+    addresses = sorted(
+        {a for _, deleted, entries in accounts.values() if not deleted for a in entries}
+    )
+    for address in rng.sample(addresses, min(20, len(addresses))):
+        rcode = server.query("www.netflix.com", source=address).rcode()
+        assert rcode == wanted, f"{address}: {dns.rcode.to_text(rcode)}"
