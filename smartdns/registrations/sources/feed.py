@@ -70,6 +70,9 @@ REPUBLISH_PREFIX: Final = "smartdns-feed"
 EAGER_LIMIT: Final = 65_536  # republished messages buffered; beyond that the watch delivers
 WAKE_S: Final = 0.1  # longest wait for a message before looking at the reconnect flag
 WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the watch
+GAP_FILL_S: Final = 0.5  # while the watch is down, read missed changes this often
+GAP_FILL_MAX: Final = 64  # changes read per gap fill
+GAP_FILL_TIMEOUT_S: Final = 0.5
 RETRY_BASE_S: Final = 0.1  # backoff after a failed session or reconnect, doubled per attempt
 RETRY_MAX_S: Final = 5.0
 APPLY_BATCH: Final = 5_000  # changes per sink call
@@ -214,6 +217,7 @@ class _Session:
     eager: dict[str, int] = field(default_factory=dict)
     eager_revisions: list[int] = field(default_factory=list)  # applied, for wait_applied
     hold: bool = False  # a marker was republished: no fast path until the watch sees it
+    filled_to: int = 0  # the gap fill read the stream up to this revision
 
 
 class _Stalled(Exception):
@@ -382,13 +386,42 @@ class Feed:
         leader) and meanwhile apply the changes arriving on the fast path."""
         task = asyncio.ensure_future(work)
         try:
+            loop = asyncio.get_running_loop()
+            next_fill = loop.time()
             while fast is not None and not task.done():
                 with contextlib.suppress(nats.errors.TimeoutError):
                     self._eager(await _next_msg(fast, WAKE_S), session)
+                if loop.time() >= next_fill:
+                    await self._fill_gap(session)
+                    next_fill = loop.time() + GAP_FILL_S
                 await self._flush(session)
             return await task
         finally:
             task.cancel()
+
+    async def _fill_gap(self, session: _Session) -> None:
+        """Changes stored while this node was reconnecting were republished to no one: read
+        them from the stream by revision (the stream's leader answers; no consumer, no meta
+        leader), up to GAP_FILL_MAX at a time, and apply them ahead of the watch."""
+        if self._nc is None or session.catching_up:
+            return
+        js = self._nc.jetstream(timeout=GAP_FILL_TIMEOUT_S)
+        start = max(session.last_sequence, session.filled_to) + 1
+        for _ in range(GAP_FILL_MAX):
+            try:
+                raw = await js.get_msg(
+                    stream_name(self._settings.bucket), start, self._prefix + ">", next=True
+                )
+            except Exception as exc:  # nothing after `start`, no leader, not connected
+                log.debug("feed: gap fill stopped (%s)", type(exc).__name__)
+                return
+            sequence = int(raw.seq or 0)
+            if sequence < start:
+                return
+            operation = raw.headers.get(KV_OP) if raw.headers else None
+            self._ahead(raw.subject or "", sequence, operation, raw.data or b"", session)
+            session.filled_to = sequence
+            start = sequence + 1
 
     async def _probe(
         self,
@@ -470,12 +503,24 @@ class Feed:
         return (account, value)
 
     def _eager(self, msg: Msg, session: _Session) -> None:
-        """A republished change, applied ahead of the watch when nothing orders it otherwise:
-        not while catching up or staging a snapshot, not once the watch has delivered it.
-        Invalid ones are left for the watch to count."""
+        """A republished change: its original subject and revision are in its headers."""
         headers = msg.headers or {}
         subject = headers.get("Nats-Subject", "")
         sequence = int(headers.get("Nats-Sequence", "0") or 0)
+        self._ahead(subject, sequence, headers.get(KV_OP), msg.data, session)
+
+    def _ahead(
+        self,
+        subject: str,
+        sequence: int,
+        operation: str | None,
+        data: bytes,
+        session: _Session,
+    ) -> None:
+        """A change from the fast path or a gap fill, applied ahead of the watch when nothing
+        orders it otherwise: not while catching up or staging a snapshot, not once the watch
+        or the fast path had it or a later change to the account. Invalid ones are left for
+        the watch to count."""
         if (
             session.catching_up
             or session.staging is not None
@@ -490,14 +535,13 @@ class Feed:
             return
         try:
             account = key_account(key)
-            value = (
-                None
-                if headers.get(KV_OP) in (KV_DEL, KV_PURGE)
-                else decode_value(msg.data, self._rules)
-            )
+            deleted = operation in (KV_DEL, KV_PURGE)
+            value = None if deleted else decode_value(data, self._rules)
         except RegistrationError:
             return
         if account is None or (value is not None and value.version < session.floor):
+            return
+        if sequence <= session.eager.get(account, 0):
             return
         session.eager[account] = sequence
         session.eager_revisions.append(sequence)
