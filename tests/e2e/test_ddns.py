@@ -4,6 +4,7 @@ whose records the tests change, the sync API and the CLI, one worker and two."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import dns.rcode
 import pytest
+import yaml
 
 from tests.e2e.harness import Server, rcode_within, running_server
 from tests.e2e.test_sync_api import call
@@ -160,3 +162,26 @@ def test_refresher_runs_once_with_workers(
         for _ in range(20):  # fresh source ports: SO_REUSEPORT spreads them over both workers
             assert server.query("www.netflix.com", source=FIRST).rcode() == dns.rcode.NOERROR
         assert authority.count(HOME, "A") == 1  # the main process resolves, not each worker
+
+
+def test_sighup_switches_to_new_resolvers(ddns_server: Server, authority: FakeAuthority) -> None:
+    server = ddns_server
+    authority.set_addresses(HOME, [FIRST], ttl=TTL)
+    assert (
+        call(
+            server, "PUT", "/v1/accounts/home", {"version": 1, "addresses": [], "hostnames": [HOME]}
+        )[0]
+        == 200
+    )
+    rcode_within(server, FIRST, dns.rcode.NOERROR, DEADLINE_S)
+    with FakeAuthority() as other:
+        other.set_addresses(HOME, [SECOND], ttl=TTL)
+        config = server.config
+        config["ddns"]["resolvers"] = [other.address]
+        server.config_path.write_text(yaml.safe_dump(config))
+        server.notifications.clear()
+        server.signal(signal.SIGHUP)
+        server.wait_notification("READY=1", DEADLINE_S)
+        rcode_within(server, SECOND, dns.rcode.NOERROR, TTL + 1 + 0.5)
+        assert refused(server, FIRST)
+        assert other.count(HOME, "A") >= 1

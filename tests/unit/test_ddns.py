@@ -15,6 +15,7 @@ from smartdns.config.model import DdnsConfig, HostPort, RegistrationsConfig, Ups
 from smartdns.core.chain import LookupOutcome, Resolution
 from smartdns.registrations.entries import Network
 from smartdns.registrations.sources.ddns import (
+    FIRST_JITTER,
     JITTER,
     LATENCY_BOUNDS_S,
     HostnameRefresher,
@@ -164,6 +165,15 @@ def test_spread_stays_in_ttl_window(base: float, low: float, high: float) -> Non
     assert low <= spread(base, 30, 300, 0.5) <= high
 
 
+@pytest.mark.parametrize(
+    ("base", "low", "high"),
+    [(60, 30, 60), (300, 150, 300), (40, 30, 40), (10, 30, 33)],
+)
+def test_first_answers_spread_over_half_the_ttl(base: float, low: float, high: float) -> None:
+    assert spread(base, 30, 300, 0.0, FIRST_JITTER) == pytest.approx(low)
+    assert spread(base, 30, 300, 1.0, FIRST_JITTER) == pytest.approx(high)
+
+
 def test_spread_without_room_is_exact() -> None:
     assert spread(10, 60, 60, 0.7) == 60
     assert JITTER == 0.1
@@ -212,8 +222,9 @@ async def test_refresh_interval_is_the_ttl_clamped(
     rig.refresher.add([HOME])
     async with started(rig):
         assert await asyncio.to_thread(authority.wait_for_count, HOME, 6, WAIT_S)  # 3 lookups
-    assert len(authority.intervals) >= 2
-    assert all(low <= interval <= high + 0.5 for interval in authority.intervals)
+    first, *rest = authority.intervals  # the first answer's spread is wider (FIRST_JITTER)
+    assert min(low, 1.0) <= first <= high + 0.5
+    assert rest and all(low <= interval <= high + 0.5 for interval in rest)
 
 
 async def test_cname_chain_followed_and_refreshed(rig: Rig) -> None:

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 MAX_LOOKUPS_PER_S: Final = 4000.0  # hostname lookups started per second (2+ queries each)
 LOOKUP_DEADLINE_S: Final = 10.0  # a lookup (A and AAAA, CNAME targets) that takes longer failed
 JITTER: Final = 0.1  # refreshes are spread over the last 10 % of the TTL
+# A name's first answer (a registration, or every name after a start) is spread over the last
+# half: names looked up in one burst come due apart from their second lookup on, instead of
+# in the same burst again.
+FIRST_JITTER: Final = 0.5
 SINK_RETRY_S: Final = 1.0  # after the sink failed to apply a batch
 # Lookup latency histogram bounds, seconds (Prometheus `le`).
 LATENCY_BOUNDS_S: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -302,8 +306,9 @@ class HostnameRefresher:
         state.due = due
         heapq.heappush(self._heap, (due, hostname))
 
-    def _spread(self, base_s: float) -> float:
-        return spread(base_s, self._ddns.min_ttl, self._ddns.max_ttl, self._rng.random())
+    def _spread(self, base_s: float, jitter: float = JITTER) -> float:
+        ddns = self._ddns
+        return spread(base_s, ddns.min_ttl, ddns.max_ttl, self._rng.random(), jitter)
 
     def _backoff(self, failures: int) -> float:
         """min_ttl, doubling per consecutive failure up to max_ttl, spread like a refresh."""
@@ -332,10 +337,11 @@ class HostnameRefresher:
         outcome = resolution.outcome
         within_grace = now < state.good_until
         if outcome is LookupOutcome.ADDRESSES:
+            jitter = JITTER if state.answer else FIRST_JITTER
             state.failures = 0
             state.good_until = now + self._ddns.grace
             self._deliver(hostname, state, self._accept(state, resolution.addresses))
-            self._schedule(hostname, state, now + self._spread(resolution.ttl))
+            self._schedule(hostname, state, now + self._spread(resolution.ttl, jitter))
             return
         if outcome is LookupOutcome.FAILED:
             state.failures += 1
@@ -410,13 +416,15 @@ class HostnameRefresher:
             self._flusher = None
 
 
-def spread(base_s: float, min_ttl: float, max_ttl: float, fraction: float) -> float:
+def spread(
+    base_s: float, min_ttl: float, max_ttl: float, fraction: float, jitter: float = JITTER
+) -> float:
     """When to look up again: `base_s` clamped to [min_ttl, max_ttl], then the point at
-    `fraction` (0..1, random) of its last JITTER part, so names answered together come due
+    `fraction` (0..1, random) of its last `jitter` part, so names answered together come due
     apart and never later than their TTL. At min_ttl the spread goes up instead (a lookup is
-    never sooner than min_ttl), at most to max_ttl."""
+    never sooner than min_ttl), by JITTER at most and never past max_ttl."""
     base = min(max(base_s, min_ttl), max_ttl)
-    low = max(min_ttl, base * (1 - JITTER))
+    low = max(min_ttl, base * (1 - jitter))
     high = base if base > low else min(max_ttl, base * (1 + JITTER))
     return low + (high - low) * fraction
 
