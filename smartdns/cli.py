@@ -135,7 +135,20 @@ def _writer(config: Config, store: RegistrationStore) -> RegistrationWriter:
     return RegistrationWriter(store, config.registrations)
 
 
+def _warn_if_feed(config: Config) -> None:
+    """add and remove are operator overrides on this node's database, keeping the account's
+    version; a fleet following a feed orders writes by the portal's versions, so the bucket's
+    next value for the account, or the next catch-up, undoes them."""
+    if config.feed is not None:
+        print(
+            "smartdns: warning: feed is configured: this changes only this node's copy, and the"
+            " feed will undo it; change accounts through the sync API or `registrations import`",
+            file=sys.stderr,
+        )
+
+
 async def _add(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    _warn_if_feed(config)
     account = validate_account_id(args.account)
     if not args.addresses and not args.hostnames:
         raise RegistrationError("", "give at least one address or --hostname")
@@ -154,6 +167,7 @@ def _hostnames(values: list[str]) -> tuple[str, ...]:
 
 
 async def _remove(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
+    _warn_if_feed(config)
     account = validate_account_id(args.account)
     whole = not args.addresses and not args.hostnames
     networks = None if whole else parse_addresses(list(args.addresses), config.registrations)
@@ -207,6 +221,17 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
         print(f"smartdns: invalid input: {args.file}: {error}", file=sys.stderr)
         return EXIT_INVALID
     version = snapshot.version
+    if config.feed is not None:
+        # Into the bucket: every node of the fleet, this one too, applies it from there.
+        from smartdns.registrations.sources.feed import Feed  # NATS only when it is used
+
+        feed = Feed(config.feed, _writer(config, store), config.registrations)
+        async with feed.writing():
+            await feed.replace_snapshot(snapshot)
+        entries = sum(len(networks) for networks in snapshot.accounts.values())
+        counts = f"{len(snapshot.accounts)} accounts, {entries} entries"
+        print(f"imported snapshot version {version} into the feed's bucket: {counts}")
+        return 0
     result = await _writer(config, store).replace_snapshot([snapshot])
     counts = f"{result.accounts} accounts, {result.entries} entries"
     print(f"imported snapshot version {version}: {counts}")

@@ -22,6 +22,7 @@ from smartdns.node.metrics import (
     RegistrationStatsLike,
     WorkerSample,
     render,
+    render_feed,
 )
 from smartdns.registrations.sources.feed import FeedState
 from smartdns.registrations.store import DatabaseError, RegistrationStore
@@ -112,4 +113,6 @@ class NodeStatus:
             workers=side.worker_samples(),
             ddns=self._ddns(),
         )
+        if feed is not None:
+            text += render_feed(feed)
         return CONTENT_TYPE, text

@@ -8,6 +8,7 @@ sync API, they must be answered (NOERROR) or refused on every node within a seco
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,3 +151,18 @@ def test_nodes_keep_answering_without_nats_and_converge_when_it_returns(fleet: F
     for node in fleet.nodes:
         rcode_within(node, device(4), dns.rcode.NOERROR, EFFECT_S)
         rcode_within(node, device(3), dns.rcode.NOERROR, EFFECT_S)
+
+
+def test_the_cli_imports_into_the_bucket_and_warns_about_overrides(fleet: Fleet) -> None:
+    one, two, three = fleet.nodes
+    document = {"version": 50, "accounts": {"imported": [device(5)]}}
+    path = one.state / "snapshot.json"
+    path.write_text(json.dumps(document))
+    result = one.cli("registrations", "import", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "into the feed's bucket: 1 accounts, 1 entries" in result.stdout
+    for node in fleet.nodes:
+        rcode_within(node, device(5), dns.rcode.NOERROR, EFFECT_S)
+    assert put(two, "late", 50, device(6))[0] == 409  # at the snapshot's version
+    result = three.cli("registrations", "add", "x", device(6))
+    assert result.returncode == 0 and "the feed will undo it" in result.stderr

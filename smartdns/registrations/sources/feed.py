@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Iterable, Sequence, Set
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -296,6 +296,25 @@ class Feed:
             error_cb=error,
         )
         return nc
+
+    @contextlib.asynccontextmanager
+    async def writing(self, timeout_s: float = WRITE_TIMEOUT_S) -> AsyncIterator[Feed]:
+        """Connected for writes only, without following (the CLI); FeedUnavailable when no
+        server of `feed.servers` answers within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                self._nc = await self._connect()
+                js = self._nc.jetstream(timeout=WRITE_TIMEOUT_S)
+                self._kv = await open_bucket(js, self._settings.bucket, self._settings.replicas)
+                self._js = js
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            await self._close()
+            raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
+        try:
+            yield self
+        finally:
+            self._js = self._kv = None
+            await self._close()
 
     async def _close(self) -> None:
         nc, self._nc = self._nc, None
