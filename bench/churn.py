@@ -48,6 +48,7 @@ from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import snapshot_apply
 from bench.snapshot_apply import healthy, wait_for, write_token
 from bench.tools import (
     REPO,
@@ -80,21 +81,11 @@ def address(index: int) -> str:
 
 
 def write_config(workdir: Path, dns_port: int, sync_port: int, workers: int) -> Path:
-    config = {
-        "server": {"listen": [f"127.0.0.1:{dns_port}"], "workers": workers},
-        "database": {"path": str(workdir / "registrations.db")},
-        "registrations": {"public_only": False},
-        "unblock": {
-            "ttl": 60,
-            "regions": {"us": {"ipv4": ["198.51.100.10"]}},
-            "zones": {"us": ["netflix.com"]},
-        },
-        "upstream": {"servers": ["127.0.0.1:9"], "timeout": 0.5, "attempts": 1},
-        "rate_limit": {"client_qps": 10_000_000, "refused_qps": 10_000_000},
-        "sync": {"listen": f"127.0.0.1:{sync_port}", "token_file": str(workdir / "sync.token")},
-        "logging": {"level": "warning"},
-    }
-    path = workdir / "smartdns.yaml"
+    """snapshot_apply's configuration, with `workers` and quieter logs."""
+    path = snapshot_apply.write_config(workdir, dns_port, sync_port)
+    config = json.loads(path.read_text())
+    config["server"]["workers"] = workers
+    config["logging"]["level"] = "warning"
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     return path
 

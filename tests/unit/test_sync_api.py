@@ -555,15 +555,17 @@ async def test_body_over_max_body_is_413_before_reading(tmp_path: Path) -> None:
         await asyncio.wait_for(running.server.close(), AWAIT_S)
 
 
-async def _raw_exchange(api: Api, request: bytes) -> bytes:
-    """Send `request` and stall; the first line the server sends (b"" when it just closes)."""
+async def _raw_exchange(api: Api, request: bytes, *, whole: bool = False) -> bytes:
+    """Send `request` and stall; the first line the server sends (b"" when it just closes),
+    or with `whole` everything it sends until it closes."""
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection("127.0.0.1", api.server.port), AWAIT_S
     )
     try:
         writer.write(request)
         await asyncio.wait_for(writer.drain(), AWAIT_S)
-        return await asyncio.wait_for(reader.readline(), AWAIT_S)
+        received = reader.read() if whole else reader.readline()
+        return await asyncio.wait_for(received, AWAIT_S)
     finally:
         writer.close()
 
@@ -770,19 +772,6 @@ def _responses(received: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return responses
 
 
-async def _whole_reply(api: Api, request: bytes) -> bytes:
-    """Send `request`; everything received until the server closes."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", api.server.port), AWAIT_S
-    )
-    try:
-        writer.write(request)
-        await asyncio.wait_for(writer.drain(), AWAIT_S)
-        return await asyncio.wait_for(reader.read(), AWAIT_S)
-    finally:
-        writer.close()
-
-
 _MALFORMED = {
     "control_char_in_header": _put(b"X-Note: a\x01" + CANARY.encode() + b"\r\n"),
     "over_long_header_line": _put(b"X-Note: " + CANARY.encode() * 2000 + b"\r\n"),
@@ -817,7 +806,7 @@ _MALFORMED = {
 async def test_malformed_http_gets_a_json_error_echoing_nothing(
     api: Api, request_bytes: bytes
 ) -> None:
-    received = await _whole_reply(api, request_bytes)
+    received = await _raw_exchange(api, request_bytes, whole=True)
     responses = _responses(received)
     assert responses and responses[-1][0] in (400, 413, 415, 431), received[:300]
     for status, headers, body in responses:
