@@ -84,11 +84,13 @@ class ClientsFollower:
         """Return once the write at `generation` is in effect: catch up now (its writer is
         waiting), or wait for the full load that covers it. Raises DatabaseError."""
         while not self.is_applied(generation):
+            if self._generation < generation or self._full_load is None:
+                await self.catch_up()  # starts the full load when one is due
+                if self.is_applied(generation):
+                    return
             task = self._full_load
-            if self._generation >= generation and task is not None:
+            if task is not None:
                 await asyncio.shield(task)
-            else:
-                await self.catch_up()
 
     async def catch_up(self) -> None:
         """Apply whatever changed since the generation applied. Raises DatabaseError."""

@@ -210,3 +210,25 @@ async def test_a_schema_1_database_is_upgraded_and_followed(tmp_path: Path) -> N
         assert not node.follower.clients.is_authorized("203.0.113.7")
     finally:
         await node.close()
+
+
+async def test_a_reader_past_the_kept_removals_loads_whole_without_spinning(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "KEEP_REMOVED_GENERATIONS", 2)
+    monkeypatch.setattr(store_module, "_PRUNE_EVERY", 1)
+    for version in range(1, 12):
+        await node.store.put_account("moving", version, [POOL[version % 2]])
+    reads = 0
+    changes_since = node.store.changes_since
+
+    async def counted(since: int) -> store_module.Changes:
+        nonlocal reads
+        reads += 1
+        return await changes_since(since)
+
+    monkeypatch.setattr(node.store, "changes_since", counted)
+    await node.follower.wait_applied(await node.store.generation())
+    assert reads <= 3  # one to learn a full load is due, one after it; no busy loop
+    assert len(node.published) == 1
+    await node.matches_a_full_load()
