@@ -176,7 +176,7 @@ def check_reply(packet: bytes, query: Query | None, reply: bytes, peer: Peer) ->
         assert reply[12 : 12 + len(question)] == question, "question not echoed"
         limit = peer.reply_limit
         if limit is None:
-            limit = min(query.udp_limit, EDNS_UDP_SIZE)
+            limit = min(query.udp_size or 512, EDNS_UDP_SIZE)
         assert len(reply) <= limit, "reply over the client's or the transport's limit"
 
 

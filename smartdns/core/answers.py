@@ -24,6 +24,7 @@ from smartdns.core.wire import (
     FLAG_RA,
     FLAG_RD,
     FLAG_TC,
+    MIN_UDP_SIZE,
     QCLASS_IN,
     QTYPE_A,
     QTYPE_AAAA,
@@ -157,24 +158,36 @@ class Responder:
         return error_reply(packet, error.rcode, error.question, opt)
 
     def _build(
-        self, query: Query, flags: int, an: int, ns: int, ar: int, records: bytes, limit: int
+        self,
+        query: Query,
+        flags: int,
+        an: int,
+        ns: int,
+        ar: int,
+        records: bytes,
+        limit: int | None,
     ) -> bytes:
         """Header + question + records + our OPT when the query had one (RFC 6891 §7, DO
-        copied per RFC 3225 §3); over `limit` octets, header + question + OPT with TC set,
-        so the client retries over TCP (RFC 1035 §4.2.1). `flags` are the reply's own
-        (see `reply_flags`); `ar` excludes our OPT."""
+        copied per RFC 3225 §3); over the limit, header + question + OPT with TC set, so
+        the client retries over TCP (RFC 1035 §4.2.1). `flags` are the reply's own (see
+        `reply_flags`); `ar` excludes our OPT. `limit` is the peer's (Peer.reply_limit);
+        None means the query's own: its EDNS size (else 512) capped by ours (SPEC 2)."""
         if query.has_edns:
             opt = self._opt_do if query.dnssec_ok else self._opt_plain
             extra = 1
+            if limit is None:
+                limit = min(query.udp_size, self.edns_udp_size)
         else:
             opt = b""
             extra = 0
+            if limit is None:
+                limit = MIN_UDP_SIZE
         reply = _PACK(query.id, flags, 1, an, ns, ar + extra) + query.question + records + opt
         if len(reply) <= limit:
             return reply
         return self._bare(query, flags | FLAG_TC)
 
-    def local(self, query: Query, verdict: Verdict, zone: LocalZone, limit: int) -> bytes:
+    def local(self, query: Query, verdict: Verdict, zone: LocalZone, limit: int | None) -> bytes:
         """UNBLOCK, NODATA or NXDOMAIN for a local name (authoritative: AA set)."""
         copied = query.flags & _COPIED_FLAGS
         if verdict is _UNBLOCK:
@@ -206,7 +219,9 @@ class Responder:
     def servfail(self, query: Query) -> bytes:
         return self._bare(query, _SERVFAIL | (query.flags & _COPIED_FLAGS))
 
-    def forwarded(self, query: Query, answer: ForwardedAnswer, records: bytes, limit: int) -> bytes:
+    def forwarded(
+        self, query: Query, answer: ForwardedAnswer, records: bytes, limit: int | None
+    ) -> bytes:
         """An upstream answer for this client: its ID, question and OPT; `records` may carry
         TTLs rewritten by the cache. AD only for clients that asked for it (RFC 6840 §5.8)."""
         flags = answer.flags
@@ -223,7 +238,11 @@ class Responder:
         )
 
     def chain(
-        self, query: Query, chain: Sequence[CnameLink], cut: ChainCut[LocalZone], limit: int
+        self,
+        query: Query,
+        chain: Sequence[CnameLink],
+        cut: ChainCut[LocalZone],
+        limit: int | None,
     ) -> bytes:
         """A forwarded CNAME chain cut where policy says (`cut.links` links kept), then the
         local answer for the last target: its proxy addresses, or the name's SOA."""

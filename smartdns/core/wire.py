@@ -1,4 +1,4 @@
-"""DNS wire format for the hot path: header, question and OPT parsing, reply building.
+"""DNS wire format for the hot path: header, question and OPT parsing, upstream answers.
 
 Pure functions on bytes; no I/O, no logging, no dnslib (it costs tens of µs per packet).
 """
@@ -60,11 +60,6 @@ class Query(NamedTuple):
     has_edns: bool
     udp_size: int
     dnssec_ok: bool
-
-    @property
-    def udp_limit(self) -> int:
-        """Largest UDP reply the client accepts, before our own `edns_udp_size` cap."""
-        return self.udp_size if self.has_edns else MIN_UDP_SIZE
 
 
 _HEADER = struct.Struct("!6H")

@@ -43,6 +43,7 @@ MAX_WAITING: Final = 10_000  # queries waiting for upstream; more get SERVFAIL a
 
 _OUTCOME: Final = {verdict: Outcome(verdict.value) for verdict in Verdict}
 _FOREVER: Final = float("inf")
+_PLAIN: Final = NameKind.PLAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +120,7 @@ class Pipeline:
         if admission is Admission.TRUNCATE:
             return self._done(peer, Outcome.TRUNCATED, settings.responder.truncated(query))
         zone = settings.zones.match(query.qname) if authorized else None
-        kind = NameKind.PLAIN if zone is None else zone.kind
+        kind = _PLAIN if zone is None else zone.kind
         facts = new_tuple(QueryFacts, (authorized, kind, query.qtype, query.qclass))
         verdict = decide(facts, settings.unregistered)
         if verdict is Verdict.FORWARD:
@@ -130,8 +131,7 @@ class Pipeline:
             reply = settings.responder.refused(query)
         else:
             assert zone is not None  # the local verdicts only come from a local name
-            limit = _limit(query, peer, settings.responder)
-            reply = settings.responder.local(query, verdict, zone, limit)
+            reply = settings.responder.local(query, verdict, zone, peer.reply_limit)
         outcome = _OUTCOME[verdict]
         if peer.spoofable:  # local answers change only by reload
             packets = settings.packets_authorized if authorized else settings.packets_other
@@ -139,7 +139,8 @@ class Pipeline:
         return self._send(peer, outcome, reply, authorized, now)
 
     def _done(self, peer: Peer, outcome: Outcome, reply: bytes | None) -> bytes | None:
-        """Count the query's outcome (once) and return its reply."""
+        """Count the query's outcome (the one place outcomes are counted) and return its
+        reply."""
         self.metrics.queries[peer.transport, outcome] += 1
         return reply
 
@@ -265,7 +266,7 @@ class Pipeline:
         a local name (with the zones of now, so a reload applies to cached answers too)."""
         responder = settings.responder
         answer = entry.answer
-        limit = _limit(query, peer, responder)
+        limit = peer.reply_limit
         if answer.has_cname and authorized:  # policy never cuts other sources' chains
             try:
                 chain = cname_chain(query.question, records, answer.answer_count)
@@ -292,11 +293,3 @@ class Pipeline:
         if len(packet) < HEADER_SIZE or packet[2] & 0x80:  # a runt, or QR set
             return self._done(peer, Outcome.INTERNAL_ERROR, None)
         return self._done(peer, Outcome.INTERNAL_ERROR, error_reply(packet, RCODE_SERVFAIL))
-
-
-def _limit(query: Query, peer: Peer, responder: Responder) -> int:
-    """The largest reply this peer takes: the transport's, else the query's UDP limit (its
-    EDNS size or 512) capped by ours (SPEC 2)."""
-    if peer.reply_limit is not None:
-        return peer.reply_limit
-    return min(query.udp_limit, responder.edns_udp_size)

@@ -126,7 +126,7 @@ def _check_reply(packet: bytes, reply: bytes, peer: Peer) -> dns.message.Message
     if query is not None:
         assert reply[12 : 12 + len(query.question)] == query.question  # echoed byte for byte
         limit = peer.reply_limit
-        assert len(reply) <= (min(query.udp_limit, EDNS_UDP_SIZE) if limit is None else limit)
+        assert len(reply) <= (min(query.udp_size or 512, EDNS_UDP_SIZE) if limit is None else limit)
     return message
 
 

@@ -49,14 +49,14 @@ def test_plain_query_fields() -> None:
     assert b"NetFlix" in query.question
     assert query.qname == encode_name("www.netflix.com")
     assert (query.qtype, query.qclass) == (28, 1)
-    assert not query.has_edns and query.udp_limit == 512
+    assert not query.has_edns and query.udp_size == 0
 
 
 def test_edns_fields_and_small_size_counts_as_512() -> None:
     query = parse_query(_query(use_edns=0, payload=4096, want_dnssec=True))
     assert query.has_edns and query.udp_size == 4096 and query.dnssec_ok
     small = parse_query(_query(use_edns=0, payload=100))
-    assert small.udp_limit == 512 and not small.dnssec_ok
+    assert small.udp_size == 512 and not small.dnssec_ok
 
 
 def test_unknown_options_and_flags_are_ignored() -> None:
