@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.harness import free_port
 
 START_TIMEOUT_S = 15.0
@@ -29,6 +27,8 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 def require_nats_server() -> None:
     if not Path(NATS_SERVER).exists():
+        import pytest  # only here: bench/fleet.py uses this module without pytest
+
         pytest.skip("nats-server is not installed (scripts/run-tests installs it)")
 
 

@@ -18,6 +18,7 @@ A = ipaddress.IPv4Network("203.0.113.7/32")
 B = ipaddress.IPv4Network("198.51.100.0/24")
 A_PREFIX = (4, int(A.network_address), 32)
 B_PREFIX = (4, int(B.network_address), 24)
+FIRST = int(ipaddress.IPv4Address("100.64.0.0"))
 
 
 @pytest.fixture
@@ -98,3 +99,19 @@ async def test_the_writer_announces_feed_changes(store: RegistrationStore) -> No
     await writer.apply_feed([("x", AccountValue(1, (A,)))], None)  # a repeat: nothing new
     await writer.reconcile_feed(set(), None)
     assert announced == [1, 2]
+
+
+async def test_a_batch_of_new_accounts_then_changes_to_them(store: RegistrationStore) -> None:
+    """New accounts go in bulk; a later change to one of them in the same batch still wins."""
+    changes: list[tuple[str, AccountValue | Tombstone | None]] = [
+        (f"n{i}", AccountValue(1, (ipaddress.IPv4Network((FIRST + i, 32)),))) for i in range(1200)
+    ]
+    changes += [("n5", AccountValue(2, (A,))), ("n6", None), ("n7", Tombstone(3))]
+    assert await store.apply_feed(changes, None) == FeedApplied(1203, 0)
+    status = await store.status()
+    assert (status.accounts, status.entries) == (1198, 1198)
+    assert (await store.get_account("n5")).networks == (A,)  # type: ignore[union-attr]
+    since = 0
+    assert len((await store.changes_since(since)).present) == 1198
+    again = await store.apply_feed(changes[:1200], None)  # a catch-up over the same keys
+    assert again == FeedApplied(1, 2)  # n6 returns (it was removed); n5, n7 hold newer
