@@ -318,7 +318,7 @@ async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
             # watch's consumer was being re-created, so it alone gets longer.
             assert converged[0] < 3.0
             assert max(converged[1:]) < 1.0
-            await eventually(lambda: follower.state.caught_up)
+            await eventually(lambda: follower.state.caught_up, ELECTION_S)
             cluster.start(victim)
             await writer.put_account("back", value(1, "203.0.113.3/32"))
             await eventually(lambda: "back" in sink.accounts, 2.0)
