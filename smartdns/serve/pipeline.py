@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from smartdns.config.model import CacheConfig, RateLimitConfig, Unregistered
 from smartdns.core.answers import LocalZone, Responder, error_reply
-from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, PacketHit, cache_key
+from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, cache_key
 from smartdns.core.clients import AuthorizedClients
 from smartdns.core.counters import Metrics, Outcome
 from smartdns.core.peer import Peer
@@ -108,8 +108,10 @@ class Pipeline:
             if admission is Admission.ALLOW:
                 packets = settings.packets_authorized if authorized else settings.packets_other
                 hit = packets.get(packet[2:], now)
-                if hit is not None:
-                    return self._replay(packet, hit, peer, authorized, now)
+                if hit is not None:  # the stored reply with this query's ID
+                    if hit.outcome is Outcome.FORWARD:
+                        settings.cache.hits += 1  # the answer cache would have answered it
+                    return self._send(peer, hit.outcome, packet[:2] + hit.reply, authorized, now)
         try:
             query = parse_query(packet)
         except WireError as error:
@@ -157,14 +159,6 @@ class Pipeline:
         ):
             return self._done(peer, Outcome.RATE_LIMITED, None)
         return self._done(peer, outcome, reply)
-
-    def _replay(
-        self, packet: bytes, hit: PacketHit, peer: Peer, authorized: bool, now: float
-    ) -> bytes | None:
-        """A packet-cache hit: the stored reply with this query's ID."""
-        if hit.outcome is Outcome.FORWARD:
-            self.settings.cache.hits += 1  # the answer cache would have answered it
-        return self._send(peer, hit.outcome, packet[:2] + hit.reply, authorized, now)
 
     def _forward(self, packet: bytes, query: Query, peer: Peer, authorized: bool) -> Reply:
         """A fresh cache entry answers at once (and fills the packet cache until the TTL
