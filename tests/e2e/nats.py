@@ -42,11 +42,12 @@ class NatsServer:
     monitor_port: int = field(default_factory=free_port)
     cluster_port: int = field(default_factory=free_port)
     routes: list[int] = field(default_factory=list)  # other servers' cluster ports
+    tls: tuple[Path, Path] | None = None  # certificate and key: clients must use TLS
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.client_port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.client_port}"
 
     def command(self) -> list[str]:
         command = [
@@ -63,6 +64,8 @@ class NatsServer:
             "-sd",
             str(self.directory / "store"),
         ]
+        if self.tls:
+            command += ["--tls", "--tlscert", str(self.tls[0]), "--tlskey", str(self.tls[1])]
         if self.routes:
             routes = ",".join(f"nats://127.0.0.1:{port}" for port in self.routes)
             command += [
@@ -131,10 +134,13 @@ def wait_healthy(servers: list[NatsServer]) -> None:
 
 
 @contextlib.contextmanager
-def nats_cluster(tmp_path: Path, size: int = 3) -> Iterator[NatsCluster]:
-    """`size` servers (1: a plain JetStream server; more: a cluster with routes), started."""
+def nats_cluster(
+    tmp_path: Path, size: int = 3, tls: tuple[Path, Path] | None = None
+) -> Iterator[NatsCluster]:
+    """`size` servers (1: a plain JetStream server; more: a cluster with routes), started;
+    with `tls` (certificate, key) clients connect with TLS only."""
     require_nats_server()
-    servers = [NatsServer(f"n{i}", tmp_path / f"nats-{i}") for i in range(size)]
+    servers = [NatsServer(f"n{i}", tmp_path / f"nats-{i}", tls=tls) for i in range(size)]
     if size > 1:
         for server in servers:
             server.routes = [other.cluster_port for other in servers if other is not server]
@@ -144,3 +150,22 @@ def nats_cluster(tmp_path: Path, size: int = 3) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.kill()
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl):
+    (CA file, certificate, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    extensions = directory / "san.cnf"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for command in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=test"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", extensions],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True, timeout=30)
+    return ca, cert, key

@@ -39,7 +39,7 @@ from smartdns.registrations.sources.feed import (
     FeedUnavailable,
     stream_name,
 )
-from tests.e2e.nats import NatsCluster, nats_cluster
+from tests.e2e.nats import NatsCluster, make_certificates, nats_cluster
 
 LAB = RegistrationsConfig(public_only=False)
 BUCKET = "smartdns-test"
@@ -116,10 +116,16 @@ async def running(
 ) -> AsyncIterator[tuple[Feed, MemorySink]]:
     sink = sink or MemorySink()
     feed = Feed(Settings(tuple(servers), replicas=replicas), sink, LAB)
-    task = asyncio.create_task(feed.run())
-    try:
+    async with running_feed(feed):
         await eventually(lambda: feed.state.caught_up)
         yield feed, sink
+
+
+@contextlib.asynccontextmanager
+async def running_feed(feed: Feed) -> AsyncIterator[None]:
+    task = asyncio.create_task(feed.run())
+    try:
+        yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -322,3 +328,20 @@ async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
             cluster.start(victim)
             await writer.put_account("back", value(1, "203.0.113.3/32"))
             await eventually(lambda: "back" in sink.accounts, 2.0)
+
+
+async def test_tls_to_the_servers_with_the_configured_ca(tmp_path: Path) -> None:
+    ca, cert, key = make_certificates(tmp_path / "tls")
+    with nats_cluster(tmp_path, size=1, tls=(cert, key)) as cluster:
+        assert cluster.urls[0].startswith("tls://")
+        sink = MemorySink()
+        feed = Feed(Settings(tuple(cluster.urls), tls_ca_file=ca), sink, LAB)
+        async with running_feed(feed):
+            await eventually(lambda: feed.state.caught_up)
+            revision, _ = await feed.put_account("tls", value(1, "203.0.113.7/32"))
+            assert await feed.wait_applied(revision) and "tls" in sink.accounts
+        # Without the CA the server's certificate is not trusted: no connection at all.
+        untrusting = Feed(Settings(tuple(cluster.urls)), MemorySink(), LAB)
+        async with running_feed(untrusting):
+            with pytest.raises(AssertionError):
+                await eventually(lambda: untrusting.state.connected, 2.0)
