@@ -104,7 +104,11 @@ def test_writes_through_any_node_reach_every_node_within_a_second(fleet: Fleet) 
     assert put(one, "cust:1.eu", 2, device(1))[0] == 409  # the tombstone holds fleet-wide
     status, metrics = call(one, "GET", "/metrics", token=None)
     assert "smartdns_feed_connected 1" in metrics and "smartdns_feed_caught_up 1" in metrics
-    assert "cust" not in metrics
+    for node in fleet.nodes:  # SPEC 7: logged at debug level, and still no id or address
+        _, page = call(node, "GET", "/metrics", token=None)
+        assert "feed: caught up" in node.output()  # the log is there to search
+        for text in (node.output(), page):
+            assert "cust" not in text and device(1) not in text and device(2) not in text
 
 
 def test_a_killed_nats_server_and_a_restarted_node(fleet: Fleet) -> None:
