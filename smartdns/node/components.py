@@ -1,5 +1,6 @@
-"""The lifecycle components both process kinds share: the registration database, the systemd
-watchdog and notifications, and the sync API. The daemon puts them in order.
+"""The lifecycle components both process kinds share: the registration database, the pruning
+of removed entries, the systemd watchdog and notifications, and the sync API. The daemon puts
+them in order.
 
 Nothing here sees a query; each component owns the tasks it starts.
 """
@@ -8,17 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 from smartdns.config.model import Config, HostPort
 from smartdns.core.counters import Metrics
+from smartdns.errors import SmartDNSError
+from smartdns.logs import WarnOnce
 from smartdns.node import systemd
 from smartdns.node.lifecycle import Component
 from smartdns.registrations.sources.sync_api import Node, SyncServer, start_sync_api
 from smartdns.registrations.store import RegistrationStore
 
 log = logging.getLogger(__name__)
+
+# A removed entry is kept this long after its write, for DNS processes catching up by what
+# changed (they apply within a second; a full load of a million entries takes a few seconds);
+# a process further behind loads everything.
+KEEP_REMOVED_S: Final = 60.0
+PRUNE_INTERVAL_S: Final = 5.0
 
 
 class Database(Component):
@@ -50,6 +61,46 @@ class Database(Component):
         store, self._store = self._store, None
         if store is not None:
             await store.close()
+
+
+class RemovedEntriesPruner(Component):
+    """Forgets the entries writes took away once every DNS process has had KEEP_REMOVED_S to
+    apply them, and all of them at start and at stop (no reader is behind then): the
+    database never keeps an address for longer than that after its removal (SPEC 7). One
+    per node, in the process that owns the sync API; started before any DNS process loads."""
+
+    name = "removed-entry pruning"
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._task: asyncio.Task[None] | None = None
+        self._failures = WarnOnce(__name__, "cannot prune removed registration entries")
+
+    async def start(self, config: Config) -> None:
+        await self._database.store.forget_removed()
+        self._task = asyncio.get_running_loop().create_task(self._prune_periodically())
+
+    async def stop(self) -> None:
+        await cancel_tasks(self._task)
+        self._task = None
+        await self._database.store.forget_removed()
+
+    async def _prune_periodically(self) -> None:
+        loop = asyncio.get_running_loop()
+        seen: deque[tuple[float, int]] = deque()  # (when, generation then), oldest first
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            store = self._database.store
+            try:
+                now = loop.time()
+                seen.append((now, await store.generation()))
+                through = None
+                while seen and now - seen[0][0] >= KEEP_REMOVED_S:
+                    through = seen.popleft()[1]
+                if through is not None:
+                    await store.forget_removed(through)
+            except SmartDNSError as error:  # the database is down: the next round retries
+                self._failures.warn(type(error).__name__)
 
 
 class Watchdog(Component):

@@ -25,6 +25,7 @@ from smartdns.core.ratelimit import RateLimits
 from smartdns.errors import ConfigError, SmartDNSError
 from smartdns.node.components import (
     Database,
+    RemovedEntriesPruner,
     SyncService,
     SystemdAnnouncer,
     Watchdog,
@@ -233,7 +234,8 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
             database.store, metrics, NodeView(pipeline, dns.listeners), apply, ddns=ddns.sample
         ),
     )
-    components = [database, Watchdog(dns.are_up), *serving, ddns, sync]
+    pruner = RemovedEntriesPruner(database)
+    components = [database, pruner, Watchdog(dns.are_up), *serving, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop)
 
 
@@ -253,7 +255,8 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
             database.store, metrics, WorkersView(supervisor), supervisor.apply, ddns=ddns.sample
         ),
     )
-    components = [database, Watchdog(supervisor.all_ready), workers, ddns, sync]
+    pruner = RemovedEntriesPruner(database)
+    components = [database, pruner, Watchdog(supervisor.all_ready), workers, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop), workers
 
 

@@ -261,6 +261,8 @@ class RegistrationStore:
                 )
             await self._db.execute("PRAGMA synchronous = FULL")  # a 200 means it is on disk
             await self._db.execute("PRAGMA foreign_keys = ON")
+            # Deleted registrations are overwritten in the file, not left in free pages.
+            await self._db.execute("PRAGMA secure_delete = ON")
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 await self._check_or_create_schema(create)
@@ -366,12 +368,26 @@ class RegistrationStore:
         assert generation is not None  # the meta row exists in every database
         self._pending_generation = generation
         if generation % _PRUNE_EVERY == 0:
-            floor = generation - KEEP_REMOVED_GENERATIONS
-            await self._db.execute("DELETE FROM removed WHERE generation <= ?", (floor,))
-            await self._db.execute(
-                "UPDATE meta SET value = max(value, ?) WHERE key = 'removed_floor'", (floor,)
-            )
+            await self._prune_removed(generation - KEEP_REMOVED_GENERATIONS)
         return generation
+
+    async def _prune_removed(self, floor: int) -> None:
+        """Forget the removed entries up to generation `floor`; a reader behind it loads all."""
+        await self._db.execute("DELETE FROM removed WHERE generation <= ?", (floor,))
+        await self._db.execute(
+            "UPDATE meta SET value = max(value, ?) WHERE key = 'removed_floor'", (floor,)
+        )
+
+    async def forget_removed(self, through: int | None = None) -> None:
+        """Forget the entries writes took away up to generation `through` (None: all of them).
+
+        They exist only so readers can catch up by what changed; once every reader has
+        applied them they are addresses nobody holds any more (SPEC 7), and secure_delete
+        overwrites their bytes in the file."""
+        async with self._writing("forget removed entries"):
+            await self._prune_removed(
+                through if through is not None else await self._meta("generation")
+            )
 
     async def _meta(self, key: str) -> int:
         value = await self._scalar("SELECT value FROM meta WHERE key = ?", (key,))

@@ -1,0 +1,81 @@
+"""Tests for node.components: the removed-entry pruner against a real store in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smartdns.config.model import Config, DatabaseConfig
+from smartdns.node import components
+from smartdns.node.components import Database, RemovedEntriesPruner
+from smartdns.registrations.store import RegistrationStore
+
+A = ipaddress.IPv4Network("203.0.113.7/32")
+B = ipaddress.IPv4Network("198.51.100.0/24")
+
+
+def removed_rows(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        count = int(db.execute("SELECT COUNT(*) FROM removed").fetchone()[0])
+    db.close()
+    return count
+
+
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[tuple[Database, Config]]:
+    path = tmp_path / "registrations.db"
+    async with await RegistrationStore.open(path, create=True) as store:
+        await store.put_account("moving", 1, [A])
+        await store.put_account("moving", 2, [B])  # A is removed: one row remembers it
+    assert removed_rows(path) == 1
+    config = Config(path=tmp_path / "smartdns.yaml", database=DatabaseConfig(path=path))
+    database = Database()
+    await database.start(config)
+    yield database, config
+    await database.stop()
+
+
+async def test_start_and_stop_forget_every_removed_entry(
+    database: tuple[Database, Config],
+) -> None:
+    db, config = database
+    path = config.database.path
+    pruner = RemovedEntriesPruner(db)
+    await pruner.start(config)
+    assert removed_rows(path) == 0  # left by a writer while no node ran (the CLI, a crash)
+    await db.store.put_account("moving", 3, [A])
+    assert removed_rows(path) == 1
+    changes = await db.store.changes_since(await db.store.generation() - 1)
+    assert changes.gone == [(4, int(B.network_address), 24)]  # still there for readers
+    await pruner.stop()
+    assert removed_rows(path) == 0
+    assert (await db.store.changes_since(1)).full_load  # a reader that far behind loads all
+
+
+async def test_a_removed_entry_is_forgotten_once_kept_long_enough(
+    database: tuple[Database, Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(components, "KEEP_REMOVED_S", 0.3)
+    monkeypatch.setattr(components, "PRUNE_INTERVAL_S", 0.05)
+    db, config = database
+    path = config.database.path
+    pruner = RemovedEntriesPruner(db)
+    await pruner.start(config)
+    try:
+        await db.store.put_account("moving", 3, [A])
+        assert removed_rows(path) == 1
+        for _ in range(100):  # the pruner runs in the background: up to 5 s
+            if removed_rows(path) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert removed_rows(path) == 0
+        # A write's removals outlive it by KEEP_REMOVED_S, not by a round of the pruner.
+        await db.store.put_account("moving", 4, [B])
+        assert removed_rows(path) == 1
+    finally:
+        await pruner.stop()
