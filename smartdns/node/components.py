@@ -20,6 +20,7 @@ from smartdns.errors import SmartDNSError
 from smartdns.logs import WarnOnce
 from smartdns.node import systemd
 from smartdns.node.lifecycle import Component
+from smartdns.registrations.sources.feed import Feed
 from smartdns.registrations.sources.sync_api import Node, SyncServer, start_sync_api
 from smartdns.registrations.store import RegistrationStore
 
@@ -132,6 +133,11 @@ class SyncService(Component):
         self._view = view
         self._server: SyncServer | None = None
         self._listen: HostPort | None = None
+
+    @property
+    def feed(self) -> Feed | None:
+        """The registration feed the sync API writes to and follows, while it runs."""
+        return None if self._server is None else self._server.api.feed
 
     async def start(self, config: Config) -> None:
         self._server = await start_sync_api(config, self._metrics, self._view())

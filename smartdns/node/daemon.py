@@ -227,7 +227,7 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
         async with asyncio.timeout(timeout_s):  # no worker to restart: the poll retries
             await watch.wait_applied(generation)
 
-    ddns = DdnsService(apply)
+    ddns = DdnsService(apply, lambda: sync.feed)
     sync = SyncService(
         metrics,
         lambda: NodeStatus(
@@ -248,7 +248,7 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
     database = Database()
     supervisor = Supervisor(config.path, config.server.workers, metrics)
     workers = Workers(supervisor, DRAIN_TIMEOUT_S, stop.set)
-    ddns = DdnsService(supervisor.apply)
+    ddns = DdnsService(supervisor.apply, lambda: sync.feed)
     sync = SyncService(
         metrics,
         lambda: NodeStatus(

@@ -4,13 +4,15 @@ only on the node with `feed.refresher: true`.
 
 It follows the registered hostnames in the store and writes what they resolve to through a
 RegistrationWriter on its own connection, announced like any write, so every DNS process
-applies it before the write returns. Logs counts only.
+applies it before the write returns; with a feed, into the bucket, so every node applies it.
+Logs counts only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from smartdns import logs
@@ -21,7 +23,8 @@ from smartdns.node.components import cancel_tasks
 from smartdns.node.lifecycle import Component
 from smartdns.node.metrics import DdnsSample
 from smartdns.node.status import APPLY_TIMEOUT_S, Applier
-from smartdns.registrations.sources.ddns import LATENCY_BOUNDS_S, HostnameRefresher
+from smartdns.registrations.sources.ddns import LATENCY_BOUNDS_S, Addresses, HostnameRefresher
+from smartdns.registrations.sources.feed import Feed, FeedUnavailable
 from smartdns.registrations.store import RegistrationStore
 from smartdns.registrations.writer import RegistrationWriter
 from smartdns.upstream.forwarder import Forwarder
@@ -37,14 +40,42 @@ def runs_refresher(config: Config) -> bool:
     return config.feed is None or config.feed.refresher
 
 
+class ResolvedSink:
+    """The refresher's results: with a feed into its bucket, so every node of the fleet applies
+    them (SPEC 3: one refresher per deployment), this one through its follower; without one
+    through this node's writer. A bucket that cannot be written now gets them applied here,
+    and the error goes back to the refresher, which retries the bucket."""
+
+    def __init__(
+        self, writer: RegistrationWriter, feed: Callable[[], Feed | None], following: bool
+    ) -> None:
+        self._writer = writer
+        self._feed = feed
+        self._following = following  # `feed` configured: the feed may just not be up yet
+
+    async def apply_resolved(self, changes: Mapping[str, Addresses]) -> None:
+        if not self._following:
+            await self._writer.apply_resolved(changes)
+            return
+        try:
+            feed = self._feed()
+            if feed is None:
+                raise FeedUnavailable("the registration feed has not started yet")
+            await feed.apply_resolved(changes)
+        except FeedUnavailable:
+            await self._writer.apply_resolved(changes)
+            raise
+
+
 class DdnsService(Component):
     """Starts the refresher with the registered hostnames (and the addresses stored for them,
     so a restart withdraws nothing until a lookup says so), then follows the store."""
 
     name = "DDNS refresher"
 
-    def __init__(self, applier: Applier) -> None:
+    def __init__(self, applier: Applier, feed: Callable[[], Feed | None] = lambda: None) -> None:
         self._applier = applier
+        self._feed = feed  # the node's feed once the sync API started it, else None
         self._store: RegistrationStore | None = None
         self._writer: RegistrationWriter | None = None
         self._lookup: HostnameLookup | None = None
@@ -80,7 +111,8 @@ class DdnsService(Component):
         self._store = store
         self._writer = RegistrationWriter(store, config.registrations, self._announce)
         self._lookup = self._new_lookup(config)
-        refresher = HostnameRefresher(config.ddns, config.registrations, self._lookup, self._writer)
+        sink = ResolvedSink(self._writer, self._feed, config.feed is not None)
+        refresher = HostnameRefresher(config.ddns, config.registrations, self._lookup, sink)
         self._refresher = refresher
         self._generation, hostnames = await store.registered_hostnames()
         refresher.replace_all(hostnames)

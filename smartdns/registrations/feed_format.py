@@ -8,14 +8,18 @@ Keys. An account lives at `acct.` + its id with `.` written as `/` and `:` writt
 `[-/_=.a-zA-Z0-9]` with `.` separating subject tokens; account ids allow `[A-Za-z0-9._:-]`.
 `/` and `=` never occur in an account id, so the mapping is one character for one character,
 reversible and unambiguous, common ids stay as they are, and every account is one subject
-token after `acct.` (no empty token from `a..b`, no leading or trailing `.`). The one other key
-is `meta.snapshot`, the snapshot marker.
+token after `acct.` (no empty token from `a..b`, no leading or trailing `.`). What a registered
+hostname resolves to (written by the fleet's one DDNS refresher) lives at `host.` + the
+hostname as registered (normalized LDH, already a valid key). The one other key is
+`meta.snapshot`, the snapshot marker.
 
 Values. UTF-8 JSON objects, at most MAX_VALUE_BYTES:
 - a live account is exactly a `PUT /v1/accounts/{account}` body:
   `{"version": N, "addresses": ["203.0.113.7", "2001:db8:7::/64"], "hostnames": [...]}`
   (`hostnames` optional; written only when there are some);
 - a deleted account is a tombstone `{"version": N, "deleted": true}`;
+- a hostname's resolved addresses are `{"addresses": ["203.0.113.9", "2001:db8::9"]}`
+  (host addresses only; empty: it resolves to nothing usable);
 - the marker is `{"version": S, "complete": false|true}`: a snapshot at S is being written
   (false), or is complete (true).
 A value is validated with the same rules as the sync API (entries.py) and rejected whole.
@@ -24,6 +28,7 @@ A value is validated with the same rules as the sync API (entries.py) and reject
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -34,11 +39,15 @@ from smartdns.registrations.entries import (
     ShapeError,
     format_network,
     parse_account_document,
+    parse_address,
     parse_version,
     validate_account_id,
 )
+from smartdns.registrations.hostnames import parse_hostname
 
 ACCOUNT_PREFIX: Final = "acct."
+HOST_PREFIX: Final = "host."
+MAX_RESOLVED: Final = 64  # addresses of one hostname in the bucket
 SNAPSHOT_KEY: Final = "meta.snapshot"
 # 16 entries and 4 hostnames fit in well under 2 KiB; the bucket is created with this limit.
 MAX_VALUE_BYTES: Final = 16 * 1024
@@ -46,6 +55,7 @@ _TO_KEY: Final = str.maketrans(".:", "/=")
 _FROM_KEY: Final = str.maketrans("/=", ".:")
 _TOMBSTONE_KEYS: Final = frozenset({"version", "deleted"})
 _MARKER_KEYS: Final = frozenset({"version", "complete"})
+_RESOLVED_KEYS: Final = frozenset({"addresses"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +114,48 @@ def key_account(key: str) -> str | None:
     if "." in encoded or ":" in encoded:
         raise RegistrationError("key", "not an encoded account id")
     return validate_account_id(encoded.translate(_FROM_KEY))
+
+
+def hostname_key(hostname: str) -> str:
+    """The bucket key of a registered hostname's resolved addresses; ValueError when it is
+    not a valid hostname (hostnames.parse_hostname)."""
+    return HOST_PREFIX + parse_hostname(hostname)
+
+
+def key_hostname(key: str) -> str | None:
+    """The hostname a `host.` key names (None for other keys); RegistrationError when no
+    valid hostname is there."""
+    if not key.startswith(HOST_PREFIX):
+        return None
+    try:
+        return parse_hostname(key[len(HOST_PREFIX) :])
+    except ValueError as exc:
+        raise RegistrationError("key", str(exc)) from None
+
+
+def encode_resolved(networks: Sequence[Network]) -> bytes:
+    return _dump({"addresses": [format_network(network) for network in networks]})
+
+
+def decode_resolved(data: bytes, rules: RegistrationsConfig) -> tuple[Network, ...]:
+    """A hostname's resolved addresses, each a host address the registration rules accept;
+    RegistrationError for the first one that is not (the value is then skipped whole)."""
+    doc = _load(data)
+    _check_keys(doc, _RESOLVED_KEYS)
+    assert isinstance(doc, dict)  # _check_keys
+    values = doc["addresses"]
+    if not isinstance(values, list) or len(values) > MAX_RESOLVED:
+        raise ShapeError("addresses", f"must be a list of at most {MAX_RESOLVED} addresses")
+    networks: list[Network] = []
+    for index, text in enumerate(values):
+        try:
+            network = parse_address(text, rules)
+        except ValueError as exc:
+            raise RegistrationError(f"addresses[{index}]", str(exc)) from None
+        if network.prefixlen != network.max_prefixlen:
+            raise RegistrationError(f"addresses[{index}]", "must be an address, not a prefix")
+        networks.append(network)
+    return tuple(networks)
 
 
 def encode_value(value: FeedValue) -> bytes:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Callable, Sequence, Set
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import StaleWriteError
-from smartdns.registrations.entries import Snapshot
+from smartdns.registrations.entries import Network, Snapshot
 from smartdns.registrations.feed_format import (
     SNAPSHOT_KEY,
     AccountValue,
@@ -62,6 +62,7 @@ class MemorySink:
     def __init__(self) -> None:
         self.accounts: dict[str, FeedValue] = {}
         self.snapshot_version = 0
+        self.resolved: dict[str, tuple[Network, ...]] = {}
         self.batches: list[int] = []
         self._changed = asyncio.Condition()
 
@@ -92,6 +93,9 @@ class MemorySink:
         if snapshot_version is not None:
             self.snapshot_version = snapshot_version
         return len(gone)
+
+    async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
+        self.resolved.update((hostname, tuple(networks)) for hostname, networks in changes.items())
 
     def live(self) -> dict[str, int]:
         return {a: v.version for a, v in self.accounts.items() if isinstance(v, AccountValue)}
@@ -345,3 +349,22 @@ async def test_tls_to_the_servers_with_the_configured_ca(tmp_path: Path) -> None
         async with running_feed(untrusting):
             with pytest.raises(AssertionError):
                 await eventually(lambda: untrusting.state.connected, 2.0)
+
+
+async def test_resolved_hostnames_reach_every_follower(single: NatsCluster) -> None:
+    """The fleet's one DDNS refresher writes what a hostname resolves to; every node applies it
+    (after the accounts, at catch-up too); a bad value is skipped and counted."""
+    home = (ipaddress.ip_network("203.0.113.9/32"), ipaddress.ip_network("2001:db8::9/128"))
+    async with running(single.urls) as (refresher, mine), running(single.urls) as (_, theirs):
+        await refresher.apply_resolved({"home.example.net": home})
+        assert mine.resolved["home.example.net"] == home  # applied here before returning
+        await eventually(lambda: theirs.resolved.get("home.example.net") == home, 1.0)
+        await refresher.apply_resolved({"home.example.net": ()})
+        await eventually(lambda: theirs.resolved.get("home.example.net") == (), 1.0)
+        async with raw_bucket(single.urls) as kv:
+            await kv.put("host.bad.example.net", b'{"addresses": ["203.0.113.0/24"]}')
+            await kv.put("host.home.example.net", b'{"addresses": ["203.0.113.10"]}')
+        await eventually(lambda: len(theirs.resolved.get("home.example.net", ())) == 1, 1.0)
+        assert "bad.example.net" not in theirs.resolved and refresher.state.rejected == 1
+    async with running(single.urls) as (_, late):
+        assert late.resolved == {"home.example.net": (ipaddress.ip_network("203.0.113.10/32"),)}

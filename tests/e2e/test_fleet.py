@@ -25,6 +25,7 @@ from tests.fake_upstream import FakeUpstream
 EFFECT_S = 1.0  # SPEC 4: in DNS answers on every node within one second
 ELECTION_S = 30.0  # a NATS cluster that lost servers accepts writes again within this
 FEED_S = 20.0  # a node reconnects and catches up within this
+DDNS_S = 3.0  # the refresher notices a new hostname (0.25 s), looks it up, writes the bucket
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +43,12 @@ def device(n: int) -> str:
 @pytest.fixture
 def fleet(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Fleet]:
     with nats_cluster(tmp_path / "nats", size=3) as cluster, contextlib.ExitStack() as stack:
-        feed = {"servers": cluster.urls, "bucket": "fleet", "replicas": 3}
         nodes = []
         for i in range(3):
             state = tmp_path / f"node-{i}"
             state.mkdir()
+            # Node 1 is the fleet's one DDNS refresher (its resolver: the fake upstream).
+            feed = {"servers": cluster.urls, "bucket": "fleet", "replicas": 3, "refresher": i == 0}
             nodes.append(
                 stack.enter_context(running_server(state, upstream.address, {"feed": feed}))
             )
@@ -170,3 +172,17 @@ def test_the_cli_imports_into_the_bucket_and_warns_about_overrides(fleet: Fleet)
     assert put(two, "late", 50, device(6))[0] == 409  # at the snapshot's version
     result = three.cli("registrations", "add", "x", device(6))
     assert result.returncode == 0 and "the feed will undo it" in result.stderr
+
+
+def test_one_refresher_resolves_hostnames_for_the_fleet(
+    fleet: Fleet, upstream: FakeUpstream
+) -> None:
+    """SPEC 3: with a feed, resolution runs once, on the refresher; its results reach every
+    node through the bucket."""
+    upstream.add("home.example.net", "A", [f"home.example.net. 60 IN A {device(7)}"])
+    body = {"version": 1, "addresses": [], "hostnames": ["home.example.net"]}
+    status, reply = call(fleet.nodes[2], "PUT", "/v1/accounts/dyn", body)
+    assert status == 200 and reply["hostnames"] == 1
+    for node in fleet.nodes:
+        rcode_within(node, device(7), dns.rcode.NOERROR, DDNS_S)
+    assert upstream.count("home.example.net", "A") == 1  # one lookup for the whole fleet

@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence, Set
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
@@ -33,9 +33,10 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
-from smartdns.registrations.entries import Snapshot
+from smartdns.registrations.entries import Network, Snapshot
 from smartdns.registrations.feed_format import (
     ACCOUNT_PREFIX,
+    HOST_PREFIX,
     MAX_VALUE_BYTES,
     SNAPSHOT_KEY,
     AccountValue,
@@ -47,10 +48,14 @@ from smartdns.registrations.feed_format import (
     account_key,
     check_write,
     decode_marker,
+    decode_resolved,
     decode_value,
     encode_marker,
+    encode_resolved,
     encode_value,
+    hostname_key,
     key_account,
+    key_hostname,
 )
 
 log = logging.getLogger(__name__)
@@ -112,6 +117,10 @@ class FeedSink(Protocol):
 
     async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
         """Remove every account and tombstone not in `present`; return how many went."""
+        ...
+
+    async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
+        """What these hostnames now resolve to (the fleet's DDNS refresher's results)."""
         ...
 
 
@@ -218,6 +227,7 @@ class _Session:
     eager_revisions: list[int] = field(default_factory=list)  # applied, for wait_applied
     hold: bool = False  # a marker was republished: no fast path until the watch sees it
     filled_to: int = 0  # the gap fill read the stream up to this revision
+    resolved: dict[str, tuple[Network, ...]] = field(default_factory=dict)  # hostname -> addresses
 
 
 class _Stalled(Exception):
@@ -493,6 +503,8 @@ class Feed:
         operation = msg.headers.get(KV_OP) if msg.headers else None
         if key == SNAPSHOT_KEY:
             await self._on_marker(msg.data, operation, session)
+        elif key.startswith(HOST_PREFIX):
+            self._on_resolved(key, msg.data, operation, session)
         else:
             change = self._decode(key, msg.data, operation, session)
             if change is not None:
@@ -566,6 +578,18 @@ class Feed:
         session.eager_revisions.append(sequence)
         session.changes.append((account, value))
 
+    def _on_resolved(self, key: str, data: bytes, operation: str | None, session: _Session) -> None:
+        """What a hostname resolves to (the refresher's result); applied after the accounts
+        of the same batch, and after all of them at catch-up, since the store keeps resolved
+        addresses only for hostnames an account holds."""
+        try:
+            hostname = key_hostname(key)
+            assert hostname is not None  # a host. key
+            deleted = operation in (KV_DEL, KV_PURGE)
+            session.resolved[hostname] = () if deleted else decode_resolved(data, self._rules)
+        except RegistrationError:
+            self.state.rejected += 1
+
     def _queue(self, change: FeedChange, sequence: int, session: _Session) -> None:
         account, value = change
         ahead = session.eager.get(account)
@@ -618,6 +642,10 @@ class Feed:
             result = await self._sink.apply_feed(changes, snapshot_version)
             self.state.applied += result.applied
             self.state.rejected += result.stale
+        if session.resolved and not session.catching_up:
+            resolved, session.resolved = session.resolved, {}
+            await self._sink.apply_resolved(resolved)
+            self.state.applied += len(resolved)
         if not session.catching_up:
             eager, session.eager_revisions = session.eager_revisions, []
             self._wake(self.state.last_revision, eager)
@@ -636,6 +664,7 @@ class Feed:
             log.warning("feed: the bucket is empty; keeping the local registrations")
         session.catching_up = False
         session.present = set()
+        await self._flush(session)  # the resolved addresses, now that the accounts are in
         self.state.caught_up = self.state.connected
         self.state.lag = 0
         log.info("feed: caught up at revision %d", session.last_sequence)
@@ -793,6 +822,26 @@ class Feed:
             raise StaleWriteError("another snapshot is being written") from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
+
+    async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
+        """The DDNS refresher's results into the bucket (its HostnameSink on the refresher
+        node): every node applies them, this one through its follower, before this returns
+        (or after APPLIED_TIMEOUT_S). A plain put: the fleet has one refresher, and its
+        latest lookup is the truth. FeedUnavailable when the bucket cannot be written."""
+        js = self._jetstream()
+        revisions: list[int] = []
+
+        async def put(hostname: str, networks: Sequence[Network]) -> None:
+            ack = await js.publish(self._prefix + hostname_key(hostname), encode_resolved(networks))
+            revisions.append(int(ack.seq))
+
+        jobs = (put(hostname, networks) for hostname, networks in changes.items())
+        try:
+            await _bounded(jobs, SNAPSHOT_CONCURRENCY)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
+        if revisions and not await self.wait_applied(max(revisions)):
+            log.debug("feed: resolved addresses written, not applied here in time")
 
     async def _account_keys(self) -> set[str]:
         """Every account key with a value (live or tombstone) in the bucket now."""
