@@ -86,6 +86,7 @@ CAS_RETRY_S: Final = 0.005  # jittered pause before a retry, times the attempt n
 WRITE_TIMEOUT_S: Final = 5.0
 APPLIED_TIMEOUT_S: Final = 5.0  # a write's wait for this node to apply it
 SNAPSHOT_CONCURRENCY: Final = 256  # snapshot writes in flight
+KEYS_TIMEOUT_S: Final = 120.0  # listing the bucket's keys for a snapshot (a million: seconds)
 _T = TypeVar("_T")
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # JetStream API error codes
 
@@ -846,7 +847,8 @@ class Feed:
     async def _account_keys(self) -> set[str]:
         """Every account key with a value (live or tombstone) in the bucket now."""
         try:
-            keys = await self._bucket().keys()
+            async with asyncio.timeout(KEYS_TIMEOUT_S):
+                keys = await self._bucket().keys()
         except nats.js.errors.NoKeysError:
             return set()
         return {key for key in keys if key.startswith(ACCOUNT_PREFIX)}
