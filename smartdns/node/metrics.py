@@ -171,24 +171,7 @@ def render(
         int(database_up),
     )
     if registrations is not None:
-        out.single(
-            "smartdns_registered_accounts",
-            "gauge",
-            "Live registered accounts.",
-            registrations.accounts,
-        )
-        out.single(
-            "smartdns_registered_entries",
-            "gauge",
-            "Registered addresses and prefixes.",
-            registrations.entries,
-        )
-        out.single(
-            "smartdns_snapshot_version",
-            "gauge",
-            "Version of the last registrations snapshot applied (0 for a new node).",
-            registrations.snapshot_version,
-        )
+        _render_registrations(out, registrations)
     if workers:
         _render_workers(out, workers)
     if ddns is not None:
@@ -254,6 +237,24 @@ def render_feed(state: FeedStateLike) -> str:
     ):
         out.single(f"smartdns_feed_{name}", kind, help_text, int(value))
     return out.text()
+
+
+def _render_registrations(out: _Exposition, registrations: RegistrationStatsLike) -> None:
+    out.single(
+        "smartdns_registered_accounts", "gauge", "Live registered accounts.", registrations.accounts
+    )
+    out.single(
+        "smartdns_registered_entries",
+        "gauge",
+        "Registered addresses and prefixes.",
+        registrations.entries,
+    )
+    out.single(
+        "smartdns_snapshot_version",
+        "gauge",
+        "Version of the last registrations snapshot applied (0 for a new node).",
+        registrations.snapshot_version,
+    )
 
 
 def _render_forwarder(out: _Exposition, stats: ForwarderStatsLike) -> None:
