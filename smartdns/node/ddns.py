@@ -67,6 +67,53 @@ class ResolvedSink:
             raise
 
 
+class HostnameFollower:
+    """Keeps the refresher's hostnames those of the store, at a cost in proportion to the
+    accounts a write touched (SPEC 4): it holds account → hostnames, so a changed account's
+    old ones can be diffed against its new ones, and hands the refresher only the difference.
+    A full load at the start and whenever the store says changes cannot be read by generation.
+    """
+
+    def __init__(self, store: RegistrationStore, refresher: HostnameRefresher) -> None:
+        self._store = store
+        self._refresher = refresher
+        self._held: dict[str, tuple[str, ...]] = {}  # accounts holding any hostname
+        self._generation = -1
+
+    @property
+    def held(self) -> Mapping[str, tuple[str, ...]]:
+        return self._held
+
+    async def load(self) -> None:
+        """Everything, once: at the start."""
+        self._generation, held = await self._store.registered_hostnames()
+        self._replace(held)
+
+    async def follow(self) -> None:
+        """One step: a cheap poll, and the changed accounts' hostnames when the set moved."""
+        if await self._store.hostnames_generation() <= self._generation:
+            return
+        changes = await self._store.hostname_changes(self._generation)
+        self._generation = changes.generation
+        if changes.full_load:
+            self._replace(changes.accounts)
+            return
+        for account, names in changes.accounts.items():
+            old = self._held.get(account, ())
+            if names == old:
+                continue
+            self._refresher.add(set(names).difference(old))
+            self._refresher.remove(set(old).difference(names))
+            if names:
+                self._held[account] = names
+            else:
+                del self._held[account]
+
+    def _replace(self, held: dict[str, tuple[str, ...]]) -> None:
+        self._held = held
+        self._refresher.replace_all(name for names in held.values() for name in names)
+
+
 class DdnsService(Component):
     """Starts the refresher with the registered hostnames (and the addresses stored for them,
     so a restart withdraws nothing until a lookup says so), then follows the store."""
@@ -81,7 +128,7 @@ class DdnsService(Component):
         self._lookup: HostnameLookup | None = None
         self._refresher: HostnameRefresher | None = None
         self._task: asyncio.Task[None] | None = None
-        self._generation = -1
+        self._follower: HostnameFollower | None = None
         self._lookup_settings: object = None
         self._errors = logs.WarnOnce(__name__, "registered hostnames unreadable; keeping the last")
         self._apply_errors = logs.WarnOnce(
@@ -114,8 +161,8 @@ class DdnsService(Component):
         sink = ResolvedSink(self._writer, self._feed, config.feed is not None)
         refresher = HostnameRefresher(config.ddns, config.registrations, self._lookup, sink)
         self._refresher = refresher
-        self._generation, hostnames = await store.registered_hostnames()
-        refresher.replace_all(hostnames)
+        self._follower = HostnameFollower(store, refresher)
+        await self._follower.load()
         refresher.seed(await store.resolved_addresses())
         await refresher.start()
         self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -135,6 +182,7 @@ class DdnsService(Component):
     async def stop(self) -> None:
         await cancel_tasks(self._task)
         self._task = None
+        self._follower = None
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
             await refresher.stop()
@@ -162,13 +210,11 @@ class DdnsService(Component):
             self._apply_errors.warn(type(error).__name__)
 
     async def _follow(self) -> None:
-        """Poll the hostnames' generation (one cheap read); reread them when it moved."""
-        assert self._store is not None and self._refresher is not None
+        """Poll the hostnames' generation (one cheap read); read what changed when it moved."""
+        assert self._follower is not None
         while True:
             await asyncio.sleep(HOSTNAMES_POLL_S)
             try:
-                if await self._store.hostnames_generation() != self._generation:
-                    self._generation, hostnames = await self._store.registered_hostnames()
-                    self._refresher.replace_all(hostnames)
+                await self._follower.follow()
             except SmartDNSError as error:
                 self._errors.warn(type(error).__name__)

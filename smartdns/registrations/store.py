@@ -147,6 +147,18 @@ class Changes:
 
 
 @dataclass(frozen=True, slots=True)
+class HostnameChanges:
+    """What the DDNS refresher at `since` must apply to reach `generation`: account → its
+    hostnames now (empty: none any more) for every account written after `since`, or, with
+    `full_load`, for every account holding any (a snapshot, or an account dropped without
+    a tombstone, came after `since`: what changed can no longer be read by generation)."""
+
+    generation: int
+    accounts: dict[str, tuple[str, ...]]
+    full_load: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotResult:
     accounts: int
     entries: int
@@ -181,6 +193,18 @@ _CHANGE_COUNTERS: Final = (
     "SELECT (SELECT value FROM meta WHERE key = 'generation'),"
     " (SELECT value FROM meta WHERE key = 'snapshot_generation'),"
     " (SELECT value FROM meta WHERE key = 'removed_floor')"
+)
+_HOSTNAME_COUNTERS: Final = (
+    "SELECT (SELECT value FROM meta WHERE key = 'generation'),"
+    " (SELECT value FROM meta WHERE key = 'snapshot_generation'),"
+    " COALESCE((SELECT value FROM meta WHERE key = 'hostnames_reload'), 0)"
+)
+# Every account written after a generation (tombstones included: they hold no hostname any
+# more), with its hostnames; through accounts_by_generation. No ORDER BY: it would have the
+# planner scan accounts in key order instead (_by_account sorts each account's few names).
+_CHANGED_HOSTNAMES: Final = (
+    "SELECT a.account, h.hostname FROM accounts AS a"
+    " LEFT JOIN hostnames AS h ON h.account = a.account WHERE a.generation > ?"
 )
 # 0: an entry, or a resolved address of a hostname, of an account written after the base
 # generation (registered now); 1: an entry or address removed after it that no account
@@ -683,9 +707,18 @@ class RegistrationStore:
     async def _drop_account(
         self, account: str, old: tuple[Sequence[_Key], Sequence[str]], generation: int
     ) -> None:
-        """The account gone without a tombstone (the bucket no longer has its key)."""
+        """The account gone without a tombstone (the bucket no longer has its key). With its
+        row goes the generation that tells the DDNS refresher it changed, so the refresher
+        is told to reload its hostnames whole instead (see hostname_changes): even when the
+        account holds none now, a refresher behind may still count the ones it held before.
+        Such purges are rare; tombstones, the usual deletes, keep their row."""
         await self._replace_account(account, 0, None, old, generation)
         await self._db.execute("DELETE FROM accounts WHERE account = ?", (account,))
+        await self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('hostnames_reload', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (generation,),
+        )
 
     async def _set_snapshot_version(self, version: int) -> None:
         await self._db.execute(
@@ -884,13 +917,32 @@ class RegistrationStore:
 
     # --- hostnames and what they resolve to (SPEC 3) -----------------------------------
 
-    async def registered_hostnames(self) -> tuple[int, list[str]]:
-        """`hostnames_generation` and every registered hostname, once per account holding
-        it (the DDNS refresher resolves each distinct one once)."""
+    async def registered_hostnames(self) -> tuple[int, dict[str, tuple[str, ...]]]:
+        """The generation and account → its hostnames (sorted; accounts holding any), for a
+        full load of the DDNS refresher (each distinct hostname is resolved once)."""
         async with self._consistent("read hostnames") as db:
-            generation = await self._meta("hostnames_generation")
-            rows = await db.execute_fetchall("SELECT hostname FROM hostnames")
-            return generation, [str(row[0]) for row in rows]
+            generation = await self._meta("generation")
+            rows = await db.execute_fetchall(
+                "SELECT account, hostname FROM hostnames ORDER BY account, hostname"
+            )
+            return generation, _by_account(rows)
+
+    async def hostname_changes(self, since: int) -> HostnameChanges:
+        """The hostnames of every account written after generation `since` (see
+        HostnameChanges): an indexed read costing the accounts that changed, not all held."""
+        async with self._consistent("read hostname changes") as db:
+            rows = await db.execute_fetchall(_HOSTNAME_COUNTERS)
+            generation, snapshot, reload = (int(value) for value in next(iter(rows)))
+            if since < snapshot or since < reload:
+                rows = await db.execute_fetchall(
+                    "SELECT account, hostname FROM hostnames ORDER BY account, hostname"
+                )
+                return HostnameChanges(generation, _by_account(rows), full_load=True)
+            rows = list(await db.execute_fetchall(_CHANGED_HOSTNAMES, (since,)))
+            changed = _by_account(rows)
+            return HostnameChanges(
+                generation, {name: changed.get(name, ()) for name, _ in rows}, full_load=False
+            )
 
     async def hostnames_generation(self) -> int:
         """Moves whenever the set of registered hostnames does; cheap to poll."""
@@ -1033,6 +1085,15 @@ class RegistrationStore:
             await self._remember_removed(generation, gone)
             await self._set_hostnames(account, old_names, names, generation)
             return True
+
+
+def _by_account(rows: Iterable[Any]) -> dict[str, tuple[str, ...]]:
+    """(account, hostname or NULL) rows → account → its hostnames, sorted."""
+    by_account: dict[str, list[str]] = {}
+    for account, hostname in rows:
+        if hostname is not None:
+            by_account.setdefault(str(account), []).append(str(hostname))
+    return {account: tuple(sorted(names)) for account, names in by_account.items()}
 
 
 def _database_uri(path: Path, create: bool) -> str:

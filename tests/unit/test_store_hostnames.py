@@ -41,7 +41,7 @@ async def test_hostnames_stored_and_read_back(store: RegistrationStore) -> None:
     got = await store.get_account("acct")
     assert got is not None and got.hostnames == (H1, H2)
     assert [r.hostnames for r in await store.list_accounts()] == [(H1, H2)]
-    assert await store.registered_hostnames() == (await store.hostnames_generation(), [H1, H2])
+    assert await store.registered_hostnames() == (await store.generation(), {"acct": (H1, H2)})
 
 
 async def test_same_write_with_same_hostnames_is_a_no_op(store: RegistrationStore) -> None:
