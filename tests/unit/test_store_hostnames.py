@@ -11,7 +11,12 @@ import pytest
 
 from smartdns.errors import RegistrationError
 from smartdns.registrations.entries import Snapshot
-from smartdns.registrations.store import SCHEMA_VERSION, RegistrationStore
+from smartdns.registrations.store import (
+    _CHANGED_HOSTNAMES,
+    SCHEMA_VERSION,
+    HostnameChanges,
+    RegistrationStore,
+)
 
 H1 = "home.example.net"
 H2 = "other.example.net"
@@ -42,6 +47,21 @@ async def test_hostnames_stored_and_read_back(store: RegistrationStore) -> None:
     assert got is not None and got.hostnames == (H1, H2)
     assert [r.hostnames for r in await store.list_accounts()] == [(H1, H2)]
     assert await store.registered_hostnames() == (await store.generation(), {"acct": (H1, H2)})
+
+
+async def test_hostname_changes_read_only_the_accounts_written_since(
+    store: RegistrationStore,
+) -> None:
+    await store.replace_snapshot(Snapshot(1, {f"a{i}": [A] for i in range(300)}, {"a1": (H1,)}))
+    since = await store.generation()
+    await store.put_account("a2", 2, [A], [H2])
+    await store.delete_account("a1", 3)
+    changes = await store.hostname_changes(since)
+    assert changes == HostnameChanges(await store.generation(), {"a1": (), "a2": (H2,)}, False)
+    assert (await store.hostname_changes(since - 1)).full_load  # from before the snapshot
+    with sqlite3.connect(store.path) as conn:  # by the generation index, not an account scan
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {_CHANGED_HOSTNAMES}", (since,)).fetchall()
+    assert "accounts_by_generation" in str(plan[0])
 
 
 async def test_same_write_with_same_hostnames_is_a_no_op(store: RegistrationStore) -> None:
