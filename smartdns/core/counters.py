@@ -12,6 +12,8 @@ from collections import Counter
 class Transport(enum.Enum):
     UDP = "udp"
     TCP = "tcp"
+    DOT = "dot"  # DNS over TLS (RFC 7858)
+    DOH = "doh"  # DNS over HTTPS (RFC 8484)
 
     # Identity hash (members are singletons): Enum's own __hash__ is Python code, and
     # these are dict keys on the per-query path.
@@ -30,12 +32,23 @@ class Outcome(enum.Enum):
     MALFORMED = "malformed"  # FORMERR, NOTIMP or BADVERS
     UNREADABLE = "unreadable"  # dropped: runt or QR set
     SERVFAIL = "servfail"  # forwarding failed
-    RATE_LIMITED = "rate_limited"  # dropped: over rate_limit.client_qps or refused_qps (UDP)
+    RATE_LIMITED = "rate_limited"  # over rate_limit.client_qps or refused_qps: dropped (UDP),
+    # or REFUSED when a device ID is over client_qps (SPEC 2a)
     TRUNCATED = "truncated"  # over rate_limit.client_qps: answered with TC set (UDP)
     INTERNAL_ERROR = "internal_error"  # an unexpected exception, answered with SERVFAIL
 
     # Identity hash (members are singletons): Enum's own __hash__ is Python code, and
     # these are dict keys on the per-query path.
+    __hash__ = object.__hash__
+
+
+class Authorization(enum.Enum):
+    """How a query's client was found authorized (SPEC 2a), or that it was not."""
+
+    ADDRESS = "address"  # its source address lies in a registered prefix
+    DEVICE_ID = "device_id"  # it named a registered device ID (DoT server name, DoH path)
+    NONE = "none"  # neither: `unregistered` applies
+
     __hash__ = object.__hash__
 
 
@@ -46,8 +59,9 @@ class Metrics:
     (`/v1/accounts/{account}`), never the path, so no account id becomes a label.
     """
 
-    __slots__ = ("queries", "sync_requests")
+    __slots__ = ("authorizations", "queries", "sync_requests")
 
     def __init__(self) -> None:
         self.queries: Counter[tuple[Transport, Outcome]] = Counter()
+        self.authorizations: Counter[Authorization] = Counter()
         self.sync_requests: Counter[tuple[str, str, int]] = Counter()

@@ -27,12 +27,16 @@ class Peer:
     anti-reflection rules apply; a connection's source is proven by its handshake.
     `address`: `host` packed once here (clients.source_address), for authorization and the
     rate limits, so no query parses the text again.
+    `device`: the SHA-256 digest of the device ID the client named (a DoT server name's
+    first label, a DoH path segment; SPEC 2a), or None when it named none. A peer that
+    named one is authorized by that ID alone, never by its address.
     """
 
     host: str
     transport: Transport
     reply_limit: int | None
     spoofable: bool
+    device: bytes | None = None
     address: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,7 +51,10 @@ def udp_peer(host: str) -> Peer:
     return Peer(host, Transport.UDP, None, True)
 
 
-def stream_peer(host: str, transport: Transport = Transport.TCP) -> Peer:
-    """The peer of a connection (TCP today; any length-prefixed stream): built once per
-    connection, never rate limited, replies up to MAX_STREAM_MESSAGE."""
-    return Peer(host, transport, MAX_STREAM_MESSAGE, False)
+def stream_peer(
+    host: str, transport: Transport = Transport.TCP, device: bytes | None = None
+) -> Peer:
+    """The peer of a connection or an encrypted request (TCP, DoT, DoH): never rate limited
+    by address (its source is proven by the handshake), replies up to MAX_STREAM_MESSAGE;
+    `device` as in Peer."""
+    return Peer(host, transport, MAX_STREAM_MESSAGE, False, device)

@@ -32,6 +32,7 @@ class Admission(enum.Enum):
     ALLOW = "allow"
     TRUNCATE = "truncate"  # over the rate: answer with TC set, so a real client retries over TCP
     DROP = "drop"  # over the rate: send nothing
+    REFUSE = "refuse"  # over a device ID's rate: REFUSED (an encrypted client has no use for TC)
 
 
 class RateLimiter:
@@ -144,8 +145,9 @@ class RateLimiter:
 
 def _source_key(address: bytes) -> bytes:
     """The part of a packed address that names the source: all 4 octets of IPv4, the /56
-    of IPv6 (7 octets: the lengths keep the two apart); b"" (unparseable) stays b""."""
-    return address if len(address) <= 4 else address[:IPV6_PREFIX_BYTES]
+    of IPv6 (7 octets: the lengths keep the two apart); b"" (unparseable) stays b"". A
+    device ID digest (32 octets) is its own key: one bucket per ID (SPEC 2a)."""
+    return address[:IPV6_PREFIX_BYTES] if len(address) == 16 else address
 
 
 def _keyed_hash(key: bytes, data: bytes) -> int:
@@ -163,9 +165,10 @@ class RateLimits:
     """The two limiters of SPEC 6 `rate_limit` for one process; kept across a reload that
     does not change the rates, so a reload is no way to reset a flooder's budget."""
 
-    __slots__ = ("client", "config", "refused")
+    __slots__ = ("client", "config", "device", "refused")
 
     def __init__(self, config: RateLimitConfig) -> None:
         self.config = config
         self.client = RateLimiter(config.client_qps)  # authorized sources, UDP
+        self.device = RateLimiter(config.client_qps)  # queries naming a device ID (SPEC 2a)
         self.refused = RateLimiter(config.refused_qps)  # REFUSED and error replies, UDP

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NamedTuple, Protocol, runtime_checkable
 
-from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.counters import Authorization, Metrics, Outcome, Transport
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -159,6 +159,13 @@ def render(
             for transport in Transport
             for outcome in Outcome
         ),
+    )
+    authorizations = metrics.authorizations.copy()
+    out.family(
+        "smartdns_query_authorizations_total",
+        "counter",
+        "DNS queries by how their client was authorized: address, device_id, or none.",
+        (({"by": kind.value}, authorizations[kind]) for kind in Authorization),
     )
     if forwarder is not None:
         _render_forwarder(out, forwarder)

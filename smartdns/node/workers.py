@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from smartdns.config.model import Config
-from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.counters import Authorization, Metrics, Outcome, Transport
 from smartdns.errors import SmartDNSError
 from smartdns.node.components import cancel_tasks
 from smartdns.node.lifecycle import Component
@@ -172,6 +172,7 @@ def stats_message(metrics: Metrics, forwarder: ForwarderStats, cache: Any) -> di
     """A worker's counters as JSON-able data: aggregate numbers only, labels from enums."""
     return {
         "queries": [[t.value, o.value, n] for (t, o), n in metrics.queries.items()],
+        "authorizations": {a.value: n for a, n in metrics.authorizations.items()},
         "forwarder": {name: getattr(forwarder, name) for name in _FORWARDER_FIELDS},
         "cache": {
             "hits": cache.hits,
@@ -203,12 +204,15 @@ class CacheTotals:
 @dataclass
 class _Totals:
     queries: Counter[tuple[Transport, Outcome]] = field(default_factory=Counter)
+    authorizations: Counter[Authorization] = field(default_factory=Counter)
     forwarder: Counter[str] = field(default_factory=Counter)
     cache: Counter[str] = field(default_factory=Counter)
 
     def add(self, message: dict[str, Any]) -> None:
         for transport, outcome, count in message.get("queries", []):
             self.queries[Transport(transport), Outcome(outcome)] += int(count)
+        for authorization, count in message.get("authorizations", {}).items():
+            self.authorizations[Authorization(authorization)] += int(count)
         self.forwarder.update({k: int(v) for k, v in message.get("forwarder", {}).items()})
         self.cache.update({k: int(v) for k, v in message.get("cache", {}).items()})
 
@@ -472,6 +476,7 @@ class Supervisor:
         process's Metrics.queries is rewritten in place: the sync API renders that object."""
         totals = _Totals()
         totals.queries.update(self._retired.queries)
+        totals.authorizations.update(self._retired.authorizations)
         totals.forwarder.update(self._retired.forwarder)
         totals.cache.update(self._retired.cache)
         for slot in self._slots:
@@ -479,6 +484,9 @@ class Supervisor:
         queries = self._metrics.queries
         queries.clear()
         queries.update(totals.queries)
+        authorizations = self._metrics.authorizations
+        authorizations.clear()
+        authorizations.update(totals.authorizations)
         for name in _FORWARDER_FIELDS:
             setattr(self.forwarder, name, totals.forwarder[name])
         for name in _CACHE_FIELDS:

@@ -17,7 +17,7 @@ from smartdns.config.model import CacheConfig, RateLimitConfig, Unregistered
 from smartdns.core.answers import LocalZone, Responder, error_reply
 from smartdns.core.cache import AnswerCache, CacheEntry, PacketCache, cache_key
 from smartdns.core.clients import AuthorizedClients
-from smartdns.core.counters import Metrics, Outcome
+from smartdns.core.counters import Authorization, Metrics, Outcome
 from smartdns.core.peer import Peer
 from smartdns.core.policy import NameKind, QueryFacts, Verdict, cut_chain, decide
 from smartdns.core.ratelimit import Admission, RateLimits
@@ -44,6 +44,9 @@ MAX_WAITING: Final = 10_000  # queries waiting for upstream; more get SERVFAIL a
 _OUTCOME: Final = {verdict: Outcome(verdict.value) for verdict in Verdict}
 _FOREVER: Final = float("inf")
 _PLAIN: Final = NameKind.PLAIN
+_BY_ADDRESS: Final = Authorization.ADDRESS
+_BY_DEVICE: Final = Authorization.DEVICE_ID
+_NOT_AUTHORIZED: Final = Authorization.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +100,18 @@ class Pipeline:
         before: same bytes after the ID, same authorization state); then parsing; then
         policy (SPEC 2's table); then the local answer, or the answer cache and upstream."""
         settings = self.settings
-        authorized = self.clients.contains(peer.address)
-        now = self._clock() if peer.spoofable else 0.0  # only the limits read it
+        device = peer.device
+        if device is None:
+            authorized = self.clients.contains(peer.address)
+            self.metrics.authorizations[_BY_ADDRESS if authorized else _NOT_AUTHORIZED] += 1
+        else:  # SPEC 2a: by the ID alone; an unknown ID never falls back to the address
+            authorized = self.clients.holds_device(device)
+            self.metrics.authorizations[_BY_DEVICE if authorized else _NOT_AUTHORIZED] += 1
+        now = self._clock() if peer.spoofable or device is not None else 0.0  # for the limits
         admission = Admission.ALLOW
-        if peer.spoofable:
+        if authorized and device is not None and not settings.limits.device.allow(device, now):
+            admission = Admission.REFUSE  # a leaked ID cannot serve a crowd
+        elif peer.spoofable:
             if authorized:
                 admission = settings.limits.client.check(peer.address, now)
                 if admission is Admission.DROP:
@@ -121,6 +132,8 @@ class Pipeline:
             return self._send(peer, Outcome.MALFORMED, reply, authorized, now)
         if admission is Admission.TRUNCATE:
             return self._done(peer, Outcome.TRUNCATED, settings.responder.truncated(query))
+        if admission is Admission.REFUSE:
+            return self._done(peer, Outcome.RATE_LIMITED, settings.responder.refused(query))
         zone = settings.zones.match(query.qname) if authorized else None
         kind = _PLAIN if zone is None else zone.kind
         facts = new_tuple(QueryFacts, (authorized, kind, query.qtype, query.qclass))

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from smartdns.core.clients import AuthorizedClients
+from smartdns.core.clients import AuthorizedClients, device_digest
 
 
 def _row(text: str) -> tuple[int, int, int]:
@@ -61,3 +61,16 @@ def test_entries_and_empty() -> None:
 def test_scoped_link_local_matches_its_prefix() -> None:
     clients = AuthorizedClients.from_prefixes([_row("fe80::/64")])
     assert clients.is_authorized("fe80::1%eth0")
+
+
+def test_device_digests_are_applied_change_by_change() -> None:
+    first, second = device_digest("a" * 20), device_digest("b" * 20)
+    clients = AuthorizedClients.from_prefixes([], [first])
+    assert clients.holds_device(first) and not clients.holds_device(second)
+    clients.apply([], [], devices_present=[second], devices_gone=[first])
+    assert clients.holds_device(second) and not clients.holds_device(first)
+    assert clients.entries == 0  # IDs are not address entries
+
+
+def test_device_digest_is_sha256_of_the_id() -> None:
+    assert device_digest("abc").hex().startswith("ba7816bf8f01cfea")

@@ -28,8 +28,8 @@ from smartdns.config.model import (
 )
 from smartdns.core.answers import Responder, build_local_zones
 from smartdns.core.cache import AnswerCache
-from smartdns.core.clients import AuthorizedClients
-from smartdns.core.counters import Metrics
+from smartdns.core.clients import AuthorizedClients, device_digest
+from smartdns.core.counters import Authorization, Metrics, Transport
 from smartdns.core.peer import Peer, stream_peer, udp_peer
 from smartdns.core.ratelimit import RateLimits
 from smartdns.node.daemon import build_settings
@@ -329,3 +329,50 @@ def test_notimp_for_another_opcode_copies_it(up: FakeUpstream) -> None:
     assert isinstance(reply, bytes)
     parsed = dns.message.from_wire(reply)
     assert parsed.rcode() == dns.rcode.NOTIMP and parsed.opcode() == 15 and parsed.id == query.id
+
+
+DEVICE = device_digest("k3v9q2m8x4t6w1z5y7r0a2b4")
+
+
+def _with_device(pipeline: Pipeline, digest: bytes) -> Pipeline:
+    pipeline.clients.apply([], [], devices_present=[digest])
+    return pipeline
+
+
+@pytest.mark.parametrize(
+    ("host", "device", "rcode", "by"),
+    [
+        ("127.0.0.9", DEVICE, dns.rcode.NOERROR, Authorization.DEVICE_ID),  # any address
+        (CLIENT, device_digest("unknownid0000000000000"), dns.rcode.REFUSED, Authorization.NONE),
+        (CLIENT, None, dns.rcode.NOERROR, Authorization.ADDRESS),  # no ID named: the address
+        ("127.0.0.9", None, dns.rcode.REFUSED, Authorization.NONE),
+    ],
+)
+def test_a_named_device_id_alone_decides_authorization(
+    up: FakeUpstream, host: str, device: bytes | None, rcode: int, by: Authorization
+) -> None:
+    pipeline = _with_device(_pipeline(up, Clock(), "netflix.com"), DEVICE)
+    wire = dns.message.make_query("www.netflix.com", "A").to_wire()
+    reply = pipeline.handle(wire, stream_peer(host, Transport.DOT, device))
+    assert isinstance(reply, bytes)
+    assert dns.message.from_wire(reply).rcode() == rcode
+    assert pipeline.metrics.authorizations == {by: 1}
+
+
+def test_a_device_id_over_its_rate_gets_refused_then_recovers(up: FakeUpstream) -> None:
+    clock = Clock()
+    pipeline = _with_device(_limited(up, clock, client_qps=3, refused_qps=1), DEVICE)
+    wire = dns.message.make_query("www.netflix.com", "A").to_wire()
+    rcodes = [
+        dns.message.from_wire(_reply_bytes(pipeline, wire, host)).rcode()
+        for host in ("127.0.0.9", "127.0.0.10", "::1", "127.0.0.11", "127.0.0.12")
+    ]
+    assert rcodes == [dns.rcode.NOERROR] * 3 + [dns.rcode.REFUSED] * 2  # per ID, any address
+    clock.now += 1.0
+    assert dns.message.from_wire(_reply_bytes(pipeline, wire, "::1")).rcode() == dns.rcode.NOERROR
+
+
+def _reply_bytes(pipeline: Pipeline, wire: bytes, host: str) -> bytes:
+    reply = pipeline.handle(wire, stream_peer(host, Transport.DOH, DEVICE))
+    assert isinstance(reply, bytes)
+    return reply
