@@ -6,10 +6,12 @@
 
 Input: one selector byte, then the packet. The selector picks the source (bits 0-2, see
 HOSTS), the transport (bit 3: TCP) and, for forwarded queries, the kind of upstream answer
-(bits 4-6, see UPSTREAM_ANSWERS). No network: forwarded queries go to a Forwarder whose
-`resolve` returns a canned answer built for the question at once, awaited on one event loop.
-Like the real Forwarder, it only returns answers a full parser (dnslib) accepts. Each input
-gets a fresh Pipeline from daemon.build_settings, so no cache state carries over.
+(bits 4-6, see UPSTREAM_ANSWERS); bit 7 makes it an encrypted peer naming a device ID (bit 3
+then picks the registered or an unknown ID; SPEC 2a). No network: forwarded queries go to a
+Forwarder whose `resolve` returns a canned answer built for the question at once, awaited on
+one event loop. Like the real Forwarder, it only returns answers a full parser (dnslib)
+accepts. Each input gets a fresh Pipeline from daemon.build_settings, so no cache state
+carries over.
 
 Checked on every input: parse_query returns a Query or raises WireError; handle never raises;
 its result is None or bytes that dnspython parses as a response (QR set) with the query's ID,
@@ -42,8 +44,8 @@ with atheris.instrument_imports(include=["smartdns"]):
         Unregistered,
         UpstreamConfig,
     )
-    from smartdns.core.clients import AuthorizedClients
-    from smartdns.core.counters import Metrics
+    from smartdns.core.clients import AuthorizedClients, device_digest
+    from smartdns.core.counters import Metrics, Transport
     from smartdns.core.peer import Peer, stream_peer, udp_peer
     from smartdns.core.wire import ForwardedAnswer, Query, parse_query, parse_upstream_answer
     from smartdns.errors import UpstreamError, WireError
@@ -139,13 +141,16 @@ CONFIG = Config(
     unblock=UNBLOCK,
     upstream=UPSTREAM,
 )
+REGISTERED_DEVICE = device_digest("registereddevice0000000001")
 CLIENTS = AuthorizedClients.from_prefixes(
     [
         (4, int(ipaddress.IPv4Address("127.0.0.1")), 32),
         (6, int(ipaddress.IPv6Address("2001:db8:1::")), 48),
         (6, int(ipaddress.IPv6Address("fe80::")), 64),
-    ]
+    ],
+    [REGISTERED_DEVICE],
 )
+DEVICES = (device_digest("unknowndevice00000000000001"), REGISTERED_DEVICE)
 LOOP = asyncio.new_event_loop()
 FORWARD_TIMEOUT_S = 5.0  # the canned upstream answers at once; this only catches a hang
 
@@ -184,7 +189,11 @@ def test_one_input(data: bytes) -> None:
     if not data:
         return
     selector, packet = data[0], data[1:]
-    peer = (stream_peer if selector & 8 else udp_peer)(HOSTS[selector & 7])
+    host = HOSTS[selector & 7]
+    if selector & 0x80:
+        peer = stream_peer(host, Transport.DOT, DEVICES[selector >> 3 & 1])
+    else:
+        peer = (stream_peer if selector & 8 else udp_peer)(host)
     FORWARDER.kind = selector >> 4 & 7
     query: Query | None
     try:
