@@ -143,6 +143,7 @@ def render(
     cache: CacheStatsLike | None,
     registrations: RegistrationStatsLike | None,
     database_up: bool,
+    ready: bool,
     workers: Sequence[WorkerSample] = (),
     ddns: DdnsSample | None = None,
 ) -> str:
@@ -176,6 +177,12 @@ def render(
         "gauge",
         "1 when the registrations database answered this scrape, else 0.",
         int(database_up),
+    )
+    out.single(
+        "smartdns_ready",
+        "gauge",
+        "1 when /healthz answers 200: DNS listeners up and the database answering, else 0.",
+        int(ready),
     )
     if registrations is not None:
         _render_registrations(out, registrations)

@@ -110,6 +110,9 @@ class NodeStatus:
             cache=side.cache_stats(),
             registrations=registrations,
             database_up=registrations is not None,
+            # What healthy() decides, from this page's own database probe (a scrape that
+            # finds the node not ready pages someone: monitoring/alerts.yml).
+            ready=side.listeners_up() and registrations is not None,
             workers=side.worker_samples(),
             ddns=self._ddns(),
         )

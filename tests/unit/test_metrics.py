@@ -24,7 +24,9 @@ class Cache:
 
 
 def test_empty_page_lists_every_query_series_with_help_and_type() -> None:
-    text = render(Metrics(), forwarder=None, cache=None, registrations=None, database_up=False)
+    text = render(
+        Metrics(), forwarder=None, cache=None, registrations=None, database_up=False, ready=False
+    )
     lines = text.splitlines()
     assert lines[:3] == [
         "# HELP smartdns_queries_total DNS queries by transport and how they ended.",
@@ -35,6 +37,7 @@ def test_empty_page_lists_every_query_series_with_help_and_type() -> None:
         Transport
     ) * len(Outcome)
     assert "smartdns_database_up 0" in lines
+    assert "smartdns_ready 0" in lines
     assert "# TYPE smartdns_sync_requests_total counter" in lines
     assert "cache" not in text and "upstream" not in text and "registered" not in text
     assert text.endswith("\n") and not text.endswith("\n\n")
@@ -47,7 +50,12 @@ def test_counts_and_sources_are_rendered() -> None:
     assert isinstance(Cache(), CacheStatsLike)
     forwarder = ForwarderStats(queries_sent=4, answers=3, timeouts=1, failures=2)
     text = render(
-        metrics, forwarder=forwarder, cache=Cache(), registrations=Stats(), database_up=True
+        metrics,
+        forwarder=forwarder,
+        cache=Cache(),
+        registrations=Stats(),
+        database_up=True,
+        ready=True,
     )
     for line in (
         "smartdns_upstream_queries_sent_total 4",
@@ -65,12 +73,20 @@ def test_counts_and_sources_are_rendered() -> None:
         "smartdns_registered_entries 5",
         "smartdns_snapshot_version 9",
         "smartdns_database_up 1",
+        "smartdns_ready 1",
     ):
         assert line in text.splitlines(), line
 
 
 def test_each_family_is_declared_once_and_counters_end_in_total() -> None:
-    text = render(Metrics(), forwarder=None, cache=Cache(), registrations=Stats(), database_up=True)
+    text = render(
+        Metrics(),
+        forwarder=None,
+        cache=Cache(),
+        registrations=Stats(),
+        database_up=True,
+        ready=True,
+    )
     types = [line.split() for line in text.splitlines() if line.startswith("# TYPE ")]
     names = [name for _, _, name, _ in types]
     assert len(names) == len(set(names))

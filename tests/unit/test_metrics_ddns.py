@@ -17,7 +17,13 @@ def test_ddns_families_are_aggregate_with_a_cumulative_histogram() -> None:
         latency_sum_s=0.42,
     )
     text = render(
-        Metrics(), forwarder=None, cache=None, registrations=None, database_up=True, ddns=sample
+        Metrics(),
+        forwarder=None,
+        cache=None,
+        registrations=None,
+        database_up=True,
+        ready=True,
+        ddns=sample,
     )
     for line in [
         "smartdns_ddns_hostnames 3",
@@ -36,5 +42,7 @@ def test_ddns_families_are_aggregate_with_a_cumulative_histogram() -> None:
 
 
 def test_no_ddns_families_where_the_refresher_does_not_run() -> None:
-    text = render(Metrics(), forwarder=None, cache=None, registrations=None, database_up=True)
+    text = render(
+        Metrics(), forwarder=None, cache=None, registrations=None, database_up=True, ready=True
+    )
     assert "smartdns_ddns" not in text

@@ -674,6 +674,7 @@ async def test_metrics_without_token_in_exposition_format(api: Api) -> None:
     assert samples['smartdns_upstream_failures_total{reason="timeout"}'] == 1
     assert samples["smartdns_cache_hits_total"] == 11 and samples["smartdns_cache_entries"] == 3
     assert samples["smartdns_registered_entries"] == 3 and samples["smartdns_database_up"] == 1
+    assert samples["smartdns_ready"] == 1
     for secret in ("acct-secret-id", ADDRESS, TOKEN, "wrong-token-value", "127.0.0.1"):
         assert secret not in text
 
@@ -683,7 +684,17 @@ async def test_metrics_without_database_or_cache(api: Api) -> None:
     status, text = await api.call("GET", "/metrics", token=None)
     samples = _parse_exposition(text)
     assert status == 200 and samples["smartdns_database_up"] == 0
+    assert samples["smartdns_ready"] == 0
     assert "smartdns_registered_accounts" not in text and "smartdns_cache_" not in text
+
+
+async def test_ready_gauge_follows_healthz_when_the_listeners_go_down(api: Api) -> None:
+    api.node.up = False
+    assert (await api.call("GET", "/healthz", token=None))[0] == 503
+    status, text = await api.call("GET", "/metrics", token=None)
+    samples = _parse_exposition(text)
+    assert status == 200 and samples["smartdns_ready"] == 0
+    assert samples["smartdns_database_up"] == 1
 
 
 async def test_nothing_sensitive_is_logged(api: Api, caplog: pytest.LogCaptureFixture) -> None:
