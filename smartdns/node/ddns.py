@@ -146,6 +146,7 @@ class DdnsService(Component):
             addresses=refresher.addresses_authorized,
             lookups={outcome.value: stats.lookups[outcome] for outcome in LookupOutcome},
             rejected=stats.rejected,
+            expired=stats.expired,
             latency_bounds_s=LATENCY_BOUNDS_S,
             latency_buckets=tuple(stats.latency_buckets),
             latency_sum_s=stats.latency_sum_s,

@@ -75,6 +75,7 @@ class DdnsSample(NamedTuple):
     addresses: int  # addresses authorized through them
     lookups: Mapping[str, int]  # by outcome (core.chain.LookupOutcome values)
     rejected: int  # resolved addresses the registration rules refused
+    expired: int  # hostnames withdrawn because lookups still failed when the grace ended
     latency_bounds_s: Sequence[float]
     latency_buckets: Sequence[int]  # per bound, then one over the last (not cumulative)
     latency_sum_s: float
@@ -354,6 +355,12 @@ def _render_ddns(out: _Exposition, ddns: DdnsSample) -> None:
         "counter",
         "Resolved addresses the registration rules refused (counted when an answer changes).",
         ddns.rejected,
+    )
+    out.single(
+        "smartdns_ddns_grace_expired_total",
+        "counter",
+        "Hostnames whose addresses were withdrawn: lookups still failed when ddns.grace ended.",
+        ddns.expired,
     )
     out.histogram(
         "smartdns_ddns_lookup_seconds",

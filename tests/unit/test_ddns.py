@@ -254,6 +254,7 @@ async def test_dead_authority_keeps_last_good_through_grace(authority: FakeAutho
     # the last success was at most one refresh (1.1 s) before the authority died
     assert grace - 1.1 <= dropped_at - died_at <= grace + 1.0
     assert stats.lookups[LookupOutcome.FAILED] >= 1
+    assert stats.expired == 1
     assert rig.sink.sets_of(HOME) == [{"127.0.0.2"}, set()]
 
 
@@ -287,6 +288,7 @@ async def test_negative_answer_removes_after_grace(authority: FakeAuthority, neg
         dropped_at = await running.sink.wait(lambda: running.sink.current.get(HOME) == set())
         outcome = LookupOutcome.NXDOMAIN if negative == "nxdomain" else LookupOutcome.NODATA
         assert running.refresher.stats.lookups[outcome] >= 1
+        assert running.refresher.stats.expired == 0  # the name is gone, not failing
     assert 2 - 1.1 <= dropped_at - gone_at <= 2 + 1.5
 
 

@@ -68,6 +68,7 @@ class RefresherStats:
     """Aggregate counters: nothing per hostname, nothing that names one."""
 
     __slots__ = (
+        "expired",
         "latency_buckets",
         "latency_count",
         "latency_sum_s",
@@ -80,6 +81,7 @@ class RefresherStats:
         self.lookups: Counter[LookupOutcome] = Counter()
         self.rejected = 0  # resolved addresses the registration rules refuse, or over the cap
         self.sink_failures = 0  # batches the sink failed to apply (retried)
+        self.expired = 0  # hostnames withdrawn: lookups still failing when the grace ended
         self.latency_buckets = [0] * (len(LATENCY_BOUNDS_S) + 1)  # the last is +Inf
         self.latency_count = 0
         self.latency_sum_s = 0.0
@@ -344,6 +346,8 @@ class HostnameRefresher:
                 found = state.accepted
             if within_grace:
                 found = tuple(sorted(set(state.addresses).union(found), key=_order))
+            elif state.addresses:
+                self.stats.expired += 1
             state = state._replace(failures=state.failures + 1)
             self._commit(hostname, state, found, now + self._backoff(state.failures))
             return
@@ -353,7 +357,10 @@ class HostnameRefresher:
         self._commit(hostname, state, kept, now + self._spread(ttl))
 
     def _expire(self, hostname: str, state: _Name) -> None:
-        """The grace ended while lookups kept failing: withdraw, keep retrying on schedule."""
+        """The grace ended without a positive answer: withdraw, keep retrying on schedule.
+        Counted when lookups were failing (not after NXDOMAIN or NODATA: the name is gone)."""
+        if state.failures and state.addresses:
+            self.stats.expired += 1
         self._commit(hostname, state, (), state.retry_at)
 
     def _commit(self, hostname: str, state: _Name, addresses: _Packed, retry_at: float) -> None:
