@@ -1,5 +1,6 @@
 """Every reply smartdns sends, as bytes: templates prepared at start-up and reload, filled in
-per query with the ID, the client's question and our OPT. Pure; no I/O.
+per query with the ID, the client's question and our OPT (padded when the query asked for it
+and the pipeline let it: RFC 8467, encrypted transports only). Pure; no I/O.
 
 Nothing here decides what a query gets (that is policy); this module only builds what the
 verdict names. Every reply copies the query's ID, opcode, RD and CD (RFC 1035 §4.1.1: a
@@ -40,6 +41,7 @@ from smartdns.core.wire import (
     Query,
     build_opt,
     encode_name,
+    pad_reply,
 )
 from smartdns.core.zones import ZoneMatcher
 from smartdns.errors import WireError
@@ -184,7 +186,7 @@ class Responder:
                 limit = MIN_UDP_SIZE
         reply = _PACK(query.id, flags, 1, an, ns, ar + extra) + query.question + records + opt
         if len(reply) <= limit:
-            return reply
+            return pad_reply(reply, limit) if query.padding else reply
         return self._bare(query, flags | FLAG_TC)
 
     def local(self, query: Query, verdict: Verdict, zone: LocalZone, limit: int | None) -> bytes:
@@ -203,10 +205,12 @@ class Responder:
         return self._build(query, flags, 0, 1, 0, zone.soa_record, limit)
 
     def _bare(self, query: Query, flags: int) -> bytes:
-        """Header + question + our OPT when the query had one: fits any limit."""
+        """Header + question + our OPT when the query had one: fits any limit (padded, it
+        only goes where a padding query could come from: a stream)."""
         if query.has_edns:
             opt = self._opt_do if query.dnssec_ok else self._opt_plain
-            return _PACK(query.id, flags, 1, 0, 0, 1) + query.question + opt
+            reply = _PACK(query.id, flags, 1, 0, 0, 1) + query.question + opt
+            return pad_reply(reply) if query.padding else reply
         return _PACK(query.id, flags, 1, 0, 0, 0) + query.question
 
     def refused(self, query: Query) -> bytes:

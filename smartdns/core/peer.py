@@ -12,8 +12,8 @@ from typing import Final
 
 from smartdns.core.clients import source_address
 from smartdns.core.counters import Transport
+from smartdns.core.wire import MAX_MESSAGE_SIZE
 
-MAX_STREAM_MESSAGE: Final = 65535  # a 2-byte length prefix cannot announce more (RFC 1035 §4.2.2)
 _UDP_PEERS: Final = 4096  # recent UDP sources whose Peer is reused
 
 
@@ -30,6 +30,8 @@ class Peer:
     `device`: the SHA-256 digest of the device ID the client named (a DoT server name's
     first label, a DoH path segment; SPEC 2a), or None when it named none. A peer that
     named one is authorized by that ID alone, never by its address.
+    `encrypted`: the transport is encrypted (DoT, DoH), so a query carrying the EDNS Padding
+    option gets a padded reply (RFC 8467); a cleartext reply is never padded.
     """
 
     host: str
@@ -37,6 +39,7 @@ class Peer:
     reply_limit: int | None
     spoofable: bool
     device: bytes | None = None
+    encrypted: bool = False
     address: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +58,7 @@ def stream_peer(
     host: str, transport: Transport = Transport.TCP, device: bytes | None = None
 ) -> Peer:
     """The peer of a connection or an encrypted request (TCP, DoT, DoH): never rate limited
-    by address (its source is proven by the handshake), replies up to MAX_STREAM_MESSAGE;
+    by address (its source is proven by the handshake), replies up to MAX_MESSAGE_SIZE;
     `device` as in Peer."""
-    return Peer(host, transport, MAX_STREAM_MESSAGE, False, device)
+    encrypted = transport is not Transport.TCP
+    return Peer(host, transport, MAX_MESSAGE_SIZE, False, device, encrypted)

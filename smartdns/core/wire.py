@@ -41,6 +41,7 @@ EDNS_FLAG_DO: Final = 0x8000
 
 HEADER_SIZE: Final = 12
 MIN_UDP_SIZE: Final = 512  # RFC 6891 §6.2.5: smaller advertised sizes count as 512
+MAX_MESSAGE_SIZE: Final = 65535  # a 2-byte length prefix cannot announce more (RFC 1035 §4.2.2)
 
 
 class Query(NamedTuple):
@@ -48,7 +49,9 @@ class Query(NamedTuple):
 
     `question` is the question section exactly as received (0x20 case preserved);
     `qname` is the owner name in wire format, lower-cased, ending with the root label;
-    `udp_size` is the client's EDNS payload size (at least 512) or 0 without EDNS.
+    `udp_size` is the client's EDNS payload size (at least 512) or 0 without EDNS;
+    `padding`: the OPT carried the EDNS Padding option (RFC 7830), so a reply over an
+    encrypted transport is padded (RFC 8467); the pipeline clears it for other transports.
     """
 
     id: int
@@ -60,6 +63,7 @@ class Query(NamedTuple):
     has_edns: bool
     udp_size: int
     dnssec_ok: bool
+    padding: bool = False
 
 
 _HEADER = struct.Struct("!6H")
@@ -71,6 +75,9 @@ _RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 _OPT_FIXED = struct.Struct("!HHBBHH")  # type, udp size, ext-rcode, version, flags, rdlength
 _MAX_NAME_OCTETS: Final = 255
 _MAX_RECORDS: Final = 4096  # more than any 64 KiB message can hold without being crafted
+EDNS_OPTION_PADDING: Final = 12  # RFC 7830
+PADDING_BLOCK: Final = 468  # RFC 8467 §4.1: the recommended block length for responses
+_OPTION_HEADER = struct.Struct("!HH")  # option code, option length
 
 
 def parse_query(packet: bytes) -> Query:
@@ -99,10 +106,11 @@ def parse_query(packet: bytes) -> Query:
     has_edns = False
     udp_size = 0
     dnssec_ok = False
+    padding = False
     if ancount or nscount or arcount:
         opt = _find_opt(packet, question_end, ancount, nscount, arcount, question)
         if opt is not None:
-            opt_udp_size, version, edns_flags = opt
+            opt_udp_size, version, edns_flags, padding = opt
             if version:
                 raise WireError(RCODE_BADVERS, "EDNS version not supported", question)
             has_edns = True
@@ -120,6 +128,7 @@ def parse_query(packet: bytes) -> Query:
             has_edns,
             udp_size,
             dnssec_ok,
+            padding,
         ),
     )
 
@@ -174,11 +183,12 @@ def skip_name(message: bytes, offset: int) -> int:
 
 def _find_opt(
     packet: bytes, offset: int, ancount: int, nscount: int, arcount: int, question: bytes
-) -> tuple[int, int, int] | None:
-    """(udp size, version, flags) of the OPT record, None without one; FORMERR for two."""
+) -> tuple[int, int, int, bool] | None:
+    """(udp size, version, flags, has Padding option) of the OPT record, None without one;
+    FORMERR for two."""
     if ancount + nscount + arcount > _MAX_RECORDS:
         raise WireError(RCODE_FORMERR, "too many records")
-    opt: tuple[int, int, int] | None = None
+    opt: tuple[int, int, int, bool] | None = None
     end = len(packet)
     answer_and_authority = ancount + nscount
     for index in range(answer_and_authority + arcount):
@@ -193,11 +203,39 @@ def _find_opt(
             if opt is not None or index < answer_and_authority or offset - name_start != 1:
                 raise WireError(RCODE_FORMERR, "misplaced or repeated OPT")
             _, udp_size, _, version, flags, _ = _OPT_FIXED.unpack_from(packet, offset)
-            opt = (udp_size, version, flags)
+            padding = bool(rdlength) and _has_padding(packet, offset + 10, offset + 10 + rdlength)
+            opt = (udp_size, version, flags, padding)
         offset += 10 + rdlength
         if offset > end:
             raise WireError(RCODE_FORMERR, "truncated record data")
     return opt
+
+
+def _has_padding(packet: bytes, offset: int, end: int) -> bool:
+    """Whether the OPT options from `offset` to `end` include Padding (RFC 7830). Options
+    are otherwise ignored (RFC 6891 §6.1.2); a malformed option list ends the walk."""
+    end = min(end, len(packet))
+    while offset + 4 <= end:
+        code, length = _OPTION_HEADER.unpack_from(packet, offset)
+        if code == EDNS_OPTION_PADDING:
+            return True
+        offset += 4 + length
+    return False
+
+
+def pad_reply(reply: bytes, limit: int = MAX_MESSAGE_SIZE) -> bytes:
+    """`reply`, which ends with our OPT record (no options yet), with a Padding option
+    (RFC 7830) that brings it to a multiple of PADDING_BLOCK octets (RFC 8467 §4.1
+    block-length padding). The option's 4-octet header counts too, so a reply already a
+    multiple gets a whole block more. A padded reply over `limit` (the transport's largest
+    message) goes out unpadded: RFC 8467 prefers that to no reply."""
+    padded = -(-(len(reply) + 4) // PADDING_BLOCK) * PADDING_BLOCK
+    if padded > limit:
+        return reply
+    fill = padded - len(reply) - 4
+    # the OPT's RDLENGTH is the last field of the reply: 0 before, the option after
+    option = _OPTION_HEADER.pack(EDNS_OPTION_PADDING, fill) + bytes(fill)
+    return reply[:-2] + len(option).to_bytes(2, "big") + option
 
 
 class RecordSpan(NamedTuple):

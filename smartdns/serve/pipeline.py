@@ -130,6 +130,8 @@ class Pipeline:
                 return self._done(peer, Outcome.UNREADABLE, None)
             reply = settings.responder.error(packet, error)
             return self._send(peer, Outcome.MALFORMED, reply, authorized, now)
+        if query.padding and not peer.encrypted:
+            query = query._replace(padding=False)  # RFC 8467: padding is for encrypted replies
         if admission is Admission.TRUNCATE:
             return self._done(peer, Outcome.TRUNCATED, settings.responder.truncated(query))
         if admission is Admission.REFUSE:

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from smartdns.core.counters import Transport
-from smartdns.core.peer import MAX_STREAM_MESSAGE, Peer, stream_peer, udp_peer
+from smartdns.core.peer import Peer, stream_peer, udp_peer
+from smartdns.core.wire import MAX_MESSAGE_SIZE
 
 
 def test_udp_peer_is_spoofable_and_leaves_the_limit_to_the_query() -> None:
@@ -21,8 +22,8 @@ def test_udp_peer_is_reused_for_a_recent_source() -> None:
 
 def test_stream_peer_is_not_spoofable_and_carries_a_full_message() -> None:
     peer = stream_peer("2001:db8::1")
-    assert peer == Peer("2001:db8::1", Transport.TCP, MAX_STREAM_MESSAGE, False)
-    assert MAX_STREAM_MESSAGE == 0xFFFF
+    assert peer == Peer("2001:db8::1", Transport.TCP, MAX_MESSAGE_SIZE, False)
+    assert MAX_MESSAGE_SIZE == 0xFFFF
 
 
 def test_peer_is_immutable() -> None:

@@ -376,3 +376,22 @@ def _reply_bytes(pipeline: Pipeline, wire: bytes, host: str) -> bytes:
     reply = pipeline.handle(wire, stream_peer(host, Transport.DOH, DEVICE))
     assert isinstance(reply, bytes)
     return reply
+
+
+@pytest.mark.parametrize(
+    ("transport", "padded"),
+    [(Transport.DOT, True), (Transport.DOH, True), (Transport.TCP, False), (Transport.UDP, False)],
+)
+def test_replies_are_padded_only_over_encrypted_transports(
+    up: FakeUpstream, transport: Transport, padded: bool
+) -> None:
+    pipeline = _pipeline(up, Clock(), "netflix.com")
+    peer = udp_peer(CLIENT) if transport is Transport.UDP else stream_peer(CLIENT, transport)
+    for name in ("www.netflix.com", "chaos.example"):  # a local answer and a REFUSED one
+        query = dns.message.make_query(name, "A", use_edns=0, pad=128)
+        if name.startswith("chaos"):
+            query.question[0].rdclass = dns.rdataclass.CH
+        reply = pipeline.handle(query.to_wire(), peer)
+        assert isinstance(reply, bytes)
+        assert (len(reply) % 468 == 0) is padded
+        assert dns.message.from_wire(reply).rcode() in (dns.rcode.NOERROR, dns.rcode.REFUSED)
