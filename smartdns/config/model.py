@@ -150,6 +150,24 @@ class FeedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EncryptedConfig:
+    """DNS over TLS and DNS over HTTPS (SPEC 2a); optional."""
+
+    # Lower-case, no trailing dot; required. A device ID is the one label in front of it.
+    server_name: str = ""
+    cert_file: Path = Path()  # PEM, leaf first, then the chain; required; relative to the config
+    key_file: Path = Path()  # PEM private key, owner-only; required; relative to the config
+    # Where DoT and DoH listen; an empty list serves nothing of that kind (not both empty).
+    dot_listen: tuple[HostPort, ...] = (HostPort("0.0.0.0", 853), HostPort("::", 853))
+    doh_listen: tuple[HostPort, ...] = (HostPort("0.0.0.0", 443), HostPort("::", 443))
+    max_connections: int = 10_000  # per worker, DoT and DoH together
+    handshake_timeout: float = 5.0  # seconds a TLS handshake may take
+    ddr: bool = False  # designate this node in _dns.resolver.arpa (RFC 9462)
+    # This node's public addresses for DDR's ipv4hint/ipv6hint; required non-empty with ddr.
+    ddr_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"  # debug | info | warning | error
 
@@ -168,4 +186,5 @@ class Config:
     sync: SyncConfig = SyncConfig()
     ddns: DdnsConfig = DdnsConfig()
     feed: FeedConfig | None = None  # None when the YAML has no feed section
+    encrypted: EncryptedConfig | None = None  # None when the YAML has no encrypted section
     logging: LoggingConfig = LoggingConfig()

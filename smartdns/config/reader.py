@@ -211,15 +211,18 @@ def choice_field(choices: Sequence[str], make: Callable[[str], _T]) -> Converter
     return convert
 
 
-def unique_list_field(convert_one: Converter, what: str) -> Converter:
-    """A non-empty list converted item by item into a tuple; a value listed twice (after
-    conversion: `[::1]:53` and `[0::1]:53` are the same) is a problem at the second one."""
+def unique_list_field(
+    convert_one: Converter, what: str, *, may_be_empty: bool = False
+) -> Converter:
+    """A list (non-empty unless `may_be_empty`) converted item by item into a tuple; a value
+    listed twice (after conversion: `[::1]:53` and `[0::1]:53` are the same) is a problem at
+    the second one."""
 
     def convert(reader: Reader, node: Node, where: str) -> tuple[object, ...] | None:
         items = sequence(reader, node, where)
         if items is None:
             return None
-        if not items:
+        if not items and not may_be_empty:
             reader.add(node, f"{where}: must list at least one {what}")
             return None
         found: dict[object, str] = {}

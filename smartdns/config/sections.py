@@ -19,6 +19,7 @@ from smartdns.config.model import (
     Config,
     DatabaseConfig,
     DdnsConfig,
+    EncryptedConfig,
     FeedConfig,
     LoggingConfig,
     RateLimitConfig,
@@ -40,6 +41,7 @@ from smartdns.config.reader import (
     mapping,
     seconds_field,
     section_entries,
+    unique_list_field,
 )
 from smartdns.config.unblock import read_unblock
 from smartdns.config.values import (
@@ -48,14 +50,17 @@ from smartdns.config.values import (
     feed_servers,
     host_port_field,
     host_ports_field,
+    ip_address,
     log_level,
     read_token,
+    server_name,
     unregistered,
     workers,
 )
 
 _MAX_UPSTREAM_TIMEOUT_S: Final = 10.0
 _MAX_JETSTREAM_REPLICAS: Final = 5
+_MAX_HANDSHAKE_TIMEOUT_S: Final = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,30 @@ def _sync_token(reader: Reader, this: Read, sections: Mapping[str, Read], root: 
         reader.add(node, f"sync.token_file: {sync.token_file}: {token}")
         return sync
     return replace(sync, token=Secret(token))
+
+
+def _encrypted_serves_something(
+    reader: Reader, this: Read, sections: Mapping[str, Read], root: Node
+) -> object:
+    """An encrypted section must listen somewhere, and DDR needs the addresses it announces
+    (SPEC 2a: ipv4hint/ipv6hint, which the certificate must hold too)."""
+    encrypted = this.value
+    if not isinstance(encrypted, EncryptedConfig) or this.key is None:
+        return encrypted
+    if not encrypted.dot_listen and not encrypted.doh_listen:
+        where = this.entries.get("dot_listen") or this.entries.get("doh_listen")
+        reader.add(
+            this.key if where is None else where[1],
+            "encrypted: dot_listen and doh_listen are both empty; list an address in one",
+        )
+    if encrypted.ddr and not encrypted.ddr_addresses:
+        where = this.entries.get("ddr_addresses") or this.entries["ddr"]
+        reader.add(
+            where[1],
+            "encrypted.ddr_addresses: ddr is true, so list this node's public addresses "
+            "(the DDR answer's ipv4hint and ipv6hint)",
+        )
+    return encrypted
 
 
 SECTIONS: Final = (
@@ -260,6 +289,31 @@ SECTIONS: Final = (
             )
         ),
         required=(("servers", "a list of nats:// or tls:// server URLs"),),
+    ),
+    Section(
+        "encrypted",
+        _optional(
+            _table(
+                EncryptedConfig,
+                {
+                    "server_name": server_name,
+                    "cert_file": existing_file_field(owner_only=False),
+                    "key_file": existing_file_field(owner_only=True),
+                    "dot_listen": host_ports_field(853, may_be_empty=True),
+                    "doh_listen": host_ports_field(443, may_be_empty=True),
+                    "max_connections": int_field(1),
+                    "handshake_timeout": seconds_field(_MAX_HANDSHAKE_TIMEOUT_S),
+                    "ddr": boolean,
+                    "ddr_addresses": unique_list_field(ip_address, "address", may_be_empty=True),
+                },
+            )
+        ),
+        required=(
+            ("server_name", "the name clients connect to, e.g. dns.example.net"),
+            ("cert_file", "the PEM certificate chain covering server_name and *.server_name"),
+            ("key_file", "the PEM private key of that certificate"),
+        ),
+        checks=(_encrypted_serves_something,),
     ),
     Section("logging", _table(LoggingConfig, {"level": log_level})),
 )

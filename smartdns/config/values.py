@@ -41,6 +41,8 @@ _MAX_TOKEN_BYTES: Final = 4096
 _BUCKET_NAME: Final = re.compile(r"[A-Za-z0-9_-]+")
 _FEED_SCHEMES: Final = ("nats", "tls")
 _HOST_LABEL: Final = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+# 253 less a 63-character device ID label and its dot (SPEC 3: IDs are up to 63 characters).
+_MAX_SERVER_NAME_CHARS: Final = 253 - 64
 _TOKEN_HINT: Final = (
     "one line holding the bearer token, mode 600, e.g. "
     "(umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' > FILE)"
@@ -120,8 +122,48 @@ def host_port_field(default_port: int | None) -> Converter:
     return convert
 
 
-def host_ports_field(default_port: int | None) -> Converter:
-    return unique_list_field(host_port_field(default_port), "address")
+def host_ports_field(default_port: int | None, *, may_be_empty: bool = False) -> Converter:
+    return unique_list_field(host_port_field(default_port), "address", may_be_empty=may_be_empty)
+
+
+def ip_address(
+    reader: Reader, node: Node, where: str
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """One IPv4 or IPv6 address, no prefix and no port."""
+    text = string(reader, node, where)
+    if text is None:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        reader.add(node, f'{where}: "{text}" is not an IP address')
+        return None
+
+
+def server_name(reader: Reader, node: Node, where: str) -> str | None:
+    """A TLS server name (lower-cased, no trailing dot): letters, digits and inner hyphens in
+    at least two labels, no IP address, so `<device id>.<name>` fits a wildcard certificate."""
+    text = string(reader, node, where)
+    if text is None:
+        return None
+    name = text.lower().removesuffix(".")
+    labels = name.split(".")
+    problem = None
+    if not name.isascii():
+        problem = 'must be ASCII; write internationalized names in their "xn--" form'
+    elif len(labels) < 2 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        problem = "expected a host name such as dns.example.net (letters, digits, hyphens)"
+    elif len(name) > _MAX_SERVER_NAME_CHARS:
+        problem = (
+            f"name is {len(name)} characters long; the limit is {_MAX_SERVER_NAME_CHARS}, "
+            "which leaves room for a device ID label in front of it"
+        )
+    elif all(label.isdigit() for label in labels):
+        problem = "an IP address is no server name"
+    if problem:
+        reader.add(node, f'{where}: "{text}": {problem}')
+        return None
+    return name
 
 
 def address_list(

@@ -18,6 +18,7 @@ from smartdns.config.model import (
     Config,
     DatabaseConfig,
     DdnsConfig,
+    EncryptedConfig,
     FeedConfig,
     HostPort,
     LoggingConfig,
@@ -1208,6 +1209,118 @@ def test_ca_file_may_be_world_readable_but_must_be_a_file(tmp_path: Path) -> Non
     assert problems_of(path) == [
         f"{path}:2: feed.tls_ca_file: {tmp_path}/ca.dir: not a regular file"
     ]
+
+
+# --- encrypted ---------------------------------------------------------------------------------
+
+
+def tls_files(tmp_path: Path, key_mode: int = 0o600) -> None:
+    """cert.pem and key.pem beside the config (their content is check-config's concern)."""
+    write_token(tmp_path / "cert.pem", mode=0o644)
+    write_token(tmp_path / "key.pem", mode=key_mode)
+
+
+ENCRYPTED = (
+    "encrypted:\n  server_name: Dns.Example.NET.\n  cert_file: cert.pem\n  key_file: key.pem\n"
+)
+
+
+def test_encrypted_defaults_and_forms(tmp_path: Path) -> None:
+    tls_files(tmp_path)
+    config = load_config(write(tmp_path, MINIMAL + ENCRYPTED))
+    assert config.encrypted == EncryptedConfig(
+        server_name="dns.example.net",
+        cert_file=tmp_path / "cert.pem",
+        key_file=tmp_path / "key.pem",
+        dot_listen=(HostPort("0.0.0.0", 853), HostPort("::", 853)),
+        doh_listen=(HostPort("0.0.0.0", 443), HostPort("::", 443)),
+        max_connections=10_000,
+        handshake_timeout=5.0,
+        ddr=False,
+        ddr_addresses=(),
+    )
+    text = ENCRYPTED + (
+        '  dot_listen: ["127.0.0.1", "[::1]:8853"]\n  doh_listen: []\n  max_connections: 3\n'
+        '  handshake_timeout: 0.5\n  ddr: true\n  ddr_addresses: ["203.0.113.53", "2001:db8::53"]\n'
+    )
+    config = load_config(write(tmp_path, MINIMAL + text))
+    assert config.encrypted is not None
+    assert config.encrypted.dot_listen == (HostPort("127.0.0.1", 853), HostPort("::1", 8853))
+    assert config.encrypted.doh_listen == ()
+    assert (config.encrypted.max_connections, config.encrypted.handshake_timeout) == (3, 0.5)
+    assert config.encrypted.ddr is True
+    assert config.encrypted.ddr_addresses == (
+        ipaddress.ip_address("203.0.113.53"),
+        ipaddress.ip_address("2001:db8::53"),
+    )
+
+
+def test_encrypted_is_off_when_absent_or_empty(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL)).encrypted is None
+    assert load_config(write(tmp_path, MINIMAL + "encrypted:\n")).encrypted is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "message"),
+    [
+        ("encrypted: {ddr: true}\n", 2, "encrypted.server_name is required"),
+        ("encrypted: {ddr: true}\n", 2, "encrypted.cert_file is required"),
+        ("encrypted: {ddr: true}\n", 2, "encrypted.key_file is required"),
+        ("encrypted: {ddr: true}\n", 2, "encrypted.ddr_addresses: ddr is true, so list"),
+        (ENCRYPTED + "  dot_listen: []\n  doh_listen: []\n", 6, "both empty"),
+        (ENCRYPTED.replace("Dns.Example.NET.", "localhost"), 3, "expected a host name"),
+        (ENCRYPTED.replace("Dns.Example.NET.", "192.0.2.1"), 3, "an IP address is no server"),
+        (ENCRYPTED.replace("Dns.Example.NET.", "a_b.example"), 3, "expected a host name"),
+        (
+            ENCRYPTED.replace("Dns.Example.NET.", "a" * 63 + "." + "b" * 63 + "." + "c" * 63),
+            3,
+            "leaves room for a device ID label",
+        ),
+        (ENCRYPTED.replace("cert.pem", "none.pem"), 4, "none.pem: file does not exist"),
+        (ENCRYPTED + "  dot_listen: [127.0.0.1:99999]\n", 6, "port must be 1..65535"),
+        (ENCRYPTED + "  max_connections: 0\n", 6, "encrypted.max_connections: must be at"),
+        (ENCRYPTED + "  handshake_timeout: 61\n", 6, "and at most 60 seconds"),
+        (ENCRYPTED + "  ddr_addresses: [203.0.113.0/24]\n", 6, "is not an IP address"),
+        (ENCRYPTED + '  ddr_addresses: ["::1", "0::1"]\n', 6, "is listed twice"),
+        (ENCRYPTED + "  dot: []\n", 6, 'unknown key "dot" in encrypted'),
+    ],
+)
+def test_encrypted_problems(tmp_path: Path, extra: str, line: int, message: str) -> None:
+    tls_files(tmp_path)
+    path = write(tmp_path, MINIMAL + extra)
+    found = [problem for problem in problems_of(path) if message in problem]
+    assert found, problems_of(path)
+    assert found[0].startswith(f"{path}:{line}: "), found
+
+
+def test_encrypted_key_must_be_owner_only(tmp_path: Path) -> None:
+    tls_files(tmp_path, key_mode=0o640)
+    path = write(tmp_path, MINIMAL + ENCRYPTED)
+    assert problems_of(path) == [
+        f"{path}:5: encrypted.key_file: {tmp_path}/key.pem: file is readable by other users "
+        "(chmod 600)"
+    ]
+
+
+def test_production_example_encrypted_block_loads_when_turned_on(tmp_path: Path) -> None:
+    tls_files(tmp_path)
+    text = production_example(tmp_path).read_text(encoding="utf-8")
+    start = text.index("# encrypted:\n")
+    end = text.index("\n\n", start)
+    block = "\n".join(line.removeprefix("# ") for line in text[start:end].split("\n"))
+    text = text[:start] + block + text[end:]
+    text = text.replace("/etc/smartdns/tls/fullchain.pem", str(tmp_path / "cert.pem"))
+    text = text.replace("/etc/smartdns/tls/privkey.pem", str(tmp_path / "key.pem"))
+    path = tmp_path / "smartdns.yaml"
+    path.write_text(text, encoding="utf-8")
+    config = load_config(path)
+    assert config.encrypted is not None
+    assert config.encrypted == dataclasses.replace(
+        EncryptedConfig(),
+        server_name="dns.example.net",
+        cert_file=tmp_path / "cert.pem",
+        key_file=tmp_path / "key.pem",
+    )
 
 
 # --- the section registry ------------------------------------------------------------------------
