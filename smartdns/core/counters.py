@@ -52,6 +52,17 @@ class Authorization(enum.Enum):
     __hash__ = object.__hash__
 
 
+class Handshake(enum.Enum):
+    """How a TLS handshake ended (DoT, DoH; SPEC 2a)."""
+
+    OK = "ok"
+    FAILED = "failed"  # a TLS error, a server name that is not ours, or the client gave up
+    TIMEOUT = "timeout"  # not finished within encrypted.handshake_timeout
+    RATE_LIMITED = "rate_limited"  # over the per-source handshake rate: closed before it began
+
+    __hash__ = object.__hash__
+
+
 class Metrics:
     """Counters of one process. Plain Counter increments: a few tens of ns per query.
 

@@ -16,8 +16,9 @@ from typing import Any, Final
 
 from smartdns.config.model import HostPort, ServerConfig
 from smartdns.errors import SmartDNSError
+from smartdns.serve.connections import Connections
 from smartdns.serve.pipeline import Pipeline
-from smartdns.serve.tcp import TcpConnection, TcpConnections, TcpListener
+from smartdns.serve.tcp import TcpConnection, TcpListener, plain
 from smartdns.serve.udp import UdpServer
 
 SOCKET_BUFFER_BYTES: Final = 4 * 1024 * 1024  # so a burst queues in the kernel, not on the floor
@@ -66,7 +67,7 @@ class Listeners:
     def __init__(self, config: ServerConfig, pipeline: Pipeline, in_flight: InFlight) -> None:
         self._pipeline = pipeline
         self._in_flight = in_flight
-        self.connections = TcpConnections(config)
+        self.connections = Connections(config.tcp_max_connections, config.tcp_idle_timeout)
         self.endpoints: dict[HostPort, _Endpoint] = {}
 
     def are_up(self) -> bool:
@@ -99,7 +100,7 @@ class Listeners:
             udp.close()
             raise
         return _Endpoint(
-            udp, udp_server, TcpListener(tcp_sock, self._new_connection, self.connections)
+            udp, udp_server, TcpListener(tcp_sock, plain(self._new_connection), self.connections)
         )
 
     async def rebind(self, addresses: tuple[HostPort, ...], *, reuse_port: bool) -> None:

@@ -1,5 +1,5 @@
-"""DNS over TCP (RFC 7766): the accept loop, one asyncio protocol per connection, and the
-connection cap with idle shedding shared by the connections of one worker.
+"""DNS over TCP (RFC 7766) and over TLS (RFC 7858, the same protocol on the TLS transport):
+the accept loop and one asyncio protocol per connection, under `serve.connections`' cap.
 
 The framing and deadlines are `serve.framing`'s; this module only moves bytes between the
 socket, that machine and `Pipeline.handle`, and owns the timer and flow control. Each message
@@ -14,11 +14,13 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
-from smartdns.config.model import ServerConfig
+from smartdns.core.counters import Transport
 from smartdns.core.peer import Peer, stream_peer
 from smartdns.logs import WarnOnce
+from smartdns.serve.connections import Connections
 from smartdns.serve.framing import Expiry, Framing, Stop
 from smartdns.serve.pipeline import Pipeline
+from smartdns.serve.tls import device_of
 
 MAX_UNSENT_BYTES: Final = 256 * 1024  # a TCP client that never reads is disconnected
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event, so UDP is not starved
@@ -26,49 +28,27 @@ ACCEPT_RETRY_S: Final = 0.25  # pause after EMFILE and the like before accepting
 _NO_PEER: Final = stream_peer("")  # until connection_made names the client
 
 
-class TcpConnections:
-    """State shared by the TCP connections of one worker: the cap, the timeouts, and the
-    open connections in order of last activity (oldest first), for shedding."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.max_connections = config.tcp_max_connections
-        self.idle_timeout_s = config.tcp_idle_timeout
-        self.open: dict[TcpConnection, None] = {}
-        self.shed = 0  # idle connections closed to make room (cap or out of descriptors)
-        self.refused = 0  # new connections closed at once: full of busy connections
-
-    def close_all(self) -> None:
-        for connection in list(self.open):
-            connection.close()
-
-    def touch(self, connection: TcpConnection) -> None:
-        """`connection` was active: move it to the young end."""
-        if connection in self.open:
-            del self.open[connection]
-            self.open[connection] = None
-
-    def shed_idle(self) -> bool:
-        """Close the least recently active idle connection; False when none is idle."""
-        now = asyncio.get_running_loop().time()
-        for connection in self.open:
-            if connection.is_idle(now):
-                connection.abort()
-                self.shed += 1
-                return True
-        return False
+Accepted = Callable[[socket.socket], Coroutine[Any, Any, None]]
+"""Turns one accepted socket into a connection (plain, or after a TLS handshake); on
+failure it closes the socket."""
 
 
 class TcpConnection(asyncio.Protocol):
     """One client connection: pipelined queries answered as they complete (possibly out of
     order, RFC 7766 §6.2.1.1), with the limits of `Framing`. Unsent output above
-    MAX_UNSENT_BYTES aborts it, and reading pauses while the client is not reading."""
+    MAX_UNSENT_BYTES aborts it, and reading pauses while the client is not reading.
+
+    The same protocol serves DoT (`kind` Transport.DOT) on the TLS transport: RFC 7858 §3.3
+    is RFC 7766's framing inside TLS; the device ID the handshake named is in the peer."""
 
     def __init__(
         self,
         pipeline: Pipeline,
         spawn: Callable[[Coroutine[Any, Any, None]], None],
-        connections: TcpConnections,
+        connections: Connections,
+        kind: Transport = Transport.TCP,
     ) -> None:
+        self.kind = kind
         self._pipeline = pipeline
         self._spawn = spawn  # owner of the forwarding tasks, so a drain can wait for them
         self._connections = connections
@@ -82,17 +62,16 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)
         connections = self._connections
-        if len(connections.open) >= connections.max_connections and not connections.shed_idle():
-            connections.refused += 1
+        if not connections.admit(self):
             stream.abort()
             return
         self._transport = stream
-        self._peer = stream_peer(stream.get_extra_info("peername")[0])
-        connections.open[self] = None
+        device = device_of(stream.get_extra_info("ssl_object"))
+        self._peer = stream_peer(stream.get_extra_info("peername")[0], self.kind, device)
         self._arm_timer(self._loop.time() + connections.idle_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._connections.open.pop(self, None)
+        self._connections.forget(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -230,7 +209,7 @@ class TcpConnection(asyncio.Protocol):
         """Close at once, dropping unsent output."""
         transport = self._transport
         if transport is not None:
-            self._connections.open.pop(self, None)
+            self._connections.forget(self)
             transport.abort()
 
 
@@ -243,11 +222,11 @@ class TcpListener:
     def __init__(
         self,
         sock: socket.socket,
-        factory: Callable[[], TcpConnection],
-        connections: TcpConnections,
+        accepted: Accepted,
+        connections: Connections,
     ) -> None:
         self._sock = sock
-        self._factory = factory
+        self._accepted = accepted
         self._connections = connections
         self._loop = asyncio.get_running_loop()
         self._starting: set[asyncio.Task[Any]] = set()
@@ -288,15 +267,9 @@ class TcpListener:
                 self._pause(error)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._start(conn))
+            task = self._loop.create_task(self._accepted(conn))
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
-
-    async def _start(self, conn: socket.socket) -> None:
-        try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
-        except OSError:
-            conn.close()
 
     def _pause(self, error: OSError) -> None:
         """EMFILE, ENFILE, ENOBUFS, ENOMEM: stop accepting for a moment, free an idle
@@ -311,3 +284,15 @@ class TcpListener:
         self._retry = None
         if self._serving:
             self._loop.add_reader(self._sock.fileno(), self._accept)
+
+
+def plain(factory: Callable[[], asyncio.Protocol]) -> Accepted:
+    """Accepted sockets become `factory()` connections at once (plain TCP)."""
+
+    async def start(conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(factory, conn)
+        except OSError:
+            conn.close()
+
+    return start
