@@ -34,6 +34,7 @@ from smartdns.node.components import (
 from smartdns.node.ddns import DdnsService
 from smartdns.node.lifecycle import Announcer, Component, Lifecycle
 from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, WorkerSample
+from smartdns.node.port_holders import check_ports_free
 from smartdns.node.snapshot import SnapshotWatch
 from smartdns.node.status import NodeStatus
 from smartdns.node.workers import Supervisor, WorkerAnnouncer, WorkerLink, WorkerReports, Workers
@@ -315,6 +316,8 @@ def serve(config: Config) -> int:
     `workers: 1`, else a main process and its workers; a worker when started by one."""
     inherited = WorkerLink.inherited()
     logs.setup(config.logging.level, f"worker {inherited[0]}" if inherited else "")
+    if inherited is None:  # workers share the ports on purpose, with the node that started them
+        check_ports_free(config.server.listen)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on supported platforms

@@ -4,8 +4,9 @@ The main process owns the sync API and the workers; each worker is `smartdns ser
 inherited control socket (SMARTDNS_WORKER_FD) and binds every listen address itself with
 SO_REUSEPORT. Workers report `ready`, `reloaded` and aggregate `stats` as JSON lines; the
 main process sends `apply` with a registration write's generation and each worker answers
-`applied` once that write is in its answers (read-your-writes, SPEC 4). The control socket
-closing tells a worker that its parent is gone. Nothing here sees a query.
+`applied` once that write is in its answers (read-your-writes, SPEC 4). Any end of the
+control socket (EOF, reset, any socket error) tells a worker that its parent is gone, and the
+kernel kills a worker whose main process died (`parent_death`). Nothing here sees a query.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from smartdns.errors import SmartDNSError
 from smartdns.node.components import cancel_tasks
 from smartdns.node.lifecycle import Component
 from smartdns.node.metrics import WorkerSample
+from smartdns.node.parent_death import PARENT_PID_ENV
 from smartdns.serve.pipeline import Pipeline
 from smartdns.upstream.forwarder import ForwarderStats
 
@@ -79,8 +81,10 @@ class WorkerLink:
             self._writer.write(json.dumps({"event": event, **data}).encode() + b"\n")
 
     async def serve_parent(self, apply: Callable[[int], Awaitable[None]]) -> None:
-        """Answer the main process until it closes its end (it exited or was killed): each
-        `apply` is confirmed with `applied` once `apply(generation)` returns."""
+        """Answer the main process until it closes its end (EOF) or the socket fails (an
+        OSError: a main process killed with our reports unread resets it, and a write to a
+        closed peer breaks the connection too): each `apply` is confirmed with `applied` once
+        `apply(generation)` returns."""
         confirming: set[asyncio.Task[None]] = set()
         try:
             while line := await self._reader.readline():
@@ -161,10 +165,18 @@ class WorkerAnnouncer:
         self._parent_watch = None
 
     async def _stop_when_parent_gone(self) -> None:
+        """Every way the control socket ends means the main process is gone: a worker
+        without it would go on answering from registrations nobody updates any more."""
         try:
             await self._link.serve_parent(self._apply)
         except (ValueError, KeyError):
             log.error("unreadable control message from the main process; stopping")
+        except OSError as error:
+            log.error(
+                "control socket to the main process failed (%s); stopping", type(error).__name__
+            )
+        else:
+            log.error("the main process closed the control socket; stopping")
         self._stop()
 
 
@@ -412,6 +424,7 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         env[CONTROL_FD_ENV] = str(child_end.fileno())
         env[INDEX_ENV] = str(slot.index)
+        env[PARENT_PID_ENV] = str(os.getpid())
         try:
             slot.process = await asyncio.create_subprocess_exec(
                 sys.executable,
