@@ -317,7 +317,9 @@ def serve(config: Config) -> int:
     inherited = WorkerLink.inherited()
     logs.setup(config.logging.level, f"worker {inherited[0]}" if inherited else "")
     if inherited is None:  # workers share the ports on purpose, with the node that started them
-        check_ports_free(config.server.listen)
+        encrypted = config.encrypted
+        tls = () if encrypted is None else (*encrypted.dot_listen, *encrypted.doh_listen)
+        check_ports_free(config.server.listen, tls)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on supported platforms

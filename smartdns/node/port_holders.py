@@ -22,16 +22,21 @@ _TCP_LISTEN: Final = "0A"  # include/net/tcp_states.h; other TCP states are conn
 _TABLES: Final = (("udp", False), ("udp6", False), ("tcp", True), ("tcp6", True))
 
 
-def check_ports_free(addresses: Iterable[HostPort], proc: Path = Path("/proc")) -> None:
+def check_ports_free(
+    addresses: Iterable[HostPort], tcp_only: Iterable[HostPort] = (), proc: Path = Path("/proc")
+) -> None:
     """Raise SmartDNSError naming the processes that hold a socket on one of `addresses`
-    (UDP, or TCP listening): the same address, or the wildcard of its family on its port,
-    or any address of the family when it is itself the wildcard. Without /proc, no check."""
+    (UDP, or TCP listening) or of `tcp_only` (TCP listening: DoT and DoH): the same address,
+    or the wildcard of its family on its port, or any address of the family when it is
+    itself the wildcard. Without /proc, no check."""
     if not (proc / "net").is_dir():
         return
-    wanted = list(addresses)
+    udp = list(addresses)
+    tcp = [*udp, *tcp_only]
     inodes: dict[int, HostPort] = {}
-    for name, listening_only in _TABLES:
-        for address, inode in _bound_sockets(proc / "net" / name, listening_only):
+    for name, is_tcp in _TABLES:
+        wanted = tcp if is_tcp else udp
+        for address, inode in _bound_sockets(proc / "net" / name, listening_only=is_tcp):
             taken = next((w for w in wanted if _overlaps(w, address)), None)
             if taken is not None:
                 inodes[inode] = taken

@@ -33,6 +33,10 @@ def test_another_address_or_family_on_the_port_is_free(udp_port: int) -> None:
     check_ports_free([HostPort("127.0.0.9", udp_port), HostPort("::1", udp_port)])
 
 
+def test_udp_on_a_tls_port_is_free(udp_port: int) -> None:
+    check_ports_free([], tcp_only=[HostPort("127.0.0.1", udp_port)])  # HTTP/3 may hold it
+
+
 def test_a_listening_ipv6_tcp_socket_is_reported() -> None:
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
         sock.bind(("::1", 0))
@@ -40,4 +44,4 @@ def test_a_listening_ipv6_tcp_socket_is_reported() -> None:
         check_ports_free([HostPort("::1", port)])  # bound, not listening: a connection's end
         sock.listen()
         with pytest.raises(SmartDNSError, match=rf"\[::\]:{port} is held by process"):
-            check_ports_free([HostPort("::", port)])
+            check_ports_free([], tcp_only=[HostPort("::", port)])
