@@ -11,11 +11,12 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from smartdns.config.loader import describe, load_config
+from smartdns.config.loader import describe, load_config, warnings
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
 from smartdns.registrations.entries import (
@@ -89,13 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = getattr(args, "config", None) or Path(os.environ.get("SMARTDNS_CONFIG", DEFAULT_CONFIG))
     try:
-        config = load_config(path)
+        # The registrations commands work on the database only: no TLS, no certificate check.
+        config = load_config(path, certificates=args.command != "registrations")
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
     try:
         if args.command == "check-config":
+            for warning in warnings(config, time.time()):
+                print(warning, file=sys.stderr)
             print(describe(config))
             return 0
         if args.command == "serve":

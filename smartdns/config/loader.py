@@ -7,7 +7,9 @@ sections and their checks are in `sections`; no I/O here beyond reading the one 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Final
 
 import yaml
 from yaml.nodes import MappingNode
@@ -17,16 +19,19 @@ from smartdns.config.reader import Reader, shown
 from smartdns.config.sections import read_config
 from smartdns.errors import ConfigError
 
+EXPIRY_WARNING_S: Final = 14 * 86_400  # SPEC 2a: check-config warns 14 days ahead
 
-def load_config(path: Path) -> Config:
+
+def load_config(path: Path, *, certificates: bool = True) -> Config:
     """Read and check the YAML file at `path`; raise ConfigError listing every problem.
 
     Problems are `PATH:LINE: message`, sorted by line; a file that cannot be read or parsed,
     or whose top level is not a mapping, gives one `PATH: message`. Relative file paths in
     the config resolve against the config file's directory. The sync token is read here, so
-    a missing, empty or group/other-accessible token file is a problem like any other.
+    a missing, empty or group/other-accessible token file is a problem like any other; so is
+    `encrypted`'s certificate pair unless `certificates` is False (config.certificates).
     """
-    reader = Reader(path)
+    reader = Reader(path, certificates=certificates)
     config = read_config(reader, _compose(path))
     problems = reader.problems()
     if problems:
@@ -61,6 +66,20 @@ def _compose(path: Path) -> MappingNode:
             [f"{path}: the top level must be a mapping of sections, got {shown(root)}"]
         )
     return root
+
+
+def warnings(config: Config, now: float) -> list[str]:
+    """What `check-config` (and start and reload) warn about without refusing the file: a
+    certificate that expires within EXPIRY_WARNING_S of `now` (epoch seconds), or has."""
+    encrypted = config.encrypted
+    if encrypted is None or encrypted.not_after is None:
+        return []
+    left_s = encrypted.not_after - now
+    if left_s >= EXPIRY_WARNING_S:
+        return []
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(encrypted.not_after))
+    state = "expired on" if left_s <= 0 else f"expires in {left_s / 86_400:.1f} days, on"
+    return [f"{config.path}: warning: encrypted.cert_file: {encrypted.cert_file}: {state} {when}"]
 
 
 def describe(config: Config) -> str:

@@ -165,6 +165,9 @@ class EncryptedConfig:
     ddr: bool = False  # designate this node in _dns.resolver.arpa (RFC 9462)
     # This node's public addresses for DDR's ipv4hint/ipv6hint; required non-empty with ddr.
     ddr_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    # The certificate's notAfter in seconds since the epoch, read by load_config (not a YAML
+    # key); None when the pair was not inspected (the registrations CLI does not need it).
+    not_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

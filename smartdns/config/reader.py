@@ -32,8 +32,11 @@ _T = TypeVar("_T")
 class Reader:
     """One pass over the composed document: converts what is valid, records every problem."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, certificates: bool = True) -> None:
         self.path = path
+        # Inspect encrypted's certificate pair (reads both files); the registrations CLI
+        # does not serve TLS and skips it.
+        self.certificates = certificates
         # Relative file paths in the config are relative to the config file, not the cwd.
         self.base_dir = path.parent
         self._problems: list[tuple[int, int, str]] = []

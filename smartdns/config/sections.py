@@ -14,6 +14,7 @@ from typing import Final
 
 from yaml.nodes import MappingNode, Node
 
+from smartdns.config.certificates import inspect_pair
 from smartdns.config.model import (
     CacheConfig,
     Config,
@@ -186,6 +187,36 @@ def _encrypted_serves_something(
     return encrypted
 
 
+def _certificate_pair(
+    reader: Reader, this: Read, sections: Mapping[str, Read], root: Node
+) -> object:
+    """The pair must load and fit (config.certificates.inspect_pair), reported on cert_file's
+    line; fills in the certificate's notAfter for the expiry warning and /metrics."""
+    encrypted = this.value
+    cert, key = this.entries.get("cert_file"), this.entries.get("key_file")
+    if (
+        not isinstance(encrypted, EncryptedConfig)
+        or not reader.certificates
+        or cert is None
+        or key is None
+        or "server_name" not in this.entries
+        or any(reader.has_problem(node) for _, node in (cert, key, this.entries["server_name"]))
+    ):
+        return encrypted  # nothing to inspect, or a problem reported already
+    where = f"encrypted.cert_file: {encrypted.cert_file}"
+    try:
+        cert_pem = encrypted.cert_file.read_bytes()
+        key_pem = encrypted.key_file.read_bytes()
+    except OSError as error:
+        reader.add(cert[1], f"{where}: cannot read the pair: {error.strerror or error}")
+        return encrypted
+    addresses = encrypted.ddr_addresses if encrypted.ddr else ()
+    inspection = inspect_pair(cert_pem, key_pem, encrypted.server_name, addresses)
+    for problem in inspection.problems:
+        reader.add(cert[1], f"{where}: {problem}")
+    return replace(encrypted, not_after=inspection.not_after)
+
+
 SECTIONS: Final = (
     Section(
         "server",
@@ -313,7 +344,7 @@ SECTIONS: Final = (
             ("cert_file", "the PEM certificate chain covering server_name and *.server_name"),
             ("key_file", "the PEM private key of that certificate"),
         ),
-        checks=(_encrypted_serves_something,),
+        checks=(_encrypted_serves_something, _certificate_pair),
     ),
     Section("logging", _table(LoggingConfig, {"level": log_level})),
 )

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 import pytest
 
-from smartdns.config.loader import describe, load_config
+from smartdns.config.loader import describe, load_config, warnings
 from smartdns.config.model import (
     CacheConfig,
     Config,
@@ -34,6 +34,7 @@ from smartdns.config.model import (
 )
 from smartdns.config.sections import SECTIONS
 from smartdns.errors import ConfigError
+from tests.certificates import write_pair
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = 'upstream: {servers: ["1.1.1.1"]}\n'
@@ -1214,10 +1215,13 @@ def test_ca_file_may_be_world_readable_but_must_be_a_file(tmp_path: Path) -> Non
 # --- encrypted ---------------------------------------------------------------------------------
 
 
-def tls_files(tmp_path: Path, key_mode: int = 0o600) -> None:
-    """cert.pem and key.pem beside the config (their content is check-config's concern)."""
-    write_token(tmp_path / "cert.pem", mode=0o644)
-    write_token(tmp_path / "key.pem", mode=key_mode)
+TLS_NAMES = ("dns.example.net", "*.dns.example.net", "203.0.113.53", "2001:db8::53")
+
+
+def tls_files(tmp_path: Path, key_mode: int = 0o600, names: tuple[str, ...] = TLS_NAMES) -> None:
+    """cert.pem and key.pem beside the config: a pair for `names` from a throwaway CA."""
+    write_pair(tmp_path, names)
+    (tmp_path / "key.pem").chmod(key_mode)
 
 
 ENCRYPTED = (
@@ -1238,7 +1242,9 @@ def test_encrypted_defaults_and_forms(tmp_path: Path) -> None:
         handshake_timeout=5.0,
         ddr=False,
         ddr_addresses=(),
+        not_after=config.encrypted.not_after if config.encrypted else None,
     )
+    assert config.encrypted is not None and config.encrypted.not_after is not None
     text = ENCRYPTED + (
         '  dot_listen: ["127.0.0.1", "[::1]:8853"]\n  doh_listen: []\n  max_connections: 3\n'
         '  handshake_timeout: 0.5\n  ddr: true\n  ddr_addresses: ["203.0.113.53", "2001:db8::53"]\n'
@@ -1302,6 +1308,70 @@ def test_encrypted_key_must_be_owner_only(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("names", "extra", "message"),
+    [
+        (("dns.example.net",), "", "does not cover *.dns.example.net"),
+        (("*.dns.example.net",), "", "does not cover dns.example.net"),
+        (("*.example.net", "dns.example.net"), "", "does not cover *.dns.example.net"),
+        (("*.example.net",), "", "does not cover *.dns.example.net"),
+        (
+            ("dns.example.net", "*.dns.example.net"),
+            '  ddr: true\n  ddr_addresses: ["203.0.113.53"]\n',
+            "does not cover 203.0.113.53",
+        ),
+    ],
+)
+def test_certificate_must_cover_the_names(
+    tmp_path: Path, names: tuple[str, ...], extra: str, message: str
+) -> None:
+    tls_files(tmp_path, names=names)
+    path = write(tmp_path, MINIMAL + ENCRYPTED + extra)
+    assert problems_of(path) == [
+        f"{path}:4: encrypted.cert_file: {tmp_path}/cert.pem: the certificate {message}"
+    ]
+
+
+def test_a_wildcard_one_label_up_covers_the_server_name(tmp_path: Path) -> None:
+    tls_files(tmp_path, names=("*.example.net", "*.dns.example.net"))
+    assert load_config(write(tmp_path, MINIMAL + ENCRYPTED)).encrypted is not None
+
+
+def test_key_of_another_certificate_and_garbage(tmp_path: Path) -> None:
+    tls_files(tmp_path)
+    write_pair(tmp_path, TLS_NAMES, stem="other-")
+    path = write(tmp_path, MINIMAL + ENCRYPTED.replace("key.pem", "other-key.pem"))
+    assert problems_of(path) == [
+        f"{path}:4: encrypted.cert_file: {tmp_path}/cert.pem: key_file is not the key of the "
+        "certificate (the first one in cert_file: the leaf comes first, then the chain)"
+    ]
+    (tmp_path / "other-key.pem").write_text("not a key\n")
+    assert problems_of(path)[0].endswith("key_file holds no PEM private key smartdns can use")
+    path = write(tmp_path, MINIMAL + ENCRYPTED.replace("cert.pem", "other-key.pem"))
+    assert problems_of(path)[0].endswith("cert_file holds no PEM certificate")
+
+
+def test_the_registrations_cli_skips_the_certificate(tmp_path: Path) -> None:
+    tls_files(tmp_path, names=("other.test",))
+    path = write(tmp_path, MINIMAL + ENCRYPTED)
+    assert problems_of(path)
+    config = load_config(path, certificates=False)
+    assert config.encrypted is not None and config.encrypted.not_after is None
+
+
+def test_expiry_warning_within_14_days(tmp_path: Path) -> None:
+    tls_files(tmp_path)
+    config = load_config(write(tmp_path, MINIMAL + ENCRYPTED))
+    assert config.encrypted is not None and config.encrypted.not_after is not None
+    not_after = config.encrypted.not_after
+    assert warnings(config, not_after - 15 * 86_400) == []
+    [warning] = warnings(config, not_after - 13.5 * 86_400)
+    assert warning.startswith(f"{config.path}: warning: encrypted.cert_file: {tmp_path}/cert.pem:")
+    assert "expires in 13.5 days" in warning
+    assert "expired on" in warnings(config, not_after + 1)[0]
+    assert warnings(load_config(write(tmp_path, MINIMAL)), not_after) == []
+
+
 def test_production_example_encrypted_block_loads_when_turned_on(tmp_path: Path) -> None:
     tls_files(tmp_path)
     text = production_example(tmp_path).read_text(encoding="utf-8")
@@ -1320,6 +1390,7 @@ def test_production_example_encrypted_block_loads_when_turned_on(tmp_path: Path)
         server_name="dns.example.net",
         cert_file=tmp_path / "cert.pem",
         key_file=tmp_path / "key.pem",
+        not_after=config.encrypted.not_after,
     )
 
 

@@ -22,8 +22,9 @@ DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6} +(.+?) *$", re.MULTILINE)
 _CODE_BLOCK = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
-# SyncConfig.token is read from sync.token_file, not written in YAML.
-_NOT_YAML_KEYS = frozenset({"token"})
+# SyncConfig.token is read from sync.token_file, EncryptedConfig.not_after from cert_file;
+# neither is written in YAML.
+_NOT_YAML_KEYS = frozenset({"token", "not_after"})
 
 
 def _prose(path: Path) -> str:
