@@ -4,7 +4,7 @@ and the pipeline let it: RFC 8467, encrypted transports only). Pure; no I/O.
 
 Nothing here decides what a query gets (that is policy); this module only builds what the
 verdict names. Every reply copies the query's ID, opcode, RD and CD (RFC 1035 §4.1.1: a
-client discards a reply whose opcode differs), and sets QR and RA.
+client discards a reply whose opcode differs), and sets QR and RA; CD only for opcode QUERY.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ _RR_FIXED = struct.Struct("!HHIH")
 _POINTER_TO_QNAME: Final = b"\xc0\x0c"  # the question name always starts at offset 12
 _SOA_MNAME: Final = encode_name("smartdns.invalid")
 _SOA_RNAME: Final = encode_name("hostmaster.smartdns.invalid")
-_COPIED_FLAGS: Final = 0x7800 | FLAG_RD | FLAG_CD  # opcode, RD, CD
+_OPCODE: Final = 0x7800
+_COPIED_FLAGS: Final = _OPCODE | FLAG_RD | FLAG_CD
 _AA_NOERROR: Final = FLAG_QR | FLAG_RA | FLAG_AA | RCODE_NOERROR
 _AA_NXDOMAIN: Final = FLAG_QR | FLAG_RA | FLAG_AA | RCODE_NXDOMAIN
 _REFUSED: Final = FLAG_QR | FLAG_RA | RCODE_REFUSED
@@ -71,8 +72,14 @@ def reply_flags(query_flags: int, rcode: int, extra: int = 0) -> int:
 
 def error_reply(packet: bytes, rcode: int, question: bytes = b"", opt: bytes = b"") -> bytes:
     """An error reply from a readable header: ID, opcode, RD and CD copied, the question
-    echoed when it was readable, `opt` (empty or our OPT record) appended."""
+    echoed when it was readable, `opt` (empty or our OPT record) appended.
+
+    The only reply an opcode other than QUERY gets (NOTIMP): there CD is not copied, since
+    RFC 4035 §3.2.2 defines it for queries only, while RD is, as RFC 1035 §4.1.1 has it
+    for every reply (and RFC 8906's opcode checks send RD clear, so they see it clear)."""
     query_id, flags = _ID_AND_FLAGS.unpack_from(packet)
+    if flags & _OPCODE:
+        flags &= ~FLAG_CD
     header = _HEADER.pack(
         query_id, reply_flags(flags, rcode), 1 if question else 0, 0, 0, 1 if opt else 0
     )

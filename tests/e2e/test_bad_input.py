@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import struct
@@ -97,11 +98,12 @@ def test_bad_input_then_normal_query(
 def test_dig_with_another_opcode_gets_notimp_with_its_opcode(
     server: Server, opcode: str, source: str
 ) -> None:
-    """dig discards a reply whose opcode differs ("Opcode mismatch") and times out."""
+    """dig discards a reply whose opcode differs ("Opcode mismatch") and times out. RD is
+    copied (RFC 1035 §4.1.1), CD is not: RFC 4035 defines it for opcode QUERY only."""
     dig = shutil.which("dig")
     if dig is None:
         pytest.fail("dig is not installed; the README's test command installs it")
-    args = [dig, "@127.0.0.1", "-p", str(server.port), "-b", source, f"+opcode={opcode}"]
+    args = [dig, "@127.0.0.1", "-p", str(server.port), "-b", source, f"+opcode={opcode}", "+cdflag"]
     result = subprocess.run(
         [*args, "+tries=1", "+time=2", "example.org"], capture_output=True, text=True, timeout=10
     )
@@ -109,6 +111,8 @@ def test_dig_with_another_opcode_gets_notimp_with_its_opcode(
     assert "status: NOTIMP" in result.stdout, result.stdout
     shown = "RESERVED" + opcode if opcode.isdigit() else opcode.upper()
     assert f"opcode: {shown}," in result.stdout
+    flags = re.search(r";; flags: ([a-z ]*);", result.stdout)
+    assert flags is not None and flags[1].split() == ["qr", "rd", "ra"], result.stdout
 
 
 def test_burst_of_random_packets_does_not_stall(server: Server) -> None:

@@ -137,20 +137,30 @@ def test_refused_and_servfail_keep_id_and_question() -> None:
         assert reply.edns == 0
 
 
-def _with_opcode(wire: bytes, opcode: int) -> bytes:
-    return wire[:2] + bytes([wire[2] & 0x87 | opcode << 3]) + wire[3:]
+def _with_opcode(wire: bytes, opcode: int, cd: bool = False) -> bytes:
+    return wire[:2] + bytes([wire[2] & 0x87 | opcode << 3, wire[3] | cd << 4]) + wire[4:]
 
 
 @pytest.mark.parametrize("opcode", [dns.opcode.IQUERY, dns.opcode.STATUS, 3, dns.opcode.UPDATE, 15])
 def test_notimp_copies_the_opcode(opcode: int) -> None:
     """RFC 1035 §4.1.1: dig discards a reply whose opcode differs from its query's."""
     request, wire = _ask("example.org", "A")
-    packet = _with_opcode(wire, opcode)
+    packet = _with_opcode(wire, opcode, cd=True)
     with pytest.raises(WireError) as raised:
         parse_query(packet)
     reply = dns.message.from_wire(RESPONDER.error(packet, raised.value))
     assert reply.rcode() == dns.rcode.NOTIMP and reply.opcode() == opcode
     assert reply.id == request.id and reply.flags & dns.flags.RD and reply.flags & dns.flags.QR
+    assert not reply.flags & dns.flags.CD  # RFC 4035 §3.2.2: CD belongs to QUERY
+
+
+def test_formerr_to_a_query_copies_cd() -> None:
+    _, wire = _ask("example.org", "A")
+    packet = _with_opcode(wire[:4] + b"\x00\x02" + wire[6:], dns.opcode.QUERY, cd=True)
+    with pytest.raises(WireError) as raised:
+        parse_query(packet)
+    reply = RESPONDER.error(packet, raised.value)
+    assert (reply[3] & 0xF, reply[3] & 0x10) == (dns.rcode.FORMERR, 0x10)
 
 
 @pytest.mark.parametrize("opcode", [dns.opcode.QUERY, dns.opcode.UPDATE, 15])
