@@ -17,6 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "monitoring" / "alerts.yml"
+ALERT_TESTS = REPO / "monitoring" / "alerts.test.yml"  # promtool test rules
 DASHBOARD = REPO / "monitoring" / "dashboard.json"
 
 # What Grafana puts in place of its variables when it sends a panel's query; the test's
@@ -73,6 +74,12 @@ def alert_rules(path: Path = ALERTS) -> list[AlertRule]:
         for rule in group["rules"]
         if "alert" in rule
     ]
+
+
+def alerts_under_test(path: Path = ALERT_TESTS) -> set[str]:
+    """The alert names the promtool unit tests evaluate."""
+    document: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return {case["alertname"] for test in document["tests"] for case in test["alert_rule_test"]}
 
 
 def dashboard(path: Path = DASHBOARD) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The shipped monitoring against a real Prometheus scraping a real node: the rule file passes
-promtool; every dashboard query and alert expression evaluates through Prometheus' HTTP API;
-every metric name they use is on the node's /metrics; the dashboard's panels have data; and
-the not-ready and feed-disconnected alerts fire when the node's NATS server and then the node
-itself go away.
+promtool's check and its own unit tests (monitoring/alerts.test.yml: every alert against
+synthetic series, before and after its `for:`); every dashboard query and alert expression
+evaluates through Prometheus' HTTP API; every metric name they use is on the node's /metrics;
+the dashboard's panels have data; and the not-ready and feed-disconnected alerts fire when the
+node's NATS server and then the node itself go away.
 
 The node runs two workers, a feed and the DDNS refresher (`feed.refresher`), so every family
 the dashboard draws is on its page. Prometheus loads a copy of monitoring/alerts.yml with each
@@ -29,6 +30,7 @@ from tests.e2e.test_fleet import wait_health
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 from tests.monitoring import (
+    ALERT_TESTS,
     ALERTS,
     PENDING,
     alert_rules,
@@ -38,8 +40,6 @@ from tests.monitoring import (
     panel_queries,
     unknown_names,
 )
-
-pytestmark = pytest.mark.slow
 
 SCRAPED_S = 20.0  # Prometheus scrapes the node (every 1 s) and has two samples for rate()
 FIRING_S = 30.0  # a change on the node shows as a firing alert (scrape + evaluation, 1 s each)
@@ -100,6 +100,15 @@ def test_promtool_checks_the_rules() -> None:
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
+def test_promtool_runs_the_rules_unit_tests() -> None:
+    require_prometheus()
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_prometheus_evaluates_everything_and_the_alerts_fire(watched: Watched) -> None:
     node, prometheus = watched.node, watched.prometheus
     # Traffic, so the query, cache and upstream series move: answered, forwarded, refused.

@@ -18,6 +18,7 @@ from tests.monitoring import (
     PENDING,
     REPO,
     alert_rules,
+    alerts_under_test,
     dashboard,
     exposed_names,
     metric_names,
@@ -98,6 +99,10 @@ def test_each_alert_has_a_severity_a_summary_and_a_runbook_section() -> None:
         runbook = RUNBOOK.fullmatch(rule.annotations["runbook_url"])
         assert runbook and runbook.group(1) == rule.name.lower(), rule.name
         assert runbook.group(1) in sections, f"no section {rule.name} in docs/operations.md"
+
+
+def test_every_alert_has_a_promtool_unit_test() -> None:
+    assert alerts_under_test() == {rule.name for rule in alert_rules()}
 
 
 def test_dashboard_is_provisionable_with_a_datasource_variable() -> None:
