@@ -55,6 +55,10 @@ class Timeouts:
     body_s: float = 30.0  # to receive a whole request body (32 MiB at ~1 MiB/s)
     idle_s: float = 15.0  # keep-alive, and a connection whose request headers never complete
     shutdown_s: float = 5.0  # in-flight requests at shutdown, then they are cancelled
+    # After refusing a request whose body it will not read, the API sends its FIN with the
+    # reply, then reads and drops what still arrives this long before closing: closing with
+    # unread data would reset the connection, and a reset can destroy the reply unread.
+    lingering_s: float = 1.0
 
 
 class Node(Protocol):
@@ -214,8 +218,10 @@ class SyncApi:
         except Exception as error:
             log.error("sync API: unexpected %s while handling a request", type(error).__name__)
             response = _error_response(500, "internal error", {})
-        if response.status in (408, 413):
-            response.force_close()  # the rest of the body is not read; the connection is done
+        if response.status in (408, 413) or not request.content.is_eof():
+            # The rest of the body is not read (a refusal, a 401 to a request with a body):
+            # the connection is done, closed right after this reply (_JsonErrors).
+            response.force_close()
         return response
 
     @web.middleware
@@ -262,8 +268,8 @@ class SyncApi:
         """The body, at most `sync.max_body` bytes: 413 from Content-Length before reading,
         else as soon as the running total passes the limit; 408 if it does not arrive in time."""
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-            # aiohttp would inflate gzip and deflate (a body that is not compressed then fails
-            # mid-read) and its parser refuses others; the portal sends plain JSON. RFC 7694 §3.
+            # The body arrives as sent (auto_decompress=False); the portal sends plain JSON,
+            # and a decoder is attack surface (a zip bomb against max_body). RFC 7694 §3.
             raise HttpError(
                 415,
                 "Content-Encoding is not supported; send identity",
@@ -439,7 +445,20 @@ class _JsonErrors(RequestHandler):
     every middleware end in `handle_error`, which by default answers text/plain quoting the
     offending request line or header: the bearer token and body addresses included. Here the
     reply is `{"error": <the status's phrase>}` and the log line names the exception type only.
+
+    A reply that closes the connection is followed at once by our FIN: aiohttp would keep
+    the connection open while it lingers over the unread body (10 s by default), leaving a
+    refused client waiting; the lingering that remains (`Timeouts.lingering_s`) only drains.
     """
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        finished = await super().finish_response(request, resp, start_time)
+        transport = self.transport
+        if not resp.keep_alive and transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        return finished
 
     def handle_error(
         self,
@@ -527,6 +546,10 @@ async def start_sync_api(
         logger=_HTTP_LOG,
         keepalive_timeout=timeouts.idle_s,
         shutdown_timeout=timeouts.shutdown_s,
+        lingering_time=timeouts.lingering_s,
+        # Bodies reach _read_body as sent, so every Content-Encoding but identity gets its 415
+        # there: the parser would inflate gzip and deflate itself and refuse br or zstd with 400.
+        auto_decompress=False,
     )
     try:
         await runner.setup()
