@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from smartdns.config.model import UnblockConfig
-from smartdns.core.policy import ChainCut, NameKind, Verdict, local_names
+from smartdns.config.model import EncryptedConfig, UnblockConfig
+from smartdns.core.policy import RESOLVER_ARPA, ChainCut, NameKind, Verdict, local_names
 from smartdns.core.wire import (
     FLAG_AA,
     FLAG_AD,
@@ -31,6 +31,7 @@ from smartdns.core.wire import (
     QTYPE_AAAA,
     QTYPE_CNAME,
     QTYPE_SOA,
+    QTYPE_SVCB,
     RCODE_BADVERS,
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
@@ -62,6 +63,14 @@ _SERVFAIL: Final = FLAG_QR | FLAG_RA | RCODE_SERVFAIL
 _TRUNCATED: Final = FLAG_QR | FLAG_RA | FLAG_TC | RCODE_NOERROR
 _UNBLOCK: Final = Verdict.UNBLOCK
 _NXDOMAIN: Final = Verdict.NXDOMAIN
+_DESIGNATE: Final = Verdict.DESIGNATE
+# RFC 9460 §14.3.2 SvcParamKeys, and RFC 9461 §5's dohpath; RFC 9462 §4 (the DDR answer)
+_SVC_ALPN: Final = 1
+_SVC_PORT: Final = 3
+_SVC_IPV4HINT: Final = 4
+_SVC_IPV6HINT: Final = 6
+_SVC_DOHPATH: Final = 7
+DOH_PATH_TEMPLATE: Final = b"/dns-query{?dns}"  # RFC 9461 §5: the URI template of our DoH
 
 
 def reply_flags(query_flags: int, rcode: int, extra: int = 0) -> int:
@@ -101,10 +110,17 @@ class LocalZone:
     soa_record: bytes  # authority section of NODATA and NXDOMAIN replies
     a_tails: tuple[bytes, ...] = ()
     aaaa_tails: tuple[bytes, ...] = ()
+    svcb_records: bytes = b""  # _dns.resolver.arpa's SVCB records (DDR), owned by the qname
+    svcb_count: int = 0
+    svcb_tails: tuple[bytes, ...] = ()
 
 
-def build_local_zones(unblock: UnblockConfig) -> ZoneMatcher[LocalZone]:
-    """Templates for every local name; each region's records are encoded once and shared."""
+def build_local_zones(
+    unblock: UnblockConfig, encrypted: EncryptedConfig | None = None
+) -> ZoneMatcher[LocalZone]:
+    """Templates for every local name; each region's records are encoded once and shared.
+    With `encrypted.ddr`, `_dns.resolver.arpa` (that name alone) answers SVCB with this
+    node's encrypted endpoints (`_designation_tails`); its NODATA carries resolver.arpa's SOA."""
     regions = {
         name: (
             _address_tails(QTYPE_A, region.ipv4, unblock.ttl),
@@ -114,7 +130,9 @@ def build_local_zones(unblock: UnblockConfig) -> ZoneMatcher[LocalZone]:
     }
     region_of = {encode_name(zone): region for zone, region in unblock.zones.items()}
     zones: dict[bytes, LocalZone] = {}
-    for zone_wire, kind in local_names(unblock).items():
+    exact: list[bytes] = []
+    designated = encrypted is not None and encrypted.ddr
+    for zone_wire, kind in local_names(unblock, designated).items():
         soa = _soa_record(zone_wire, unblock.ttl)
         if kind in (NameKind.UNBLOCK, NameKind.UNBLOCK_V4):
             region = region_of[zone_wire]
@@ -122,9 +140,64 @@ def build_local_zones(unblock: UnblockConfig) -> ZoneMatcher[LocalZone]:
             zones[zone_wire] = LocalZone(
                 kind, region, _owned(a), len(a), _owned(aaaa), len(aaaa), soa, a, aaaa
             )
+        elif kind is NameKind.DESIGNATED:
+            assert encrypted is not None
+            svcb = _designation_tails(encrypted, unblock.ttl)
+            soa = _soa_record(encode_name(RESOLVER_ARPA), unblock.ttl)
+            zones[zone_wire] = LocalZone(
+                kind,
+                "",
+                b"",
+                0,
+                b"",
+                0,
+                soa,
+                svcb_records=_owned(svcb),
+                svcb_count=len(svcb),
+                svcb_tails=svcb,
+            )
+            exact.append(zone_wire)
         else:
             zones[zone_wire] = LocalZone(kind, "", b"", 0, b"", 0, soa)
-    return ZoneMatcher(zones)
+    return ZoneMatcher(zones, exact)
+
+
+def _designation_tails(encrypted: EncryptedConfig, ttl: int) -> tuple[bytes, ...]:
+    """This node's SVCB records without their owner name (RFC 9462 §4, RFC 9461): priority 1
+    DoH (alpn h2, the port of the first doh_listen address, dohpath), priority 2 DoT (alpn
+    dot, the first dot_listen port), both with target `server_name` and the ipv4hint and
+    ipv6hint of `ddr_addresses`; a transport with no listen address is left out. Keys in
+    ascending order, as RFC 9460 §2.2 requires."""
+    target = encode_name(encrypted.server_name)
+    v4 = b"".join(a.packed for a in encrypted.ddr_addresses if a.version == 4)
+    v6 = b"".join(a.packed for a in encrypted.ddr_addresses if a.version == 6)
+    hints = (_svc_param(_SVC_IPV4HINT, v4) if v4 else b"") + (
+        _svc_param(_SVC_IPV6HINT, v6) if v6 else b""
+    )
+    records: list[bytes] = []
+    if encrypted.doh_listen:
+        port = encrypted.doh_listen[0].port.to_bytes(2, "big")
+        params = (
+            _svc_param(_SVC_ALPN, b"\x02h2")
+            + _svc_param(_SVC_PORT, port)
+            + hints
+            + _svc_param(_SVC_DOHPATH, DOH_PATH_TEMPLATE)
+        )
+        records.append(_svcb_tail(1, target, params, ttl))
+    if encrypted.dot_listen:
+        port = encrypted.dot_listen[0].port.to_bytes(2, "big")
+        params = _svc_param(_SVC_ALPN, b"\x03dot") + _svc_param(_SVC_PORT, port) + hints
+        records.append(_svcb_tail(2, target, params, ttl))
+    return tuple(records)
+
+
+def _svc_param(key: int, value: bytes) -> bytes:
+    return struct.pack("!HH", key, len(value)) + value
+
+
+def _svcb_tail(priority: int, target: bytes, params: bytes, ttl: int) -> bytes:
+    rdata = priority.to_bytes(2, "big") + target + params
+    return _RR_FIXED.pack(QTYPE_SVCB, QCLASS_IN, ttl, len(rdata)) + rdata
 
 
 def _owned(tails: tuple[bytes, ...]) -> bytes:
@@ -197,7 +270,7 @@ class Responder:
         return self._bare(query, flags | FLAG_TC)
 
     def local(self, query: Query, verdict: Verdict, zone: LocalZone, limit: int | None) -> bytes:
-        """UNBLOCK, NODATA or NXDOMAIN for a local name (authoritative: AA set)."""
+        """UNBLOCK, DESIGNATE, NODATA or NXDOMAIN for a local name (authoritative: AA set)."""
         copied = query.flags & _COPIED_FLAGS
         if verdict is _UNBLOCK:
             if query.qtype == QTYPE_AAAA:
@@ -207,6 +280,10 @@ class Responder:
             # A, and ANY per RFC 8482
             return self._build(
                 query, _AA_NOERROR | copied, zone.a_count, 0, 0, zone.a_records, limit
+            )
+        if verdict is _DESIGNATE:
+            return self._build(
+                query, _AA_NOERROR | copied, zone.svcb_count, 0, 0, zone.svcb_records, limit
             )
         flags = (_AA_NXDOMAIN if verdict is _NXDOMAIN else _AA_NOERROR) | copied
         return self._build(query, flags, 0, 1, 0, zone.soa_record, limit)
@@ -268,6 +345,8 @@ class Responder:
         tails: tuple[bytes, ...] = ()
         if cut.verdict is Verdict.UNBLOCK:
             tails = zone.aaaa_tails if query.qtype == QTYPE_AAAA else zone.a_tails
+        elif cut.verdict is _DESIGNATE:
+            tails = zone.svcb_tails
         if tails:
             records += b"".join(last + tail for tail in tails)
             answers, authorities = cut.links + len(tails), 0

@@ -26,6 +26,7 @@ class Outcome(enum.Enum):
     UNBLOCK = "unblock"
     NODATA = "nodata"
     NXDOMAIN = "nxdomain"  # a local NXDOMAIN (the canary name)
+    DESIGNATE = "designate"  # this node's encrypted endpoints for _dns.resolver.arpa (DDR)
     FORWARD = "forward"
     REFUSE = "refuse"
     DROP = "drop"

@@ -31,6 +31,7 @@ class Verdict(enum.Enum):
     UNBLOCK = "unblock"  # proxy addresses from the zone's region
     NODATA = "nodata"  # NOERROR, no answer, synthesized SOA
     NXDOMAIN = "nxdomain"  # NXDOMAIN, synthesized SOA (the canary name)
+    DESIGNATE = "designate"  # this node's SVCB records (RFC 9462 DDR)
     FORWARD = "forward"  # upstream through the cache
     REFUSE = "refuse"
     DROP = "drop"
@@ -47,6 +48,7 @@ class NameKind(enum.Enum):
     UNBLOCK = "unblock"  # an unblock zone whose region has IPv6 proxies
     UNBLOCK_V4 = "unblock_v4"  # an unblock zone whose region has none
     RESOLVER = "resolver"  # resolver.arpa and below (RFC 9462 §4)
+    DESIGNATED = "designated"  # _dns.resolver.arpa itself, with encrypted.ddr (RFC 9462 §4)
     CANARY = "canary"  # use-application-dns.net and below, while canary_nxdomain is true
 
     __hash__ = object.__hash__
@@ -90,6 +92,7 @@ TABLE: Final[Mapping[NameKind, Row]] = MappingProxyType(
             _V.FORWARD,
         ),
         NameKind.RESOLVER: Row({}, _V.NODATA, _V.REFUSE),
+        NameKind.DESIGNATED: Row({QTYPE_SVCB: _V.DESIGNATE}, _V.NODATA, _V.REFUSE),
         NameKind.CANARY: Row({}, _V.NXDOMAIN, _V.REFUSE),
     }
 )
@@ -103,12 +106,13 @@ UNREGISTERED: Final[Mapping[Unregistered, Verdict]] = MappingProxyType(
 )
 
 # What a cut chain can end in (a REFUSE for another class leaves the answer as it is).
-_LOCAL_ANSWERS: Final = frozenset({_V.UNBLOCK, _V.NODATA, _V.NXDOMAIN})
+_LOCAL_ANSWERS: Final = frozenset({_V.UNBLOCK, _V.NODATA, _V.NXDOMAIN, _V.DESIGNATE})
 
 _ROWS: Final = dict(TABLE)  # a plain dict: a MappingProxyType lookup costs more per query
 _REFUSE: Final = Verdict.REFUSE
 
 RESOLVER_ARPA: Final = "resolver.arpa"
+DDR_NAME: Final = "_dns.resolver.arpa"  # RFC 9462 §4: the one name designated resolvers answer
 CANARY_NAME: Final = "use-application-dns.net"
 
 
@@ -125,11 +129,13 @@ def decide(facts: QueryFacts, unregistered: Unregistered) -> Verdict:
     return row.by_qtype.get(qtype, row.default)
 
 
-def local_names(unblock: UnblockConfig) -> dict[bytes, NameKind]:
-    """Every name the node answers for itself (with what is below it), in wire form, and its
-    row. `resolver.arpa` always; the canary while `canary_nxdomain` is true (NXDOMAIN for it
-    means nothing below it exists either, RFC 8020). These two win over an unblock zone
-    of the same name; a more specific unblock zone below them wins as any zone does."""
+def local_names(unblock: UnblockConfig, designated: bool = False) -> dict[bytes, NameKind]:
+    """Every name the node answers for itself (with what is below it, but for DESIGNATED),
+    in wire form, and its row. `resolver.arpa` always; `_dns.resolver.arpa` alone when
+    `designated` (encrypted.ddr: names below it stay RESOLVER's); the canary while
+    `canary_nxdomain` is true (NXDOMAIN for it means nothing below it exists either,
+    RFC 8020). These win over an unblock zone of the same name; a more specific unblock
+    zone below them wins as any zone does."""
     names = {
         encode_name(zone): (
             NameKind.UNBLOCK if unblock.regions[region].ipv6 else NameKind.UNBLOCK_V4
@@ -137,6 +143,8 @@ def local_names(unblock: UnblockConfig) -> dict[bytes, NameKind]:
         for zone, region in unblock.zones.items()
     }
     names[encode_name(RESOLVER_ARPA)] = NameKind.RESOLVER
+    if designated:
+        names[encode_name(DDR_NAME)] = NameKind.DESIGNATED
     if unblock.canary_nxdomain:
         names[encode_name(CANARY_NAME)] = NameKind.CANARY
     return names

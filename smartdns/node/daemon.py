@@ -67,7 +67,7 @@ def build_settings(config: Config, previous: Settings | None = None) -> Settings
         limits = RateLimits(config.rate_limit)
     return Settings(
         responder=Responder(edns_udp_size),
-        zones=build_local_zones(config.unblock),
+        zones=build_local_zones(config.unblock, config.encrypted),
         unregistered=config.unregistered,
         forwarder=forwarder,
         cache=cache,

@@ -15,7 +15,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from smartdns.config.model import Region, UnblockConfig
+from smartdns.config.model import EncryptedConfig, HostPort, Region, UnblockConfig
 from smartdns.core.answers import LocalZone, Responder, build_local_zones, error_reply
 from smartdns.core.policy import ChainCut, NameKind, Verdict
 from smartdns.core.wire import (
@@ -285,3 +285,69 @@ def test_local_answer_over_the_limit_is_truncated() -> None:
     )
     small = RESPONDER.local(query, Verdict.UNBLOCK, zone, 512)
     assert struct.unpack_from("!H", small, 2)[0] & 0x0200 and len(small) < 512
+
+
+def _encrypted(**changes: object) -> EncryptedConfig:
+    fields: dict[str, object] = {
+        "server_name": "dns.example.net",
+        "doh_listen": (HostPort("0.0.0.0", 8443),),
+        "dot_listen": (HostPort("0.0.0.0", 8853), HostPort("::", 853)),
+        "ddr": True,
+        "ddr_addresses": (
+            ipaddress.IPv4Address("203.0.113.53"),
+            ipaddress.IPv6Address("2001:db8::53"),
+            ipaddress.IPv4Address("203.0.113.54"),
+        ),
+    }
+    fields.update(changes)
+    return EncryptedConfig(**fields)  # type: ignore[arg-type]
+
+
+def _designated(name: str, qtype: str, encrypted: EncryptedConfig) -> dns.message.Message:
+    query = parse_query(dns.message.make_query(name, qtype).to_wire())
+    zone = build_local_zones(UNBLOCK, encrypted).match(query.qname)
+    assert zone is not None
+    return dns.message.from_wire(RESPONDER.local(query, Verdict.DESIGNATE, zone, ROOMY))
+
+
+def test_ddr_answer_holds_exactly_this_nodes_doh_and_dot_endpoints() -> None:
+    reply = _designated("_dns.resolver.arpa", "SVCB", _encrypted())
+    assert reply.flags & dns.flags.AA and not reply.authority
+    (rrset,) = reply.answer
+    assert (rrset.name.to_text(), rrset.ttl) == ("_dns.resolver.arpa.", 60)
+    assert sorted(rdata.to_text() for rdata in rrset) == [
+        '1 dns.example.net. alpn="h2" port="8443" ipv4hint="203.0.113.53,203.0.113.54"'
+        ' ipv6hint="2001:db8::53" dohpath="/dns-query{?dns}"',
+        '2 dns.example.net. alpn="dot" port="8853" ipv4hint="203.0.113.53,203.0.113.54"'
+        ' ipv6hint="2001:db8::53"',
+    ]
+
+
+def test_ddr_leaves_out_a_transport_without_listeners_and_missing_hints() -> None:
+    encrypted = _encrypted(dot_listen=(), ddr_addresses=(ipaddress.IPv6Address("2001:db8::53"),))
+    (rrset,) = _designated("_dns.resolver.arpa", "SVCB", encrypted).answer
+    assert [rdata.to_text() for rdata in rrset] == [
+        '1 dns.example.net. alpn="h2" port="8443" ipv6hint="2001:db8::53"'
+        ' dohpath="/dns-query{?dns}"'
+    ]
+
+
+def test_ddr_names_only_dns_resolver_arpa() -> None:
+    zones = build_local_zones(UNBLOCK, _encrypted())
+    below = zones.match(
+        parse_query(dns.message.make_query("x._dns.resolver.arpa", "SVCB").to_wire()).qname
+    )
+    assert below is not None and below.kind is NameKind.RESOLVER
+    off = build_local_zones(UNBLOCK, _encrypted(ddr=False))
+    zone = off.match(
+        parse_query(dns.message.make_query("_dns.resolver.arpa", "SVCB").to_wire()).qname
+    )
+    assert zone is not None and zone.kind is NameKind.RESOLVER
+
+
+def test_ddr_nodata_carries_the_resolver_arpa_soa() -> None:
+    query = parse_query(dns.message.make_query("_dns.resolver.arpa", "A").to_wire())
+    zone = build_local_zones(UNBLOCK, _encrypted()).match(query.qname)
+    assert zone is not None
+    reply = dns.message.from_wire(RESPONDER.local(query, Verdict.NODATA, zone, ROOMY))
+    assert [rrset.name.to_text() for rrset in reply.authority] == ["resolver.arpa."]

@@ -55,6 +55,12 @@ ROWS = [
     (True, K.RESOLVER, A, IN, RESOLVE, V.NODATA),
     (True, K.RESOLVER, ANY, IN, REFUSE, V.NODATA),
     (True, K.RESOLVER, SVCB, HS, REFUSE, V.REFUSE),
+    # _dns.resolver.arpa with encrypted.ddr: SVCB designates this node, the rest NODATA
+    (True, K.DESIGNATED, SVCB, IN, REFUSE, V.DESIGNATE),
+    (True, K.DESIGNATED, HTTPS, IN, REFUSE, V.NODATA),
+    (True, K.DESIGNATED, A, IN, REFUSE, V.NODATA),
+    (True, K.DESIGNATED, SVCB, HS, REFUSE, V.REFUSE),
+    (False, K.DESIGNATED, SVCB, IN, REFUSE, V.REFUSE),
     # the canary: NXDOMAIN for every type
     (True, K.CANARY, A, IN, REFUSE, V.NXDOMAIN),
     (True, K.CANARY, AAAA, IN, DROP, V.NXDOMAIN),
@@ -116,6 +122,13 @@ def test_local_names_cover_zones_resolver_arpa_and_the_canary() -> None:
         encode_name("resolver.arpa"): K.RESOLVER,
         encode_name("use-application-dns.net"): K.CANARY,
     }
+
+
+def test_ddr_designates_dns_resolver_arpa_only_when_asked() -> None:
+    assert encode_name("_dns.resolver.arpa") not in local_names(_unblock())
+    names = local_names(_unblock(), designated=True)
+    assert names[encode_name("_dns.resolver.arpa")] is K.DESIGNATED
+    assert names[encode_name("resolver.arpa")] is K.RESOLVER
 
 
 def test_canary_is_forwarded_when_switched_off_and_special_names_beat_a_zone() -> None:

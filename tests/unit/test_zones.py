@@ -45,3 +45,19 @@ def test_label_containing_a_dot_does_not_fake_a_boundary() -> None:
 
 def test_empty_matcher() -> None:
     assert ZoneMatcher[str]({}).match(encode_name("netflix.com")) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("_dns.resolver.arpa", "exact"),
+        ("_DNS.Resolver.Arpa.", "exact"),
+        ("x._dns.resolver.arpa", "below"),  # an exact zone holds nothing below it
+        ("resolver.arpa", "below"),
+        ("arpa", None),
+    ],
+)
+def test_an_exact_zone_matches_only_itself(name: str, value: str | None) -> None:
+    zones = {encode_name("resolver.arpa"): "below", encode_name("_dns.resolver.arpa"): "exact"}
+    matcher = ZoneMatcher(zones, exact=[encode_name("_dns.resolver.arpa")])
+    assert matcher.match(encode_name(name)) == value
