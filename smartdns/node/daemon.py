@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from smartdns import logs
-from smartdns.config.loader import load_config, summary
+from smartdns.config.loader import load_config, summary, warnings
 from smartdns.config.model import Config
 from smartdns.core.answers import Responder, build_local_zones
 from smartdns.core.cache import AnswerCache
@@ -38,6 +39,7 @@ from smartdns.node.port_holders import check_ports_free
 from smartdns.node.snapshot import SnapshotWatch
 from smartdns.node.status import NodeStatus
 from smartdns.node.workers import Supervisor, WorkerAnnouncer, WorkerLink, WorkerReports, Workers
+from smartdns.serve.encrypted import EncryptedListeners
 from smartdns.serve.listeners import InFlight, Listeners, start_listeners
 from smartdns.serve.pipeline import Pipeline, Settings
 from smartdns.upstream.forwarder import Forwarder
@@ -117,8 +119,9 @@ class WorkersView:
 
 
 class DnsService(Component):
-    """The query path of one process: binds the listen addresses (the snapshot is loaded by
-    then), rebinds and swaps the derived settings on reload, drains on stop."""
+    """The query path of one process: binds the listen addresses and, with `encrypted`, the
+    DoT and DoH ones (the snapshot is loaded by then), rebinds and swaps the derived
+    settings on reload, drains on stop."""
 
     name = "DNS listeners"
 
@@ -126,6 +129,7 @@ class DnsService(Component):
         self._pipeline = pipeline
         self._in_flight = InFlight()
         self._listeners: Listeners | None = None
+        self.encrypted: EncryptedListeners | None = None
 
     @property
     def listeners(self) -> Listeners:
@@ -134,26 +138,58 @@ class DnsService(Component):
         return self._listeners
 
     def are_up(self) -> bool:
-        return self._listeners is not None and self._listeners.are_up()
+        encrypted = self.encrypted
+        return (
+            self._listeners is not None
+            and self._listeners.are_up()
+            and (encrypted is None or encrypted.are_up())
+        )
 
     async def start(self, config: Config) -> None:
         self._listeners = await start_listeners(
             config.server, self._pipeline, self._in_flight, reuse_port=True
         )
+        try:
+            self.encrypted = self._start_encrypted(config)
+        except BaseException:
+            self._listeners.close()
+            raise
+
+    def _start_encrypted(self, config: Config) -> EncryptedListeners | None:
+        if config.encrypted is None:
+            return None
+        encrypted = EncryptedListeners(
+            config.encrypted, config.server.tcp_idle_timeout, self._pipeline, self._in_flight.spawn
+        )
+        encrypted.bind(config.encrypted, reuse_port=True)
+        return encrypted
 
     async def reload(self, config: Config) -> None:
         # New addresses first: a taken port fails the reload before anything changed.
         await self.listeners.rebind(config.server.listen, reuse_port=True)
+        if self.encrypted is None:
+            self.encrypted = self._start_encrypted(config)
+        elif config.encrypted is None:
+            self.encrypted.stop_reading()
+            self.encrypted.close_connections()
+            self.encrypted = None
+        else:
+            self.encrypted.rebind(config.encrypted, reuse_port=True)
         self._pipeline.settings = build_settings(config, self._pipeline.settings)
 
     async def stop(self) -> None:
         listeners, self._listeners = self.listeners, None
+        encrypted, self.encrypted = self.encrypted, None
         log.info("stopping: draining %d in-flight queries", len(self._in_flight))
         listeners.stop_reading()
+        if encrypted is not None:
+            encrypted.stop_reading()
         await self._in_flight.drain(DRAIN_TIMEOUT_S)
         listeners.close()
         await self._pipeline.close()  # upstream fetches nobody waits for any more
         listeners.close_connections()
+        if encrypted is not None:
+            encrypted.close_connections()
 
 
 class Node:
@@ -166,11 +202,16 @@ class Node:
         components: list[Component],
         announcer: Announcer,
         stop: asyncio.Event,
+        *,
+        warns: bool = True,
     ) -> None:
+        """`warns`: log the configuration's warnings (a worker leaves them to its main
+        process, so each is logged once per node)."""
         self.config = config
         self._lifecycle = Lifecycle(components)
         self._announcer = announcer
         self._stop = stop
+        self._warns = warns
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; raises SmartDNSError when start-up fails."""
@@ -181,6 +222,7 @@ class Node:
         try:
             reloads = _handle_signals(loop, self._reload, self._stop)  # before READY=1
             log.info("smartdns started: %s", summary(self.config))
+            self._warn(self.config)
             self._announcer.ready()
             await self._stop.wait()
         finally:
@@ -202,11 +244,18 @@ class Node:
                 logs.set_level(config.logging.level)
                 ok = True
                 log.info("reloaded: %s", summary(config))
+                self._warn(config)
         except SmartDNSError as error:
             log.error("reload failed, keeping the running configuration: %s", error)
         finally:
             if not self._stop.is_set():  # never READY=1 after STOPPING=1
                 self._announcer.reloaded(ok)
+
+    def _warn(self, config: Config) -> None:
+        """What check-config warns about (a certificate near its expiry), in the log."""
+        if self._warns:
+            for warning in warnings(config, time.time()):
+                log.warning("%s", warning)
 
 
 def _dns_process(config: Config, link: WorkerLink | None) -> Node:
@@ -222,7 +271,7 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
     if link is not None:
         reports = WorkerReports(link, metrics, pipeline)
         announcer = WorkerAnnouncer(link, stop.set, watch.wait_applied)
-        return Node(config, [database, reports, *serving], announcer, stop)
+        return Node(config, [database, reports, *serving], announcer, stop, warns=False)
 
     async def apply(generation: int, timeout_s: float) -> None:
         async with asyncio.timeout(timeout_s):  # no worker to restart: the poll retries

@@ -90,12 +90,12 @@ class Listeners:
             raise
 
     async def _open(self, address: HostPort, reuse_port: bool) -> _Endpoint:
-        udp_sock = _bound_socket(address, socket.SOCK_DGRAM, reuse_port)
+        udp_sock = bound_socket(address, socket.SOCK_DGRAM, reuse_port)
         udp, udp_server = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: UdpServer(self._pipeline, self._in_flight.spawn), sock=udp_sock
         )
         try:
-            tcp_sock = _bound_socket(address, socket.SOCK_STREAM, reuse_port)
+            tcp_sock = bound_socket(address, socket.SOCK_STREAM, reuse_port)
         except BaseException:
             udp.close()
             raise
@@ -129,7 +129,7 @@ class Listeners:
         return TcpConnection(self._pipeline, self._in_flight.spawn, self.connections)
 
 
-def _bound_socket(address: HostPort, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
+def bound_socket(address: HostPort, kind: socket.SocketKind, reuse_port: bool) -> socket.socket:
     sock = socket.socket(address.family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

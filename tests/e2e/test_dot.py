@@ -1,0 +1,463 @@
+"""DNS over TLS (RFC 7858, SPEC 2a) against the real server: real clients (dnspython, kdig,
+dig, Python's ssl), a throwaway CA; device IDs in the server name, pipelining with answers
+out of order, the idle and handshake timeouts, the connection cap, session resumption,
+certificate reload on SIGHUP, and two workers."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import dns.rcode
+import pytest
+import yaml
+from cryptography import x509
+
+from tests.certificates import NAMES as SERVER_NAMES
+from tests.certificates import SERVER_NAME, Pair, write_pair
+from tests.e2e.harness import (
+    QUERY_TIMEOUT_S,
+    REGISTERED,
+    UNREGISTERED,
+    Server,
+    base_config,
+    free_port,
+    merge,
+    run_cli,
+    running_server,
+)
+from tests.fake_upstream import FakeUpstream
+
+DEVICE_ID = "k3v9q2w8e7r6t5y4u3i2o1p0"  # never registered here: a device test names it
+WAIT_S = 5.0
+IDLE_TIMEOUT_S = 2.0  # harness default server.tcp_idle_timeout
+
+
+def encrypted(pair: Pair, port: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "encrypted": {
+            "server_name": SERVER_NAME,
+            "cert_file": str(pair.cert_file),
+            "key_file": str(pair.key_file),
+            "dot_listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
+            "doh_listen": [],
+            **extra,
+        }
+    }
+
+
+@pytest.fixture(name="pair")
+def fixture_pair(tmp_path: Path) -> Pair:
+    return write_pair(tmp_path)
+
+
+@pytest.fixture(name="dot")
+def fixture_dot(tmp_path: Path, upstream: FakeUpstream, pair: Pair) -> Iterator[DotServer]:
+    port = free_port()
+    override = encrypted(pair, port, handshake_timeout=1)
+    with running_server(tmp_path, upstream.address, override) as server:
+        yield DotServer(server, port, pair)
+
+
+class DotServer:
+    """A running server with DoT on `port`, and clients for it."""
+
+    def __init__(self, server: Server, port: int, pair: Pair) -> None:
+        self.server = server
+        self.port = port
+        self.pair = pair
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.pair.ca_file))
+        context.set_alpn_protocols(["dot"])
+        return context
+
+    def connect(
+        self,
+        hostname: str | None = SERVER_NAME,
+        *,
+        source: str = REGISTERED,
+        context: ssl.SSLContext | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        raw = socket.create_connection(
+            ("127.0.0.1", self.port), timeout=WAIT_S, source_address=(source, 0)
+        )
+        context = context or self.context()
+        if hostname is None:
+            context.check_hostname = False
+        return context.wrap_socket(raw, server_hostname=hostname, session=session)
+
+    def query(
+        self, name: str, qtype: str = "A", *, hostname: str = SERVER_NAME, source: str = REGISTERED
+    ) -> dns.message.Message:
+        return dns.query.tls(
+            dns.message.make_query(name, qtype),
+            "127.0.0.1",
+            port=self.port,
+            source=source,
+            timeout=QUERY_TIMEOUT_S,
+            ssl_context=self.context(),
+            server_hostname=hostname,
+        )
+
+
+def framed(name: str, qtype: str = "A", query_id: int = 1) -> bytes:
+    message = dns.message.make_query(name, qtype)
+    message.id = query_id
+    wire = message.to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+def read_reply(sock: socket.socket) -> dns.message.Message:
+    def exactly(size: int) -> bytes:
+        data = b""
+        for _ in range(size):
+            if len(data) == size:
+                break
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    (length,) = struct.unpack("!H", exactly(2))
+    return dns.message.from_wire(exactly(length))
+
+
+def closed_after(sock: socket.socket, timeout_s: float) -> float:
+    """Seconds until the server closes `sock` (EOF, reset or a TLS error)."""
+    started = time.monotonic()
+    sock.settimeout(timeout_s)
+    for _ in range(1000):
+        try:
+            if not sock.recv(4096):
+                break
+        except (ConnectionResetError, ssl.SSLError):
+            break
+    return time.monotonic() - started
+
+
+def answer_addresses(reply: dns.message.Message) -> list[str]:
+    return sorted(item.to_text() for rrset in reply.answer for item in rrset)
+
+
+# --- answers and device IDs ------------------------------------------------------------------
+
+
+def test_dot_answers_as_udp_does(dot: DotServer) -> None:
+    reply = dot.query("www.netflix.com")
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert answer_addresses(reply) == ["198.51.100.10", "198.51.100.11"]
+    assert dot.query("example.org").answer[0][0].to_text() == "192.0.2.1"
+    assert dot.query("www.netflix.com", source=UNREGISTERED).rcode() == dns.rcode.REFUSED
+
+
+def test_alpn_dot_tls12_and_no_alpn_are_served(dot: DotServer) -> None:
+    with dot.connect() as sock:
+        assert sock.selected_alpn_protocol() == "dot"
+    context = dot.context()
+    context.set_alpn_protocols(["h2"])  # nothing in common: served without ALPN
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with dot.connect(context=context) as sock:
+        assert sock.version() == "TLSv1.2" and sock.selected_alpn_protocol() is None
+        sock.sendall(framed("www.netflix.com"))
+        assert read_reply(sock).rcode() == dns.rcode.NOERROR
+
+
+def test_an_unknown_device_id_is_refused_even_from_a_registered_address(dot: DotServer) -> None:
+    """SPEC 2a: a named ID that is not registered is not authorized; no fallback."""
+    reply = dot.query("www.netflix.com", hostname=f"{DEVICE_ID}.{SERVER_NAME}")
+    assert reply.rcode() == dns.rcode.REFUSED
+    reply = dot.query("www.netflix.com", hostname=f"{DEVICE_ID.upper()}.DNS.Test")
+    assert reply.rcode() == dns.rcode.REFUSED
+    with dot.connect(hostname=None) as sock:  # no server name: by address
+        sock.sendall(framed("www.netflix.com"))
+        assert read_reply(sock).rcode() == dns.rcode.NOERROR
+    assert DEVICE_ID not in dot.server.output().lower()
+
+
+def test_a_server_name_not_ours_is_refused_in_the_handshake(dot: DotServer) -> None:
+    context = dot.context()
+    context.check_hostname = False
+    for name in ("other.test", f"a.{DEVICE_ID}.{SERVER_NAME}"):
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            dot.connect(name, context=context)
+    assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+
+
+@pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig not installed")
+def test_kdig_over_tls(dot: DotServer) -> None:
+    for hostname, wanted in ((SERVER_NAME, "NOERROR"), (f"{DEVICE_ID}.{SERVER_NAME}", "REFUSED")):
+        result = subprocess.run(
+            [
+                "kdig",
+                "-b",
+                REGISTERED,
+                "-p",
+                str(dot.port),
+                "@127.0.0.1",
+                "+tls",
+                f"+tls-ca={dot.pair.ca_file}",
+                f"+tls-hostname={hostname}",
+                "+timeout=3",
+                "www.netflix.com",
+                "A",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert f"status: {wanted}" in result.stdout, result.stdout + result.stderr
+        assert "TLS session (TLS1.3)" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed")
+def test_dig_over_tls(dot: DotServer) -> None:
+    result = subprocess.run(
+        [
+            "dig",
+            "-b",
+            REGISTERED,
+            "-p",
+            str(dot.port),
+            "@127.0.0.1",
+            "+tls",
+            f"+tls-ca={dot.pair.ca_file}",
+            f"+tls-hostname={SERVER_NAME}",
+            "+time=3",
+            "+tries=1",
+            "www.netflix.com",
+            "A",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "status: NOERROR" in result.stdout, result.stdout + result.stderr
+    assert "198.51.100.10" in result.stdout
+
+
+# --- the TCP rules inside TLS ----------------------------------------------------------------
+
+
+def test_pipelined_queries_are_answered_out_of_order(
+    dot: DotServer, upstream: FakeUpstream
+) -> None:
+    upstream.delay_s = 0.3  # within the harness's upstream.timeout of 0.5 s
+    with dot.connect() as sock:
+        sock.sendall(framed("example.org", query_id=1) + framed("www.netflix.com", query_id=2))
+        first, second = read_reply(sock), read_reply(sock)
+    assert (first.id, second.id) == (2, 1)  # the local answer did not wait for the upstream
+    assert second.answer[0][0].to_text() == "192.0.2.1"
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(dot: DotServer) -> None:
+    with dot.connect() as sock:
+        sock.sendall(framed("www.netflix.com"))
+        assert read_reply(sock).rcode() == dns.rcode.NOERROR
+        waited = closed_after(sock, IDLE_TIMEOUT_S + WAIT_S)
+    assert IDLE_TIMEOUT_S - 0.5 <= waited < IDLE_TIMEOUT_S + 2
+
+
+def test_a_client_that_never_says_hello_is_closed_after_the_handshake_timeout(
+    dot: DotServer,
+) -> None:
+    with socket.create_connection(("127.0.0.1", dot.port), timeout=WAIT_S) as sock:
+        waited = closed_after(sock, WAIT_S)
+    assert 0.5 <= waited < 1 + 2  # handshake_timeout: 1
+    assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+
+
+def test_large_replies_are_never_truncated(dot: DotServer) -> None:
+    reply = dot.query("big.example.org")
+    assert not reply.flags & dns.flags.TC
+    assert len(reply.answer[0]) == 120
+
+
+def test_sessions_are_resumed(dot: DotServer) -> None:
+    context = dot.context()
+    with dot.connect(context=context) as sock:
+        sock.sendall(framed("www.netflix.com"))
+        read_reply(sock)  # TLS 1.3 tickets arrive after the handshake
+        session = sock.session
+    assert session is not None
+    with dot.connect(context=context, session=session) as sock:
+        assert sock.session_reused
+        sock.sendall(framed("www.netflix.com"))
+        assert read_reply(sock).rcode() == dns.rcode.NOERROR
+
+
+def test_at_the_cap_the_least_recently_active_idle_connection_is_shed(
+    tmp_path: Path, upstream: FakeUpstream, pair: Pair
+) -> None:
+    port = free_port()
+    with running_server(tmp_path, upstream.address, encrypted(pair, port, max_connections=2)) as (
+        server
+    ):
+        dot = DotServer(server, port, pair)
+        older, newer = dot.connect(), dot.connect()
+        for sock in (older, newer):
+            sock.sendall(framed("www.netflix.com"))
+            read_reply(sock)
+        newer.sendall(framed("www.netflix.com"))  # older is now the least recently active
+        read_reply(newer)
+        with dot.connect() as third:
+            third.sendall(framed("www.netflix.com"))
+            assert read_reply(third).rcode() == dns.rcode.NOERROR
+        assert closed_after(older, WAIT_S) < WAIT_S
+        newer.sendall(framed("www.netflix.com"))
+        assert read_reply(newer).rcode() == dns.rcode.NOERROR
+        older.close()
+        newer.close()
+
+
+# --- certificates ----------------------------------------------------------------------------
+
+
+def serial_seen(dot: DotServer) -> int:
+    context = dot.context()
+    with dot.connect(context=context) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_sighup_serves_a_new_certificate_and_keeps_open_connections(dot: DotServer) -> None:
+    before = serial_seen(dot)
+    kept = dot.connect()
+    kept.sendall(framed("www.netflix.com"))
+    read_reply(kept)
+    new = write_pair(dot.pair.cert_file.parent, stem="new-")
+    shutil.copy(new.cert_file, dot.pair.cert_file)
+    shutil.copy(new.key_file, dot.pair.key_file)
+    shutil.copy(new.ca_file, dot.pair.ca_file)  # clients now trust the new CA only
+    dot.server.signal(signal.SIGHUP)
+    dot.server.wait_notification("READY=1", WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            after = serial_seen(dot)
+            break
+        except ssl.SSLError:  # the old certificate until the reload is done
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert after != before
+    kept.sendall(framed("www.netflix.com"))
+    assert read_reply(kept).rcode() == dns.rcode.NOERROR
+    kept.close()
+
+
+def test_sighup_with_a_broken_pair_keeps_the_old_one(dot: DotServer) -> None:
+    before = serial_seen(dot)
+    other = write_pair(dot.pair.cert_file.parent, stem="other-")
+    shutil.copy(other.key_file, dot.pair.key_file)  # the key of another certificate
+    dot.server.notifications.clear()
+    dot.server.signal(signal.SIGHUP)
+    dot.server.wait_notification("READY=1", WAIT_S)
+    assert serial_seen(dot) == before
+    assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+    output = dot.server.output()
+    assert "reload failed, keeping the running configuration" in output
+    assert "key_file is not the key of the certificate" in output
+    assert "PRIVATE KEY" not in output
+
+
+def write_config(tmp_path: Path, upstream: FakeUpstream, pair: Pair) -> Path:
+    config = merge(
+        base_config(free_port(), tmp_path, upstream.address), encrypted(pair, free_port())
+    )
+    path = tmp_path / "smartdns.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("names", "key", "message"),
+    [
+        (("other.test",), "", "the certificate does not cover dns.test, *.dns.test"),
+        (("dns.test",), "", "the certificate does not cover *.dns.test"),
+        (SERVER_NAMES, "other-", "key_file is not the key of the certificate"),
+    ],
+)
+def test_check_config_and_serve_name_what_is_wrong(
+    tmp_path: Path, upstream: FakeUpstream, names: tuple[str, ...], key: str, message: str
+) -> None:
+    pair = write_pair(tmp_path, names)
+    if key:
+        pair = Pair(pair.cert_file, write_pair(tmp_path, stem=key).key_file, pair.ca_file)
+    path = write_config(tmp_path, upstream, pair)
+    line = next(
+        number
+        for number, text in enumerate(path.read_text().splitlines(), 1)
+        if "cert_file" in text
+    )
+    for command in ("check-config", "serve"):
+        result = run_cli(path, command)
+        assert result.returncode == 2, result
+        prefix = f"{path}:{line}: encrypted.cert_file: {pair.cert_file}: "
+        assert result.stderr.startswith(prefix + message), result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_check_config_warns_of_a_certificate_expiring_within_14_days(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=10)
+    path = write_config(tmp_path, upstream, write_pair(tmp_path, not_after=soon))
+    result = run_cli(path, "check-config")
+    assert result.returncode == 0, result
+    assert result.stdout.startswith("config OK")
+    assert f"{path}: warning: encrypted.cert_file:" in result.stderr
+    assert "expires in 9.9 days" in result.stderr or "expires in 10.0 days" in result.stderr
+    path = write_config(tmp_path, upstream, write_pair(tmp_path))
+    assert run_cli(path, "check-config").stderr == ""
+
+
+def test_serve_logs_the_expiry_warning(tmp_path: Path, upstream: FakeUpstream) -> None:
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
+    pair = write_pair(tmp_path, not_after=soon)
+    with running_server(tmp_path, upstream.address, encrypted(pair, free_port())) as server:
+        assert "WARNING smartdns.node.daemon: " in server.output()
+        assert "warning: encrypted.cert_file:" in server.output()
+
+
+# --- workers -----------------------------------------------------------------------------------
+
+
+def test_two_workers_serve_dot(tmp_path: Path, upstream: FakeUpstream, pair: Pair) -> None:
+    port = free_port()
+    override = {"server": {"workers": 2}, **encrypted(pair, port)}
+    with running_server(tmp_path, upstream.address, override) as server:
+        dot = DotServer(server, port, pair)
+        for _ in range(8):  # SO_REUSEPORT spreads connections over both workers
+            assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+        assert server.output().count("smartdns started") >= 2
+
+
+def test_debug_output_names_no_peer_and_no_server_name(dot: DotServer) -> None:
+    context = dot.context()
+    context.check_hostname = False
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        dot.connect("other.test", context=context, source=UNREGISTERED)
+    address = ("127.0.0.1", dot.port)
+    with socket.create_connection(address, source_address=(UNREGISTERED, 0)) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")  # not a ClientHello
+        closed_after(sock, WAIT_S)
+    dot.query("www.netflix.com", hostname=f"{DEVICE_ID}.{SERVER_NAME}", source=UNREGISTERED)
+    dot.server.stop()
+    output = dot.server.output()
+    assert "smartdns started" in output  # the log was captured (at level debug)
+    for secret in (UNREGISTERED, DEVICE_ID, "other.test"):
+        assert secret not in output.lower()
