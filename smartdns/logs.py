@@ -10,7 +10,7 @@ import time
 from typing import Any, Final
 
 WARN_INTERVAL_S: Final = 60.0
-_QUIET_LIBRARIES: Final = ("aiosqlite", "asyncio", "aiohttp", "aiohttp.access")
+_QUIET_LIBRARIES: Final = ("aiosqlite", "asyncio", "aiohttp", "aiohttp.access", "hpack")
 _LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -33,7 +33,8 @@ def setup(level: str, process: str = "") -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     # Libraries log their arguments at debug level (aiosqlite: SQL parameters, that is
-    # registered addresses; aiohttp.access: peer addresses). Only their warnings may pass.
+    # registered addresses; aiohttp.access: peer addresses; hpack: every DoH header it
+    # decodes, path and user agent included). Only their warnings may pass.
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
     set_level(level)

@@ -64,16 +64,35 @@ class Handshake(enum.Enum):
     __hash__ = object.__hash__
 
 
+class StatusClass(enum.Enum):
+    """The class of a DoH response's HTTP status: the only thing about a DoH request that is
+    counted (SPEC 7: never a path, a header or a device ID)."""
+
+    SUCCESS = "2xx"
+    CLIENT_ERROR = "4xx"
+    SERVER_ERROR = "5xx"
+
+    __hash__ = object.__hash__
+
+    @classmethod
+    def of(cls, status: int) -> StatusClass:
+        if status < 300:
+            return cls.SUCCESS
+        return cls.CLIENT_ERROR if status < 500 else cls.SERVER_ERROR
+
+
 class Metrics:
     """Counters of one process. Plain Counter increments: a few tens of ns per query.
 
     `sync_requests` is keyed by (method, route template, status): the template
     (`/v1/accounts/{account}`), never the path, so no account id becomes a label.
+    `doh_responses` counts DoH responses by status class.
     """
 
-    __slots__ = ("authorizations", "queries", "sync_requests")
+    __slots__ = ("authorizations", "doh_responses", "queries", "sync_requests")
 
     def __init__(self) -> None:
         self.queries: Counter[tuple[Transport, Outcome]] = Counter()
         self.authorizations: Counter[Authorization] = Counter()
+        self.doh_responses: Counter[StatusClass] = Counter()
         self.sync_requests: Counter[tuple[str, str, int]] = Counter()

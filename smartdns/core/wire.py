@@ -614,3 +614,26 @@ def cname_chain(question: bytes, records: bytes, answer_count: int) -> list[Cnam
         chain.append(CnameLink(name, ttl, target))
         name = target
     return chain
+
+
+def reply_max_age(reply: bytes) -> int:
+    """How long an HTTP cache may keep a DoH response carrying `reply` (RFC 8484 §5.1):
+    the smallest TTL of its records (our OPT excluded), and for an answer with no records in
+    the answer section but an SOA in the authority section at most that SOA's MINIMUM
+    (RFC 2308 §5). 0 when there is no record at all (REFUSED, SERVFAIL): nothing to cache.
+    `reply` is our own, built well-formed; anything unreadable in it counts as 0."""
+    try:
+        question_end = _question_name_end(reply) + 4
+        _, _, _, ancount, nscount, arcount = _HEADER.unpack_from(reply)
+        spans = scan_records(reply, question_end, ancount + nscount + arcount)
+    except (WireError, struct.error):
+        return 0
+    smallest = -1
+    for index, span in enumerate(spans):
+        if span.rtype == QTYPE_OPT:
+            continue
+        ttl = ttl_value(reply, span.ttl_offset)
+        if span.rtype == QTYPE_SOA and not ancount and index < nscount:
+            ttl = min(ttl, ttl_value(reply, span.end - 4))  # the SOA MINIMUM field
+        smallest = ttl if smallest < 0 else min(smallest, ttl)
+    return max(smallest, 0)

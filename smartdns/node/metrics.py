@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NamedTuple, Protocol, runtime_checkable
 
-from smartdns.core.counters import Authorization, Metrics, Outcome, Transport
+from smartdns.core.counters import Authorization, Metrics, Outcome, StatusClass, Transport
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -168,6 +168,13 @@ def render(
         "counter",
         "DNS queries by how their client was authorized: address, device_id, or none.",
         (({"by": kind.value}, authorizations[kind]) for kind in Authorization),
+    )
+    doh_responses = metrics.doh_responses.copy()
+    out.family(
+        "smartdns_doh_responses_total",
+        "counter",
+        "DoH responses by HTTP status class (2xx carries a DNS answer of any rcode).",
+        (({"status": kind.value}, doh_responses[kind]) for kind in StatusClass),
     )
     if forwarder is not None:
         _render_forwarder(out, forwarder)

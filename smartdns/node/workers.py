@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from smartdns.config.model import Config
-from smartdns.core.counters import Authorization, Metrics, Outcome, Transport
+from smartdns.core.counters import Authorization, Metrics, Outcome, StatusClass, Transport
 from smartdns.errors import SmartDNSError
 from smartdns.node.components import cancel_tasks
 from smartdns.node.lifecycle import Component
@@ -185,6 +185,7 @@ def stats_message(metrics: Metrics, forwarder: ForwarderStats, cache: Any) -> di
     return {
         "queries": [[t.value, o.value, n] for (t, o), n in metrics.queries.items()],
         "authorizations": {a.value: n for a, n in metrics.authorizations.items()},
+        "doh_responses": {c.value: n for c, n in metrics.doh_responses.items()},
         "forwarder": {name: getattr(forwarder, name) for name in _FORWARDER_FIELDS},
         "cache": {
             "hits": cache.hits,
@@ -217,6 +218,7 @@ class CacheTotals:
 class _Totals:
     queries: Counter[tuple[Transport, Outcome]] = field(default_factory=Counter)
     authorizations: Counter[Authorization] = field(default_factory=Counter)
+    doh_responses: Counter[StatusClass] = field(default_factory=Counter)
     forwarder: Counter[str] = field(default_factory=Counter)
     cache: Counter[str] = field(default_factory=Counter)
 
@@ -225,6 +227,8 @@ class _Totals:
             self.queries[Transport(transport), Outcome(outcome)] += int(count)
         for authorization, count in message.get("authorizations", {}).items():
             self.authorizations[Authorization(authorization)] += int(count)
+        for status_class, count in message.get("doh_responses", {}).items():
+            self.doh_responses[StatusClass(status_class)] += int(count)
         self.forwarder.update({k: int(v) for k, v in message.get("forwarder", {}).items()})
         self.cache.update({k: int(v) for k, v in message.get("cache", {}).items()})
 
@@ -490,6 +494,7 @@ class Supervisor:
         totals = _Totals()
         totals.queries.update(self._retired.queries)
         totals.authorizations.update(self._retired.authorizations)
+        totals.doh_responses.update(self._retired.doh_responses)
         totals.forwarder.update(self._retired.forwarder)
         totals.cache.update(self._retired.cache)
         for slot in self._slots:
@@ -500,6 +505,9 @@ class Supervisor:
         authorizations = self._metrics.authorizations
         authorizations.clear()
         authorizations.update(totals.authorizations)
+        doh_responses = self._metrics.doh_responses
+        doh_responses.clear()
+        doh_responses.update(totals.doh_responses)
         for name in _FORWARDER_FIELDS:
             setattr(self.forwarder, name, totals.forwarder[name])
         for name in _CACHE_FIELDS:

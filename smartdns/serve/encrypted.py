@@ -7,7 +7,8 @@ A transport plugs in with its protocol class in PROTOCOLS, called as
 `serve.connections.Connections` (admit in connection_made, touch on activity, forget in
 connection_lost; `kind`, `is_idle`, `abort`, `close`) and reads the device ID the handshake
 named with `serve.tls.device_of(transport.get_extra_info("ssl_object"))`. DoT's is
-`serve.tcp.TcpConnection` with kind Transport.DOT. No peer detail is kept or logged: a failed
+`serve.tcp.TcpConnection` with kind Transport.DOT; DoH's `serve.doh.DohConnection` (whose
+device ID is its request path's, else the handshake's). No peer detail is kept or logged: a failed
 handshake is only counted.
 """
 
@@ -28,6 +29,7 @@ from smartdns.core.counters import Handshake, Transport
 from smartdns.core.ratelimit import RateLimiter
 from smartdns.errors import SmartDNSError
 from smartdns.serve.connections import Connections
+from smartdns.serve.doh import DohConnection
 from smartdns.serve.listeners import bound_socket
 from smartdns.serve.pipeline import Pipeline
 from smartdns.serve.tcp import TcpConnection, TcpListener
@@ -113,6 +115,7 @@ ConnectionMaker = Callable[[Pipeline, Spawn, Connections], asyncio.Protocol]
 # The protocol of each encrypted transport; a transport without one is not bound.
 PROTOCOLS: Final[Mapping[Transport, ConnectionMaker]] = {
     Transport.DOT: functools.partial(TcpConnection, kind=Transport.DOT),
+    Transport.DOH: DohConnection,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smartdns.core.counters import Metrics, Outcome, Transport
+from smartdns.core.counters import Metrics, Outcome, StatusClass, Transport
 from smartdns.node.metrics import CacheStatsLike, _escape_label, render
 from smartdns.upstream.forwarder import ForwarderStats
 
@@ -96,3 +96,17 @@ def test_each_family_is_declared_once_and_counters_end_in_total() -> None:
 
 def test_label_values_are_escaped() -> None:
     assert _escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_doh_responses_are_counted_by_status_class_only() -> None:
+    metrics = Metrics()
+    metrics.doh_responses[StatusClass.of(200)] += 3
+    metrics.doh_responses[StatusClass.of(415)] += 1
+    text = render(
+        metrics, forwarder=None, cache=None, registrations=None, database_up=True, ready=True
+    )
+    assert [line for line in text.splitlines() if "smartdns_doh_responses_total{" in line] == [
+        'smartdns_doh_responses_total{status="2xx"} 3',
+        'smartdns_doh_responses_total{status="4xx"} 1',
+        'smartdns_doh_responses_total{status="5xx"} 0',
+    ]

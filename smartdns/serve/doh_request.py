@@ -1,0 +1,169 @@
+"""DoH requests and responses (RFC 8484) above HTTP: which requests carry a DNS query, what
+status the others get, and the response for a DNS reply. Pure; no I/O, no HTTP framing
+(serve.doh_h2 and serve.doh_h1 own that), nothing logged.
+
+Nothing about a request (path, query string, headers) leaves this module except the DNS
+message and the digest of the device ID it named (SPEC 7).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from smartdns.core.clients import device_digest
+from smartdns.core.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, reply_max_age
+
+PATH: Final = b"/dns-query"
+MEDIA_TYPE: Final = b"application/dns-message"
+MAX_BODY_BYTES: Final = MAX_MESSAGE_SIZE  # a DNS message cannot be longer (RFC 8484 §6)
+# RFC 4648 §5 without padding; 4 characters carry 3 octets
+_MAX_PARAMETER_CHARS: Final = -(-MAX_MESSAGE_SIZE * 4 // 3)
+_BASE64URL: Final = re.compile(rb"[A-Za-z0-9_-]*")
+_LABEL: Final = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# What a path segment that is no DNS label is looked up as: the digest of the empty ID, which
+# no registration can hold (IDs are 20 to 63 characters), so it authorizes nothing (SPEC 2a:
+# an ID that is not registered gets `unregistered`, never the source address).
+UNKNOWN_DEVICE: Final = device_digest("")
+
+OK: Final = 200
+BAD_REQUEST: Final = 400
+NOT_FOUND: Final = 404
+METHOD_NOT_ALLOWED: Final = 405
+PAYLOAD_TOO_LARGE: Final = 413
+UNSUPPORTED_MEDIA_TYPE: Final = 415
+HEADERS_TOO_LARGE: Final = 431
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """A request as the HTTP layer read it. `problem` is a status the HTTP layer already
+    decided (413 for a body over MAX_BODY_BYTES, 400 for unparseable HTTP/1.1, 431), 0 when
+    none: the request then goes through the same reading and counting as any other."""
+
+    method: bytes
+    target: bytes
+    content_type: bytes | None
+    body: bytes
+    problem: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRequest:
+    """A DoH request that carries a DNS message, and the device ID digest it named."""
+
+    packet: bytes
+    device: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """What goes back: the status, the body and its headers (without framing headers)."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+def read_request(request: HttpRequest) -> DnsRequest | int:
+    """The DNS message of a DoH request (RFC 8484 §4.1), or the error status, checked in
+    this order: a problem the HTTP layer found; a path other than `/dns-query` or
+    `/dns-query/<id>` 404; a method other than GET and POST 405; a POST whose content type
+    is not application/dns-message 415; a message over 65,535 octets 413; a missing or
+    undecodable `dns` parameter or an empty message 400. Whether the message is a readable
+    DNS query is the pipeline's to say."""
+    if request.problem:
+        return request.problem
+    path, _, query = request.target.partition(b"?")
+    device = _device(path)
+    if isinstance(device, int):
+        return device
+    if request.method == b"GET":
+        packet = _dns_parameter(query)
+        if isinstance(packet, int):
+            return packet
+    elif request.method == b"POST":
+        if not _is_dns_message(request.content_type):
+            return UNSUPPORTED_MEDIA_TYPE
+        packet = request.body
+        if len(packet) > MAX_BODY_BYTES:
+            return PAYLOAD_TOO_LARGE
+    else:
+        return METHOD_NOT_ALLOWED
+    if not packet:
+        return BAD_REQUEST
+    return DnsRequest(packet, device)
+
+
+def _device(path: bytes) -> bytes | int | None:
+    """None for `/dns-query` (no ID: authorized by address), the ID's digest for
+    `/dns-query/<id>` (lower-cased, as SPEC 3 IDs are), UNKNOWN_DEVICE for a segment that is
+    no DNS label (SPEC 2a: certificates cover one label, so no real ID looks otherwise);
+    404 for any other path."""
+    if path == PATH:
+        return None
+    if not path.startswith(PATH + b"/"):
+        return NOT_FOUND
+    segment = path[len(PATH) + 1 :]
+    if b"/" in segment:
+        return NOT_FOUND
+    if _LABEL.fullmatch(segment) is None:
+        return UNKNOWN_DEVICE
+    return device_digest(segment.lower().decode("ascii"))
+
+
+def _dns_parameter(query: bytes) -> bytes | int:
+    """The `dns` parameter of a GET, base64url without padding (RFC 8484 §4.1; trailing
+    `=` tolerated), decoded; 400 when missing or undecodable, 413 when longer than any
+    DNS message could encode to."""
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if name != b"dns":
+            continue
+        value = value.rstrip(b"=")
+        if len(value) > _MAX_PARAMETER_CHARS:
+            return PAYLOAD_TOO_LARGE
+        if _BASE64URL.fullmatch(value) is None:
+            return BAD_REQUEST  # base64 proper (+ and /) included: RFC 8484 says base64url
+        try:
+            return base64.urlsafe_b64decode(value + b"=" * (-len(value) % 4))
+        except binascii.Error:  # a length no encoding has (4n + 1)
+            return BAD_REQUEST
+    return BAD_REQUEST
+
+
+def _is_dns_message(content_type: bytes | None) -> bool:
+    """The media type, parameters and case aside, is application/dns-message."""
+    if content_type is None:
+        return False
+    return content_type.partition(b";")[0].strip().lower() == MEDIA_TYPE
+
+
+def dns_response(reply: bytes) -> HttpResponse:
+    """200 with the DNS reply, whatever its rcode (RFC 8484 §4.2.1), and how long an HTTP
+    cache may keep it (§5.1: the smallest TTL, at most the SOA minimum of a negative one)."""
+    headers = (
+        (b"content-type", MEDIA_TYPE),
+        (b"cache-control", b"max-age=%d" % reply_max_age(reply)),
+    )
+    return HttpResponse(OK, headers, reply)
+
+
+def error_response(status: int) -> HttpResponse:
+    """An error status with an empty body; 405 names the methods there are (RFC 9110 §15.5.6)."""
+    if status == METHOD_NOT_ALLOWED:
+        return HttpResponse(status, ((b"allow", b"GET, POST"),), b"")
+    return HttpResponse(status, (), b"")
+
+
+def no_reply_response(packet: bytes) -> HttpResponse | None:
+    """What a query the pipeline sent no reply for gets: 400 when it was no readable DNS
+    query (shorter than a header, or a response: the pipeline drops those unread); None for
+    a readable one the policy dropped (`unregistered: drop`), which the transport answers by
+    resetting the stream or closing the connection, the nearest HTTP has to silence."""
+    if len(packet) < HEADER_SIZE or packet[2] & 0x80:
+        return error_response(BAD_REQUEST)
+    return None

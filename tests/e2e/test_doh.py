@@ -1,0 +1,357 @@
+"""DNS over HTTPS (RFC 8484, SPEC 2a) against the real server over TLS with a throwaway CA:
+curl (HTTP/2 and HTTP/1.1, GET and POST), kdig and dig `+https`, and the h2 and h11 libraries
+for the status codes and the abuse cases (rapid reset, stream limit); EDNS padding over DoH and
+DoT; DDR over UDP and DoT; two workers."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import dns.edns
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+
+from tests.certificates import SERVER_NAME, Pair, write_pair
+from tests.e2e.doh_client import MEDIA_TYPE, H2Client, Response, get_target, h1_request
+from tests.e2e.harness import (
+    QUERY_TIMEOUT_S,
+    REGISTERED,
+    UNREGISTERED,
+    Server,
+    free_port,
+    running_server,
+)
+from tests.fake_upstream import FakeUpstream
+
+WAIT_S = 5.0
+UNBLOCK_A = ["198.51.100.10", "198.51.100.11"]
+
+
+def encrypted(pair: Pair, doh_port: int, dot_port: int) -> dict[str, Any]:
+    return {
+        "encrypted": {
+            "server_name": SERVER_NAME,
+            "cert_file": str(pair.cert_file),
+            "key_file": str(pair.key_file),
+            "doh_listen": [f"127.0.0.1:{doh_port}", f"[::1]:{doh_port}"],
+            "dot_listen": [f"127.0.0.1:{dot_port}"],
+            "ddr": True,
+            "ddr_addresses": ["127.0.0.1", "::1"],
+        }
+    }
+
+
+class DohServer:
+    """A running server with DoH on `port` and DoT on `dot_port`."""
+
+    def __init__(
+        self, server: Server, upstream: FakeUpstream, port: int, dot_port: int, pair: Pair
+    ) -> None:
+        self.server = server
+        self.upstream = upstream
+        self.port = port
+        self.dot_port = dot_port
+        self.pair = pair
+
+    def h2(self, source: str = REGISTERED) -> H2Client:
+        return H2Client(self.port, self.pair.ca_file, source=source)
+
+    def post(self, wire: bytes, *, source: str = REGISTERED, path: str = "/dns-query") -> Response:
+        client = self.h2(source)
+        try:
+            return client.request("POST", path, wire, [("content-type", MEDIA_TYPE)])
+        finally:
+            client.close()
+
+    def curl(self, *args: str, source: str = REGISTERED) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--max-time",
+                str(WAIT_S),
+                "--interface",
+                source,
+                "--resolve",
+                f"{SERVER_NAME}:{self.port}:127.0.0.1",
+                "--cacert",
+                str(self.pair.ca_file),
+                *args,
+            ],
+            capture_output=True,
+            timeout=WAIT_S * 2,
+            check=False,
+        )
+
+    def dot(self, message: dns.message.Message) -> dns.message.Message:
+        return dns.query.tls(
+            message,
+            "127.0.0.1",
+            port=self.dot_port,
+            source=REGISTERED,
+            timeout=QUERY_TIMEOUT_S,
+            ssl_context=ssl.create_default_context(cafile=str(self.pair.ca_file)),
+            server_hostname=SERVER_NAME,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"https://{SERVER_NAME}:{self.port}/dns-query"
+
+
+@pytest.fixture(scope="module")
+def doh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DohServer]:
+    state = tmp_path_factory.mktemp("doh")
+    pair = write_pair(state)
+    port, dot_port = free_port(), free_port()
+    with FakeUpstream() as upstream:
+        upstream.add("example.org", "A", ["example.org. 300 IN A 192.0.2.1"])
+        upstream.add("example.org", "TXT", ['example.org. 120 IN TXT "a"'])
+        with running_server(state, upstream.address, encrypted(pair, port, dot_port)) as server:
+            yield DohServer(server, upstream, port, dot_port, pair)
+
+
+def _wire(name: str, qtype: str = "A", **kwargs: Any) -> bytes:
+    message = dns.message.make_query(name, qtype, **kwargs)
+    message.id = 0  # RFC 8484 §4.1: ID 0 for cache friendliness
+    return message.to_wire()
+
+
+def _addresses(message: dns.message.Message) -> list[str]:
+    return sorted(rdata.to_text() for rrset in message.answer for rdata in rrset)
+
+
+# ---- real clients --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("http", ["--http2", "--http1.1"])
+def test_curl_get_and_post(doh: DohServer, http: str) -> None:
+    wire = _wire("www.netflix.com")
+    encoded = base64.urlsafe_b64encode(wire).rstrip(b"=").decode()
+    common = (http, "--dump-header", "-", "--output", "-", "--write-out", "")
+    get = doh.curl(*common, f"{doh.url}?dns={encoded}")
+    post = doh.curl(
+        *common, "--header", f"content-type: {MEDIA_TYPE}", "--data-binary", "@-", doh.url
+    )
+    post = subprocess.run(
+        post.args, input=wire, capture_output=True, timeout=WAIT_S * 2, check=False
+    )
+    for result in (get, post):
+        assert result.returncode == 0, result.stderr
+        head, _, body = result.stdout.partition(b"\r\n\r\n")
+        lines = head.decode().lower().splitlines()
+        version = "http/2" if http == "--http2" else "http/1.1"
+        assert lines[0].startswith(f"{version} 200"), lines[0]
+        assert f"content-type: {MEDIA_TYPE}" in lines
+        assert "cache-control: max-age=60" in lines  # unblock.ttl
+        assert _addresses(dns.message.from_wire(body)) == UNBLOCK_A
+
+
+# what each tool prints for a DoH answer (kdig pads its queries, so the reply is padded too)
+DIG_MARKS = {
+    "kdig": (";; HTTP session (HTTP/2-", "NOERROR", ";; Received 468 B"),
+    "dig": ("status: NOERROR", "(HTTPS)"),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(DIG_MARKS))
+def test_kdig_and_dig_https(doh: DohServer, tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+    tls = (f"+tls-ca={doh.pair.ca_file}", f"+tls-hostname={SERVER_NAME}")
+    result = subprocess.run(
+        [tool, "-b", REGISTERED, "-p", str(doh.port), "+https", *tls, "@127.0.0.1", "netflix.com"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for mark in (*DIG_MARKS[tool], *UNBLOCK_A):  # netflix.com A: the zone's proxies
+        assert mark in result.stdout, result.stdout
+
+
+def test_unregistered_source_is_refused_with_200(doh: DohServer) -> None:
+    response = doh.post(_wire("www.netflix.com"), source=UNREGISTERED)
+    assert response.status == 200 and response.message().rcode() == dns.rcode.REFUSED
+    assert response.headers["cache-control"] == "max-age=0"
+
+
+def test_ipv6_source_and_forwarded_answer(doh: DohServer) -> None:
+    response = doh.post(_wire("example.org", "TXT"), source="::1")
+    assert response.message().answer and response.headers["cache-control"] == "max-age=120"
+
+
+# ---- status codes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status"),
+    [
+        ("GET", "/dns-query", b"", [], 400),
+        ("GET", "/dns-query?dns=%%%", b"", [], 400),
+        ("GET", get_target(b"\x00\x01"), b"", [], 400),  # shorter than a DNS header
+        ("POST", "/dns-query", b"x" * 12, [("content-type", "text/plain")], 415),
+        (
+            "POST",
+            "/dns-query",
+            bytes(70_000),
+            [("content-type", MEDIA_TYPE), ("content-length", "70000")],
+            413,
+        ),
+        ("GET", get_target(_wire("example.org"), "/resolve"), b"", [], 404),
+        ("PUT", "/dns-query", _wire("example.org"), [("content-type", MEDIA_TYPE)], 405),
+    ],
+)
+def test_status_codes_over_both_http_versions(
+    doh: DohServer,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: list[tuple[str, str]],
+    status: int,
+) -> None:
+    client = doh.h2()
+    try:
+        assert client.request(method, path, body, headers).status == status
+    finally:
+        client.close()
+    (response,) = h1_request(
+        doh.port, doh.pair.ca_file, [(method, path, body, headers)], source=REGISTERED
+    )
+    assert response.status == status
+
+
+def test_http1_keeps_alive_and_answers_pipelined_requests_in_order(doh: DohServer) -> None:
+    names = ["www.netflix.com", "example.org", "www.bbc.co.uk"]
+    requests = [("GET", get_target(_wire(name)), b"", []) for name in names]
+    requests.insert(1, ("GET", "/nowhere", b"", []))
+    responses = h1_request(doh.port, doh.pair.ca_file, requests, source=REGISTERED)
+    assert [r.status for r in responses] == [200, 404, 200, 200]
+    questions = [r.message().question[0].name.to_text() for r in responses if r.status == 200]
+    assert questions == [name + "." for name in names]
+
+
+# ---- HTTP/2 bounds over a real TLS socket ---------------------------------------------------
+
+
+def test_rapid_reset_gets_goaway(doh: DohServer) -> None:
+    client = doh.h2()
+    try:
+        wire = _wire("example.org")
+        for _ in range(150):
+            stream_id = client.start("GET", get_target(wire))
+            client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        client.flush()
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline and client.read():
+            if any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events):
+                break
+        (goaway,) = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        client.close()
+
+
+def test_streams_over_100_are_refused_and_the_rest_answered(doh: DohServer) -> None:
+    client = doh.h2()
+    doh.upstream.delay_s = 0.3  # forwarded queries stay open while the rest arrive
+    try:
+        client.read()  # our SETTINGS; the client is then made to ignore the limit
+        assert client.conn.remote_settings.max_concurrent_streams == 100
+        client.conn.remote_settings = h2.settings.Settings(client=False)
+        targets = [get_target(_wire(f"n{index}.example.org")) for index in range(110)]
+        streams = [client.start("GET", target, flush=False) for target in targets]
+        client.flush()  # all 110 in one write
+        responses = [client.response(stream_id) for stream_id in streams]
+        refused = [r for r in responses if r.status == 0]
+        assert len(refused) == 10
+        refused_stream = str(int(h2.errors.ErrorCodes.REFUSED_STREAM))
+        assert all(r.headers["reset"] == refused_stream for r in refused)
+        assert all(r.status == 200 for r in responses if r.status != 0)
+    finally:
+        doh.upstream.delay_s = 0.0
+        client.close()
+
+
+# ---- padding, DDR --------------------------------------------------------------------------
+
+
+def test_padding_over_doh_and_dot_but_not_udp(doh: DohServer) -> None:
+    padded = _wire("www.netflix.com", use_edns=0, pad=128)
+    reply = doh.post(padded).body
+    assert len(reply) % 468 == 0
+    assert dns.edns.OptionType.PADDING in [o.otype for o in dns.message.from_wire(reply).options]
+    message = dns.message.make_query("www.netflix.com", "A", use_edns=0, pad=128)
+    assert len(doh.dot(message).to_wire()) % 468 == 0
+    over_udp = doh.server.send(message)
+    assert len(over_udp.to_wire()) % 468 != 0 and not over_udp.options
+
+
+def _svcb(message: dns.message.Message) -> list[str]:
+    return sorted(rdata.to_text() for rrset in message.answer for rdata in rrset)
+
+
+DDR_QUESTION = ("_dns.resolver.arpa", "SVCB")
+DDR_RECORDS_TEMPLATE = [
+    '1 dns.test. alpn="h2" port="{doh}" ipv4hint="127.0.0.1" ipv6hint="::1"'
+    ' dohpath="/dns-query{{?dns}}"',
+    '2 dns.test. alpn="dot" port="{dot}" ipv4hint="127.0.0.1" ipv6hint="::1"',
+]
+
+
+def test_ddr_over_udp_dot_and_doh(doh: DohServer) -> None:
+    expected = sorted(r.format(doh=doh.port, dot=doh.dot_port) for r in DDR_RECORDS_TEMPLATE)
+    assert _svcb(doh.server.query(*DDR_QUESTION)) == expected
+    assert _svcb(doh.dot(dns.message.make_query(*DDR_QUESTION))) == expected
+    assert _svcb(doh.post(_wire(*DDR_QUESTION)).message()) == expected
+    below = doh.server.query("x._dns.resolver.arpa", "SVCB")
+    assert below.rcode() == dns.rcode.NOERROR and not below.answer
+    stranger = doh.server.query(*DDR_QUESTION, source=UNREGISTERED)
+    assert stranger.rcode() == dns.rcode.REFUSED
+
+
+@pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig not installed")
+def test_ddr_as_kdig_shows_it(doh: DohServer) -> None:
+    result = subprocess.run(
+        ["kdig", "-b", REGISTERED, "-p", str(doh.server.port), "@127.0.0.1", *DDR_QUESTION],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"alpn=h2 port={doh.port}" in result.stdout, result.stdout
+    assert 'key7="/dns-query{?dns}"' in result.stdout, result.stdout  # kdig 3.2: no dohpath name
+    assert f"alpn=dot port={doh.dot_port}" in result.stdout, result.stdout
+
+
+def _metrics(server: Server) -> str:
+    with urllib.request.urlopen(f"{server.sync_url}/metrics", timeout=WAIT_S) as reply:
+        return str(reply.read().decode())
+
+
+def test_metrics_count_doh_responses_by_status_class(doh: DohServer) -> None:
+    doh.post(_wire("www.netflix.com"))
+    doh.post(_wire("www.netflix.com"), path="/elsewhere")
+    counts = {
+        line.split("{")[1].split("}")[0]: float(line.split()[-1])
+        for line in _metrics(doh.server).splitlines()
+        if line.startswith("smartdns_doh_responses_total{")
+    }
+    assert counts['status="2xx"'] >= 1 and counts['status="4xx"'] >= 1
+    assert 'status="5xx"' in counts

@@ -1,0 +1,251 @@
+"""doh_h2: the HTTP/2 session driven in memory by a client-side h2 connection: requests in,
+responses out, and the bounds (streams, header lists, bodies, deadlines, rapid reset)."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+
+from smartdns.serve.doh_h2 import MAX_HEADER_LIST_BYTES, MAX_STREAMS, RESET_ALLOWANCE, H2Session
+from smartdns.serve.doh_request import HttpRequest, dns_response, error_response
+
+DEADLINE_S = 10.0
+QUERY = b"\x12\x34" + bytes(10)
+CONTENT_TYPE = (b"content-type", b"application/dns-message")
+
+
+class Pair:
+    """A server session and a client connection joined by hand."""
+
+    def __init__(self, *, settings_known: bool = True) -> None:
+        self.now = 100.0
+        self.server = H2Session(self.now, DEADLINE_S)
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+        self.events: list[h2.events.Event] = []
+        if settings_known:  # the client learns our SETTINGS and acknowledges them
+            self.to_client()
+            self.to_server()
+            self.to_client()
+
+    def to_server(self) -> list[tuple[int, HttpRequest]]:
+        return self.server.receive(self.client.data_to_send(), self.now)
+
+    def to_client(self) -> None:
+        self.events += self.client.receive_data(self.server.data_to_send())
+
+    def open_stream(
+        self, method: bytes, path: bytes, *extra: tuple[bytes, bytes], end_stream: bool = False
+    ) -> int:
+        """Send a request's headers (the pseudo-headers, then `extra`)."""
+        stream_id = self.client.get_next_available_stream_id()
+        headers = [
+            (b":method", method),
+            (b":scheme", b"https"),
+            (b":authority", b"dns.test"),
+            (b":path", path),
+            *extra,
+        ]
+        self.client.send_headers(stream_id, headers, end_stream=end_stream)
+        return stream_id
+
+    def request(
+        self, method: bytes = b"POST", path: bytes = b"/dns-query", body: bytes = QUERY
+    ) -> int:
+        stream_id = self.open_stream(method, path, CONTENT_TYPE, end_stream=not body)
+        if body:
+            self.client.send_data(stream_id, body, end_stream=True)
+        return stream_id
+
+    def of_type(self, kind: type[h2.events.Event]) -> list[h2.events.Event]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+def _status(pair: Pair, stream_id: int) -> int:
+    for event in pair.of_type(h2.events.ResponseReceived):
+        assert isinstance(event, h2.events.ResponseReceived)
+        if event.stream_id == stream_id:
+            return int(dict(event.headers or ())[b":status"])
+    raise AssertionError("no response")
+
+
+def test_post_and_get_are_handed_out_and_answered() -> None:
+    pair = Pair()
+    post = pair.request()
+    get = pair.request(b"GET", b"/dns-query?dns=EjQAAAAAAAAAAAAA", b"")
+    requests = pair.to_server()
+    assert [(ref, r.method, r.target, r.body) for ref, r in requests] == [
+        (post, b"POST", b"/dns-query", QUERY),
+        (get, b"GET", b"/dns-query?dns=EjQAAAAAAAAAAAAA", b""),
+    ]
+    assert requests[0][1].content_type == b"application/dns-message"
+    pair.server.respond(get, dns_response(QUERY), pair.now)  # any order
+    pair.server.respond(post, error_response(415), pair.now)
+    pair.to_client()
+    assert _status(pair, get) == 200 and _status(pair, post) == 415
+    data = pair.of_type(h2.events.DataReceived)
+    assert [(event.stream_id, event.data) for event in data] == [(get, QUERY)]  # type: ignore[attr-defined]
+    assert pair.server.is_idle()
+
+
+def test_a_response_larger_than_the_window_waits_for_window_updates() -> None:
+    pair = Pair()
+    stream_id = pair.request()
+    pair.to_server()
+    body = bytes(65_535 + 4_000)  # over the client's initial window of 65,535
+    pair.server.respond(stream_id, dns_response(body), pair.now)
+    pair.to_client()
+    received = sum(len(e.data) for e in pair.of_type(h2.events.DataReceived))  # type: ignore[attr-defined]
+    assert received == 65_535
+    for event in pair.of_type(h2.events.DataReceived):
+        pair.client.acknowledge_received_data(event.flow_controlled_length, stream_id)  # type: ignore[attr-defined]
+    pair.to_server()
+    pair.to_client()
+    received = sum(len(e.data) for e in pair.of_type(h2.events.DataReceived))  # type: ignore[attr-defined]
+    assert received == len(body) and pair.of_type(h2.events.StreamEnded)
+
+
+def test_a_dropped_query_resets_its_stream() -> None:
+    pair = Pair()
+    stream_id = pair.request()
+    pair.to_server()
+    pair.server.respond(stream_id, None, pair.now)
+    pair.to_client()
+    resets = pair.of_type(h2.events.StreamReset)
+    assert [(e.stream_id, e.error_code) for e in resets] == [
+        (stream_id, h2.errors.ErrorCodes.CANCEL)
+    ]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("settings_known", [True, False])
+def test_streams_over_the_limit_are_refused(settings_known: bool) -> None:
+    pair = Pair(settings_known=settings_known)
+    pair.client.remote_settings = h2.settings.Settings(client=False)  # no limit to hold to
+    streams = [pair.request() for _ in range(MAX_STREAMS + 2)]
+    requests = pair.to_server()
+    assert len(requests) == MAX_STREAMS
+    pair.to_client()
+    refused = [e.stream_id for e in pair.of_type(h2.events.StreamReset)]  # type: ignore[attr-defined]
+    assert refused == streams[MAX_STREAMS:]
+    assert not pair.server.closed
+
+
+def test_the_client_is_told_the_limits() -> None:
+    pair = Pair()
+    settings = pair.client.remote_settings
+    assert settings.max_concurrent_streams == MAX_STREAMS
+    assert settings.max_header_list_size == MAX_HEADER_LIST_BYTES
+
+
+def test_an_oversized_header_list_ends_the_connection() -> None:
+    pair = Pair(settings_known=False)  # the client does not hold itself to our limit
+    agent = (b"user-agent", b"x" * MAX_HEADER_LIST_BYTES)
+    pair.open_stream(b"GET", b"/dns-query?dns=" + b"A" * 200, agent, end_stream=True)
+    assert pair.to_server() == []
+    assert pair.server.closed
+    pair.to_client()
+    assert pair.of_type(h2.events.ConnectionTerminated)
+
+
+def test_a_body_over_64_kib_gets_413_and_a_reset() -> None:
+    pair = Pair()
+    stream_id = pair.open_stream(b"POST", b"/dns-query", CONTENT_TYPE)
+    pair.client.send_data(stream_id, bytes(16_384))
+    pair.client.send_data(stream_id, bytes(16_384))
+    pair.client.send_data(stream_id, bytes(16_384))
+    pair.client.send_data(stream_id, bytes(16_383))
+    assert pair.to_server() == []  # 65,535 octets: still a request being read
+    pair.to_client()  # the window the server gave back
+    pair.client.send_data(stream_id, b"x")
+    ((ref, request),) = pair.to_server()
+    assert ref == stream_id and request.problem == 413
+    pair.server.respond(ref, error_response(request.problem), pair.now)
+    pair.to_client()
+    assert _status(pair, stream_id) == 413
+    resets = pair.of_type(h2.events.StreamReset)
+    assert [(e.stream_id, e.error_code) for e in resets] == [
+        (stream_id, h2.errors.ErrorCodes.NO_ERROR)
+    ]  # type: ignore[attr-defined]
+    assert not pair.server.closed
+
+
+def test_a_declared_content_length_over_64_kib_gets_413_at_once() -> None:
+    pair = Pair()
+    pair.open_stream(b"POST", b"/dns-query", (b"content-length", b"70000"))
+    ((_, request),) = pair.to_server()
+    assert request.problem == 413
+
+
+def test_a_body_that_never_ends_is_reset_at_the_deadline_then_the_connection_goes() -> None:
+    pair = Pair()
+    stream_id = pair.open_stream(b"POST", b"/dns-query")
+    pair.client.send_data(stream_id, QUERY[:5])
+    assert pair.to_server() == []
+    pair.now += DEADLINE_S - 1
+    assert pair.server.expire(pair.now) == pair.now + 1
+    pair.now += 1
+    assert pair.server.expire(pair.now) is None  # the stream reset, and nothing else going on
+    pair.to_client()
+    assert [e.stream_id for e in pair.of_type(h2.events.StreamReset)] == [stream_id]  # type: ignore[attr-defined]
+    assert pair.of_type(h2.events.ConnectionTerminated) and pair.server.closed
+
+
+def test_an_idle_connection_gets_goaway_after_the_deadline_but_not_while_answering() -> None:
+    pair = Pair()
+    stream_id = pair.request()
+    pair.to_server()
+    pair.now += DEADLINE_S * 3  # an upstream answer may take its time
+    assert pair.server.expire(pair.now) is not None and not pair.server.closed
+    pair.server.respond(stream_id, dns_response(QUERY), pair.now)
+    assert pair.server.expire(pair.now + DEADLINE_S - 0.5) == pair.now + DEADLINE_S
+    assert pair.server.expire(pair.now + DEADLINE_S) is None
+    pair.to_client()
+    (goaway,) = pair.of_type(h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR  # type: ignore[attr-defined]
+
+
+def test_rapid_reset_gets_goaway_enhance_your_calm() -> None:
+    pair = Pair()
+    for _ in range(RESET_ALLOWANCE):
+        stream_id = pair.request()
+        pair.client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    pair.to_server()
+    assert not pair.server.closed  # a window of abandoned streams is allowed
+    stream_id = pair.request()
+    pair.client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    pair.to_server()
+    assert pair.server.closed
+    pair.to_client()
+    (goaway,) = pair.of_type(h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[attr-defined]
+
+
+def test_answered_streams_earn_resets() -> None:
+    pair = Pair()
+    for _ in range(RESET_ALLOWANCE * 2):  # a reset for every stream let finish: fine
+        answered = pair.request()
+        ((ref, _),) = pair.to_server()
+        pair.server.respond(ref, dns_response(QUERY), pair.now)
+        assert ref == answered
+        stream_id = pair.request()
+        pair.client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        pair.to_server()
+        pair.to_client()
+    assert not pair.server.closed
+
+
+def test_an_answer_for_a_stream_the_client_reset_goes_nowhere() -> None:
+    pair = Pair()
+    stream_id = pair.request()
+    pair.to_server()
+    pair.client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    pair.to_server()
+    pair.server.respond(stream_id, dns_response(QUERY), pair.now)
+    pair.to_client()
+    assert not pair.of_type(h2.events.ResponseReceived) and pair.server.is_idle()
