@@ -7,6 +7,9 @@
 smartdns, Unbound and dnsdist do the whole job; dnsmasq has no per-source ACL, so it runs
 cases (a) and (b) only. Every server listens on 127.0.0.1 only, on its own free port, with
 one thread or worker unless `workers` says otherwise.
+
+Given `tls` (one throwaway certificate for all), smartdns, Unbound and dnsdist also serve DNS
+over TLS and DNS over HTTPS (`/dns-query`) on two more free ports; dnsmasq has neither.
 """
 
 from __future__ import annotations
@@ -17,26 +20,33 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final
 
 from bench.tools import (
+    DOH_PATH,
     READY_TIMEOUT_S,
     REGIONS,
     REGISTERED,
     REPO,
+    SERVER_NAME,
+    TRANSPORTS,
     UNBLOCK_TTL,
     UNREGISTERED,
     UPSTREAM_TTL,
     ZONES,
     Children,
+    TlsFiles,
     descendants,
     free_port,
+    log,
     pinned,
     python_env,
     upstream_address,
     upstream_names,
+    wait_accepting,
     wait_answering,
 )
 
@@ -133,14 +143,30 @@ class Target:
     cpus: str | None = "0"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    tls: TlsFiles | None = None  # serve DoT and DoH too, with this certificate
+    dot_port: int = field(default_factory=free_port)
+    doh_port: int = field(default_factory=free_port)
+    # TCP, DoT and DoH connections the server must hold open at once, and how long an idle one
+    # may stay (the idle-connection benchmark raises both; the defaults are smartdns').
+    connections: int = 1024
+    idle_timeout_s: float = 10.0
 
     name: ClassVar[str] = ""
     refuses_unregistered: ClassVar[bool] = True  # can be configured for case (c)
+    encrypted: ClassVar[bool] = True  # can serve DoT and DoH
 
     @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        """The transports this server answers on in this run."""
+        return TRANSPORTS if self.encrypted and self.tls else ("udp",)
+
+    def port_for(self, transport: str) -> int:
+        return {"udp": self.port, "dot": self.dot_port, "doh": self.doh_port}[transport]
 
     @property
     def log_path(self) -> Path:
@@ -158,6 +184,8 @@ class Target:
         assert self.process is not None
         try:
             wait_answering(self.port, self.process, PROBE_NAME)
+            for transport in self.transports[1:]:
+                wait_accepting(self.port_for(transport), self.process)
         except RuntimeError as error:
             raise RuntimeError(f"{self.name}: {error}\n{self.output()}") from None
 
@@ -185,8 +213,13 @@ class Smartdns(Target):
         token = self.workdir / "sync.token"
         token.write_text(secrets.token_hex(16) + "\n")
         token.chmod(0o600)
-        return {
-            "server": {"listen": [f"127.0.0.1:{self.port}"], "workers": self.workers},
+        config: dict[str, object] = {
+            "server": {
+                "listen": [f"127.0.0.1:{self.port}"],
+                "workers": self.workers,
+                "tcp_idle_timeout": self.idle_timeout_s,
+                "tcp_max_connections": self.connections,
+            },
             "database": {"path": str(self.database or self.workdir / "registrations.db")},
             "registrations": {"public_only": False},
             "unregistered": "refuse",
@@ -212,6 +245,24 @@ class Smartdns(Target):
             "sync": {"listen": f"127.0.0.1:{free_port()}", "token_file": str(token)},
             "logging": {"level": "warning"},
         }
+        if "dot" in self.transports and self.tls:
+            config["encrypted"] = {
+                "server_name": SERVER_NAME,
+                "cert_file": str(self.tls.cert),
+                "key_file": str(self.tls.key),
+                "dot_listen": [f"127.0.0.1:{self.dot_port}"],
+                "doh_listen": [f"127.0.0.1:{self.doh_port}"],
+                "max_connections": self.connections,
+            }
+        return config
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        """UDP only when the measured tree predates the `encrypted` section (an older --ref)."""
+        model = self.source / "smartdns" / "config" / "model.py"
+        if "class EncryptedConfig" not in model.read_text():
+            return ("udp",)
+        return super().transports
 
     def command(self, upstream_port: int) -> list[str]:
         return [sys.executable, "-m", "smartdns", "serve", "--config", str(self.config_path)]
@@ -291,6 +342,7 @@ class Unbound(Target):
             "server:",
             "  interface: 127.0.0.1",
             f"  port: {self.port}",
+            *self.tls_lines(),
             f"  num-threads: {self.workers}",
             f"  so-reuseport: {'yes' if self.workers > 1 else 'no'}",
             "  do-ip6: no",
@@ -313,6 +365,10 @@ class Unbound(Target):
             "  minimal-responses: yes",
             "  access-control: 127.0.0.1/32 allow",
             "  access-control: 127.0.0.2/32 refuse",
+            # Unbound cuts the idle timeout to 200 ms once over half of these slots are in
+            # use, so twice the connections it must hold: idle ones keep their timeout.
+            f"  incoming-num-tcp: {2 * self.connections}",
+            f"  tcp-idle-timeout: {int(self.idle_timeout_s * 1000)}",
         ]
         for zone, region in ZONES.items():
             lines.append(f'  local-zone: "{zone}." redirect')
@@ -323,6 +379,21 @@ class Unbound(Target):
         lines += ["forward-zone:", '  name: "."', f"  forward-addr: 127.0.0.1@{upstream_port}"]
         config.write_text("\n".join(lines) + "\n")
         return ["unbound", "-d", "-c", str(config)]
+
+    def tls_lines(self) -> list[str]:
+        """DoT on `tls-port`, DoH (HTTP/2 only in Unbound) on `https-port`, each its own
+        interface line; Debian's Unbound is built with nghttp2."""
+        if not self.tls:
+            return []
+        return [
+            f"  interface: 127.0.0.1@{self.dot_port}",
+            f"  interface: 127.0.0.1@{self.doh_port}",
+            f"  tls-port: {self.dot_port}",
+            f"  https-port: {self.doh_port}",
+            f'  tls-service-key: "{self.tls.key}"',
+            f'  tls-service-pem: "{self.tls.cert}"',
+            f'  http-endpoint: "{DOH_PATH}"',
+        ]
 
 
 @dataclass
@@ -340,7 +411,10 @@ class Dnsdist(Target):
                 f'addLocal("127.0.0.1:{self.port}", {{reusePort=true}})'
                 for _ in range(self.workers - 1)
             ),
+            *self.tls_lines(),
             'setACL({"127.0.0.0/8"})',  # let 127.0.0.2 in, so the rule below can refuse it
+            # An idle TCP or DoT connection is closed after this (dnsdist's default: 2 s).
+            f"setTCPRecvTimeout({max(1, round(self.idle_timeout_s))})",
             "setSecurityPollSuffix('')",
             f'newServer({{address="127.0.0.1:{upstream_port}", checkName="{PROBE_UPSTREAM}",'
             " checkInterval=60})",
@@ -359,6 +433,21 @@ class Dnsdist(Target):
         config.write_text("\n".join(lines) + "\n")
         return ["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)]
 
+    def tls_lines(self) -> list[str]:
+        """`addTLSLocal` (OpenSSL) and `addDOHLocal` (HTTP/1.1 and HTTP/2), one of each per
+        worker like the UDP listener."""
+        if not self.tls:
+            return []
+        files = f'"{self.tls.cert}", "{self.tls.key}"'
+        reuse = f"reusePort={str(self.workers > 1).lower()}"
+        lines = []
+        for _ in range(self.workers):
+            lines += [
+                f'addTLSLocal("127.0.0.1:{self.dot_port}", {files}, {{{reuse}}})',
+                f'addDOHLocal("127.0.0.1:{self.doh_port}", {files}, "{DOH_PATH}", {{{reuse}}})',
+            ]
+        return lines
+
 
 @dataclass
 class Dnsmasq(Target):
@@ -367,6 +456,7 @@ class Dnsmasq(Target):
 
     name: ClassVar[str] = "dnsmasq"
     refuses_unregistered: ClassVar[bool] = False
+    encrypted: ClassVar[bool] = False
 
     def command(self, upstream_port: int) -> list[str]:
         config = self.workdir / "dnsmasq.conf"
@@ -393,3 +483,37 @@ class Dnsmasq(Target):
 TARGETS: Final[dict[str, type[Target]]] = {
     cls.name: cls for cls in (Smartdns, Unbound, Dnsdist, Dnsmasq)
 }
+
+
+def start_targets(
+    names: Sequence[str],
+    workdir: Path,
+    children: Children,
+    upstream_port: int,
+    *,
+    source: Path = REPO,
+    workers: int = 1,
+    cpus: str | None = "0",
+    tls: TlsFiles | None = None,
+    connections: int = 1024,
+    idle_timeout_s: float = 10.0,
+) -> list[Target]:
+    """Start each named server in its own subdirectory of `workdir` (smartdns from the tree
+    `source`), each answering before the next starts."""
+    targets: list[Target] = []
+    for name in names:
+        target = TARGETS[name](
+            workdir / name,
+            workers=workers,
+            cpus=cpus,
+            tls=tls,
+            connections=connections,
+            idle_timeout_s=idle_timeout_s,
+        )
+        if isinstance(target, Smartdns):
+            target.source = source
+        target.start(children, upstream_port)
+        ports = ", ".join(f"{t} {target.port_for(t)}" for t in target.transports)
+        log(f"{name} on 127.0.0.1: {ports} (pid {target.pid}, cpus {target.cpus})")
+        targets.append(target)
+    return targets

@@ -7,8 +7,11 @@ here imports smartdns, dnslib or yaml.
 
 from __future__ import annotations
 
+import argparse
+import base64
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import resource
@@ -18,8 +21,9 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -36,6 +40,9 @@ APT_PACKAGES: Final = {
     "dnsdist": "dnsdist",
     "dnsmasq": "dnsmasq-base",
     "taskset": "util-linux",
+    "openssl": "openssl",
+    "h2load": "nghttp2-client",
+    "cc": "gcc",
 }
 # Modules smartdns needs at run time (pyproject dependencies) plus what the harness uses
 # (dnslib, from the test extra).
@@ -58,6 +65,13 @@ UNBLOCK_TTL: Final = 60
 UPSTREAM_TTL: Final = 86_400  # long enough that nothing expires during a run
 REGISTERED: Final = "127.0.0.1"
 UNREGISTERED: Final = "127.0.0.2"
+
+# Encrypted DNS (issue 16): the transports dnsperf drives, and the name the throwaway
+# certificate covers (smartdns' encrypted.server_name; no device ID is ever named, so every
+# server authorizes by source address as over UDP).
+TRANSPORTS: Final = ("udp", "dot", "doh")
+SERVER_NAME: Final = "dns.bench.test"
+DOH_PATH: Final = "/dns-query"
 
 
 # ---- environment -----------------------------------------------------------------------------
@@ -116,6 +130,15 @@ def ensure_commands(commands: Sequence[str]) -> None:
         raise SystemExit(f"bench: still missing after install: {', '.join(still)}")
 
 
+def ensure_for(servers: Sequence[str], commands: Sequence[str], no_install: bool) -> None:
+    """Unless `no_install`: the Python environment, then `commands` and each server's own
+    command (smartdns runs from the Python environment)."""
+    if no_install:
+        return
+    ensure_python_env()
+    ensure_commands([*commands, *(server for server in servers if server != "smartdns")])
+
+
 def ensure_py_spy() -> str | None:
     """The py-spy executable, pip-installing it into this environment if missing."""
     found = shutil.which("py-spy") or _beside_python("py-spy")
@@ -162,6 +185,38 @@ def export_revision(revision: str, destination: Path) -> tuple[Path, str]:
     return destination, commit
 
 
+def describe_worktree() -> str:
+    """HEAD's commit id, plus the files outside bench/ that differ from it."""
+    commit = head_commit()
+    changed = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    dirty = [line[3:] for line in changed if not line[3:].startswith("bench/")]
+    where = f"the working tree at {commit}"
+    return where + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "")
+
+
+def head_commit() -> str:
+    """The commit id of the checkout's HEAD ("an unknown commit" outside git)."""
+    return (
+        subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        or "an unknown commit"
+    )
+
+
+def load_average(when: str) -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {when}: {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)"
+
+
 def pinned(cpus: str | None, command: Sequence[str]) -> list[str]:
     """`command` under `taskset -c cpus` (taskset execs, so the PID stays the server's)."""
     return ["taskset", "-c", cpus, *command] if cpus else list(command)
@@ -180,6 +235,75 @@ def free_port() -> int:
                     continue
                 return port
     raise RuntimeError("no free port")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every server-comparing script shares: what to measure and what to keep."""
+    parser.add_argument(
+        "--ref",
+        help="measure this git revision (exported with git archive) instead of the working tree",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--no-install", action="store_true", help="never run apt-get or pip")
+
+
+def publish(lines: Sequence[str], json_path: Path | None, document: object) -> None:
+    """Print the report; write `document` as JSON to `json_path` when one was given."""
+    print("\n".join(lines), flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(document, indent=2))
+
+
+# ---- certificates ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """One throwaway CA and the leaf every server presents (PEM files in the run's temp dir)."""
+
+    ca: Path
+    cert: Path  # leaf, then the CA: the chain as servers load it
+    key: Path  # owner-only, as smartdns' check of key_file wants
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """A CA and an ECDSA P-256 leaf for SERVER_NAME, *.SERVER_NAME and 127.0.0.1, valid for a
+    day, made with the openssl command (no Python dependency before the environment check).
+
+    P-256 is what public DoT/DoH services mostly present (Let's Encrypt ECDSA), and it keeps
+    the handshake's signature cheap for every server alike."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
+    key, request, leaf = directory / "leaf.key", directory / "leaf.csr", directory / "leaf.pem"
+    chain, extensions = directory / "chain.pem", directory / "leaf.ext"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    _openssl(
+        "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert,
+        "-days", "1", "-subj", "/CN=smartdns bench CA",
+    )  # fmt: skip
+    _openssl("req", "-new", *ec, "-keyout", key, "-out", request, "-subj", f"/CN={SERVER_NAME}")
+    extensions.write_text(
+        f"subjectAltName = DNS:{SERVER_NAME}, DNS:*.{SERVER_NAME}, IP:127.0.0.1\n"
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature\n"
+        "extendedKeyUsage = serverAuth\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
+        "-out", leaf, "-days", "1", "-extfile", extensions,
+    )  # fmt: skip
+    chain.write_text(leaf.read_text() + ca_cert.read_text())
+    key.chmod(0o600)
+    return TlsFiles(ca=ca_cert, cert=chain, key=key)
+
+
+def _openssl(*arguments: str | Path) -> None:
+    result = subprocess.run(
+        ["openssl", *map(str, arguments)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"openssl {arguments[0]} failed: {result.stderr.strip()}")
 
 
 # ---- child processes -------------------------------------------------------------------------
@@ -242,6 +366,32 @@ def terminate_as_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def session(keep: bool) -> Iterator[tuple[Path, Children]]:
+    """A run's temporary directory and the owner of its processes: on the way out (also on
+    Ctrl-C or SIGTERM, raised as KeyboardInterrupt) every process started is stopped and the
+    directory removed, unless `keep`."""
+    workdir = Path(tempfile.mkdtemp(prefix="smartdns-bench-"))
+    children = Children()
+    try:
+        with terminate_as_interrupt():
+            yield workdir, children
+    finally:
+        children.stop_all()
+        if keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def smartdns_source(revision: str | None, workdir: Path) -> tuple[Path, str]:
+    """The tree whose smartdns package runs, and how the report names it: `revision`
+    exported into `workdir`, or this working tree."""
+    if revision:
+        return export_revision(revision, workdir / "source")
+    return REPO, describe_worktree()
+
+
 def descendants(pid: int) -> list[int]:
     """`pid` and every process below it (multi-worker servers fork their workers)."""
     children: dict[int, list[int]] = {}
@@ -295,6 +445,40 @@ def machine_cpu_seconds() -> tuple[float, float]:
     return (user + system) / ticks, steal / ticks
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one load generator run cost, as fractions of one core over its wall time."""
+
+    result: PerfResult
+    wall_s: float
+    server_s: float  # CPU time of the server (all its processes and threads)
+    server: float
+    client: float  # the load generator
+    other: float  # other normal-priority work on the machine, plus steal
+
+
+def measure_usage(server_pid: int, helper_pid: int, run: Callable[[], PerfResult]) -> Usage:
+    """Run `run` (a load generator) and account the CPU time of the server, of the load
+    generator, and of everything else but `helper_pid` (the upstream) meanwhile."""
+    ours_before = cpu_seconds(server_pid) + cpu_seconds(helper_pid)
+    busy_before, steal_before = machine_cpu_seconds()
+    server_before, started = cpu_seconds(server_pid), time.monotonic()
+    result = run()
+    wall_s = time.monotonic() - started
+    server_s = cpu_seconds(server_pid) - server_before
+    busy_after, steal_after = machine_cpu_seconds()
+    ours = cpu_seconds(server_pid) + cpu_seconds(helper_pid) + result.client_cpu_s - ours_before
+    others = busy_after - busy_before - ours + steal_after - steal_before
+    return Usage(
+        result=result,
+        wall_s=wall_s,
+        server_s=server_s,
+        server=server_s / wall_s,
+        client=result.client_cpu_s / wall_s,
+        other=max(0.0, others / wall_s),
+    )
+
+
 def rss_kib_self() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -332,6 +516,20 @@ def wait_answering(
     raise RuntimeError(f"no answer on port {port} within {timeout_s:.0f} s")
 
 
+def wait_accepting(
+    port: int, process: subprocess.Popen[bytes], timeout_s: float = READY_TIMEOUT_S
+) -> None:
+    """Block until 127.0.0.1:`port` accepts a TCP connection (a DoT or DoH listener is up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with status {process.returncode} during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing accepts on TCP port {port} within {timeout_s:.0f} s")
+
+
 # ---- query lists -----------------------------------------------------------------------------
 
 
@@ -356,6 +554,33 @@ def write_query_file(path: Path, names: Sequence[str]) -> Path:
     return path
 
 
+@dataclass(frozen=True, slots=True)
+class QuerySet:
+    """One case's queries in each load generator's format: dnsperf's names for UDP and DoT,
+    h2load's `GET /dns-query?dns=` URIs for DoH."""
+
+    names: Path
+    uris: Path
+    query_bytes: float  # mean DNS message size (a REFUSED reply is exactly as long)
+
+
+def write_query_set(directory: Path, case: str, names: Sequence[str]) -> QuerySet:
+    """`A` queries without EDNS for `names`; in the URIs with ID 0 (RFC 8484 §4.1)."""
+    messages = [encode_query(name, query_id=0) for name in names]
+    uris = "".join(
+        f"https://{SERVER_NAME}{DOH_PATH}?dns="
+        + base64.urlsafe_b64encode(message).rstrip(b"=").decode()
+        + "\n"
+        for message in messages
+    )
+    (directory / f"case-{case}.uris").write_text(uris)
+    return QuerySet(
+        names=write_query_file(directory / f"case-{case}.txt", names),
+        uris=directory / f"case-{case}.uris",
+        query_bytes=sum(map(len, messages)) / len(messages),
+    )
+
+
 def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
     mixed: list[str] = []
     for a, b in zip(first, second, strict=True):
@@ -364,6 +589,10 @@ def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
 
 
 # ---- dnsperf ---------------------------------------------------------------------------------
+
+
+EMPTY_OPT_BYTES: Final = 11  # root name, type, class, TTL, RDLENGTH 0
+A_RECORD_BYTES: Final = 16  # compressed name, type, class, TTL, RDLENGTH, address
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,11 +607,26 @@ class PerfResult:
     avg_latency_s: float
     max_latency_s: float
     output: str
-    client_cpu_s: float = 0.0  # CPU time dnsperf used (user + system)
+    client_cpu_s: float = 0.0  # CPU time the load generator used (user + system)
+    reply_bytes: float = 0.0  # h2load only: mean DNS reply size (it cannot see the rcode)
 
     def only_rcode(self, expected: str) -> bool:
         """True when every answer had rcode `expected` and there were answers."""
         return self.completed > 0 and set(self.rcodes) == {expected}
+
+    def as_expected(self, rcode: str, query_bytes: float) -> bool:
+        """Every answer had `rcode`. For h2load (DoH), whose counts are HTTP statuses: every
+        status was 2xx, and the replies' mean size fits the rcode. A REFUSED reply to these
+        queries (no EDNS) is the header and the question, or the header alone (Unbound), plus
+        at most an empty OPT (dnsdist adds one over DoH); an answer holds at least one A
+        record, which is longer than that OPT. The mean is compared with the midpoint: h2load
+        counts the DATA bytes of a few requests cut off at the end of the run too."""
+        if not self.reply_bytes:
+            return self.only_rcode(rcode)
+        if not self.only_rcode("2xx"):
+            return False
+        midpoint = query_bytes + (EMPTY_OPT_BYTES + A_RECORD_BYTES) / 2
+        return (self.reply_bytes < midpoint) == (rcode == "REFUSED")
 
 
 def _number(pattern: str, text: str) -> float:
@@ -419,6 +663,144 @@ class PerfOptions:
     outstanding: int = 500  # dnsperf -q: closed-loop window
     timeout_s: float = 2.0  # dnsperf -t: an answer later than this counts as lost
     cpus: str | None = "1"
+    transport: str = "udp"  # dnsperf -m: udp, dot or doh (one of TRANSPORTS)
+    doh_method: str = "GET"  # dnsperf -O doh-method: GET or POST
+    queries_per_connection: int = 0  # dnsperf -O num-queries-per-conn; 0: no limit
+    # DoH: the LD_PRELOAD library (bench/bind_source.c) that gives h2load a source address.
+    source_binding: Path | None = None
+
+
+def transport_options(options: PerfOptions) -> list[str]:
+    """dnsperf's arguments for the transport: `-m`, and for DoH the URI (the host is
+    SERVER_NAME, so the TLS server name names no device ID) and the method."""
+    arguments = ["-m", options.transport]
+    if options.transport == "doh":
+        arguments += ["-O", f"doh-uri=https://{SERVER_NAME}{DOH_PATH}"]
+        arguments += ["-O", f"doh-method={options.doh_method}"]
+    if options.queries_per_connection:
+        arguments += ["-O", f"num-queries-per-conn={options.queries_per_connection}"]
+    return arguments
+
+
+def run_load(
+    port: int,
+    source: str,
+    queries: QuerySet,
+    options: PerfOptions,
+    *,
+    max_qps: int | None = None,
+) -> PerfResult:
+    """The transport's load generator: dnsperf for UDP and DoT, h2load for DoH (dnsperf
+    2.10's DoH client keeps one reply per TLS read, so a server that writes several replies
+    in one TLS record, as dnsdist does, loses all but the first: DNS-OARC/dnsperf#240)."""
+    if options.transport == "doh":
+        return run_h2load(port, source, queries.uris, options, max_qps=max_qps)
+    return run_dnsperf(port, source, queries.names, options, max_qps=max_qps)
+
+
+def build_source_binding(directory: Path) -> Path:
+    """Compile bench/bind_source.c into `directory` (a C compiler is needed for DoH runs)."""
+    library = directory / "bind_source.so"
+    source = Path(__file__).with_name("bind_source.c")
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],
+        check=True,
+        timeout=120,
+    )
+    return library
+
+
+def run_h2load(
+    port: int,
+    source: str,
+    uri_file: Path,
+    options: PerfOptions,
+    *,
+    max_qps: int | None = None,
+) -> PerfResult:
+    """h2load over HTTP/2 for `options.seconds`: `clients` connections, the closed-loop
+    window of `outstanding` spread over them as concurrent streams, cycling through the URIs
+    of `uri_file`; from `source` through the LD_PRELOAD library."""
+    if options.source_binding is None:
+        raise RuntimeError("DoH load needs PerfOptions.source_binding (build_source_binding)")
+    streams = max(1, options.outstanding // options.clients)
+    command = [
+        *("h2load", "-c", str(options.clients), "-m", str(streams), "-t", "1"),
+        *("-i", str(uri_file), f"--connect-to=127.0.0.1:{port}"),
+        *("-D", f"{round(options.seconds * 1000)}ms", "-N", f"{round(options.timeout_s * 1000)}ms"),
+    ]
+    if max_qps:
+        command += ["--rps", str(max(1, max_qps // options.clients))]
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = str(options.source_binding)
+    env["BENCH_SOURCE_ADDRESS"] = source
+    result = _run_measured(pinned(options.cpus, command), options, env)
+    return dataclasses.replace(parse_h2load(result.stdout), client_cpu_s=result.client_cpu_s)
+
+
+_TIME_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_h2load(text: str) -> PerfResult:
+    """h2load's summary: statuses as rcodes `2xx`, `4xx`...; mean reply size from the DATA
+    bytes; `lost` what failed, errored or timed out."""
+    requests = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        text,
+    )
+    statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    latency = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+"
+                        r"([\d.]+)(us|ms|s)", text)  # fmt: skip
+    if requests is None or statuses is None or latency is None:
+        raise ValueError(f"h2load output lacks its summary:\n{text}")
+    _, started, _, succeeded, failed, errored, timeouts = map(int, requests.groups())
+    rcodes = {
+        f"{klass}xx": int(count)
+        for klass, count in zip("2345", statuses.groups(), strict=True)
+        if int(count)
+    }
+    data_bytes = _number(r"traffic:.*\((\d+)\) data", text)
+    values = latency.groups()
+    return PerfResult(
+        sent=started,
+        completed=succeeded,
+        lost=failed + errored + timeouts,
+        rcodes=rcodes,
+        qps=_number(r"finished in [\d.]+\w*, ([\d.]+) req/s", text),
+        avg_latency_s=float(values[4]) * _TIME_UNITS[values[5]],
+        max_latency_s=float(values[2]) * _TIME_UNITS[values[3]],
+        output=text,
+        reply_bytes=data_bytes / succeeded if succeeded else 0.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Measured:
+    stdout: str
+    client_cpu_s: float
+
+
+def _run_measured(
+    command: list[str], options: PerfOptions, env: dict[str, str] | None = None
+) -> _Measured:
+    """Run a load generator (pinned, so its name comes after taskset's arguments) bounded in
+    time; its output and the CPU time it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=options.seconds + options.timeout_s + 30,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        name = command[3] if command[0] == "taskset" else command[0]
+        raise RuntimeError(f"{name} failed ({result.returncode}): {result.stderr.strip()}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return _Measured(result.stdout, used)
 
 
 def run_dnsperf(
@@ -447,23 +829,12 @@ def run_dnsperf(
         str(options.outstanding),
         "-t",
         str(options.timeout_s),
+        *transport_options(options),
     ]
     command += ["-l", str(options.seconds)]
     if passes:
         command += ["-n", str(passes)]
     if max_qps:
         command += ["-Q", str(max_qps)]
-    limit_s = options.seconds + options.timeout_s + 30
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = subprocess.run(
-        pinned(options.cpus, command),
-        capture_output=True,
-        text=True,
-        timeout=limit_s,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"dnsperf failed ({result.returncode}): {result.stderr.strip()}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return dataclasses.replace(parse_dnsperf(result.stdout), client_cpu_s=used)
+    result = _run_measured(pinned(options.cpus, command), options)
+    return dataclasses.replace(parse_dnsperf(result.stdout), client_cpu_s=result.client_cpu_s)
