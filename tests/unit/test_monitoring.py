@@ -132,6 +132,7 @@ def test_dashboard_has_the_rows_an_operator_needs() -> None:
         "Registrations and feed",
         "DDNS",
         "Workers",
+        "Encrypted DNS",
     }
 
 
