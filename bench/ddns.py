@@ -206,9 +206,9 @@ def probe(port: int, latencies: list[float], stop: threading.Event) -> None:
             time.sleep(TICK_S)
 
 
-def scrape(server: Server) -> dict[str, float]:
+def scrape(sync_url: str) -> dict[str, float]:
     """The DDNS figures of /metrics: addresses authorized and lookups of every outcome."""
-    with urllib.request.urlopen(server.sync_url + "/metrics", timeout=5) as response:
+    with urllib.request.urlopen(sync_url + "/metrics", timeout=5) as response:
         text = response.read().decode()
     figures = {"addresses": 0.0, "lookups": 0.0}
     for line in text.splitlines():
@@ -254,18 +254,18 @@ def run_server(args: argparse.Namespace, port: int) -> dict[str, float]:
         started = time.monotonic()
         thread.start()
         try:
-            while scrape(server)["addresses"] < args.names:
+            while scrape(server.sync_url)["addresses"] < args.names:
                 if time.monotonic() - started > args.duration:
                     break
                 time.sleep(0.5)
             first_round_s = time.monotonic() - started
-            first_ticks, first = len(latencies), scrape(server)
+            first_ticks, first = len(latencies), scrape(server.sync_url)
             figures["first_round_s"] = first_round_s
             figures["first_round_lookups_per_s"] = first["lookups"] / first_round_s
             steady_cpu, steady_at = cpu_seconds(pid), time.monotonic()
             time.sleep(max(0.0, args.duration - first_round_s))
             wall = time.monotonic() - steady_at
-            last = scrape(server)
+            last = scrape(server.sync_url)
             figures["steady_s"] = wall
             figures["steady_lookups_per_s"] = (last["lookups"] - first["lookups"]) / wall
             figures["node_cpu_fraction_steady"] = (cpu_seconds(pid) - steady_cpu) / wall
