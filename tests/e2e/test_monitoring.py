@@ -5,10 +5,11 @@ evaluates through Prometheus' HTTP API; every metric name they use is on the nod
 the dashboard's panels have data; and the not-ready and feed-disconnected alerts fire when the
 node's NATS server and then the node itself go away.
 
-The node runs two workers, a feed and the DDNS refresher (`feed.refresher`), so every family
-the dashboard draws is on its page. Prometheus loads a copy of monitoring/alerts.yml with each
-`for:` set to 0 s: the production durations (minutes) are what an operator wants, and a test
-that waited for them would take minutes; the expressions are the shipped ones.
+The node runs two workers, DoT and DoH, a feed and the DDNS refresher (`feed.refresher`), so
+every family the dashboard draws is on its page. Prometheus loads a copy of
+monitoring/alerts.yml with each `for:` set to 0 s: the production durations (minutes) are what
+an operator wants, and a test that waited for them would take minutes; the expressions are the
+shipped ones.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, running_server
+from tests.certificates import SERVER_NAME, write_pair
+from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, free_port, running_server
 from tests.e2e.nats import NatsCluster, nats_cluster
 from tests.e2e.prometheus import PROMTOOL, Prometheus, require_prometheus, running_prometheus
 from tests.e2e.test_fleet import wait_health
@@ -69,7 +71,15 @@ def watched(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Watched]:
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(nats_cluster(tmp_path / "nats", size=1))
         feed = {"servers": cluster.urls, "bucket": "monitoring", "replicas": 1, "refresher": True}
-        override = {"server": {"workers": 2}, "feed": feed}
+        pair = write_pair(tmp_path, stem="tls-")
+        encrypted = {
+            "server_name": SERVER_NAME,
+            "cert_file": str(pair.cert_file),
+            "key_file": str(pair.key_file),
+            "dot_listen": [f"127.0.0.1:{free_port()}"],
+            "doh_listen": [f"127.0.0.1:{free_port()}"],
+        }
+        override = {"server": {"workers": 2}, "feed": feed, "encrypted": encrypted}
         (tmp_path / "node").mkdir()
         node = stack.enter_context(running_server(tmp_path / "node", upstream.address, override))
         wait_health(node, "ok")
