@@ -150,10 +150,13 @@ class Target:
     # may stay (the idle-connection benchmark raises both; the defaults are smartdns').
     connections: int = 1024
     idle_timeout_s: float = 10.0
+    # What to listen on. Plain DNS stays on where the server needs it anyway (keeps_udp).
+    serve: tuple[str, ...] = TRANSPORTS
 
     name: ClassVar[str] = ""
     refuses_unregistered: ClassVar[bool] = True  # can be configured for case (c)
     encrypted: ClassVar[bool] = True  # can serve DoT and DoH
+    keeps_udp: ClassVar[bool] = True  # listens on UDP and TCP whatever `serve` says
 
     @property
     def pid(self) -> int:
@@ -163,7 +166,9 @@ class Target:
     @property
     def transports(self) -> tuple[str, ...]:
         """The transports this server answers on in this run."""
-        return TRANSPORTS if self.encrypted and self.tls else ("udp",)
+        served = {*self.serve, *(("udp",) if self.keeps_udp else ())}
+        encrypted = self.encrypted and self.tls is not None
+        return tuple(t for t in TRANSPORTS if t in served and (t == "udp" or encrypted))
 
     def port_for(self, transport: str) -> int:
         return {"udp": self.port, "dot": self.dot_port, "doh": self.doh_port}[transport]
@@ -183,9 +188,11 @@ class Target:
     def wait_ready(self) -> None:
         assert self.process is not None
         try:
-            wait_answering(self.port, self.process, PROBE_NAME)
-            for transport in self.transports[1:]:
-                wait_accepting(self.port_for(transport), self.process)
+            for transport in self.transports:
+                if transport == "udp":
+                    wait_answering(self.port, self.process, PROBE_NAME)
+                else:
+                    wait_accepting(self.port_for(transport), self.process)
         except RuntimeError as error:
             raise RuntimeError(f"{self.name}: {error}\n{self.output()}") from None
 
@@ -245,13 +252,13 @@ class Smartdns(Target):
             "sync": {"listen": f"127.0.0.1:{free_port()}", "token_file": str(token)},
             "logging": {"level": "warning"},
         }
-        if "dot" in self.transports and self.tls:
+        if self.tls and set(self.transports) - {"udp"}:
             config["encrypted"] = {
                 "server_name": SERVER_NAME,
                 "cert_file": str(self.tls.cert),
                 "key_file": str(self.tls.key),
-                "dot_listen": [f"127.0.0.1:{self.dot_port}"],
-                "doh_listen": [f"127.0.0.1:{self.doh_port}"],
+                "dot_listen": [f"127.0.0.1:{self.dot_port}"] if "dot" in self.transports else [],
+                "doh_listen": [f"127.0.0.1:{self.doh_port}"] if "doh" in self.transports else [],
                 "max_connections": self.connections,
             }
         return config
@@ -335,12 +342,15 @@ class Unbound(Target):
     """Unbound: access-control, local-zone redirect per unblock zone, forward-zone "."."""
 
     name: ClassVar[str] = "unbound"
+    # Unbound wants file descriptors for incoming-num-tcp on every interface: the
+    # idle-connection benchmark listens on DoT alone.
+    keeps_udp: ClassVar[bool] = False
 
     def command(self, upstream_port: int) -> list[str]:
         config = self.workdir / "unbound.conf"
         lines = [
             "server:",
-            "  interface: 127.0.0.1",
+            *(["  interface: 127.0.0.1"] if "udp" in self.transports else []),
             f"  port: {self.port}",
             *self.tls_lines(),
             f"  num-threads: {self.workers}",
@@ -365,9 +375,10 @@ class Unbound(Target):
             "  minimal-responses: yes",
             "  access-control: 127.0.0.1/32 allow",
             "  access-control: 127.0.0.2/32 refuse",
-            # Unbound cuts the idle timeout to 200 ms once over half of these slots are in
-            # use, so twice the connections it must hold: idle ones keep their timeout.
-            f"  incoming-num-tcp: {2 * self.connections}",
+            # Per interface. Unbound shortens the idle timeout as these slots fill up (to 1%
+            # of it below 50% free, 0.2% below 35%, 200 ms below 20%): a quarter more slots
+            # than connections keeps 0.2%.
+            f"  incoming-num-tcp: {self.connections * 5 // 4 + 10}",
             f"  tcp-idle-timeout: {int(self.idle_timeout_s * 1000)}",
         ]
         for zone, region in ZONES.items():
@@ -385,14 +396,17 @@ class Unbound(Target):
         interface line; Debian's Unbound is built with nghttp2."""
         if not self.tls:
             return []
-        return [
-            f"  interface: 127.0.0.1@{self.dot_port}",
-            f"  interface: 127.0.0.1@{self.doh_port}",
+        lines = [
             f"  tls-port: {self.dot_port}",
             f"  https-port: {self.doh_port}",
             f'  tls-service-key: "{self.tls.key}"',
             f'  tls-service-pem: "{self.tls.cert}"',
             f'  http-endpoint: "{DOH_PATH}"',
+        ]
+        return lines + [
+            f"  interface: 127.0.0.1@{self.port_for(transport)}"
+            for transport in self.transports
+            if transport != "udp"
         ]
 
 
@@ -440,13 +454,10 @@ class Dnsdist(Target):
             return []
         files = f'"{self.tls.cert}", "{self.tls.key}"'
         reuse = f"reusePort={str(self.workers > 1).lower()}"
-        lines = []
-        for _ in range(self.workers):
-            lines += [
-                f'addTLSLocal("127.0.0.1:{self.dot_port}", {files}, {{{reuse}}})',
-                f'addDOHLocal("127.0.0.1:{self.doh_port}", {files}, "{DOH_PATH}", {{{reuse}}})',
-            ]
-        return lines
+        dot = f'addTLSLocal("127.0.0.1:{self.dot_port}", {files}, {{{reuse}}})'
+        doh = f'addDOHLocal("127.0.0.1:{self.doh_port}", {files}, "{DOH_PATH}", {{{reuse}}})'
+        chosen = [line for t, line in (("dot", dot), ("doh", doh)) if t in self.transports]
+        return chosen * self.workers
 
 
 @dataclass
@@ -497,6 +508,7 @@ def start_targets(
     tls: TlsFiles | None = None,
     connections: int = 1024,
     idle_timeout_s: float = 10.0,
+    serve: tuple[str, ...] = TRANSPORTS,
 ) -> list[Target]:
     """Start each named server in its own subdirectory of `workdir` (smartdns from the tree
     `source`), each answering before the next starts."""
@@ -509,6 +521,7 @@ def start_targets(
             tls=tls,
             connections=connections,
             idle_timeout_s=idle_timeout_s,
+            serve=serve,
         )
         if isinstance(target, Smartdns):
             target.source = source
