@@ -29,9 +29,8 @@ GRAFANA_VARIABLES = {
     "${instance}": ".*",
     "$instance": ".*",
 }
-# Promised by the DoT/DoH work (SPEC 2a "Certificates": /metrics shows the seconds left) and
-# not rendered yet: allowed while absent. Remove once node.metrics renders it.
-PENDING = frozenset({"smartdns_tls_certificate_expiry_seconds"})
+# Families promised by work not landed yet, allowed while absent (none at present).
+PENDING: frozenset[str] = frozenset()
 # Series Prometheus makes itself for every target; the node does not expose them.
 PROMETHEUS_SERIES = frozenset({"up"})
 

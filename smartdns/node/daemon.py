@@ -34,10 +34,11 @@ from smartdns.node.components import (
 )
 from smartdns.node.ddns import DdnsService
 from smartdns.node.lifecycle import Announcer, Component, Lifecycle
-from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, WorkerSample
+from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, TlsSample, WorkerSample
 from smartdns.node.port_holders import check_ports_free
 from smartdns.node.snapshot import SnapshotWatch
 from smartdns.node.status import NodeStatus
+from smartdns.node.tls_stats import TlsTotals, tls_report
 from smartdns.node.workers import Supervisor, WorkerAnnouncer, WorkerLink, WorkerReports, Workers
 from smartdns.serve.encrypted import EncryptedListeners
 from smartdns.serve.listeners import InFlight, Listeners, start_listeners
@@ -81,9 +82,10 @@ class NodeView:
     """The query side when DNS runs in this process (status.QuerySide): listener state and
     the query path's statistics, read at request time."""
 
-    def __init__(self, pipeline: Pipeline, listeners: Listeners) -> None:
+    def __init__(self, pipeline: Pipeline, listeners: Listeners, dns: DnsService) -> None:
         self._pipeline = pipeline
         self._listeners = listeners
+        self._dns = dns
 
     def listeners_up(self) -> bool:
         return self._listeners.are_up()
@@ -96,6 +98,12 @@ class NodeView:
 
     def worker_samples(self) -> tuple[WorkerSample, ...]:
         return ()
+
+    def tls_sample(self) -> TlsSample | None:
+        totals = TlsTotals()
+        if self._dns.encrypted is not None:
+            totals.add(tls_report(self._dns.encrypted))
+        return totals.sample(time.time())
 
 
 class WorkersView:
@@ -116,6 +124,9 @@ class WorkersView:
 
     def worker_samples(self) -> list[WorkerSample]:
         return self._supervisor.samples()
+
+    def tls_sample(self) -> TlsSample | None:
+        return self._supervisor.tls_sample()
 
 
 class DnsService(Component):
@@ -269,8 +280,8 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
     watch = SnapshotWatch(database, pipeline)
     serving: list[Component] = [watch, dns]
     if link is not None:
-        reports = WorkerReports(link, metrics, pipeline)
-        announcer = WorkerAnnouncer(link, stop.set, watch.wait_applied)
+        reports = WorkerReports(link, metrics, pipeline, lambda: dns.encrypted)
+        announcer = WorkerAnnouncer(link, stop.set, watch.wait_applied, reports.report)
         return Node(config, [database, reports, *serving], announcer, stop, warns=False)
 
     async def apply(generation: int, timeout_s: float) -> None:
@@ -281,7 +292,7 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
     sync = SyncService(
         metrics,
         lambda: NodeStatus(
-            database.store, metrics, NodeView(pipeline, dns.listeners), apply, ddns=ddns.sample
+            database.store, metrics, NodeView(pipeline, dns.listeners, dns), apply, ddns=ddns.sample
         ),
     )
     pruner = RemovedEntriesPruner(database)

@@ -8,7 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, NamedTuple, Protocol, runtime_checkable
 
-from smartdns.core.counters import Authorization, Metrics, Outcome, StatusClass, Transport
+from smartdns.core.counters import (
+    Authorization,
+    Handshake,
+    Metrics,
+    Outcome,
+    StatusClass,
+    Transport,
+)
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -81,6 +88,18 @@ class DdnsSample(NamedTuple):
     latency_sum_s: float
 
 
+class TlsSample(NamedTuple):
+    """DoT and DoH as /metrics shows them (SPEC 2a): sums over the workers, labels from enums."""
+
+    certificate_expiry_s: float | None  # until the served certificate's notAfter; None: none
+    open: Mapping[Transport, int]  # connections open now
+    accepted: Mapping[Transport, int]  # connections made (handshake done, under the cap)
+    shed: Mapping[Transport, int]  # idle connections closed to make room at the cap
+    handshakes: Mapping[Handshake, int]  # by outcome
+
+
+ENCRYPTED_TRANSPORTS: Final = (Transport.DOT, Transport.DOH)
+
 _Sample = tuple[dict[str, str], int | float]
 
 
@@ -147,6 +166,7 @@ def render(
     ready: bool,
     workers: Sequence[WorkerSample] = (),
     ddns: DdnsSample | None = None,
+    tls: TlsSample | None = None,
 ) -> str:
     """The whole /metrics page. Query counters list every transport and outcome (zeros too),
     so each series exists from the start; a None source leaves its families out."""
@@ -198,6 +218,8 @@ def render(
         _render_workers(out, workers)
     if ddns is not None:
         _render_ddns(out, ddns)
+    if tls is not None:
+        _render_tls(out, tls)
     out.family(
         "smartdns_sync_requests_total",
         "counter",
@@ -336,6 +358,38 @@ def _render_cache(out: _Exposition, cache: CacheStatsLike) -> None:
         cache.evictions,
     )
     out.single("smartdns_cache_entries", "gauge", "Answers held in the cache.", len(cache))
+
+
+def _render_tls(out: _Exposition, tls: TlsSample) -> None:
+    if tls.certificate_expiry_s is not None:
+        out.single(
+            "smartdns_tls_certificate_expiry_seconds",
+            "gauge",
+            "Seconds until the served certificate's notAfter (negative once expired).",
+            tls.certificate_expiry_s,
+        )
+    for name, kind, help_text, counts in (
+        ("connections", "gauge", "Open DoT and DoH connections.", tls.open),
+        ("connections_accepted_total", "counter", "Connections made.", tls.accepted),
+        (
+            "connections_shed_total",
+            "counter",
+            "Idle connections closed to make room at encrypted.max_connections.",
+            tls.shed,
+        ),
+    ):
+        out.family(
+            f"smartdns_tls_{name}",
+            kind,
+            help_text,
+            (({"transport": t.value}, counts.get(t, 0)) for t in ENCRYPTED_TRANSPORTS),
+        )
+    out.family(
+        "smartdns_tls_handshakes_total",
+        "counter",
+        "TLS handshakes by outcome: ok, failed, timeout, or rate_limited (closed before it).",
+        (({"outcome": o.value}, tls.handshakes.get(o, 0)) for o in Handshake),
+    )
 
 
 def _render_ddns(out: _Exposition, ddns: DdnsSample) -> None:

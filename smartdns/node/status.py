@@ -20,6 +20,7 @@ from smartdns.node.metrics import (
     DdnsSample,
     ForwarderStatsLike,
     RegistrationStatsLike,
+    TlsSample,
     WorkerSample,
     render,
     render_feed,
@@ -49,6 +50,10 @@ class QuerySide(Protocol):
 
     def worker_samples(self) -> Sequence[WorkerSample]:
         """Per-worker series; empty when DNS runs in this process."""
+        ...
+
+    def tls_sample(self) -> TlsSample | None:
+        """DoT and DoH figures; None when `encrypted` is off."""
         ...
 
 
@@ -115,6 +120,7 @@ class NodeStatus:
             ready=side.listeners_up() and registrations is not None,
             workers=side.worker_samples(),
             ddns=self._ddns(),
+            tls=side.tls_sample(),
         )
         if feed is not None:
             text += render_feed(feed)

@@ -31,8 +31,10 @@ from smartdns.core.counters import Authorization, Metrics, Outcome, StatusClass,
 from smartdns.errors import SmartDNSError
 from smartdns.node.components import cancel_tasks
 from smartdns.node.lifecycle import Component
-from smartdns.node.metrics import WorkerSample
+from smartdns.node.metrics import TlsSample, WorkerSample
 from smartdns.node.parent_death import PARENT_PID_ENV
+from smartdns.node.tls_stats import TlsTotals, tls_report
+from smartdns.serve.encrypted import EncryptedListeners
 from smartdns.serve.pipeline import Pipeline
 from smartdns.upstream.forwarder import ForwarderStats
 
@@ -116,24 +118,34 @@ class WorkerReports(Component):
 
     name = "worker reports"
 
-    def __init__(self, link: WorkerLink, metrics: Metrics, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        link: WorkerLink,
+        metrics: Metrics,
+        pipeline: Pipeline,
+        encrypted: Callable[[], EncryptedListeners | None] = lambda: None,
+    ) -> None:
         self._link = link
         self._metrics = metrics
         self._pipeline = pipeline
+        self._encrypted = encrypted  # the DoT and DoH listeners, while they run
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, config: Config) -> None:
-        self._task = every(STATS_INTERVAL_S, self._report)
+        self._task = every(STATS_INTERVAL_S, self.report)
 
     async def stop(self) -> None:
         await cancel_tasks(self._task)
         self._task = None
-        self._report()
+        self.report()
         self._link.close()
 
-    def _report(self) -> None:
+    def report(self) -> None:
+        """Send the statistics now (also every STATS_INTERVAL_S)."""
         settings = self._pipeline.settings
-        message = stats_message(self._metrics, settings.forwarder.stats, settings.cache)
+        message = stats_message(
+            self._metrics, settings.forwarder.stats, settings.cache, self._encrypted()
+        )
         self._link.send("stats", **message)
 
 
@@ -143,14 +155,20 @@ class WorkerAnnouncer:
     closed) calls `stop`."""
 
     def __init__(
-        self, link: WorkerLink, stop: Callable[[], None], apply: Callable[[int], Awaitable[None]]
+        self,
+        link: WorkerLink,
+        stop: Callable[[], None],
+        apply: Callable[[int], Awaitable[None]],
+        report: Callable[[], None] = lambda: None,
     ) -> None:
         self._link = link
         self._stop = stop
         self._apply = apply
+        self._report = report  # the first statistics, so the node's READY=1 comes with them
         self._parent_watch: asyncio.Task[None] | None = None
 
     def ready(self) -> None:
+        self._report()
         self._link.send("ready")
         self._parent_watch = asyncio.get_running_loop().create_task(self._stop_when_parent_gone())
 
@@ -180,9 +198,15 @@ class WorkerAnnouncer:
         self._stop()
 
 
-def stats_message(metrics: Metrics, forwarder: ForwarderStats, cache: Any) -> dict[str, Any]:
+def stats_message(
+    metrics: Metrics,
+    forwarder: ForwarderStats,
+    cache: Any,
+    encrypted: EncryptedListeners | None = None,
+) -> dict[str, Any]:
     """A worker's counters as JSON-able data: aggregate numbers only, labels from enums."""
     return {
+        "tls": None if encrypted is None else tls_report(encrypted),
         "queries": [[t.value, o.value, n] for (t, o), n in metrics.queries.items()],
         "authorizations": {a.value: n for a, n in metrics.authorizations.items()},
         "doh_responses": {c.value: n for c, n in metrics.doh_responses.items()},
@@ -221,8 +245,11 @@ class _Totals:
     doh_responses: Counter[StatusClass] = field(default_factory=Counter)
     forwarder: Counter[str] = field(default_factory=Counter)
     cache: Counter[str] = field(default_factory=Counter)
+    tls: TlsTotals = field(default_factory=TlsTotals)
 
-    def add(self, message: dict[str, Any]) -> None:
+    def add(self, message: dict[str, Any], *, gauges: bool = True) -> None:
+        """`gauges` False for a process that exited (see TlsTotals.add)."""
+        self.tls.add(message.get("tls"), gauges=gauges)
         for transport, outcome, count in message.get("queries", []):
             self.queries[Transport(transport), Outcome(outcome)] += int(count)
         for authorization, count in message.get("authorizations", {}).items():
@@ -264,6 +291,7 @@ class Supervisor:
         self.all_gave_up = asyncio.Event()
         self.forwarder = ForwarderStats()
         self.cache = CacheTotals()
+        self.tls = TlsTotals()
 
     # lifecycle -----------------------------------------------------------------------------
 
@@ -468,7 +496,7 @@ class Supervisor:
             if slot.reloaded is not None and not slot.reloaded.done():
                 slot.reloaded.set_result(False)
             slot.stats.get("cache", {}).pop("entries", None)  # a gauge: gone with the process
-            self._retired.add(slot.stats)
+            self._retired.add(slot.stats, gauges=False)
             slot.stats = {}
             self._recount()
         return status
@@ -497,6 +525,7 @@ class Supervisor:
         totals.doh_responses.update(self._retired.doh_responses)
         totals.forwarder.update(self._retired.forwarder)
         totals.cache.update(self._retired.cache)
+        totals.tls = self._retired.tls.counters()
         for slot in self._slots:
             totals.add(slot.stats)
         queries = self._metrics.queries
@@ -512,6 +541,11 @@ class Supervisor:
             setattr(self.forwarder, name, totals.forwarder[name])
         for name in _CACHE_FIELDS:
             setattr(self.cache, name, totals.cache[name])
+        self.tls = totals.tls
+
+    def tls_sample(self) -> TlsSample | None:
+        """DoT and DoH summed over the workers; None when none serves TLS."""
+        return self.tls.sample(time.time())
 
 
 class Workers(Component):

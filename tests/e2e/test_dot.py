@@ -24,6 +24,7 @@ import pytest
 import yaml
 from cryptography import x509
 
+from smartdns.serve.encrypted import HANDSHAKE_BURST
 from tests.certificates import NAMES as SERVER_NAMES
 from tests.certificates import SERVER_NAME, Pair, write_pair
 from tests.e2e.harness import (
@@ -37,6 +38,7 @@ from tests.e2e.harness import (
     run_cli,
     running_server,
 )
+from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 
 DEVICE_ID = "k3v9q2w8e7r6t5y4u3i2o1p0"  # never registered here: a device test names it
@@ -433,6 +435,65 @@ def test_serve_logs_the_expiry_warning(tmp_path: Path, upstream: FakeUpstream) -
         assert "warning: encrypted.cert_file:" in server.output()
 
 
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def metric_values(server: Server) -> dict[str, float]:
+    status, page = call(server, "GET", "/metrics", token=None)
+    assert status == 200
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in str(page).splitlines())
+        if name.startswith("smartdns_tls_")
+    }
+
+
+def metrics_within(server: Server, wanted: dict[str, float], timeout_s: float) -> dict[str, float]:
+    """The TLS samples once each of `wanted` is at least its value (workers report each
+    second); fails past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = metric_values(server)
+        if all(values.get(name, 0) >= least for name, least in wanted.items()):
+            return values
+        assert time.monotonic() < deadline, values
+        time.sleep(0.1)
+
+
+def test_metrics_count_connections_and_handshakes(dot: DotServer) -> None:
+    context = dot.context()
+    context.check_hostname = False
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        dot.connect("other.test", context=context)
+    with socket.create_connection(("127.0.0.1", dot.port), timeout=WAIT_S) as sock:
+        closed_after(sock, WAIT_S)  # handshake_timeout
+    kept = dot.connect()
+    values = metrics_within(
+        dot.server,
+        {
+            'smartdns_tls_connections{transport="dot"}': 1,
+            'smartdns_tls_connections_accepted_total{transport="dot"}': 1,
+            'smartdns_tls_handshakes_total{outcome="ok"}': 1,
+            'smartdns_tls_handshakes_total{outcome="failed"}': 1,
+            'smartdns_tls_handshakes_total{outcome="timeout"}': 1,
+        },
+        WAIT_S,
+    )
+    kept.close()
+    assert values['smartdns_tls_connections{transport="doh"}'] == 0
+    expiry_s = values["smartdns_tls_certificate_expiry_seconds"]
+    not_after = x509.load_pem_x509_certificate(dot.pair.cert_file.read_bytes()).not_valid_after_utc
+    assert abs(expiry_s - (not_after.timestamp() - time.time())) < 60
+
+
+def test_handshakes_over_the_rate_are_closed_before_they_begin(dot: DotServer) -> None:
+    for _ in range(HANDSHAKE_BURST + 20):  # at once: the burst, then the rate per second
+        socket.create_connection(("127.0.0.1", dot.port), timeout=WAIT_S).close()
+    metrics_within(dot.server, {'smartdns_tls_handshakes_total{outcome="rate_limited"}': 1}, WAIT_S)
+    time.sleep(0.2)  # the bucket refills at 20 a second: wait for a handshake's worth
+    assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+
+
 # --- workers -----------------------------------------------------------------------------------
 
 
@@ -444,6 +505,9 @@ def test_two_workers_serve_dot(tmp_path: Path, upstream: FakeUpstream, pair: Pai
         for _ in range(8):  # SO_REUSEPORT spreads connections over both workers
             assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
         assert server.output().count("smartdns started") >= 2
+        wanted = {'smartdns_tls_connections_accepted_total{transport="dot"}': 8}
+        values = metrics_within(server, wanted, WAIT_S)  # summed over the workers
+        assert values["smartdns_tls_certificate_expiry_seconds"] > 0
 
 
 def test_debug_output_names_no_peer_and_no_server_name(dot: DotServer) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smartdns.core.counters import Metrics, Outcome, StatusClass, Transport
-from smartdns.node.metrics import CacheStatsLike, _escape_label, render
+from smartdns.core.counters import Handshake, Metrics, Outcome, StatusClass, Transport
+from smartdns.node.metrics import CacheStatsLike, TlsSample, _escape_label, render
 from smartdns.upstream.forwarder import ForwarderStats
 
 
@@ -110,3 +110,38 @@ def test_doh_responses_are_counted_by_status_class_only() -> None:
         'smartdns_doh_responses_total{status="4xx"} 1',
         'smartdns_doh_responses_total{status="5xx"} 0',
     ]
+
+
+def test_tls_families() -> None:
+    tls = TlsSample(
+        certificate_expiry_s=-5.5,
+        open={Transport.DOT: 2},
+        accepted={Transport.DOT: 7, Transport.DOH: 1},
+        shed={},
+        handshakes={Handshake.RATE_LIMITED: 3},
+    )
+    text = render(
+        Metrics(),
+        forwarder=None,
+        cache=None,
+        registrations=None,
+        database_up=True,
+        ready=True,
+        tls=tls,
+    )
+    lines = text.splitlines()
+    for line in (
+        "# TYPE smartdns_tls_certificate_expiry_seconds gauge",
+        "smartdns_tls_certificate_expiry_seconds -5.5",
+        'smartdns_tls_connections{transport="dot"} 2',
+        'smartdns_tls_connections{transport="doh"} 0',
+        'smartdns_tls_connections_accepted_total{transport="dot"} 7',
+        'smartdns_tls_connections_shed_total{transport="doh"} 0',
+        'smartdns_tls_handshakes_total{outcome="rate_limited"} 3',
+        'smartdns_tls_handshakes_total{outcome="ok"} 0',
+    ):
+        assert line in lines, line
+    without = render(
+        Metrics(), forwarder=None, cache=None, registrations=None, database_up=True, ready=True
+    )
+    assert "smartdns_tls" not in without

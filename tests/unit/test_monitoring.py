@@ -11,7 +11,7 @@ import re
 import pytest
 
 from smartdns.core.counters import Metrics
-from smartdns.node.metrics import DdnsSample, WorkerSample, render, render_feed
+from smartdns.node.metrics import DdnsSample, TlsSample, WorkerSample, render, render_feed
 from smartdns.registrations.sources.feed import FeedState
 from smartdns.upstream.forwarder import ForwarderStats
 from tests.monitoring import (
@@ -36,7 +36,7 @@ RUNBOOK = re.compile(r"docs/operations\.md#([a-z0-9-]+)")
 
 def everything_rendered() -> set[str]:
     """Every sample name the node can put on /metrics: all sources present, with workers,
-    the DDNS refresher and a feed."""
+    the DDNS refresher, DoT and DoH, and a feed."""
     ddns = DdnsSample(1, 1, {"failed": 1}, 0, 0, (0.1,), (1, 0), 0.1)
     metrics = Metrics()
     metrics.sync_requests["GET", "/metrics", 200] += 1  # a family without series is not shown
@@ -49,6 +49,7 @@ def everything_rendered() -> set[str]:
         ready=True,
         workers=[WorkerSample(0, True, 1, 0)],
         ddns=ddns,
+        tls=TlsSample(86_400.0, {}, {}, {}, {}),
     )
     return exposed_names(page + render_feed(FeedState()))
 

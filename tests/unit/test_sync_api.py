@@ -113,6 +113,9 @@ class FakeNode:
     def worker_samples(self) -> tuple[()]:
         return ()
 
+    def tls_sample(self) -> None:
+        return None
+
     async def apply(self, generation: int, timeout_s: float) -> None:
         self.applied.append(generation)
 
