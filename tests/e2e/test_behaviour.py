@@ -1,10 +1,11 @@
-"""SPEC 2's behaviour table against the real server, over UDP and TCP, from data; then the
+"""SPEC 2's behaviour table against the real server, over UDP, TCP and DoH, from data; then the
 conformance cases, each from a registered and an unregistered source."""
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,16 @@ import dns.rdatatype
 import pytest
 import yaml
 
-from tests.e2e.harness import REGISTERED, REGISTERED_V6, UNREGISTERED, Server, running_server
+from tests.certificates import SERVER_NAME, write_pair
+from tests.e2e.doh_client import MEDIA_TYPE, H2Client
+from tests.e2e.harness import (
+    REGISTERED,
+    REGISTERED_V6,
+    UNREGISTERED,
+    Server,
+    free_port,
+    running_server,
+)
 from tests.fake_upstream import FakeUpstream
 
 CASES: list[dict[str, Any]] = yaml.safe_load(
@@ -32,8 +42,28 @@ DDR = f"\\# {len(_DDR_RDATA.to_wire())} {_DDR_RDATA.to_wire().hex()}"
 SOURCES = {"registered": REGISTERED, "unregistered": UNREGISTERED, "registered_v6": REGISTERED_V6}
 
 
+@dataclass(frozen=True)
+class TableServer:
+    server: Server
+    upstream: FakeUpstream
+    doh_port: int
+    ca_file: Path
+
+    def query(self, name: str, qtype: str, source: str, transport: str) -> dns.message.Message:
+        if transport != "doh":
+            return self.server.query(name, qtype, source=source, tcp=transport == "tcp")
+        client = H2Client(self.doh_port, self.ca_file, source=source)
+        try:
+            wire = dns.message.make_query(name, qtype).to_wire()
+            return client.request(
+                "POST", "/dns-query", wire, [("content-type", MEDIA_TYPE)]
+            ).message()
+        finally:
+            client.close()
+
+
 @pytest.fixture(scope="module")
-def table_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, FakeUpstream]]:
+def table_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TableServer]:
     with FakeUpstream() as upstream:
         upstream.add("example.org", "A", ["example.org. 300 IN A 192.0.2.1"])
         upstream.add("example.org", "AAAA", ["example.org. 300 IN AAAA 2001:db8::1"])
@@ -57,24 +87,32 @@ def table_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ser
                 f"_dns.resolver.arpa. 300 IN SVCB {DDR}",
             ],
         )
-        with running_server(tmp_path_factory.mktemp("table"), upstream.address) as server:
-            yield server, upstream
+        state = tmp_path_factory.mktemp("table")
+        pair = write_pair(state)
+        doh_port = free_port()
+        override = {
+            "encrypted": {
+                "server_name": SERVER_NAME,
+                "cert_file": str(pair.cert_file),
+                "key_file": str(pair.key_file),
+                "doh_listen": [f"127.0.0.1:{doh_port}", f"[::1]:{doh_port}"],
+                "dot_listen": [],
+            }
+        }
+        with running_server(state, upstream.address, override) as server:
+            yield TableServer(server, upstream, doh_port, pair.ca_file)
 
 
 def _case_id(case: dict[str, Any]) -> str:
     return f"{case['client']}-{case['name']}-{case['qtype']}"
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize("transport", ["udp", "tcp", "doh"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_behaviour(
-    table_server: tuple[Server, FakeUpstream], case: dict[str, Any], transport: str
-) -> None:
-    server, upstream = table_server
+def test_behaviour(table_server: TableServer, case: dict[str, Any], transport: str) -> None:
+    upstream = table_server.upstream
     before = upstream.count(case["name"].lower(), case["qtype"])
-    reply = server.query(
-        case["name"], case["qtype"], source=SOURCES[case["client"]], tcp=transport == "tcp"
-    )
+    reply = table_server.query(case["name"], case["qtype"], SOURCES[case["client"]], transport)
 
     assert dns.rcode.to_text(reply.rcode()) == case["rcode"]
     assert reply.question[0].name.to_text() == dns.name.from_text(case["name"]).to_text()

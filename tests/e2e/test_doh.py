@@ -6,12 +6,14 @@ DoT; DDR over UDP and DoT; two workers."""
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import ssl
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import dns.edns
@@ -185,6 +187,22 @@ def test_kdig_and_dig_https(doh: DohServer, tool: str) -> None:
         assert mark in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("post", [True, False])
+@pytest.mark.parametrize("version", ["H2", "H1"])
+def test_dnspython_https(doh: DohServer, post: bool, version: str) -> None:
+    reply = dns.query.https(
+        dns.message.make_query("www.netflix.com", "A"),
+        doh.url,
+        bootstrap_address="127.0.0.1",
+        source=REGISTERED,
+        timeout=QUERY_TIMEOUT_S,
+        post=post,
+        verify=ssl.create_default_context(cafile=str(doh.pair.ca_file)),
+        http_version=dns.query.HTTPVersion[version],
+    )
+    assert _addresses(reply) == UNBLOCK_A
+
+
 def test_unregistered_source_is_refused_with_200(doh: DohServer) -> None:
     response = doh.post(_wire("www.netflix.com"), source=UNREGISTERED)
     assert response.status == 200 and response.message().rcode() == dns.rcode.REFUSED
@@ -355,3 +373,29 @@ def test_metrics_count_doh_responses_by_status_class(doh: DohServer) -> None:
     }
     assert counts['status="2xx"'] >= 1 and counts['status="4xx"'] >= 1
     assert 'status="5xx"' in counts
+
+
+def test_two_workers_serve_doh_and_their_counts_add_up(tmp_path: Path) -> None:
+    pair = write_pair(tmp_path)
+    port, dot_port = free_port(), free_port()
+    override = {**encrypted(pair, port, dot_port), "server": {"workers": 2}}
+    with (
+        FakeUpstream() as upstream,
+        running_server(tmp_path, upstream.address, override) as server,
+    ):
+        doh = DohServer(server, upstream, port, dot_port, pair)
+        connections = 24  # SO_REUSEPORT spreads them over both workers
+        for _ in range(connections):
+            assert _addresses(doh.post(_wire("www.netflix.com")).message()) == UNBLOCK_A
+        (response,) = h1_request(port, pair.ca_file, [("GET", "/x", b"", [])], source=REGISTERED)
+        assert response.status == 404
+        deadline = time.monotonic() + WAIT_S
+        while True:  # the workers report their counters every so often
+            text = _metrics(server)
+            if f'smartdns_doh_responses_total{{status="2xx"}} {connections}' in text:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert 'smartdns_doh_responses_total{status="4xx"} 1' in text
+        served = re.findall(r'smartdns_worker_queries_total\{worker="\d+"\} (\d+)', text)
+        assert len(served) == 2 and all(int(count) > 0 for count in served), served

@@ -6,14 +6,16 @@ valid queries (A, AAAA, HTTPS, TXT; unblock-zone and forwarded names), malformed
 (FORMERR, NOTIMP, BADVERS, dropped), TCP queries and rate-limited floods, and the sync API gets
 PUT/GET/DELETE of an account holding canary addresses, PUTs with invalid canary addresses (422)
 and requests with a wrong token (401); an account registers a canary DDNS hostname that the
-upstream (the default `ddns.resolvers`) resolves to canary addresses, which then authorize.
-Then everything the server produced is searched — stdout,
-stderr, every file under its state and TMPDIR directories, the database dump and raw
-database/WAL bytes, /metrics, /v1/status, /healthz, the sync API's error bodies — for every
-canary in dotted/compressed, reversed, hex, packed, decimal, expanded and upper-case forms, and
-names in text, upper-case and wire form. The only hits allowed: registered addresses in the
-registration table (its `entries` rows in the dump, the raw database files), and the hostname
-and what it resolved to in its `hostnames` and `resolved` rows.
+upstream (the default `ddns.resolvers`) resolves to canary addresses, which then authorize;
+DoH clients (HTTP/2 and HTTP/1.1) with a canary user agent ask canary names, name a canary
+device ID in the path and ask a canary path. Then everything the server produced is
+searched — stdout, stderr, every file under its state and TMPDIR directories, the database
+dump and raw database/WAL bytes, /metrics, /v1/status, /healthz, the sync API's error
+bodies — for every canary in dotted/compressed, reversed, hex, packed, decimal, expanded and
+upper-case forms, and names in text, upper-case and wire form. The only hits allowed:
+registered addresses in the registration table (its `entries` rows in the dump, the raw
+database files), and the hostname and what it resolved to in its `hostnames` and `resolved`
+rows.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import dns.rcode
 import dns.rdataclass
 import pytest
 
+from tests.certificates import SERVER_NAME, write_pair
+from tests.e2e.doh_client import MEDIA_TYPE, H2Client, get_target, h1_request
 from tests.e2e.harness import REPO, Server, _env, rcode_within
 from tests.e2e.netns import Namespace, running_server_in, upstream_in
 from tests.e2e.test_privacy import address_forms, find_canaries, name_forms, produced_files
@@ -72,7 +76,13 @@ MALFORMED = "canary-bad-51de.example.org"
 TCP_NAME = "canary-tcp-6a0b.example.org"
 FLOOD_NAME = "canary-flood-4c2f.nflxvideo.net"
 CHAOS_NAME = "canary-chaos-83b7.bind"
-NAMES = (FORWARDED, UNBLOCK, NXDOMAIN, MALFORMED, TCP_NAME, FLOOD_NAME, CHAOS_NAME)
+DOH_NAME = "canary-doh-1a6c.example.org"
+NAMES = (FORWARDED, UNBLOCK, NXDOMAIN, MALFORMED, TCP_NAME, FLOOD_NAME, CHAOS_NAME, DOH_NAME)
+# DoH request details (SPEC 7: never a path, header, user agent or device ID)
+DOH_AGENT = "canary-agent-3d9e/7.1"
+DOH_DEVICE = "canarydevice7c41a0b2e9d5"  # a well-formed device ID nobody registered
+DOH_PATH = "/canary-path-8f2d"
+DOH_PORT = 8443  # any port is free in a fresh namespace
 DDNS_NAME = "canary-ddns-5e1f.example.org"  # a registered hostname: registration data
 DDNS_ACCOUNT = "acct-ddns"
 
@@ -94,6 +104,7 @@ UPSTREAM_RECORDS = [
     (FORWARDED, "AAAA", [f"{FORWARDED}. 300 IN AAAA 2001:db8::9"]),
     (FORWARDED, "TXT", [f'{FORWARDED}. 300 IN TXT "fwd"']),
     (TCP_NAME, "A", [f"{TCP_NAME}. 300 IN A 192.0.2.10"]),
+    (DOH_NAME, "A", [f"{DOH_NAME}. 300 IN A 192.0.2.12"]),
     ("www.netflix.com", "A", ["www.netflix.com. 300 IN A 192.0.2.11"]),
     (DDNS_NAME, "A", [f"{DDNS_NAME}. 60 IN A {DDNS_ADDRESSES[0]}"]),
     (DDNS_NAME, "AAAA", [f"{DDNS_NAME}. 60 IN AAAA {DDNS_ADDRESSES[1]}"]),
@@ -133,6 +144,9 @@ NEVER = {
     **{f"invalid {a}": all_address_forms(canary_address(a)) for a in INVALID_ADDRESSES},
     **{f"name {n}": all_name_forms(n) for n in NAMES},
     "wrong token": [WRONG_TOKEN.encode()],
+    "doh user agent": [DOH_AGENT.encode(), DOH_AGENT.upper().encode()],
+    "doh device id": [DOH_DEVICE.encode(), DOH_DEVICE.upper().encode()],
+    "doh path": [DOH_PATH.encode(), DOH_PATH.upper().encode()],
 }
 REGISTERED = {f"registered {a}": all_address_forms(a) for a in REGISTERED_SOURCES}
 DELETED = {f"deleted {a}": all_address_forms(a) for a in SYNC_ADDRESSES}
@@ -263,10 +277,39 @@ def _sync(server: Server) -> dict[str, Any]:
     return results
 
 
-def client_session(state: str, port: str) -> None:
+def _doh(ca_file: Path, source: str) -> dict[str, int]:
+    """DoH requests from `source`, each with the canary user agent: a canary name over HTTP/2
+    GET and POST and over HTTP/1.1, the canary device ID in the path, a canary path."""
+    agent = [("user-agent", DOH_AGENT)]
+    wire = dns.message.make_query(DOH_NAME, "A").to_wire()
+    client = H2Client(DOH_PORT, ca_file, source=source)
+    try:
+        post = client.request("POST", "/dns-query", wire, [("content-type", MEDIA_TYPE), *agent])
+        get = client.request("GET", get_target(wire), b"", agent)
+        device = client.request("GET", get_target(wire, f"/dns-query/{DOH_DEVICE}"), b"", agent)
+        path = client.request("GET", get_target(wire, DOH_PATH), b"", agent)
+    finally:
+        client.close()
+    http1 = h1_request(
+        DOH_PORT,
+        ca_file,
+        [("GET", get_target(wire), b"", agent), ("GET", DOH_PATH, b"", agent)],
+        source=source,
+    )
+    return {
+        "post": post.message().rcode(),
+        "get": get.message().rcode(),
+        "device": device.message().rcode(),
+        "path": path.status,
+        "http1": http1[0].message().rcode(),
+        "http1_path": http1[1].status,
+    }
+
+
+def client_session(state: str, port: str, ca_file: str) -> None:
     """All the client traffic of the audit; prints a JSON summary. Runs inside the namespace."""
     server = Server(state=Path(state), port=int(port), config_path=Path(state) / "smartdns.yaml")
-    summary: dict[str, Any] = {"queries": {}, "malformed": {}}
+    summary: dict[str, Any] = {"queries": {}, "malformed": {}, "doh": {}}
     for source in QUERY_SOURCES:
         for name in (FORWARDED, UNBLOCK, NXDOMAIN):
             for qtype in ("A", "AAAA", "HTTPS", "TXT"):
@@ -280,6 +323,7 @@ def client_session(state: str, port: str) -> None:
             server, CHAOS_NAME, "TXT", source, rdclass=dns.rdataclass.CH
         )
         summary["malformed"][source] = _malformed(server, source)
+        summary["doh"][source] = _doh(Path(ca_file), source)
 
     summary["flood_sent"] = {s: _flood(server, s) for s in (*FLOOD_REGISTERED, *FLOOD_UNREGISTERED)}
     deadline = time.monotonic() + METRICS_DEADLINE_S
@@ -313,12 +357,20 @@ class Session:
 
 
 def _run_session(root: Path) -> Session:
-    state, tmpdir = root / "state", root / "tmp"
-    state.mkdir()
-    tmpdir.mkdir()
+    state, tmpdir, tls = root / "state", root / "tmp", root / "tls"
+    for directory in (state, tmpdir, tls):
+        directory.mkdir()
+    pair = write_pair(tls)
     override = {
         "rate_limit": {"client_qps": CLIENT_QPS, "refused_qps": REFUSED_QPS},
         "logging": {"level": "debug"},
+        "encrypted": {
+            "server_name": SERVER_NAME,
+            "cert_file": str(pair.cert_file),
+            "key_file": str(pair.key_file),
+            "doh_listen": [f"127.0.0.1:{DOH_PORT}", f"[::1]:{DOH_PORT}"],
+            "dot_listen": [],
+        },
     }
     with (
         Namespace(NAMESPACE_ADDRESSES) as namespace,
@@ -331,7 +383,7 @@ def _run_session(root: Path) -> Session:
             "client_session(*sys.argv[1:])"
         )
         client = subprocess.run(
-            namespace.python(code, str(state), str(server.port)),
+            namespace.python(code, str(state), str(server.port), str(pair.ca_file)),
             capture_output=True,
             text=True,
             timeout=CLIENT_TIMEOUT_S,
@@ -424,6 +476,16 @@ def test_session_really_ran(session: Session) -> None:
             "tcp_truncated": dns.rcode.FORMERR,
         }
     assert all(v["rcode"] is not None for v in queries.values())  # nothing timed out
+    for source in QUERY_SOURCES:
+        rcode = dns.rcode.NOERROR if source in (REGISTERED_V4, REGISTERED_V6) else dns.rcode.REFUSED
+        assert session.summary["doh"][source] == {
+            "post": rcode,
+            "get": rcode,
+            "device": dns.rcode.REFUSED,  # an unknown ID: no fallback to the address
+            "path": 404,
+            "http1": rcode,
+            "http1_path": 404,
+        }
     assert session.summary["limited"]["rate_limited"] > 0
     assert sum(session.summary["limited"].values()) > 0
     sync = session.summary["sync"]
