@@ -427,6 +427,21 @@ def test_check_config_warns_of_a_certificate_expiring_within_14_days(
     assert run_cli(path, "check-config").stderr == ""
 
 
+def test_start_fails_clearly_when_the_dot_port_is_taken(
+    tmp_path: Path, upstream: FakeUpstream, pair: Pair
+) -> None:
+    path = write_config(tmp_path, upstream, pair)
+    config = yaml.safe_load(path.read_text())
+    taken = config["encrypted"]["dot_listen"][0]
+    host, port = taken.rsplit(":", 1)
+    with socket.create_server((host, int(port))):
+        registered = run_cli(path, "registrations", "add", "demo", REGISTERED)
+        assert registered.returncode == 0, registered.stderr
+        result = run_cli(path, "serve")
+    assert result.returncode == 1, result
+    assert taken in result.stderr and "smartdns: error: cannot listen" in result.stderr
+
+
 def test_serve_logs_the_expiry_warning(tmp_path: Path, upstream: FakeUpstream) -> None:
     soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
     pair = write_pair(tmp_path, not_after=soon)
