@@ -39,11 +39,12 @@ log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 
-# Per source bucket (IPv4 address, IPv6 /56) and worker. A resuming client costs one
-# handshake per connection, and a household or a carrier-grade NAT shares a bucket, so the
-# rate is generous; it bounds what one source can make a worker spend on key exchanges.
-HANDSHAKES_PER_S: Final = 20.0
-HANDSHAKE_BURST: Final = 100
+# Per source bucket (IPv4 address, IPv6 /56) and worker. Generous: a household, an office or
+# a carrier-grade NAT address shares a bucket, and a resuming client still costs a handshake
+# per connection; it bounds what one source can make a worker spend on key exchanges (a full
+# handshake is about a millisecond of CPU, so one source gets at most a few percent of it).
+HANDSHAKES_PER_S: Final = 50.0
+HANDSHAKE_BURST: Final = 250
 
 
 class Handshakes:

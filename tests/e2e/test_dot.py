@@ -338,9 +338,11 @@ def serial_seen(dot: DotServer) -> int:
 
 def test_sighup_serves_a_new_certificate_and_keeps_open_connections(dot: DotServer) -> None:
     before = serial_seen(dot)
-    kept = dot.connect()
+    old_trust = dot.context()
+    kept = dot.connect(context=old_trust)
     kept.sendall(framed("www.netflix.com"))
     read_reply(kept)
+    session = kept.session
     new = write_pair(dot.pair.cert_file.parent, stem="new-")
     shutil.copy(new.cert_file, dot.pair.cert_file)
     shutil.copy(new.key_file, dot.pair.key_file)
@@ -359,6 +361,9 @@ def test_sighup_serves_a_new_certificate_and_keeps_open_connections(dot: DotServ
     kept.sendall(framed("www.netflix.com"))
     assert read_reply(kept).rcode() == dns.rcode.NOERROR
     kept.close()
+    # The ticket keys survived the reload: a session from before it is resumed.
+    with dot.connect(context=old_trust, session=session) as resumed:
+        assert resumed.session_reused
 
 
 def test_sighup_with_a_broken_pair_keeps_the_old_one(dot: DotServer) -> None:
@@ -505,7 +510,7 @@ def test_handshakes_over_the_rate_are_closed_before_they_begin(dot: DotServer) -
     for _ in range(HANDSHAKE_BURST + 20):  # at once: the burst, then the rate per second
         socket.create_connection(("127.0.0.1", dot.port), timeout=WAIT_S).close()
     metrics_within(dot.server, {'smartdns_tls_handshakes_total{outcome="rate_limited"}': 1}, WAIT_S)
-    time.sleep(0.2)  # the bucket refills at 20 a second: wait for a handshake's worth
+    time.sleep(0.1)  # the bucket refills at 50 a second: wait for a few handshakes' worth
     assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
 
 
