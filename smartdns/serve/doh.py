@@ -33,6 +33,7 @@ from smartdns.serve.tcp import MAX_UNSENT_BYTES
 from smartdns.serve.tls import device_of
 
 _STATUS_CLASS: Final = {status: StatusClass.of(status) for status in range(100, 600)}
+_NO_PEER: Final = stream_peer("", Transport.DOH)  # until connection_made names the client
 
 
 class HttpSession(Protocol):
@@ -75,8 +76,7 @@ class DohConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._session: HttpSession | None = None
-        self._host = ""
-        self._handshake_device: bytes | None = None
+        self._peer: Peer = _NO_PEER  # the connection's: no ID in the path
         self._pending = 0  # requests waiting for upstream
         self._reading = True
         self._writing_paused = False
@@ -91,9 +91,9 @@ class DohConnection(asyncio.Protocol):
         self._transport = stream
         ssl_object = stream.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        # a DoH path names the device ID; a TLS server name may name one too (SPEC 2a)
-        self._handshake_device = device_of(ssl_object)
-        self._host = stream.get_extra_info("peername")[0]
+        # a DoH path names the device ID; else the TLS server name may have named one
+        host = stream.get_extra_info("peername")[0]
+        self._peer = stream_peer(host, Transport.DOH, device_of(ssl_object))
         now = self._loop.time()
         deadline_s = self._connections.idle_timeout_s
         session: HttpSession
@@ -152,8 +152,9 @@ class DohConnection(asyncio.Protocol):
         if isinstance(read, int):
             self._respond(session, ref, error_response(read))
             return
-        device = read.device if read.device is not None else self._handshake_device
-        peer = stream_peer(self._host, Transport.DOH, device)
+        peer = self._peer
+        if read.device is not None:
+            peer = stream_peer(peer.host, Transport.DOH, read.device)
         packet = read.packet
         try:
             reply = self._pipeline.handle(packet, peer)
