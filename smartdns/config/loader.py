@@ -97,9 +97,23 @@ def summary(config: Config) -> str:
         _count(len(config.unblock.zones), "zone", "zones"),
         _count(len(config.upstream.servers), "upstream", "upstreams"),
         f"unregistered={config.unregistered.value}",
+        f"encrypted={_encrypted(config)}",
         f"feed={'off' if config.feed is None else 'on'}",
     ]
     return ", ".join(parts)
+
+
+def _encrypted(config: Config) -> str:
+    """`off`, or which encrypted transports listen: `dot+doh`, `dot` or `doh`."""
+    encrypted = config.encrypted
+    if encrypted is None:
+        return "off"
+    served = [
+        name
+        for name, listen in (("dot", encrypted.dot_listen), ("doh", encrypted.doh_listen))
+        if listen
+    ]
+    return "+".join(served)
 
 
 def _count(number: int, singular: str, plural: str) -> str:

@@ -143,7 +143,7 @@ def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
     assert config.logging == LoggingConfig("info")
     assert describe(config) == (
         "config OK: 2 listen addresses, 1 worker, 2 regions, 6 zones, 3 upstreams, "
-        "unregistered=refuse, feed=off"
+        "unregistered=refuse, encrypted=off, feed=off"
     )
 
 
@@ -199,7 +199,7 @@ def test_absent_sections_take_the_dataclass_defaults(tmp_path: Path) -> None:
     assert config.feed is None
     assert describe(config) == (
         "config OK: 2 listen addresses, 1 worker, 0 regions, 0 zones, 1 upstream, "
-        "unregistered=refuse, feed=off"
+        "unregistered=refuse, encrypted=off, feed=off"
     )
 
 
@@ -301,7 +301,7 @@ def test_describe_uses_singular_for_one() -> None:
     )
     assert describe(config) == (
         "config OK: 1 listen address, 1 worker, 1 region, 1 zone, 1 upstream, "
-        "unregistered=resolve, feed=off"
+        "unregistered=resolve, encrypted=off, feed=off"
     )
 
 
@@ -1232,6 +1232,7 @@ ENCRYPTED = (
 def test_encrypted_defaults_and_forms(tmp_path: Path) -> None:
     tls_files(tmp_path)
     config = load_config(write(tmp_path, MINIMAL + ENCRYPTED))
+    assert ", encrypted=dot+doh, feed=off" in describe(config)
     assert config.encrypted == EncryptedConfig(
         server_name="dns.example.net",
         cert_file=tmp_path / "cert.pem",
@@ -1255,6 +1256,7 @@ def test_encrypted_defaults_and_forms(tmp_path: Path) -> None:
     assert config.encrypted.doh_listen == ()
     assert (config.encrypted.max_connections, config.encrypted.handshake_timeout) == (3, 0.5)
     assert config.encrypted.ddr is True
+    assert ", encrypted=dot, feed=off" in describe(config)
     assert config.encrypted.ddr_addresses == (
         ipaddress.ip_address("203.0.113.53"),
         ipaddress.ip_address("2001:db8::53"),
