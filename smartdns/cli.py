@@ -19,9 +19,11 @@ from typing import Any, Final
 from smartdns.config.loader import describe, load_config, warnings
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.errors import ConfigError, RegistrationError, SmartDNSError
+from smartdns.registrations.device_ids import DIGESTS_KEY, digests_hex
 from smartdns.registrations.entries import (
     format_network,
     parse_addresses,
+    parse_device_ids,
     parse_hostnames,
     validate_account_id,
 )
@@ -35,13 +37,16 @@ EXIT_INVALID: Final = 2
 
 
 _HOSTNAME_OPTION: Final = "--hostname"
-_HOSTNAME_ARGUMENT: Final[dict[str, Any]] = {
-    "action": "append",
-    "default": [],
-    "dest": "hostnames",
-    "metavar": "NAME",
-    "help": "a DDNS hostname (repeatable)",
-}
+# The repeatable options of `add` and `remove`: option, destination, metavar, help.
+_REPEATABLE: Final = (
+    (_HOSTNAME_OPTION, "hostnames", "NAME", "a DDNS hostname (repeatable)"),
+    (
+        "--device-id",
+        "device_ids",
+        "ID",
+        "a device ID for DoT/DoH (repeatable; only its SHA-256 digest is stored)",
+    ),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,17 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     actions = registrations.add_subparsers(dest="action", required=True)
     add = actions.add_parser(
-        "add", parents=[config_option], help="add addresses and hostnames to an account"
+        "add",
+        parents=[config_option],
+        help="add addresses, hostnames and device IDs to an account",
     )
-    add.add_argument("account")
-    add.add_argument("addresses", nargs="*", metavar="ADDRESS")
-    add.add_argument(_HOSTNAME_OPTION, **_HOSTNAME_ARGUMENT)
     remove = actions.add_parser(
         "remove", parents=[config_option], help="remove entries, or the whole account"
     )
-    remove.add_argument("account")
-    remove.add_argument("addresses", nargs="*", metavar="ADDRESS")
-    remove.add_argument(_HOSTNAME_OPTION, **_HOSTNAME_ARGUMENT)
+    for action in (add, remove):
+        action.add_argument("account")
+        action.add_argument("addresses", nargs="*", metavar="ADDRESS")
+        for option, dest, metavar, text in _REPEATABLE:
+            action.add_argument(
+                option, action="append", default=[], dest=dest, metavar=metavar, help=text
+            )
     listing = actions.add_parser("list", parents=[config_option], help="list registrations")
     listing.add_argument("account", nargs="?")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -154,14 +162,21 @@ def _warn_if_feed(config: Config) -> None:
 async def _add(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     _warn_if_feed(config)
     account = validate_account_id(args.account)
-    if not args.addresses and not args.hostnames:
-        raise RegistrationError("", "give at least one address or --hostname")
+    if not args.addresses and not args.hostnames and not args.device_ids:
+        raise RegistrationError("", "give at least one address, --hostname or --device-id")
     networks = parse_addresses(list(args.addresses), config.registrations)
     hostnames = _hostnames(args.hostnames)
-    record = await _writer(config, store).add_entries(account, networks, hostnames)
-    counts = f"{len(record.networks)} entries, {len(record.hostnames)} hostnames"
-    print(f"{record.account}: {counts}, version {record.version}")
+    devices = _devices(args.device_ids)
+    record = await _writer(config, store).add_entries(account, networks, hostnames, devices)
+    print(f"{record.account}: {_counts(record)}, version {record.version}")
     return 0
+
+
+def _counts(record: AccountRecord) -> str:
+    return (
+        f"{len(record.networks)} entries, {len(record.hostnames)} hostnames,"
+        f" {len(record.devices)} device IDs"
+    )
 
 
 def _hostnames(values: list[str]) -> tuple[str, ...]:
@@ -170,19 +185,27 @@ def _hostnames(values: list[str]) -> tuple[str, ...]:
     return parse_hostnames(values, RegistrationsConfig(max_hostnames_per_account=len(values)))
 
 
+def _devices(values: list[str]) -> tuple[bytes, ...]:
+    """Command-line device IDs as digests, with the rules of SPEC 3 but no count: the store
+    checks the account's total against `max_device_ids_per_account`."""
+    return parse_device_ids(values, RegistrationsConfig(max_device_ids_per_account=len(values)))
+
+
 async def _remove(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     _warn_if_feed(config)
     account = validate_account_id(args.account)
-    whole = not args.addresses and not args.hostnames
+    whole = not args.addresses and not args.hostnames and not args.device_ids
     networks = None if whole else parse_addresses(list(args.addresses), config.registrations)
     hostnames = _hostnames(args.hostnames)
-    if not await _writer(config, store).remove_entries(account, networks, hostnames):
+    devices = _devices(args.device_ids)
+    if not await _writer(config, store).remove_entries(account, networks, hostnames, devices):
         print(f"smartdns: error: no registered account {account}", file=sys.stderr)
         return EXIT_FAILURE
     if networks is None:
         print(f"{account}: removed")
     else:
-        print(f"{account}: {len(networks)} entries, {len(hostnames)} hostnames removed")
+        counts = f"{len(networks)} entries, {len(hostnames)} hostnames, {len(devices)} device IDs"
+        print(f"{account}: {counts} removed")
     return 0
 
 
@@ -192,6 +215,7 @@ def _record_json(record: AccountRecord) -> dict[str, Any]:
         "version": record.version,
         "addresses": [format_network(network) for network in record.networks],
         "hostnames": list(record.hostnames),
+        "device_ids": len(record.devices),  # SPEC 3: a count; the IDs are not kept
     }
 
 
@@ -204,6 +228,8 @@ async def _list(config: Config, store: RegistrationStore, args: argparse.Namespa
     for record in records:
         entries = [format_network(network) for network in record.networks]
         entries += [f"{_HOSTNAME_OPTION} {hostname}" for hostname in record.hostnames]
+        if record.devices:
+            entries.append(f"({len(record.devices)} device IDs)")
         print(f"{record.account}\tversion {record.version}\t{' '.join(entries)}")
     if account is not None and not records:
         print(f"smartdns: error: no registered account {account}", file=sys.stderr)
@@ -245,14 +271,19 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
 async def _export(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     version = await store.snapshot_version()
     records = await store.list_accounts(None)
-    # The list form, or the object form for an account with hostnames (SPEC 4).
+    # The list form, or the object form for an account with hostnames or device IDs (SPEC 4).
+    # Device IDs are kept only as digests, so those are written (DIGESTS_KEY), and `import`
+    # of this document gives the same digests back: the devices keep working.
     accounts: dict[str, Any] = {}
     for record in records:
         entry = _record_json(record)
-        accounts[record.account] = (
-            {"addresses": entry["addresses"], "hostnames": entry["hostnames"]}
-            if record.hostnames
-            else entry["addresses"]
-        )
+        if not record.hostnames and not record.devices:
+            accounts[record.account] = entry["addresses"]
+            continue
+        accounts[record.account] = {"addresses": entry["addresses"]}
+        if record.hostnames:
+            accounts[record.account]["hostnames"] = entry["hostnames"]
+        if record.devices:
+            accounts[record.account][DIGESTS_KEY] = digests_hex(record.devices)
     print(json.dumps({"version": version, "accounts": accounts}, indent=2))
     return 0

@@ -58,6 +58,7 @@ class RegistrationsConfig:
     min_prefix_v6: int = 48  # widest IPv6 prefix accepted (0..128)
     max_per_account: int = 16  # entries per account
     max_hostnames_per_account: int = 4  # hostname entries per account (SPEC 3)
+    max_device_ids_per_account: int = 8  # device IDs per account (SPEC 2a, 3)
     public_only: bool = True  # reject loopback, private, link-local and other non-global ranges
 
 

@@ -241,6 +241,7 @@ SECTIONS: Final = (
                 "min_prefix_v6": int_field(0, 128),
                 "max_per_account": int_field(1),
                 "max_hostnames_per_account": int_field(0),
+                "max_device_ids_per_account": int_field(0),
                 "public_only": boolean,
             },
         ),

@@ -9,13 +9,19 @@ import ipaddress
 import re
 import socket
 from bisect import bisect_right
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NamedTuple, overload
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError
+from smartdns.registrations.device_ids import (
+    DIGESTS_KEY,
+    check_count,
+    parse_device_id,
+    parse_digest_hex,
+)
 from smartdns.registrations.hostnames import parse_hostname
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -32,8 +38,9 @@ _MULTICAST_V4: Final = ipaddress.IPv4Network("224.0.0.0/4")
 _MULTICAST_V6: Final = ipaddress.IPv6Network("ff00::/8")
 _ACCOUNT_KEYS: Final = frozenset({"version", "addresses"})
 _SNAPSHOT_KEYS: Final = frozenset({"version", "accounts"})
-_HOSTNAMES: Final = frozenset({"hostnames"})  # optional next to "addresses"
+_OPTIONAL: Final = frozenset({"hostnames", "device_ids"})  # optional next to "addresses"
 _ENTRY_KEYS: Final = frozenset({"addresses"})  # a snapshot account in the object form
+_ENTRY_OPTIONAL: Final = _OPTIONAL | {DIGESTS_KEY}  # an export's digests, see device_ids.py
 
 
 class ShapeError(RegistrationError):
@@ -106,6 +113,8 @@ class Snapshot:
     accounts: Mapping[str, Sequence[Network]]
     # account → its hostnames (normalized, sorted); accounts without hostnames are absent
     hostnames: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # account → its device ID digests (sorted); accounts without device IDs are absent
+    devices: Mapping[str, tuple[bytes, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class AccountDocument(NamedTuple):
@@ -114,6 +123,7 @@ class AccountDocument(NamedTuple):
     version: int
     networks: tuple[Network, ...]
     hostnames: tuple[str, ...] = ()
+    devices: tuple[bytes, ...] = ()  # device ID digests in the order given (positions)
 
 
 def validate_account_id(value: object) -> str:
@@ -384,6 +394,45 @@ def parse_hostnames(
     return tuple(sorted(unique))
 
 
+def parse_device_ids(
+    values: object, rules: RegistrationsConfig, field: str = "device_ids"
+) -> tuple[bytes, ...]:
+    """An account's device IDs as their digests (device_ids.parse_device_id), in the order
+    given; the first bad one is reported as `field[i]`.
+
+    The same ID twice is refused, not folded as addresses and hostnames are: an ID is issued
+    to one device, so a repeat is a portal bug, and refusing keeps each digest's index equal
+    to its position in the request (a conflict the store finds is named by that index).
+    """
+    return _parse_digests(values, rules, field, parse_device_id)
+
+
+def parse_device_digests(
+    values: object, rules: RegistrationsConfig, field: str = DIGESTS_KEY
+) -> tuple[bytes, ...]:
+    """Device ID digests in hex (device_ids.parse_digest_hex), with parse_device_ids' rules:
+    what the feed's values and an export carry in place of the IDs."""
+    return _parse_digests(values, rules, field, parse_digest_hex)
+
+
+def _parse_digests(
+    values: object, rules: RegistrationsConfig, field: str, parse: Callable[[object], bytes]
+) -> tuple[bytes, ...]:
+    if not isinstance(values, list):
+        raise ShapeError(field, "must be a list")
+    first: dict[bytes, int] = {}
+    for index, value in enumerate(values):
+        try:
+            digest = parse(value)
+        except ValueError as exc:
+            raise RegistrationError(f"{field}[{index}]", str(exc)) from None
+        if digest in first:
+            raise RegistrationError(f"{field}[{index}]", f"the same ID as {field}[{first[digest]}]")
+        first[digest] = index
+    check_count(len(first), rules.max_device_ids_per_account, field)
+    return tuple(first)
+
+
 def _check_keys(
     doc: object, expected: frozenset[str], optional: frozenset[str] = frozenset(), where: str = ""
 ) -> dict[str, object]:
@@ -403,21 +452,26 @@ def _check_keys(
 
 def parse_account_document(doc: object, rules: RegistrationsConfig) -> AccountDocument:
     """Validate a `PUT /v1/accounts/{account}` body:
-    `{"version": N, "addresses": [...], "hostnames": [...]}` (`hostnames` optional)."""
-    body = _check_keys(doc, _ACCOUNT_KEYS, _HOSTNAMES)
+    `{"version": N, "addresses": [...], "hostnames": [...], "device_ids": [...]}`
+    (`hostnames` and `device_ids` optional)."""
+    body = _check_keys(doc, _ACCOUNT_KEYS, _OPTIONAL)
     version = parse_version(body["version"])
     networks = parse_addresses(body["addresses"], rules)
     hostnames = parse_hostnames(body["hostnames"], rules) if "hostnames" in body else ()
-    return AccountDocument(version, networks, hostnames)
+    devices = parse_device_ids(body["device_ids"], rules) if "device_ids" in body else ()
+    return AccountDocument(version, networks, hostnames, devices)
 
 
 def parse_snapshot_document(doc: object, rules: RegistrationsConfig) -> Snapshot:
     """Validate a `PUT /v1/snapshot` body: `{"version": N, "accounts": {...}}`, each account
-    a list of addresses or an object `{"addresses": [...], "hostnames": [...]}`.
+    a list of addresses or an object `{"addresses": [...], "hostnames": [...], "device_ids":
+    [...], "device_id_sha256": [...]}` (all but `addresses` optional; the digests are what
+    `registrations export` writes, since the IDs themselves are not kept).
 
     Positions name accounts by id (`accounts["acct-1"][3]`, `accounts["acct-1"].hostnames[0]`),
     which is an opaque portal id; an invalid id is named by its index among the keys instead,
-    since it is unchecked text.
+    since it is unchecked text. A device ID given to two accounts is refused at the second
+    (SPEC 3: an ID belongs to at most one account).
     """
     body = _check_keys(doc, _SNAPSHOT_KEYS)
     version = parse_version(body["version"])
@@ -426,6 +480,8 @@ def parse_snapshot_document(doc: object, rules: RegistrationsConfig) -> Snapshot
         raise ShapeError("accounts", "must be an object")
     accounts: dict[str, AccountEntries] = {}
     hostnames: dict[str, tuple[str, ...]] = {}
+    devices: dict[str, tuple[bytes, ...]] = {}
+    holders: set[bytes] = set()
     for index, (account, values) in enumerate(accounts_doc.items()):
         try:
             validate_account_id(account)
@@ -433,16 +489,37 @@ def parse_snapshot_document(doc: object, rules: RegistrationsConfig) -> Snapshot
             raise RegistrationError(f"accounts (key #{index})", exc.reason) from None
         position = f'accounts["{account}"]'
         if isinstance(values, dict):
-            entry = _check_keys(values, _ENTRY_KEYS, _HOSTNAMES, position)
+            entry = _check_keys(values, _ENTRY_KEYS, _ENTRY_OPTIONAL, position)
             values = entry["addresses"]
-            position += ".addresses"
-            names = parse_hostnames(
-                entry.get("hostnames", []), rules, f'accounts["{account}"].hostnames'
-            )
+            names = parse_hostnames(entry.get("hostnames", []), rules, f"{position}.hostnames")
             if names:
                 hostnames[account] = names
+            digests = _snapshot_devices(entry, rules, position, holders)
+            if digests:
+                devices[account] = digests
+            position += ".addresses"
         accounts[account] = _parse_entries(values, rules, position, account)
-    return Snapshot(version, MappingProxyType(accounts), MappingProxyType(hostnames))
+    return Snapshot(
+        version, MappingProxyType(accounts), MappingProxyType(hostnames), MappingProxyType(devices)
+    )
+
+
+def _snapshot_devices(
+    entry: dict[str, object], rules: RegistrationsConfig, position: str, holders: set[bytes]
+) -> tuple[bytes, ...]:
+    """A snapshot account's digests, from its IDs and its hex digests, sorted; `holders`
+    collects every account's so far, so an ID two accounts are given is refused."""
+    fields = (("device_ids", parse_device_ids), (DIGESTS_KEY, parse_device_digests))
+    digests: list[bytes] = []
+    for name, parse in fields:
+        for index, digest in enumerate(parse(entry.get(name, []), rules, f"{position}.{name}")):
+            if digest in holders:
+                reason = "given to another account too" if digest not in digests else "repeated"
+                raise RegistrationError(f"{position}.{name}[{index}]", reason)
+            holders.add(digest)
+            digests.append(digest)
+    check_count(len(digests), rules.max_device_ids_per_account, f"{position}.device_ids")
+    return tuple(sorted(digests))
 
 
 def format_network(network: Network) -> str:

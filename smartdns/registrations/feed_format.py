@@ -14,9 +14,11 @@ hostname as registered (normalized LDH, already a valid key). The one other key 
 `meta.snapshot`, the snapshot marker.
 
 Values. UTF-8 JSON objects, at most MAX_VALUE_BYTES:
-- a live account is exactly a `PUT /v1/accounts/{account}` body:
-  `{"version": N, "addresses": ["203.0.113.7", "2001:db8:7::/64"], "hostnames": [...]}`
-  (`hostnames` optional; written only when there are some);
+- a live account is a `PUT /v1/accounts/{account}` body with its device IDs as digests:
+  `{"version": N, "addresses": ["203.0.113.7", "2001:db8:7::/64"], "hostnames": [...],
+  "device_id_sha256": ["<64 hex>", ...]}` (`hostnames` and `device_id_sha256` optional;
+  written only when there are some). A `device_ids` member is refused: the bucket never
+  holds an ID (SPEC 3), only SHA-256 digests in lower-case hex;
 - a deleted account is a tombstone `{"version": N, "deleted": true}`;
 - a hostname's resolved addresses are `{"addresses": ["203.0.113.9", "2001:db8::9"]}`
   (host addresses only; empty: it resolves to nothing usable);
@@ -34,12 +36,14 @@ from typing import Final
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError, StaleWriteError
+from smartdns.registrations.device_ids import DIGESTS_KEY, digests_hex
 from smartdns.registrations.entries import (
     Network,
     ShapeError,
     format_network,
     parse_account_document,
     parse_address,
+    parse_device_digests,
     parse_version,
     validate_account_id,
 )
@@ -49,7 +53,7 @@ ACCOUNT_PREFIX: Final = "acct."
 HOST_PREFIX: Final = "host."
 MAX_RESOLVED: Final = 64  # addresses of one hostname in the bucket
 SNAPSHOT_KEY: Final = "meta.snapshot"
-# 16 entries and 4 hostnames fit in well under 2 KiB; the bucket is created with this limit.
+# 16 entries, 4 hostnames and 8 digests fit in under 3 KiB; the bucket is created with this limit.
 MAX_VALUE_BYTES: Final = 16 * 1024
 _TO_KEY: Final = str.maketrans(".:", "/=")
 _FROM_KEY: Final = str.maketrans("/=", ".:")
@@ -66,6 +70,7 @@ class AccountValue:
     version: int
     networks: tuple[Network, ...]
     hostnames: tuple[str, ...] = ()
+    devices: tuple[bytes, ...] = ()  # device ID digests, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +173,8 @@ def encode_value(value: FeedValue) -> bytes:
     }
     if value.hostnames:
         doc["hostnames"] = list(value.hostnames)
+    if value.devices:
+        doc[DIGESTS_KEY] = digests_hex(value.devices)
     return _dump(doc)
 
 
@@ -179,7 +186,8 @@ def decode_value(data: bytes, rules: RegistrationsConfig) -> FeedValue:
     """Validate an account key's value; RegistrationError (ShapeError for shape) when it is bad.
 
     A live value goes through parse_account_document, the sync API's own check, so a value the
-    sync API would refuse is refused here too, and nothing of it is used.
+    sync API would refuse is refused here too, and nothing of it is used; its digests are
+    checked as 64 hex digits each, within `max_device_ids_per_account`, none repeated.
     """
     doc = _load(data)
     if isinstance(doc, dict) and "deleted" in doc:
@@ -187,8 +195,16 @@ def decode_value(data: bytes, rules: RegistrationsConfig) -> FeedValue:
         if doc["deleted"] is not True:
             raise ShapeError("deleted", "must be true")
         return Tombstone(parse_version(doc["version"]))
+    devices: tuple[bytes, ...] = ()
+    if isinstance(doc, dict):
+        if "device_ids" in doc:
+            raise ShapeError("device_ids", f"the bucket holds {DIGESTS_KEY}, never device IDs")
+        if DIGESTS_KEY in doc:
+            doc = dict(doc)
+            devices = parse_device_digests(doc.pop(DIGESTS_KEY), rules)
     parsed = parse_account_document(doc, rules)
-    return AccountValue(parsed.version, parsed.networks, tuple(sorted(set(parsed.hostnames))))
+    hostnames = tuple(sorted(set(parsed.hostnames)))
+    return AccountValue(parsed.version, parsed.networks, hostnames, tuple(sorted(devices)))
 
 
 def decode_marker(data: bytes) -> SnapshotMarker:

@@ -2,10 +2,11 @@
 
 A change costs what it touches: the store answers "what changed since generation G" with
 indexed reads of the accounts written after G and the entries taken away after G, and those
-prefixes alone are applied to the set the query path reads, in place and in one synchronous
-step (so no query sees half of a change). A snapshot, a SIGHUP, or a reader too far behind
-needs a full load instead: it is built off the event loop while changes keep being applied
-to the current set, then swapped in together with the changes written since it was read.
+prefixes (and device ID digests) alone are applied to the set the query path reads, in place
+and in one synchronous step (so no query sees half of a change). A snapshot, a SIGHUP, or a
+reader too far behind needs a full load instead: it is built off the event loop while
+changes keep being applied to the current set, then swapped in together with the changes
+written since it was read.
 Nothing here grows with the number of writes: the only state is one generation.
 """
 
@@ -30,15 +31,15 @@ FREE_SLICE: Final = 10_000  # rows freed per step off the loop: well under a mil
 async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients]:
     """A generation and the whole set at that generation; built off the event loop."""
     with BULK_WORK:  # a million rows
-        generation, prefixes = await store.load_prefixes()
-        return generation, await asyncio.to_thread(_build_clients, prefixes)
+        generation, prefixes, devices = await store.load_prefixes()
+        return generation, await asyncio.to_thread(_build_clients, prefixes, devices)
 
 
-def _build_clients(prefixes: list[Prefix]) -> AuthorizedClients:
+def _build_clients(prefixes: list[Prefix], devices: list[bytes]) -> AuthorizedClients:
     """Build the set, then free the rows a slice at a time (worker thread): freed in one go,
     on the loop thread when load_clients returns, a million rows hold the GIL for tens of
     milliseconds."""
-    clients = AuthorizedClients.from_prefixes(prefixes)
+    clients = AuthorizedClients.from_prefixes(prefixes, devices)
     while prefixes:
         del prefixes[-FREE_SLICE:]
     return clients
@@ -108,7 +109,8 @@ class ClientsFollower:
         await asyncio.shield(self._full_load)
 
     def _apply(self, clients: AuthorizedClients, changes: Changes) -> None:
-        clients.apply(changes.present, changes.gone)  # no await: all of it or none of it
+        # No await: all of it or none of it, addresses and device IDs in the same step.
+        clients.apply(changes.present, changes.gone, changes.devices_present, changes.devices_gone)
         self._generation = changes.generation
         if changes.full_load:
             self._pending = max(self._pending or 0, changes.base)

@@ -23,6 +23,7 @@ from typing import Any, Final
 import aiosqlite
 
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.registrations.device_ids import check_count
 from smartdns.registrations.entries import (
     AccountEntries,
     EntryRow,
@@ -32,7 +33,7 @@ from smartdns.registrations.entries import (
 )
 from smartdns.registrations.feed_format import AccountValue, FeedApplied, FeedChange, FeedValue
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 # Removed entries are kept for this many generations, so a reader that far behind still
 # catches up by reading what changed; one further behind loads everything.
 KEEP_REMOVED_GENERATIONS: Final = 65_536
@@ -100,6 +101,24 @@ _SCHEMA_V3: Final = (
     "INSERT OR IGNORE INTO meta (key, value) VALUES ('hostnames_generation', 0)",
     "UPDATE meta SET value = 3 WHERE key = 'schema_version'",
 )
+# Version 4: device IDs (SPEC 2a, 3), as SHA-256 digests only; tombstones hold none. A digest
+# authorizes while exactly one account holds it (decided in SQL, through device_ids_by_digest:
+# an ID two accounts of a fleet hold authorizes neither). Each digest a write took away leaves
+# a `removed_devices` row, so changes_since stays a read of what changed, as for entries.
+_SCHEMA_V4: Final = (
+    "CREATE TABLE IF NOT EXISTS device_ids ("
+    " account TEXT NOT NULL REFERENCES accounts(account) ON DELETE CASCADE,"
+    " digest BLOB NOT NULL,"
+    " PRIMARY KEY (account, digest)"
+    ") WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS device_ids_by_digest ON device_ids (digest)",
+    "CREATE TABLE IF NOT EXISTS removed_devices ("
+    " generation INTEGER NOT NULL,"
+    " digest BLOB NOT NULL,"
+    " PRIMARY KEY (generation, digest)"
+    ") WITHOUT ROWID",
+    "UPDATE meta SET value = 4 WHERE key = 'schema_version'",
+)
 _HOST_PREFIX: Final = "CASE r.family WHEN 4 THEN 32 ELSE 128 END"
 # The resolved addresses that authorize, as entries rows of the accounts holding them.
 _RESOLVED_ROWS: Final = (
@@ -111,6 +130,8 @@ _CREATE_HINT: Final = "create it with `smartdns registrations add` or `import`"
 
 _Row = EntryRow  # account, family, network, prefix_len
 _Key = tuple[int, bytes, int]  # family, network, prefix_len
+# What an account holds: entry keys, hostnames, device ID digests.
+_Held = tuple[Sequence[_Key], Sequence[str], Sequence[bytes]]
 _Prefix = tuple[int, int, int]  # family, network as int, prefix_len
 
 
@@ -126,6 +147,7 @@ class AccountRecord:
     version: int
     networks: tuple[Network, ...]
     hostnames: tuple[str, ...] = ()  # normalized, sorted
+    devices: tuple[bytes, ...] = ()  # device ID digests, sorted
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +159,8 @@ class Changes:
     network as int, prefix length). `full_load` is set when a snapshot was stored after
     `since` (its changes are everything) or the removed rows `since` needs were pruned; the
     changes are then those after `base`, the snapshot's generation (or none, `base` = since).
+    `devices_present` and `devices_gone`: the device ID digests of those accounts and those
+    taken away, split by whether exactly one account holds each now (it authorizes) or not.
     """
 
     base: int
@@ -144,6 +168,8 @@ class Changes:
     present: list[tuple[int, int, int]]
     gone: list[tuple[int, int, int]]
     full_load: bool
+    devices_present: list[bytes] = dataclasses.field(default_factory=list)
+    devices_gone: list[bytes] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +188,7 @@ class HostnameChanges:
 class SnapshotResult:
     accounts: int
     entries: int
+    devices: int = 0  # device IDs
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +251,21 @@ _CHANGED_PREFIXES: Final = (
     " ON h.hostname = r.hostname WHERE r.family = g.family AND r.network = g.network"
     f" AND {_HOST_PREFIX} = g.prefix_len)"
 )
+
+
+# Digests held by exactly one account: the ones that authorize (a full load).
+_AUTHORIZING_DEVICES: Final = "SELECT digest FROM device_ids GROUP BY digest HAVING COUNT(*) = 1"
+# Every digest of an account written after the base generation, and every digest a write
+# took away after it, with whether exactly one account holds it now: a second holder (a feed
+# value) takes it away as surely as its one holder dropping it. Each count is one probe of
+# device_ids_by_digest, so the read costs what changed.
+_CHANGED_DEVICES: Final = (
+    "SELECT c.digest, (SELECT COUNT(*) FROM device_ids AS x WHERE x.digest = c.digest) = 1"
+    " FROM (SELECT d.digest FROM accounts AS a JOIN device_ids AS d ON d.account = a.account"
+    " WHERE a.generation > ? UNION SELECT digest FROM removed_devices WHERE generation > ?) AS c"
+)
+# An account's own digests are not a conflict; any other holder is live (tombstones hold none).
+_OTHER_HOLDER: Final = "SELECT 1 FROM device_ids WHERE digest = ? AND account != ? LIMIT 1"
 
 
 class RegistrationStore:
@@ -328,6 +370,10 @@ class RegistrationStore:
             for statement in _SCHEMA_V3:
                 await self._db.execute(statement)
             version = 3
+        if version == 3:
+            for statement in _SCHEMA_V4:
+                await self._db.execute(statement)
+            version = 4
         if version != SCHEMA_VERSION:
             raise DatabaseError(
                 f"registrations database {self._path} has schema version {version}, "
@@ -398,6 +444,7 @@ class RegistrationStore:
     async def _prune_removed(self, floor: int) -> None:
         """Forget the removed entries up to generation `floor`; a reader behind it loads all."""
         await self._db.execute("DELETE FROM removed WHERE generation <= ?", (floor,))
+        await self._db.execute("DELETE FROM removed_devices WHERE generation <= ?", (floor,))
         await self._db.execute(
             "UPDATE meta SET value = max(value, ?) WHERE key = 'removed_floor'", (floor,)
         )
@@ -470,15 +517,62 @@ class RegistrationStore:
         )
 
     async def _record(self, account: str, version: int) -> AccountRecord:
-        keys = await self._entry_keys(account)
+        networks = tuple(_network(*key) for key in await self._entry_keys(account))
         hostnames = await self._hostnames(account)
-        return AccountRecord(account, version, tuple(_network(*key) for key in keys), hostnames)
+        return AccountRecord(account, version, networks, hostnames, await self._devices(account))
+
+    async def _held(self, account: str) -> _Held:
+        """What the account holds now: entry keys, hostnames and device digests, each sorted."""
+        return (
+            await self._entry_keys(account),
+            await self._hostnames(account),
+            await self._devices(account),
+        )
+
+    async def _devices(self, account: str) -> tuple[bytes, ...]:
+        return tuple(map(bytes, await self._account_values("device_ids", "digest", account)))
+
+    async def _account_values(self, table: str, column: str, account: str) -> list[Any]:
+        """The account's `column` values of `table` (hostnames, device_ids), sorted."""
+        rows = await self._db.execute_fetchall(
+            f"SELECT {column} FROM {table} WHERE account = ? ORDER BY {column}", (account,)
+        )
+        return [row[0] for row in rows]
+
+    async def _set_devices(
+        self, account: str, old: Sequence[bytes], new: Sequence[bytes], generation: int
+    ) -> None:
+        """Give the account exactly `new` digests (it held `old`); the ones it gave up are
+        noted as removed, for readers catching up (changes_since decides what they mean)."""
+        dropped = set(old).difference(new)
+        await self._db.executemany(
+            "DELETE FROM device_ids WHERE account = ? AND digest = ?",
+            ((account, digest) for digest in dropped),
+        )
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
+            ((account, digest) for digest in set(new).difference(old)),
+        )
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO removed_devices (generation, digest) VALUES (?, ?)",
+            ((generation, digest) for digest in dropped),
+        )
+
+    async def _raise_if_held(self, account: str, devices: Sequence[bytes]) -> None:
+        """StaleWriteError (409) naming the first of `devices` (by its index, never the ID)
+        that another live account holds (SPEC 3: an ID belongs to at most one account)."""
+        for index, digest in enumerate(devices):
+            if await self._scalar(_OTHER_HOLDER, (digest, account)) is not None:
+                raise StaleWriteError(f"device_ids[{index}]: held by another account")
+
+    async def device_conflict(self, account: str, devices: Sequence[bytes]) -> None:
+        """_raise_if_held as a read of its own: the sync API's check before it writes an
+        account to the feed's bucket (which has no index by digest; this node's copy does)."""
+        async with self._reading("check device IDs"):
+            await self._raise_if_held(account, devices)
 
     async def _hostnames(self, account: str) -> tuple[str, ...]:
-        rows = await self._db.execute_fetchall(
-            "SELECT hostname FROM hostnames WHERE account = ? ORDER BY hostname", (account,)
-        )
-        return tuple(str(row[0]) for row in rows)
+        return tuple(map(str, await self._account_values("hostnames", "hostname", account)))
 
     async def _set_hostnames(
         self, account: str, old: Sequence[str], new: Sequence[str], generation: int
@@ -526,24 +620,28 @@ class RegistrationStore:
         version: int,
         networks: Sequence[Network],
         hostnames: Sequence[str] = (),
+        devices: Sequence[bytes] = (),
     ) -> AccountRecord:
         """Replace the account's set atomically at `version`.
 
-        The same write repeated (live, same version, same set) is a no-op that returns the
-        record without bumping `generation`. Stale (StaleWriteError, nothing changes): version
-        below the stored one (live or tombstone), the same version with other content or over
-        a tombstone, or not above `snapshot_version`.
+        The same write repeated (live, same version, same entries, hostnames and device ID
+        digests) is a no-op that returns the record without bumping `generation`. Stale
+        (StaleWriteError, nothing changes): version below the stored one (live or tombstone),
+        the same version with other content or over a tombstone, or not above
+        `snapshot_version`; and a device ID another live account holds, named by its index in
+        `devices` (given in the request's order).
         """
         validate_account_id(account)
         wanted = sorted({_key(network) for network in networks})
         names = sorted(set(hostnames))
+        digests = sorted(set(devices))
         async with self._writing("put account") as _db:
             row = await self._account_row(account)
-            old = await self._entry_keys(account)
-            old_names = await self._hostnames(account)
+            old = await self._held(account)
             if row is not None:
                 stored, live = row
-                if live and stored == version and old == wanted and list(old_names) == names:
+                same = [list(held) for held in old] == [wanted, names, digests]
+                if live and stored == version and same:
                     return await self._record(account, stored)
                 _raise_if_older(version, stored)
                 if version == stored:
@@ -553,29 +651,30 @@ class RegistrationStore:
                         else f"the account was deleted at version {version}"
                     )
             _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            await self._raise_if_held(account, devices)
             generation = await self._bump_generation()
-            await self._replace_account(
-                account, version, (wanted, names), (old, old_names), generation
-            )
+            await self._replace_account(account, version, (wanted, names, digests), old, generation)
             networks_out = tuple(_network(*key) for key in wanted)
-            return AccountRecord(account, version, networks_out, tuple(names))
+            return AccountRecord(account, version, networks_out, tuple(names), tuple(digests))
 
     async def _replace_account(
         self,
         account: str,
         version: int,
-        new: tuple[Sequence[_Key], Sequence[str]] | None,
-        old: tuple[Sequence[_Key], Sequence[str]],
+        new: _Held | None,
+        old: _Held,
         generation: int,
     ) -> None:
-        """The account at `version` with `new` (entries, hostnames), or a tombstone for None;
-        `old` is what it held, whose losses readers are told of (changes_since)."""
-        entries, names = new if new is not None else ((), ())
+        """The account at `version` with `new` (entries, hostnames, device digests), or a
+        tombstone for None; `old` is what it held, whose losses readers are told of
+        (changes_since)."""
+        entries, names, devices = new if new is not None else ((), (), ())
         await self._db.execute("DELETE FROM entries WHERE account = ?", (account,))
         await self._upsert_account(account, version, new is None, generation)
         await self._insert_entries(account, entries)
         await self._remember_removed(generation, set(old[0]).difference(entries))
         await self._set_hostnames(account, old[1], names, generation)
+        await self._set_devices(account, old[2], devices, generation)
 
     async def delete_account(self, account: str, version: int) -> bool:
         """Remove the account's entries and leave a tombstone at `version`; True if it was live.
@@ -597,8 +696,9 @@ class RegistrationStore:
                     raise StaleWriteError(f"version {version} is already stored with other content")
             _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
             generation = await self._bump_generation()
-            old = (await self._entry_keys(account), await self._hostnames(account))
-            await self._replace_account(account, version, None, old, generation)
+            await self._replace_account(
+                account, version, None, await self._held(account), generation
+            )
             return live
 
     # --- the registration feed (SPEC 4): the bucket is the truth ------------------------
@@ -631,6 +731,7 @@ class RegistrationStore:
                 generation = generation or await self._bump_generation()
                 applied += 1
                 if version is None and isinstance(value, AccountValue) and not value.hostnames:
+                    # New to the store, and no hostname to resolve: plain inserts (below).
                     fresh[account] = value
                     stored[account] = value.version
                     continue
@@ -661,7 +762,7 @@ class RegistrationStore:
         return versions
 
     async def _insert_fresh(self, fresh: dict[str, AccountValue], generation: int) -> None:
-        """Accounts not stored before, without hostnames: nothing to take away, two inserts."""
+        """Accounts not stored before, without hostnames: nothing to take away, three inserts."""
         if not fresh:
             return
         await self._db.executemany(
@@ -677,16 +778,21 @@ class RegistrationStore:
                 for network in value.networks
             ),
         )
+        await self._db.executemany(
+            "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
+            ((account, digest) for account, value in fresh.items() for digest in value.devices),
+        )
         fresh.clear()
 
     async def _apply_change(self, account: str, value: FeedValue | None, generation: int) -> None:
-        old = (await self._entry_keys(account), await self._hostnames(account))
+        old = await self._held(account)
         if value is None:
             await self._drop_account(account, old, generation)
             return
-        new = None
+        new: _Held | None = None
         if isinstance(value, AccountValue):
-            new = (sorted({_key(network) for network in value.networks}), value.hostnames)
+            keys = sorted({_key(network) for network in value.networks})
+            new = (keys, value.hostnames, value.devices)
         await self._replace_account(account, value.version, new, old, generation)
 
     async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
@@ -698,15 +804,12 @@ class RegistrationStore:
             if gone:
                 generation = await self._bump_generation()
                 for account in gone:
-                    old = (await self._entry_keys(account), await self._hostnames(account))
-                    await self._drop_account(account, old, generation)
+                    await self._drop_account(account, await self._held(account), generation)
             if snapshot_version is not None:
                 await self._set_snapshot_version(snapshot_version)
         return len(gone)
 
-    async def _drop_account(
-        self, account: str, old: tuple[Sequence[_Key], Sequence[str]], generation: int
-    ) -> None:
+    async def _drop_account(self, account: str, old: _Held, generation: int) -> None:
         """The account gone without a tombstone (the bucket no longer has its key). With its
         row goes the generation that tells the DDNS refresher it changed, so the refresher
         is told to reload its hostnames whole instead (see hostname_changes): even when the
@@ -760,8 +863,10 @@ class RegistrationStore:
             await db.execute("DROP INDEX entries_by_prefix")
             await db.execute("DELETE FROM entries")
             await db.execute("DELETE FROM hostnames")
+            await db.execute("DELETE FROM device_ids")
             await db.execute("DELETE FROM accounts")
             await db.execute("DELETE FROM removed")  # every reader reloads after a snapshot
+            await db.execute("DELETE FROM removed_devices")
             accounts = sorted(snapshot.accounts)
             await db.executemany(
                 "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, 0, ?)",
@@ -786,6 +891,16 @@ class RegistrationStore:
                 ),
             )
             await self._forget_unheld(None)
+            cursor = await db.executemany(
+                "INSERT INTO device_ids (account, digest) VALUES (?, ?)",
+                (
+                    (account, digest)
+                    for account, digests in snapshot.devices.items()
+                    if account in snapshot.accounts
+                    for digest in set(digests)
+                ),
+            )
+            devices = max(cursor.rowcount, 0)
             await db.executemany(
                 "UPDATE meta SET value = ? WHERE key = ?",
                 [
@@ -794,7 +909,7 @@ class RegistrationStore:
                     (generation, "hostnames_generation"),
                 ],
             )
-        return SnapshotResult(accounts=len(accounts), entries=entries)
+        return SnapshotResult(accounts=len(accounts), entries=entries, devices=devices)
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -842,25 +957,31 @@ class RegistrationStore:
                 networks.append(_network(int(family), bytes(packed), int(prefix_len)))
         if current is not None:
             records.append(AccountRecord(current[0], current[1], tuple(networks)))
-        hostnames = await self._hostnames_by_account(account)
+        hostnames = await self._by_account("hostnames", "hostname", account)
+        devices = await self._by_account("device_ids", "digest", account)
         return [
-            dataclasses.replace(record, hostnames=tuple(hostnames[record.account]))
-            if record.account in hostnames
-            else record
+            dataclasses.replace(
+                record,
+                hostnames=tuple(map(str, hostnames.get(record.account, ()))),
+                devices=tuple(bytes(digest) for digest in devices.get(record.account, ())),
+            )
             for record in records
         ]
 
-    async def _hostnames_by_account(self, account: str | None) -> dict[str, list[str]]:
+    async def _by_account(
+        self, table: str, column: str, account: str | None
+    ) -> dict[str, list[Any]]:
+        """account -> its `column` values of `table` (hostnames, device_ids), sorted."""
         where = "" if account is None else " WHERE account = ?"
         params: tuple[Any, ...] = () if account is None else (account,)
-        async with self._reading("list hostnames") as db:
+        async with self._reading(f"list {table}") as db:
             rows = await db.execute_fetchall(
-                f"SELECT account, hostname FROM hostnames{where} ORDER BY account, hostname",
+                f"SELECT account, {column} FROM {table}{where} ORDER BY account, {column}",
                 params,
             )
-        by_account: dict[str, list[str]] = {}
-        for name, hostname in rows:
-            by_account.setdefault(str(name), []).append(str(hostname))
+        by_account: dict[str, list[Any]] = {}
+        for name, value in rows:
+            by_account.setdefault(str(name), []).append(value)
         return by_account
 
     @asynccontextmanager
@@ -881,22 +1002,24 @@ class RegistrationStore:
         await cursor.close()
         return list(rows)  # type: ignore[arg-type]  # rows come from _prefix_row
 
-    async def load_prefixes(self) -> tuple[int, list[_Prefix]]:
-        """The generation and (family 4 or 6, network as int, prefix_len) for every live entry
-        at that generation, for a full build of the in-memory AuthorizedClients.
+    async def load_prefixes(self) -> tuple[int, list[_Prefix], list[bytes]]:
+        """The generation, (family 4 or 6, network as int, prefix_len) for every live entry
+        at that generation, and the device ID digests that authorize (held by exactly one
+        account), for a full build of the in-memory AuthorizedClients.
 
         Tombstones have no entries, so no join is needed; rows are converted on the database
         thread and never become ipaddress objects.
         """
-        async with self._consistent("load prefixes"):
+        async with self._consistent("load prefixes") as db:
             generation = await self._meta("generation")
             rows = await self._prefix_rows("SELECT family, network, prefix_len FROM entries")
             rows += await self._prefix_rows(_RESOLVED_ROWS)
-            return generation, rows
+            devices = [bytes(row[0]) for row in await db.execute_fetchall(_AUTHORIZING_DEVICES)]
+            return generation, rows, devices
 
     async def changes_since(self, since: int) -> Changes:
         """What changed after generation `since` (see Changes): indexed reads costing what
-        changed, not what is stored; four statements (each a hop to the database thread)."""
+        changed, not what is stored; five statements (each a hop to the database thread)."""
         async with self._consistent("read changes") as db:
             rows = await db.execute_fetchall(_CHANGE_COUNTERS)
             generation, snapshot, floor = (int(value) for value in next(iter(rows)))
@@ -913,7 +1036,16 @@ class RegistrationStore:
             await cursor.close()
             present = [prefix for gone, prefix in changed if not gone]
             gone = [prefix for is_gone, prefix in changed if is_gone]
-            return Changes(base, generation, present, gone, full_load=base != since)
+            devices = await db.execute_fetchall(_CHANGED_DEVICES, (base, base))
+            return Changes(
+                base,
+                generation,
+                present,
+                gone,
+                full_load=base != since,
+                devices_present=[bytes(digest) for digest, one in devices if one],
+                devices_gone=[bytes(digest) for digest, one in devices if not one],
+            )
 
     # --- hostnames and what they resolve to (SPEC 3) -----------------------------------
 
@@ -1024,11 +1156,15 @@ class RegistrationStore:
         max_per_account: int,
         hostnames: Sequence[str] = (),
         max_hostnames: int = 0,
+        devices: Sequence[bytes] = (),
+        max_devices: int = 0,
     ) -> AccountRecord:
-        """Add entries and hostnames, keeping the account's version (new: version 0).
+        """Add entries, hostnames and device ID digests, keeping the account's version (new:
+        version 0).
 
         A tombstoned account is revived at its tombstone version. The unions must stay within
-        `max_per_account` and `max_hostnames`, else RegistrationError and nothing changes.
+        `max_per_account`, `max_hostnames` and `max_devices`, else RegistrationError and
+        nothing changes; a device ID another account holds is a StaleWriteError.
         """
         validate_account_id(account)
         async with self._writing("add entries"):
@@ -1048,19 +1184,32 @@ class RegistrationStore:
                     "hostnames",
                     f"{len(names)} hostnames exceed the limit of {max_hostnames} per account",
                 )
-            if live and union == existing and names == list(old_names):
+            old_devices = await self._devices(account)
+            digests = sorted(set(old_devices).union(devices))
+            check_count(len(digests), max(max_devices, len(old_devices)))
+            await self._raise_if_held(account, devices)
+            if (
+                live
+                and union == existing
+                and (names, digests) == (list(old_names), list(old_devices))
+            ):
                 return await self._record(account, version)
             generation = await self._bump_generation()
             await self._upsert_account(account, version, False, generation)
             await self._insert_entries(account, sorted(union - existing))
             await self._set_hostnames(account, old_names, names, generation)
+            await self._set_devices(account, old_devices, digests, generation)
             return await self._record(account, version)
 
     async def remove_entries(
-        self, account: str, networks: Sequence[Network] | None, hostnames: Sequence[str] = ()
+        self,
+        account: str,
+        networks: Sequence[Network] | None,
+        hostnames: Sequence[str] = (),
+        devices: Sequence[bytes] = (),
     ) -> bool:
-        """Remove entries and hostnames; with None the account becomes a tombstone at its
-        current version.
+        """Remove entries, hostnames and device ID digests; with None the account becomes a
+        tombstone at its current version.
 
         Returns False (and changes nothing) when the account is not live.
         """
@@ -1073,7 +1222,17 @@ class RegistrationStore:
             gone = existing if networks is None else existing & {_key(n) for n in networks}
             old_names = await self._hostnames(account)
             names = [] if networks is None else sorted(set(old_names).difference(hostnames))
-            if networks is not None and not gone and names == list(old_names):
+            old_devices = await self._devices(account)
+            digests = [] if networks is None else sorted(set(old_devices).difference(devices))
+            if (
+                networks is not None
+                and not gone
+                and (names, digests)
+                == (
+                    list(old_names),
+                    list(old_devices),
+                )
+            ):
                 return True
             generation = await self._bump_generation()
             await db.executemany(
@@ -1084,6 +1243,7 @@ class RegistrationStore:
             await self._upsert_account(account, row[0], networks is None, generation)
             await self._remember_removed(generation, gone)
             await self._set_hostnames(account, old_names, names, generation)
+            await self._set_devices(account, old_devices, digests, generation)
             return True
 
 

@@ -55,10 +55,12 @@ class RegistrationWriter:
         version: int,
         networks: Sequence[Network],
         hostnames: Sequence[str] = (),
+        devices: Sequence[bytes] = (),
     ) -> AccountRecord:
-        """Replace the account's entries and hostnames at `version` (SPEC 4 version rules)."""
+        """Replace the account's entries, hostnames and device ID digests at `version` (SPEC 4
+        version rules; a device ID another account holds is 409 too)."""
         validate_account_id(account)
-        write = self._store.put_account(account, version, networks, hostnames)
+        write = self._store.put_account(account, version, networks, hostnames, devices)
         return await self._through(write)
 
     async def delete_account(self, account: str, version: int) -> bool:
@@ -88,24 +90,39 @@ class RegistrationWriter:
         return await self._through(self._store.reconcile_feed(present, snapshot_version))
 
     async def add_entries(
-        self, account: str, networks: Sequence[Network], hostnames: Sequence[str] = ()
+        self,
+        account: str,
+        networks: Sequence[Network],
+        hostnames: Sequence[str] = (),
+        devices: Sequence[bytes] = (),
     ) -> AccountRecord:
-        """Operator override: add entries and hostnames, keeping the account's version (new:
-        version 0)."""
+        """Operator override: add entries, hostnames and device ID digests, keeping the
+        account's version (new: version 0)."""
         validate_account_id(account)
         rules = self._rules
         write = self._store.add_entries(
-            account, networks, rules.max_per_account, hostnames, rules.max_hostnames_per_account
+            account,
+            networks,
+            rules.max_per_account,
+            hostnames,
+            rules.max_hostnames_per_account,
+            devices,
+            rules.max_device_ids_per_account,
         )
         return await self._through(write)
 
     async def remove_entries(
-        self, account: str, networks: Sequence[Network] | None, hostnames: Sequence[str] = ()
+        self,
+        account: str,
+        networks: Sequence[Network] | None,
+        hostnames: Sequence[str] = (),
+        devices: Sequence[bytes] = (),
     ) -> bool:
-        """Operator override: remove entries and hostnames, or (None) the whole account as a
-        tombstone."""
+        """Operator override: remove entries, hostnames and device ID digests, or (None) the
+        whole account as a tombstone."""
         validate_account_id(account)
-        return await self._through(self._store.remove_entries(account, networks, hostnames))
+        write = self._store.remove_entries(account, networks, hostnames, devices)
+        return await self._through(write)
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         """What registered hostnames now resolve to (the DDNS refresher's sink): stored, then

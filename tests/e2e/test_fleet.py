@@ -91,7 +91,7 @@ def test_writes_through_any_node_reach_every_node_within_a_second(fleet: Fleet) 
     status, body = put(one, "cust:1.eu", 1, device(1))
     assert (status, body) == (
         200,
-        {"account": "cust:1.eu", "version": 1, "addresses": 1, "hostnames": 0},
+        {"account": "cust:1.eu", "version": 1, "addresses": 1, "hostnames": 0, "device_ids": 0},
     )
     assert one.query("www.netflix.com", source=device(1)).rcode() == dns.rcode.NOERROR
     for node in (two, three):

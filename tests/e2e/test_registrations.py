@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import dns.message
@@ -85,3 +87,42 @@ def test_import_uses_the_sync_api_rules(tmp_path: Path, document: bytes, reason:
     assert reason in result.stderr and "127.0.0.5" not in result.stderr
     exported = json.loads(run_cli(config_path, "registrations", "export").stdout)
     assert exported == {"version": 0, "accounts": {"kept": ["127.0.0.9"]}}
+
+
+def test_cli_device_ids_are_kept_as_digests_and_exported_as_such(tmp_path: Path) -> None:
+    """SPEC 3 and 5: `add`/`remove --device-id`; `list` and `export` show counts and digests,
+    never the IDs; an exported document imports back to the same digests."""
+    device_id = "k3v9q2m8x4t6w1z7p5r0bn2dca"
+    digest = hashlib.sha256(device_id.encode()).hexdigest()
+    config_path = tmp_path / "smartdns.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(free_port(), tmp_path, "127.0.0.1:53")))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        result = run_cli(config_path, "registrations", *args)
+        assert device_id not in result.stdout + result.stderr
+        return result
+
+    added = cli("add", "phone", "127.0.0.9", "--device-id", device_id)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout == "phone: 1 entries, 0 hostnames, 1 device IDs, version 0\n"
+    taken = cli("add", "other", "--device-id", device_id)
+    assert taken.returncode == 1
+    assert taken.stderr == "smartdns: error: device_ids[0]: held by another account\n"
+    bad = cli("add", "other", "--device-id", device_id.upper())
+    assert bad.returncode == 2 and "device_ids[0]: must be lower-case" in bad.stderr
+    assert cli("list").stdout == "phone\tversion 0\t127.0.0.9 (1 device IDs)\n"
+    listed = json.loads(cli("list", "--json").stdout)
+    assert listed["accounts"][0]["device_ids"] == 1
+    exported = json.loads(cli("export").stdout)
+    assert exported["accounts"] == {
+        "phone": {"addresses": ["127.0.0.9"], "device_id_sha256": [digest]}
+    }
+    document = tmp_path / "export.json"
+    document.write_text(json.dumps(exported))
+    assert cli("import", str(document)).returncode == 0
+    assert json.loads(cli("export").stdout) == exported
+    removed = cli("remove", "phone", "--device-id", device_id)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(cli("export").stdout)["accounts"] == {"phone": ["127.0.0.9"]}
+    database = b"".join(path.read_bytes() for path in tmp_path.glob("*.db*"))
+    assert database and device_id.encode() not in database

@@ -93,7 +93,7 @@ def test_put_then_delete_take_effect_within_one_second(server: Server) -> None:
     assert server.query("www.netflix.com", source=UNREGISTERED).rcode() == dns.rcode.REFUSED
     assert put(server, "acct-e2e", 10, [UNREGISTERED]) == (
         200,
-        {"account": "acct-e2e", "version": 10, "addresses": 1, "hostnames": 0},
+        {"account": "acct-e2e", "version": 10, "addresses": 1, "hostnames": 0, "device_ids": 0},
     )
     rcode_within(server, UNREGISTERED, dns.rcode.NOERROR, EFFECT_DEADLINE_S)
     assert call(server, "DELETE", "/v1/accounts/acct-e2e?version=11") == (
@@ -180,7 +180,7 @@ def test_ordering_idempotency_and_tombstones(server: Server) -> None:
     assert put(server, "acct-1", 5, ["127.0.5.1"])[0] == 200
     assert put(server, "acct-1", 5, ["127.0.5.1"]) == (
         200,
-        {"account": "acct-1", "version": 5, "addresses": 1, "hostnames": 0},
+        {"account": "acct-1", "version": 5, "addresses": 1, "hostnames": 0, "device_ids": 0},
     )
     status, body = put(server, "acct-1", 4, ["127.0.5.2"])
     assert status == 409 and "127.0.5.2" not in body["error"]
@@ -197,7 +197,7 @@ def test_snapshot_replaces_everything_and_stale_snapshot_is_409(server: Server) 
     snapshot = {"version": 20, "accounts": {"s1": [UNREGISTERED], "s2": ["127.0.6.0/24"]}}
     assert call(server, "PUT", "/v1/snapshot", snapshot) == (
         200,
-        {"version": 20, "accounts": 2, "entries": 2},
+        {"version": 20, "accounts": 2, "entries": 2, "device_ids": 0},
     )
     rcode_within(server, REGISTERED, dns.rcode.REFUSED, EFFECT_DEADLINE_S)  # "demo" is gone
     rcode_within(server, UNREGISTERED, dns.rcode.NOERROR, EFFECT_DEADLINE_S)
@@ -399,7 +399,13 @@ def test_cli_export_and_import_use_the_api_document(server: Server) -> None:
     assert imported.returncode == 0, imported.stderr
     assert call(server, "GET", "/v1/accounts/x3") == (
         200,
-        {"account": "x3", "version": 41, "addresses": [UNREGISTERED], "hostnames": []},
+        {
+            "account": "x3",
+            "version": 41,
+            "addresses": [UNREGISTERED],
+            "hostnames": [],
+            "device_ids": 0,
+        },
     )
     status, body = call(server, "PUT", "/v1/snapshot", json.loads(exported.stdout))
     assert status == 409, body  # version 40 is older than the imported 41

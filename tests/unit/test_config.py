@@ -102,7 +102,7 @@ def test_production_example_loads_with_spec_values(tmp_path: Path) -> None:
         tcp_max_connections=1024,
     )
     assert config.database == DatabaseConfig(Path("/var/lib/smartdns/registrations.db"))
-    assert config.registrations == RegistrationsConfig(24, 48, 16, 4, True)
+    assert config.registrations == RegistrationsConfig(24, 48, 16, 4, 8, True)
     assert config.unregistered is Unregistered.REFUSE
     assert config.unblock.ttl == 60
     assert config.unblock.canary_nxdomain is True

@@ -232,10 +232,10 @@ def test_invalid_version_is_a_shape_error(value: object) -> None:
 
 
 def test_account_document() -> None:
-    version, networks, hostnames = parse_account_document(
+    version, networks, hostnames, devices = parse_account_document(
         {"version": 7, "addresses": ["203.0.113.7", "2001:db8:7::/64"]}, LAB
     )
-    assert hostnames == ()
+    assert hostnames == devices == ()
     assert version == 7
     assert networks == (
         ipaddress.IPv4Network("203.0.113.7/32"),

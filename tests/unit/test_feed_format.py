@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 
 import pytest
@@ -85,6 +86,7 @@ def test_keys_outside_the_account_prefix_name_no_account() -> None:
     [
         _value(3, "203.0.113.7/32", "2001:db8:7::/64"),
         AccountValue(0, ()),
+        AccountValue(2, (), ("home.example.net",), (b"\x01" * 32, b"\xfe" * 32)),
         Tombstone(9),
     ],
 )
@@ -184,3 +186,37 @@ def test_check_write_follows_spec_4(
     else:
         with pytest.raises(StaleWriteError, match=outcome):
             check_write(new, current, snapshot_version)
+
+
+DIGEST_HEX = "ab" * 32
+
+
+def test_device_ids_travel_as_digests_never_as_ids() -> None:
+    value = AccountValue(1, (), (), (bytes.fromhex("cd" * 32), bytes.fromhex(DIGEST_HEX)))
+    assert encode_value(value) == (
+        b'{"version":1,"addresses":[],"device_id_sha256":["'
+        + DIGEST_HEX.encode()
+        + b'","'
+        + b"cd" * 32
+        + b'"]}'
+    )
+    assert b"device_ids" not in encode_value(value)
+    with pytest.raises(ShapeError) as caught:  # a raw ID never enters the bucket's reader
+        decode_value(b'{"version":1,"addresses":[],"device_ids":["' + b"k" * 26 + b'"]}', LAB)
+    assert str(caught.value) == "device_ids: the bucket holds device_id_sha256, never device IDs"
+
+
+@pytest.mark.parametrize(
+    ("digests", "message"),
+    [
+        ([DIGEST_HEX.upper()], "device_id_sha256[0]: must be a SHA-256 digest as 64 lower-case"),
+        ([DIGEST_HEX[:-2]], "device_id_sha256[0]: must be a SHA-256 digest"),
+        ([DIGEST_HEX, DIGEST_HEX], r"device_id_sha256\[1\]: the same ID as device_id_sha256\[0\]"),
+        ([f"{i:064x}" for i in range(9)], "9 device IDs exceed the limit of 8 per account"),
+        ("not a list", "device_id_sha256: must be a list"),
+    ],
+)
+def test_bad_digests_are_rejected_whole(digests: object, message: str) -> None:
+    data = json.dumps({"version": 1, "addresses": [], "device_id_sha256": digests}).encode()
+    with pytest.raises(RegistrationError, match=message.replace("[0]", r"\[0\]")):
+        decode_value(data, LAB)

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smartdns.core.clients import AuthorizedClients
+from smartdns.core.clients import AuthorizedClients, device_digest
 from smartdns.errors import StaleWriteError
 from smartdns.registrations import store as store_module
 from smartdns.registrations.entries import Network, Snapshot
+from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.follower import ClientsFollower, load_clients
 from smartdns.registrations.store import RegistrationStore
 
@@ -31,13 +32,16 @@ POOL: tuple[Network, ...] = (
     ipaddress.IPv6Network("2001:db8:1::/48"),
 )
 ACCOUNTS = ("a", "b", "c")
+# Device ID digests, few so that accounts come to share them (the feed allows that).
+DEVICES = tuple(device_digest(f"device{index:020d}") for index in range(3))
 
 
 def contents(clients: AuthorizedClients) -> tuple[object, ...]:
-    """What a set authorizes: the prefixes per family and length (empty lengths left out)."""
+    """What a set authorizes: the prefixes per family and length (empty lengths left out),
+    and the device ID digests."""
     families = (clients._v4_sets, clients._v6_sets)
     by_length = [{n: frozenset(s) for n, s in sets.items() if s} for sets in families]
-    return (*by_length, clients.entries)
+    return (*by_length, clients.entries, frozenset(clients.devices))
 
 
 class Node:
@@ -77,8 +81,13 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 
 
 _networks = st.lists(st.sampled_from(POOL), max_size=4)
+_devices = st.lists(st.sampled_from(DEVICES), max_size=2, unique=True)
 _write = st.one_of(
     st.tuples(st.just("put"), st.sampled_from(ACCOUNTS), _networks),
+    st.tuples(st.just("devices"), st.sampled_from(ACCOUNTS), _devices),
+    st.tuples(st.just("feed"), st.sampled_from(ACCOUNTS), _devices),
+    st.tuples(st.just("add_devices"), st.sampled_from(ACCOUNTS), _devices),
+    st.tuples(st.just("remove_devices"), st.sampled_from(ACCOUNTS), _devices),
     st.tuples(st.just("delete"), st.sampled_from(ACCOUNTS), st.just([])),
     st.tuples(st.just("add"), st.sampled_from(ACCOUNTS), _networks),
     st.tuples(st.just("remove"), st.sampled_from(ACCOUNTS), _networks),
@@ -97,6 +106,14 @@ async def _write_one(store: RegistrationStore, version: int, step: tuple[str, st
     try:
         if kind == "put":
             await store.put_account(account, version, values)
+        elif kind == "devices":
+            await store.put_account(account, version, POOL[:1], (), values)
+        elif kind == "feed":  # no conflict check: two accounts may come to hold one ID
+            await store.apply_feed([(account, AccountValue(version, (), (), tuple(values)))], None)
+        elif kind == "add_devices":
+            await store.add_entries(account, [], 16, devices=values, max_devices=8)
+        elif kind == "remove_devices":
+            await store.remove_entries(account, [], devices=values)
         elif kind == "delete":
             await store.delete_account(account, version)
         elif kind == "add":
@@ -107,7 +124,10 @@ async def _write_one(store: RegistrationStore, version: int, step: tuple[str, st
             await store.remove_entries(account, None)
         elif kind == "snapshot":
             accounts = {name: tuple(networks) for name, networks in values}
-            await store.replace_snapshot(Snapshot(version, MappingProxyType(accounts)))
+            devices = {name: DEVICES[len(networks) % 3 :][:1] for name, networks in values}
+            await store.replace_snapshot(
+                Snapshot(version, MappingProxyType(accounts), devices=MappingProxyType(devices))
+            )
     except StaleWriteError:
         pass
 
@@ -231,4 +251,34 @@ async def test_a_reader_past_the_kept_removals_loads_whole_without_spinning(
     await node.follower.wait_applied(await node.store.generation())
     assert reads <= 3  # one to learn a full load is due, one after it; no busy loop
     assert len(node.published) == 1
+    await node.matches_a_full_load()
+
+
+async def test_withdrawn_device_id_stops_authorizing_in_the_same_step(node: Node) -> None:
+    """SPEC 2a: withdrawing an ID takes effect with the write (read-your-writes), in place."""
+    held = node.follower.clients
+    await node.store.put_account("a", 1, [], (), [DEVICES[0], DEVICES[1]])
+    await node.follower.wait_applied(await node.store.generation())
+    assert held.holds_device(DEVICES[0]) and held.holds_device(DEVICES[1])
+    await node.store.put_account("a", 2, [], (), [DEVICES[1]])
+    await node.follower.wait_applied(await node.store.generation())
+    assert not held.holds_device(DEVICES[0]) and held.holds_device(DEVICES[1])
+    await node.store.delete_account("a", 3)
+    await node.follower.wait_applied(await node.store.generation())
+    assert not held.holds_device(DEVICES[1])
+    assert node.follower.clients is held and node.published == []  # in place, no rebuild
+
+
+async def test_device_id_two_accounts_hold_authorizes_neither(node: Node) -> None:
+    """SPEC 3: should the feed bring one ID to two accounts, it authorizes neither; once
+    one lets go, the other's authorizes again, without a write to that other account."""
+    await node.store.put_account("a", 1, [], (), [DEVICES[0]])
+    await node.follower.wait_applied(await node.store.generation())
+    assert node.follower.clients.holds_device(DEVICES[0])
+    await node.store.apply_feed([("b", AccountValue(2, (), (), (DEVICES[0],)))], None)
+    await node.follower.wait_applied(await node.store.generation())
+    assert not node.follower.clients.holds_device(DEVICES[0])
+    await node.store.apply_feed([("b", AccountValue(3, (), (), ()))], None)
+    await node.follower.wait_applied(await node.store.generation())
+    assert node.follower.clients.holds_device(DEVICES[0])
     await node.matches_a_full_load()

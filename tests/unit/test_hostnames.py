@@ -158,7 +158,8 @@ def test_account_document_with_hostnames() -> None:
         (
             {"version": 1, "addresses": [], "hostnames": [], "extra": 1},
             ShapeError,
-            'unexpected top-level key; only "addresses" and "hostnames" and "version" are allowed',
+            "unexpected top-level key; only"
+            ' "addresses" and "device_ids" and "hostnames" and "version" are allowed',
         ),
     ],
 )
@@ -203,7 +204,8 @@ def test_snapshot_takes_both_forms() -> None:
         (
             {"addresses": [], "other": 1},
             ShapeError,
-            'accounts["a"]: unexpected key; only "addresses" and "hostnames" are allowed',
+            'accounts["a"]: unexpected key; only "addresses" and "device_id_sha256" and'
+            ' "device_ids" and "hostnames" are allowed',
         ),
         (
             {"addresses": [], "hostnames": [f"h{i}.example.net" for i in range(5)]},

@@ -288,7 +288,7 @@ async def test_put_get_delete_account(api: Api) -> None:
     status, body = await api.put("acct-1", 5, [ADDRESS, "2001:db8:7::/64"])
     assert (status, body) == (
         200,
-        {"account": "acct-1", "version": 5, "addresses": 2, "hostnames": 0},
+        {"account": "acct-1", "version": 5, "addresses": 2, "hostnames": 0, "device_ids": 0},
     )
     status, body = await api.call("GET", "/v1/accounts/acct-1")
     assert (status, body) == (
@@ -298,6 +298,7 @@ async def test_put_get_delete_account(api: Api) -> None:
             "version": 5,
             "addresses": [ADDRESS, "2001:db8:7::/64"],
             "hostnames": [],
+            "device_ids": 0,
         },
     )
     status, body = await api.call("DELETE", "/v1/accounts/acct-1?version=6")
@@ -315,7 +316,7 @@ async def test_same_write_repeated_is_a_no_op(api: Api) -> None:
     before = await _generation(api)
     assert await api.put("acct-1", 5, [ADDRESS]) == (
         200,
-        {"account": "acct-1", "version": 5, "addresses": 1, "hostnames": 0},
+        {"account": "acct-1", "version": 5, "addresses": 1, "hostnames": 0, "device_ids": 0},
     )
     assert await _generation(api) == before
 
@@ -384,6 +385,60 @@ async def test_delete_needs_one_integer_version(api: Api, query: str) -> None:
     assert body["error"].startswith("version: ")
 
 
+# --- device IDs (SPEC 2a, 3) ---------------------------------------------------------------------
+
+DEVICE_ID = "k3v9q2m8x4t6w1z7p5r0bn2dca"  # distinctive: must never come back in a reply
+
+
+async def test_device_ids_are_counted_never_returned(api: Api) -> None:
+    body = {"version": 1, "addresses": [], "device_ids": [DEVICE_ID, "b" * 20]}
+    status, reply = await api.call("PUT", "/v1/accounts/phone", body)
+    assert (status, reply["device_ids"], reply["addresses"]) == (200, 2, 0)
+    status, reply = await api.call("GET", "/v1/accounts/phone")
+    assert (status, reply["device_ids"]) == (200, 2)
+    assert (await api.call("PUT", "/v1/accounts/phone", body))[0] == 200  # a repeat: no-op
+    other = {"version": 1, "addresses": [], "device_ids": [DEVICE_ID]}
+    status, reply = await api.call("PUT", "/v1/accounts/phone", other)
+    assert (status, reply) == (409, {"error": "version 1 is already stored with other content"})
+
+
+async def test_id_another_account_holds_is_409_by_position(api: Api) -> None:
+    body = {"version": 1, "addresses": [], "device_ids": [DEVICE_ID]}
+    assert (await api.call("PUT", "/v1/accounts/first", body))[0] == 200
+    taken = {"version": 2, "addresses": [ADDRESS], "device_ids": ["c" * 20, DEVICE_ID]}
+    status, reply = await api.call("PUT", "/v1/accounts/second", taken)
+    assert (status, reply) == (409, {"error": "device_ids[1]: held by another account"})
+    assert (await api.call("GET", "/v1/accounts/second"))[0] == 404
+    assert (await api.call("DELETE", "/v1/accounts/first?version=3"))[0] == 200
+    taken["version"] = 4
+    assert (await api.call("PUT", "/v1/accounts/second", taken))[0] == 200
+
+
+async def test_bad_device_id_is_422_without_echo(api: Api) -> None:
+    body = {"version": 1, "addresses": [], "device_ids": [DEVICE_ID.upper()]}
+    status, reply = await api.call("PUT", "/v1/accounts/phone", body)
+    assert (status, reply) == (
+        422,
+        {"error": "device_ids[0]: must be lower-case letters a-z and digits only"},
+    )
+
+
+async def test_snapshot_object_form_carries_device_ids(api: Api) -> None:
+    accounts = {
+        "a": {"addresses": [ADDRESS], "device_ids": [DEVICE_ID]},
+        "b": {"addresses": [], "device_id_sha256": ["ab" * 32]},
+    }
+    status, reply = await api.call("PUT", "/v1/snapshot", {"version": 5, "accounts": accounts})
+    assert (status, reply) == (200, {"version": 5, "accounts": 2, "entries": 1, "device_ids": 2})
+    assert (await api.call("GET", "/v1/accounts/b"))[1]["device_ids"] == 1
+    accounts["b"] = {"addresses": [], "device_ids": [DEVICE_ID]}
+    status, reply = await api.call("PUT", "/v1/snapshot", {"version": 6, "accounts": accounts})
+    assert (status, reply) == (
+        422,
+        {"error": 'accounts["b"].device_ids[0]: given to another account too'},
+    )
+
+
 # --- snapshots ---------------------------------------------------------------------------------
 
 
@@ -395,7 +450,7 @@ async def test_snapshot_replaces_everything_and_orders_later_writes(api: Api) ->
         "/v1/snapshot",
         {"version": 10, "accounts": {"a": ["203.0.113.1"], "b": ["203.0.113.2", "2001:db8::/48"]}},
     )
-    assert (status, body) == (200, {"version": 10, "accounts": 2, "entries": 3})
+    assert (status, body) == (200, {"version": 10, "accounts": 2, "entries": 3, "device_ids": 0})
     assert (await api.call("GET", "/v1/accounts/old"))[0] == 404
     assert (await api.call("GET", "/v1/accounts/a"))[1]["version"] == 10
     assert await api.call("GET", "/v1/status") == (
@@ -423,7 +478,10 @@ async def test_large_snapshot_is_decoded_off_the_loop(
     monkeypatch.setattr(sync_api, "decode_snapshot", recording)
     accounts = {f"acct-{i}": [f"10.{i // 256}.{i % 256}.1"] for i in range(5000)}
     status, body = await api.call("PUT", "/v1/snapshot", {"version": 1, "accounts": accounts})
-    assert (status, body) == (200, {"version": 1, "accounts": 5000, "entries": 5000})
+    assert (status, body) == (
+        200,
+        {"version": 1, "accounts": 5000, "entries": 5000, "device_ids": 0},
+    )
     assert threads and threads[0] is not threading.main_thread()
 
 
@@ -486,7 +544,13 @@ async def test_broken_rule_is_422_naming_the_position(
     assert (status, body) == (422, {"error": message})
     assert await api.call("GET", "/v1/accounts/acct-1") == (
         200,
-        {"account": "acct-1", "version": 1, "addresses": ["198.51.100.1"], "hostnames": []},
+        {
+            "account": "acct-1",
+            "version": 1,
+            "addresses": ["198.51.100.1"],
+            "hostnames": [],
+            "device_ids": 0,
+        },
     )
 
 
@@ -881,6 +945,22 @@ def test_every_route_is_documented_and_every_documented_operation_exists(
 # (method, path, body or raw bytes, headers, token, expected status)
 _EXCHANGES: list[tuple[str, str, Any, dict[str, str], str | None, int]] = [
     ("PUT", "/v1/accounts/acct-1", {"version": 2, "addresses": [ADDRESS]}, {}, TOKEN, 200),
+    (
+        "PUT",
+        "/v1/accounts/dev",
+        {"version": 2, "addresses": [], "device_ids": ["d" * 20]},
+        {},
+        TOKEN,
+        200,
+    ),
+    (
+        "PUT",
+        "/v1/accounts/dev2",
+        {"version": 3, "addresses": [], "device_ids": ["d" * 20]},
+        {},
+        TOKEN,
+        409,
+    ),
     ("PUT", "/v1/accounts/acct-1", {"version": 1, "addresses": []}, {}, TOKEN, 409),
     ("PUT", "/v1/accounts/acct-1", {"version": 3, "addresses": ["bad"]}, {}, TOKEN, 422),
     ("PUT", "/v1/accounts/acct-1", b'{"version": 3', {}, TOKEN, 400),

@@ -806,7 +806,10 @@ class Feed:
             )
             wanted: dict[str, FeedValue | None] = {
                 account_key(account): AccountValue(
-                    version, tuple(networks), snapshot.hostnames.get(account, ())
+                    version,
+                    tuple(networks),
+                    snapshot.hostnames.get(account, ()),
+                    snapshot.devices.get(account, ()),
                 )
                 for account, networks in snapshot.accounts.items()
             }

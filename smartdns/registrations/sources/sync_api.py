@@ -33,7 +33,12 @@ from smartdns.registrations.entries import (
 from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.json_body import decode_account, decode_snapshot, release_snapshot
 from smartdns.registrations.sources.feed import Feed, FeedState, FeedUnavailable
-from smartdns.registrations.store import DatabaseError, RegistrationStore, SnapshotResult
+from smartdns.registrations.store import (
+    AccountRecord,
+    DatabaseError,
+    RegistrationStore,
+    SnapshotResult,
+)
 from smartdns.registrations.writer import RegistrationWriter
 
 log = logging.getLogger(__name__)
@@ -315,25 +320,24 @@ class SyncApi:
     async def _put_account(self, request: web.Request) -> web.Response:
         body = await self._read_body(request)
         account = self._account(request)
-        version, networks, hostnames = await self._parse(body, decode_account)
+        version, networks, hostnames, devices = await self._parse(body, decode_account)
         if self.feed is not None:
-            value = AccountValue(version, networks, tuple(sorted(set(hostnames))))
-            await self._through_feed(self.feed.put_account(account, value))
-            return web.json_response(
-                {
-                    "account": account,
-                    "version": version,
-                    "addresses": len(networks),
-                    "hostnames": len(value.hostnames),
-                }
+            # The bucket has no index by digest; this node's copy does (docs/feed.md).
+            await self._store.device_conflict(account, devices)
+            value = AccountValue(
+                version, networks, tuple(sorted(set(hostnames))), tuple(sorted(devices))
             )
-        record = await self._writer.put_account(account, version, networks, hostnames)
+            await self._through_feed(self.feed.put_account(account, value))
+            record = AccountRecord(account, version, networks, value.hostnames, value.devices)
+        else:
+            record = await self._writer.put_account(account, version, networks, hostnames, devices)
         return web.json_response(
             {
                 "account": account,
                 "version": record.version,
                 "addresses": len(record.networks),
                 "hostnames": len(record.hostnames),
+                "device_ids": len(record.devices),
             }
         )
 
@@ -370,6 +374,7 @@ class SyncApi:
                 "version": record.version,
                 "addresses": [format_network(network) for network in record.networks],
                 "hostnames": list(record.hostnames),
+                "device_ids": len(record.devices),  # SPEC 3: the count, never IDs or digests
             }
         )
 
@@ -399,14 +404,20 @@ class SyncApi:
             loop.time() - validated,
         )
         return web.json_response(
-            {"version": version, "accounts": result.accounts, "entries": result.entries}
+            {
+                "version": version,
+                "accounts": result.accounts,
+                "entries": result.entries,
+                "device_ids": result.devices,
+            }
         )
 
     async def _feed_snapshot(self, snapshot: Snapshot) -> tuple[int, SnapshotResult]:
         assert self.feed is not None
         revision = await self.feed.replace_snapshot(snapshot)
         entries = sum(len(networks) for networks in snapshot.accounts.values())
-        return revision, SnapshotResult(accounts=len(snapshot.accounts), entries=entries)
+        devices = sum(len(digests) for digests in snapshot.devices.values())
+        return revision, SnapshotResult(len(snapshot.accounts), entries, devices)
 
     async def _status(self, _request: web.Request) -> web.Response:
         status = await self._store.status()
