@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from tests.e2e.harness import (
     run_cli,
     running_server,
 )
+from tests.e2e.streams import closed_after, framed, read_reply
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 
@@ -115,42 +115,6 @@ class DotServer:
         )
 
 
-def framed(name: str, qtype: str = "A", query_id: int = 1) -> bytes:
-    message = dns.message.make_query(name, qtype)
-    message.id = query_id
-    wire = message.to_wire()
-    return struct.pack("!H", len(wire)) + wire
-
-
-def read_reply(sock: socket.socket) -> dns.message.Message:
-    def exactly(size: int) -> bytes:
-        data = b""
-        for _ in range(size):
-            if len(data) == size:
-                break
-            chunk = sock.recv(size - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    (length,) = struct.unpack("!H", exactly(2))
-    return dns.message.from_wire(exactly(length))
-
-
-def closed_after(sock: socket.socket, timeout_s: float) -> float:
-    """Seconds until the server closes `sock` (EOF, reset or a TLS error)."""
-    started = time.monotonic()
-    sock.settimeout(timeout_s)
-    for _ in range(1000):
-        try:
-            if not sock.recv(4096):
-                break
-        except (ConnectionResetError, ssl.SSLError):
-            break
-    return time.monotonic() - started
-
-
 def answer_addresses(reply: dns.message.Message) -> list[str]:
     return sorted(item.to_text() for rrset in reply.answer for item in rrset)
 
@@ -164,6 +128,16 @@ def test_dot_answers_as_udp_does(dot: DotServer) -> None:
     assert answer_addresses(reply) == ["198.51.100.10", "198.51.100.11"]
     assert dot.query("example.org").answer[0][0].to_text() == "192.0.2.1"
     assert dot.query("www.netflix.com", source=UNREGISTERED).rcode() == dns.rcode.REFUSED
+    over_ipv6 = dns.query.tls(
+        dns.message.make_query("www.netflix.com", "A"),
+        "::1",
+        port=dot.port,
+        source="::1",
+        timeout=QUERY_TIMEOUT_S,
+        ssl_context=dot.context(),
+        server_hostname=SERVER_NAME,
+    )
+    assert answer_addresses(over_ipv6) == ["198.51.100.10", "198.51.100.11"]
 
 
 def test_alpn_dot_tls12_and_no_alpn_are_served(dot: DotServer) -> None:
@@ -199,56 +173,29 @@ def test_a_server_name_not_ours_is_refused_in_the_handshake(dot: DotServer) -> N
     assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
 
 
-@pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig not installed")
+def dig_over_tls(tool: str, dot: DotServer, hostname: str, timeout: str) -> str:
+    """`tool` (kdig or dig 9.18) asking for www.netflix.com over TLS as `hostname`: its output."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+    command = [tool, "-b", REGISTERED, "-p", str(dot.port), "@127.0.0.1", "+tls"]
+    command += [f"+tls-ca={dot.pair.ca_file}", f"+tls-hostname={hostname}", timeout]
+    result = subprocess.run(
+        [*command, "www.netflix.com", "A"], capture_output=True, text=True, timeout=30
+    )
+    return result.stdout + result.stderr
+
+
 def test_kdig_over_tls(dot: DotServer) -> None:
     for hostname, wanted in ((SERVER_NAME, "NOERROR"), (f"{DEVICE_ID}.{SERVER_NAME}", "REFUSED")):
-        result = subprocess.run(
-            [
-                "kdig",
-                "-b",
-                REGISTERED,
-                "-p",
-                str(dot.port),
-                "@127.0.0.1",
-                "+tls",
-                f"+tls-ca={dot.pair.ca_file}",
-                f"+tls-hostname={hostname}",
-                "+timeout=3",
-                "www.netflix.com",
-                "A",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert f"status: {wanted}" in result.stdout, result.stdout + result.stderr
-        assert "TLS session (TLS1.3)" in result.stdout
+        output = dig_over_tls("kdig", dot, hostname, "+timeout=3")
+        assert f"status: {wanted}" in output, output
+        assert "TLS session (TLS1.3)" in output
 
 
-@pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed")
 def test_dig_over_tls(dot: DotServer) -> None:
-    result = subprocess.run(
-        [
-            "dig",
-            "-b",
-            REGISTERED,
-            "-p",
-            str(dot.port),
-            "@127.0.0.1",
-            "+tls",
-            f"+tls-ca={dot.pair.ca_file}",
-            f"+tls-hostname={SERVER_NAME}",
-            "+time=3",
-            "+tries=1",
-            "www.netflix.com",
-            "A",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert "status: NOERROR" in result.stdout, result.stdout + result.stderr
-    assert "198.51.100.10" in result.stdout
+    output = dig_over_tls("dig", dot, SERVER_NAME, "+time=3")
+    assert "status: NOERROR" in output, output
+    assert "198.51.100.10" in output
 
 
 # --- the TCP rules inside TLS ----------------------------------------------------------------

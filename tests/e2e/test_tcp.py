@@ -20,19 +20,13 @@ import pytest
 
 from smartdns.serve.framing import FIRST_QUERY_GRACE_S, MAX_QUERIES_PER_CONNECTION
 from tests.e2e.harness import REGISTERED, Server, running_server
+from tests.e2e.streams import closed_after, framed, read_reply
 from tests.fake_upstream import FakeUpstream
 
 IDLE_TIMEOUT_S = 2.0  # harness default `server.tcp_idle_timeout`
 WAIT_S = 5.0
 TCP_CLOSE = 7  # tcpi_state after a reset
 TCP_CLOSE_WAIT = 8  # tcpi_state after the peer's FIN
-
-
-def _framed(name: str = "www.netflix.com", qtype: str = "A", query_id: int = 0x1234) -> bytes:
-    message = dns.message.make_query(name, qtype)
-    message.id = query_id
-    wire = message.to_wire()
-    return struct.pack("!H", len(wire)) + wire
 
 
 def _connect(server: Server, rcvbuf: int = 0) -> socket.socket:
@@ -43,38 +37,6 @@ def _connect(server: Server, rcvbuf: int = 0) -> socket.socket:
     sock.settimeout(WAIT_S)
     sock.connect(("127.0.0.1", server.port))
     return sock
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    for _ in range(size):  # at least one byte per round
-        if len(data) == size:
-            break
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-
-def _read_reply(sock: socket.socket) -> dns.message.Message:
-    (length,) = struct.unpack("!H", _recv_exactly(sock, 2))
-    return dns.message.from_wire(_recv_exactly(sock, length))
-
-
-def _closed_after(sock: socket.socket, timeout_s: float) -> float:
-    """Seconds until the server closes `sock` (EOF or reset), reading whatever comes."""
-    started = time.monotonic()
-    sock.settimeout(timeout_s)
-    for _ in range(10_000):
-        try:
-            if not sock.recv(65536):
-                break
-        except ConnectionResetError:
-            break
-    else:
-        raise AssertionError("too much data")
-    return time.monotonic() - started
 
 
 def _is_closed(sock: socket.socket) -> bool:
@@ -93,23 +55,23 @@ def _others_answered(server: Server) -> None:
 
 def test_pipelined_queries_on_one_connection(server: Server) -> None:
     with _connect(server) as sock:
-        sock.sendall(b"".join(_framed(query_id=i) for i in range(1, 21)))
-        ids = {_read_reply(sock).id for _ in range(20)}
+        sock.sendall(b"".join(framed(query_id=i) for i in range(1, 21)))
+        ids = {read_reply(sock).id for _ in range(20)}
     assert ids == set(range(1, 21))
 
 
 def test_idle_connection_is_closed_after_the_idle_timeout(server: Server) -> None:
     with _connect(server) as sock:
-        sock.sendall(_framed())
-        assert _read_reply(sock).answer
+        sock.sendall(framed())
+        assert read_reply(sock).answer
         _others_answered(server)
-        took = _closed_after(sock, IDLE_TIMEOUT_S + 3)
+        took = closed_after(sock, IDLE_TIMEOUT_S + 3)
     assert IDLE_TIMEOUT_S - 0.7 <= took <= IDLE_TIMEOUT_S + 1.5
 
 
 @pytest.mark.slow
 def test_slowloris_one_byte_per_second_times_out(server: Server) -> None:
-    message = _framed()
+    message = framed()
     with _connect(server) as sock:
         started = time.monotonic()
         for index in range(len(message) - 1):  # never completes within the deadline
@@ -122,7 +84,7 @@ def test_slowloris_one_byte_per_second_times_out(server: Server) -> None:
             if index == 1:
                 _others_answered(server)
             time.sleep(1.0)  # the pace under test
-        took = time.monotonic() - started + _closed_after(sock, IDLE_TIMEOUT_S + 3)
+        took = time.monotonic() - started + closed_after(sock, IDLE_TIMEOUT_S + 3)
     assert took <= IDLE_TIMEOUT_S + 2.0  # from the first byte, not from the last one
     _others_answered(server)
 
@@ -137,14 +99,14 @@ def test_slowloris_one_byte_per_second_times_out(server: Server) -> None:
 )
 def test_garbage_closes_only_that_connection(server: Server, garbage: bytes, at_once: bool) -> None:
     with _connect(server) as other, _connect(server) as bad:
-        other.sendall(_framed(query_id=1))
-        assert _read_reply(other).id == 1
+        other.sendall(framed(query_id=1))
+        assert read_reply(other).id == 1
         bad.sendall(garbage)
         started = time.monotonic()
         bad.settimeout(0.25)
         for query_id in range(2, 30):
-            other.sendall(_framed(query_id=query_id))  # the neighbour is unaffected
-            assert _read_reply(other).id == query_id
+            other.sendall(framed(query_id=query_id))  # the neighbour is unaffected
+            assert read_reply(other).id == query_id
             try:
                 if not bad.recv(100):
                     break
@@ -161,8 +123,8 @@ def test_unreadable_message_with_sound_framing_keeps_the_connection(server: Serv
     junk = os.urandom(30)
     junk = junk[:2] + bytes([junk[2] | 0x80]) + junk[3:]  # QR set: dropped, not answered
     with _connect(server) as sock:
-        sock.sendall(struct.pack("!H", len(junk)) + junk + _framed(query_id=7))
-        assert _read_reply(sock).id == 7
+        sock.sendall(struct.pack("!H", len(junk)) + junk + framed(query_id=7))
+        assert read_reply(sock).id == 7
 
 
 def test_connection_cap_sheds_idle_connections_first(
@@ -172,21 +134,21 @@ def test_connection_cap_sheds_idle_connections_first(
     with running_server(tmp_path, upstream.address, override) as server:
         idle = [_connect(server) for _ in range(3)]
         for sock in idle:
-            sock.sendall(_framed())
-            assert _read_reply(sock).answer
+            sock.sendall(framed())
+            assert read_reply(sock).answer
         try:
             # full of idle connections: the newcomer is served, the oldest idle one closed
             with _connect(server) as newcomer:
-                newcomer.sendall(_framed())
-                assert _read_reply(newcomer).answer
-                assert _closed_after(idle[0], 1.0) < 1.0
+                newcomer.sendall(framed())
+                assert read_reply(newcomer).answer
+                assert closed_after(idle[0], 1.0) < 1.0
                 # now make every connection busy: a message under way
                 busy = [idle[1], idle[2], newcomer]
                 for sock in busy:
-                    sock.sendall(_framed()[:5])
+                    sock.sendall(framed()[:5])
                 with _connect(server) as refused:
-                    refused.sendall(_framed())
-                    assert _closed_after(refused, 1.0) < 1.0
+                    refused.sendall(framed())
+                    assert closed_after(refused, 1.0) < 1.0
                 assert server.query("www.netflix.com").answer  # UDP keeps answering
                 for sock in busy:
                     assert not _is_closed(sock)
@@ -206,16 +168,16 @@ def test_connection_cap_spares_new_connections_until_their_first_query(
         try:
             # both are new and have sent nothing yet: the newcomer is turned away, not them
             with _connect(server) as newcomer:
-                newcomer.sendall(_framed())
-                assert _closed_after(newcomer, 1.0) < 1.0
-            answered.sendall(_framed(query_id=1))
-            assert _read_reply(answered).id == 1
+                newcomer.sendall(framed())
+                assert closed_after(newcomer, 1.0) < 1.0
+            answered.sendall(framed(query_id=1))
+            assert read_reply(answered).id == 1
             time.sleep(FIRST_QUERY_GRACE_S)
             # past its grace, the connection that never asked is the one shed
             with _connect(server) as late:
-                late.sendall(_framed(query_id=2))
-                assert _read_reply(late).id == 2
-            assert _closed_after(silent, 1.0) < 1.0
+                late.sendall(framed(query_id=2))
+                assert read_reply(late).id == 2
+            assert closed_after(silent, 1.0) < 1.0
             assert not _is_closed(answered)
         finally:
             silent.close()
@@ -226,22 +188,22 @@ def test_connection_cap_spares_new_connections_until_their_first_query(
 def test_queries_per_connection_cap(server: Server) -> None:
     count = MAX_QUERIES_PER_CONNECTION + 5
     with _connect(server) as sock:
-        sock.sendall(b"".join(_framed(query_id=i % 65536) for i in range(count)))
+        sock.sendall(b"".join(framed(query_id=i % 65536) for i in range(count)))
         answered = 0
         for _ in range(count):
             try:
-                _read_reply(sock)
+                read_reply(sock)
             except (EOFError, ConnectionResetError):
                 break
             answered += 1
         assert answered == MAX_QUERIES_PER_CONNECTION
-        assert _closed_after(sock, WAIT_S) < WAIT_S
+        assert closed_after(sock, WAIT_S) < WAIT_S
     _others_answered(server)
 
 
 def test_client_that_never_reads_is_disconnected(server: Server) -> None:
     assert server.query("big.example.org", tcp=True).answer  # cached: answers come at once
-    query = _framed("big.example.org")
+    query = framed("big.example.org")
     with _connect(server, rcvbuf=4096) as sock:
         sock.setblocking(False)
         sent = 0
@@ -284,8 +246,8 @@ def test_out_of_descriptors_pauses_accepting_and_recovers(limited: tuple[Server,
     def ask(index: int) -> int:
         sock = _connect(server)
         held.append(sock)
-        sock.sendall(_framed(query_id=index))
-        return _read_reply(sock).id
+        sock.sendall(framed(query_id=index))
+        return read_reply(sock).id
 
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
