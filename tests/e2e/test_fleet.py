@@ -7,7 +7,9 @@ sync API, they must be answered (NOERROR) or refused on every node within a seco
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dns.rcode
+import nats
 import pytest
 
 from tests.e2e.harness import Server, rcode_within, running_server
@@ -186,3 +189,47 @@ def test_one_refresher_resolves_hostnames_for_the_fleet(
     for node in fleet.nodes:
         rcode_within(node, device(7), dns.rcode.NOERROR, DDNS_S)
     assert upstream.count("home.example.net", "A") == 1  # one lookup for the whole fleet
+
+
+async def bucket_values(servers: list[str]) -> dict[str, bytes]:
+    """Every key's current value in the fleet's bucket, read as a portal's NATS client would."""
+    nc = await nats.connect(servers=servers)
+    try:
+        kv = await nc.jetstream().key_value("fleet")
+        return {key: (await kv.get(key)).value or b"" for key in await kv.keys()}
+    finally:
+        await nc.close()
+
+
+def test_device_ids_travel_as_digests_and_belong_to_one_account(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """SPEC 3: the feed carries only the SHA-256 digest of an ID (grep the bucket and the
+    NATS servers' files for the raw ID: absent, its digest present); another account giving
+    the ID through another node is refused from that node's copy (the bucket has no index)."""
+    one, two, _ = fleet.nodes
+    device_id = "f7g3h9j1k5l2m8n4p6q0r3s7t1"
+    digest = hashlib.sha256(device_id.encode()).hexdigest()
+    body = {"version": 1, "addresses": [], "device_ids": [device_id]}
+    status, reply = call(one, "PUT", "/v1/accounts/phone", body)
+    assert (status, reply["device_ids"]) == (200, 1), reply
+    start = time.monotonic()
+    while call(two, "GET", "/v1/accounts/phone")[0] != 200:
+        assert time.monotonic() - start < EFFECT_S
+        time.sleep(0.05)
+    assert call(two, "GET", "/v1/accounts/phone")[1]["device_ids"] == 1
+    status, reply = call(two, "PUT", "/v1/accounts/other", {**body, "version": 2})
+    assert (status, reply) == (409, {"error": "device_ids[0]: held by another account"})
+    values = asyncio.run(asyncio.wait_for(bucket_values(fleet.nats.urls), 10))
+    value = json.loads(values["acct.phone"])
+    assert value == {"version": 1, "addresses": [], "device_id_sha256": [digest]}
+    assert "acct.other" not in values
+    stored = b"".join(
+        path.read_bytes() for path in (tmp_path / "nats").rglob("*") if path.is_file()
+    )
+    assert digest.encode() in stored  # the search finds what is there
+    assert device_id.encode() not in stored
+    for node in fleet.nodes:
+        database = b"".join(p.read_bytes() for p in node.state.glob("registrations.db*"))
+        assert database and device_id.encode() not in database
+        assert device_id not in node.output()

@@ -87,6 +87,8 @@ DDNS_NAME = "canary-ddns-5e1f.example.org"  # a registered hostname: registratio
 DDNS_ACCOUNT = "acct-ddns"
 
 SYNC_ACCOUNT = "acct-audit"  # account ids are opaque and stored by design: not a canary
+# A device ID registered through the sync API (SPEC 3, 7): only its digest may be stored.
+SYNC_DEVICE = "canarysyncdevice4e7b9a2c6d"
 WRONG_TOKEN = "c0ffee5eed" * 6
 
 CLIENT_QPS = 40  # low enough for the floods, high enough for the ~20 queries of each source
@@ -146,6 +148,7 @@ NEVER = {
     "wrong token": [WRONG_TOKEN.encode()],
     "doh user agent": [DOH_AGENT.encode(), DOH_AGENT.upper().encode()],
     "doh device id": [DOH_DEVICE.encode(), DOH_DEVICE.upper().encode()],
+    "registered device id": [SYNC_DEVICE.encode(), SYNC_DEVICE.upper().encode()],
     "doh path": [DOH_PATH.encode(), DOH_PATH.upper().encode()],
 }
 REGISTERED = {f"registered {a}": all_address_forms(a) for a in REGISTERED_SOURCES}
@@ -249,15 +252,22 @@ def _limited(metrics: str) -> dict[str, int]:
     return counts
 
 
-def _sync(server: Server) -> dict[str, Any]:
+def _sync(server: Server, ca_file: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """(status, body) of each sync API request, and the rcodes of DoH queries naming the
+    account's device ID while it is registered and after the account's deletion."""
     account = f"/v1/accounts/{SYNC_ACCOUNT}"
     results: dict[str, Any] = {}
-    results["put"] = put(server, SYNC_ACCOUNT, 5, list(SYNC_ADDRESSES))
+    device: dict[str, int] = {}
+    body = {"version": 5, "addresses": list(SYNC_ADDRESSES), "device_ids": [SYNC_DEVICE]}
+    results["put"] = call(server, "PUT", account, body)
+    device["registered"] = _doh_naming(ca_file, SYNC_DEVICE)  # in effect with the 200
     for source in SYNC_ADDRESSES:  # the registration really took effect, for both families
         rcode_within(server, source, dns.rcode.NOERROR, SYNC_EFFECT_S)
     results["get"] = call(server, "GET", account)
     for i, invalid in enumerate(INVALID_ADDRESSES):
         results[f"put_invalid_{i}"] = put(server, SYNC_ACCOUNT, 6, [SYNC_ADDRESSES[0], invalid])
+    invalid_device = {"version": 6, "addresses": [], "device_ids": [SYNC_DEVICE.upper()]}
+    results["put_invalid_device"] = call(server, "PUT", account, invalid_device)
     results["put_wrong_token"] = call(
         server,
         "PUT",
@@ -267,6 +277,7 @@ def _sync(server: Server) -> dict[str, Any]:
     )
     results["get_wrong_token"] = call(server, "GET", account, token=WRONG_TOKEN)
     results["delete"] = call(server, "DELETE", f"{account}?version=8")
+    device["deleted"] = _doh_naming(ca_file, SYNC_DEVICE)
     for source in SYNC_ADDRESSES:
         rcode_within(server, source, dns.rcode.REFUSED, SYNC_EFFECT_S)
     results["get_deleted"] = call(server, "GET", account)
@@ -274,7 +285,18 @@ def _sync(server: Server) -> dict[str, Any]:
     results["ddns_put"] = call(server, "PUT", f"/v1/accounts/{DDNS_ACCOUNT}", body)
     for source in DDNS_ADDRESSES:  # the hostname was resolved and what it resolved to authorizes
         rcode_within(server, source, dns.rcode.NOERROR, DDNS_EFFECT_S)
-    return results
+    return results, device
+
+
+def _doh_naming(ca_file: Path, device_id: str) -> int:
+    """The rcode of a DoH query naming `device_id`, from an address nobody registered."""
+    wire = dns.message.make_query(DOH_NAME, "A").to_wire()
+    client = H2Client(DOH_PORT, ca_file, source=UNREGISTERED_V4)
+    try:
+        target = get_target(wire, f"/dns-query/{device_id}")
+        return client.request("GET", target, b"", []).message().rcode()
+    finally:
+        client.close()
 
 
 def _doh(ca_file: Path, source: str) -> dict[str, int]:
@@ -334,7 +356,7 @@ def client_session(state: str, port: str, ca_file: str) -> None:
             break
         time.sleep(0.05)
 
-    summary["sync"] = _sync(server)
+    summary["sync"], summary["device"] = _sync(server, Path(ca_file))
     summary["metrics"] = call(server, "GET", "/metrics", token=None)
     summary["status"] = call(server, "GET", "/v1/status")
     summary["healthz"] = call(server, "GET", "/healthz", token=None)
@@ -489,10 +511,16 @@ def test_session_really_ran(session: Session) -> None:
     assert session.summary["limited"]["rate_limited"] > 0
     assert sum(session.summary["limited"].values()) > 0
     sync = session.summary["sync"]
-    assert sync["put"][0] == 200
-    assert sync["get"][0] == 200
+    assert sync["put"][0] == 200 and sync["put"][1]["device_ids"] == 1
+    assert sync["get"][0] == 200 and sync["get"][1]["device_ids"] == 1
     assert sorted(sync["get"][1]["addresses"]) == sorted(SYNC_ADDRESSES)
     assert sync["put_invalid_0"][0] == sync["put_invalid_1"][0] == 422
+    assert sync["put_invalid_device"][0] == 422
+    # By the ID from an unregistered address while registered; refused once deleted.
+    assert session.summary["device"] == {
+        "registered": dns.rcode.NOERROR,
+        "deleted": dns.rcode.REFUSED,
+    }
     assert sync["put_wrong_token"][0] == sync["get_wrong_token"][0] == 401
     assert sync["delete"] == [200, {"account": SYNC_ACCOUNT, "version": 8, "existed": True}]
     assert sync["get_deleted"][0] == 404
