@@ -15,7 +15,8 @@ import pytest
 
 from tests.certificates import SERVER_NAME, write_pair
 from tests.e2e.harness import UNREGISTERED, free_port, running_server
-from tests.e2e.test_dot import DotServer, encrypted, framed, read_reply
+from tests.e2e.streams import framed, read_reply
+from tests.e2e.test_dot import DotServer, encrypted
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 
