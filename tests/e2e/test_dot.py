@@ -272,6 +272,22 @@ def test_at_the_cap_the_least_recently_active_idle_connection_is_shed(
         newer.close()
 
 
+def test_sigterm_drains_a_query_in_flight_then_closes(
+    dot: DotServer, upstream: FakeUpstream
+) -> None:
+    upstream.delay_s = 0.3
+    with dot.connect() as sock:
+        sock.sendall(framed("example.org", query_id=7))
+        assert upstream.wait_for_queries(1)
+        dot.server.signal(signal.SIGTERM)
+        reply = read_reply(sock)
+        assert (reply.id, reply.answer[0][0].to_text()) == (7, "192.0.2.1")
+        assert closed_after(sock, WAIT_S) < WAIT_S
+    assert dot.server.stop() == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", dot.port), timeout=WAIT_S)
+
+
 # --- certificates ----------------------------------------------------------------------------
 
 
