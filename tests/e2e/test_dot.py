@@ -395,6 +395,29 @@ def test_check_config_warns_of_a_certificate_expiring_within_14_days(
     assert run_cli(path, "check-config").stderr == ""
 
 
+def test_sighup_rebinds_dot_and_turns_it_off(dot: DotServer) -> None:
+    config = dot.server.config
+    moved = free_port()
+    config["encrypted"]["dot_listen"] = [f"127.0.0.1:{moved}"]
+    dot.server.config_path.write_text(yaml.safe_dump(config))
+    dot.server.notifications.clear()
+    dot.server.signal(signal.SIGHUP)
+    dot.server.wait_notification("READY=1", WAIT_S)
+    old_port, dot.port = dot.port, moved
+    assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", old_port), timeout=WAIT_S)
+    del config["encrypted"]
+    dot.server.config_path.write_text(yaml.safe_dump(config))
+    dot.server.notifications.clear()
+    dot.server.signal(signal.SIGHUP)
+    dot.server.wait_notification("READY=1", WAIT_S)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", moved), timeout=WAIT_S)
+    assert dot.server.query("www.netflix.com").rcode() == dns.rcode.NOERROR
+    assert "encrypted=off" in dot.server.output()
+
+
 def test_start_fails_clearly_when_the_dot_port_is_taken(
     tmp_path: Path, upstream: FakeUpstream, pair: Pair
 ) -> None:
