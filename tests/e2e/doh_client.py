@@ -52,8 +52,10 @@ def get_target(wire: bytes, path: str = "/dns-query") -> str:
 class H2Client:
     """One HTTP/2 connection; `request` sends one request and waits for its response."""
 
-    def __init__(self, port: int, ca_file: Path, *, source: str) -> None:
-        self.sock = tls_socket(port, ca_file, source=source, alpn="h2")
+    def __init__(
+        self, port: int, ca_file: Path, *, source: str, hostname: str = SERVER_NAME
+    ) -> None:
+        self.sock = tls_socket(port, ca_file, source=source, alpn="h2", hostname=hostname)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.flush()

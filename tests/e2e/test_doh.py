@@ -36,6 +36,7 @@ from tests.e2e.harness import (
     free_port,
     running_server,
 )
+from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 
 WAIT_S = 5.0
@@ -399,3 +400,43 @@ def test_two_workers_serve_doh_and_their_counts_add_up(tmp_path: Path) -> None:
         assert 'smartdns_doh_responses_total{status="4xx"} 1' in text
         served = re.findall(r'smartdns_worker_queries_total\{worker="\d+"\} (\d+)', text)
         assert len(served) == 2 and all(int(count) > 0 for count in served), served
+
+
+DEVICE_ID = "q7w3e9r1t5y8u2i6o0p4a7s3"
+
+
+def test_a_device_id_in_the_path_authorizes_from_any_address_until_withdrawn(
+    doh: DohServer,
+) -> None:
+    body: dict[str, Any] = {"version": 1, "addresses": [], "device_ids": [DEVICE_ID]}
+    assert call(doh.server, "PUT", "/v1/accounts/appletv", body)[0] == 200
+    wire = _wire("www.netflix.com")
+    client = doh.h2(UNREGISTERED)
+    try:
+
+        def rcode(path: str) -> int:
+            response = client.request("GET", get_target(wire, path))
+            return int(response.message().rcode())
+
+        assert rcode(f"/dns-query/{DEVICE_ID}") == dns.rcode.NOERROR  # by the ID alone
+        assert rcode(f"/dns-query/{DEVICE_ID.upper()}") == dns.rcode.NOERROR  # compared lower
+        assert rcode("/dns-query") == dns.rcode.REFUSED  # no ID: the unregistered address
+        by_name = H2Client(
+            doh.port, doh.pair.ca_file, source=UNREGISTERED, hostname=f"{DEVICE_ID}.{SERVER_NAME}"
+        )
+        try:  # no ID in the path: the one the TLS server name named, as over DoT
+            assert by_name.request("GET", get_target(wire)).message().rcode() == dns.rcode.NOERROR
+            other = get_target(wire, "/dns-query/unknownid0000000000000")  # the path's wins
+            assert by_name.request("GET", other).message().rcode() == dns.rcode.REFUSED
+        finally:
+            by_name.close()
+        body = {"version": 2, "addresses": [], "device_ids": []}
+        assert call(doh.server, "PUT", "/v1/accounts/appletv", body)[0] == 200
+        assert rcode(f"/dns-query/{DEVICE_ID}") == dns.rcode.REFUSED  # at once, same connection
+    finally:
+        client.close()
+    # an unknown or malformed ID from a registered address: no fallback to the address
+    for path in ("/dns-query/unknownid0000000000000", "/dns-query/not_a_label"):
+        response = doh.h2().request("GET", get_target(wire, path))
+        assert response.message().rcode() == dns.rcode.REFUSED
+    assert DEVICE_ID not in doh.server.output().lower()
