@@ -29,8 +29,6 @@ GRAFANA_VARIABLES = {
     "${instance}": ".*",
     "$instance": ".*",
 }
-# Families promised by work not landed yet, allowed while absent (none at present).
-PENDING: frozenset[str] = frozenset()
 # Series Prometheus makes itself for every target; the node does not expose them.
 PROMETHEUS_SERIES = frozenset({"up"})
 
@@ -129,11 +127,8 @@ def exposed_names(exposition: str) -> set[str]:
     }
 
 
-def unknown_names(
-    exprs: Iterable[str], exposed: set[str], pending: frozenset[str] = frozenset()
-) -> dict[str, set[str]]:
-    """Expression → the names in it that neither the node nor Prometheus provides (`pending`:
-    families promised by work not landed yet, allowed while absent)."""
-    known = exposed | PROMETHEUS_SERIES | pending
+def unknown_names(exprs: Iterable[str], exposed: set[str]) -> dict[str, set[str]]:
+    """Expression → the names in it that neither the node nor Prometheus provides."""
+    known = exposed | PROMETHEUS_SERIES
     found = {expr: metric_names(expr) - known for expr in exprs}
     return {expr: names for expr, names in found.items() if names}

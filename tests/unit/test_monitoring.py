@@ -15,7 +15,6 @@ from smartdns.node.metrics import DdnsSample, TlsSample, WorkerSample, render, r
 from smartdns.registrations.sources.feed import FeedState
 from smartdns.upstream.forwarder import ForwarderStats
 from tests.monitoring import (
-    PENDING,
     REPO,
     alert_rules,
     alerts_under_test,
@@ -78,16 +77,13 @@ def test_metric_names_are_found_in_an_expression(expr: str, names: set[str]) -> 
 def test_every_name_in_alerts_and_dashboard_is_one_the_node_renders() -> None:
     exprs = [rule.expr for rule in alert_rules()] + [q.expr for q in panel_queries(dashboard())]
     rendered = everything_rendered()
-    assert not unknown_names(exprs, rendered, PENDING)
-    assert not PENDING & rendered, "a pending family is rendered now: drop it from PENDING"
+    assert not unknown_names(exprs, rendered)
 
 
 def test_a_misspelt_metric_name_is_caught() -> None:
     rule = next(rule for rule in alert_rules() if rule.name == "SmartdnsFeedDisconnected")
     wrong = rule.expr.replace("smartdns_feed_connected", "smartdns_feed_conected")
-    assert unknown_names([wrong], everything_rendered(), PENDING) == {
-        wrong: {"smartdns_feed_conected"}
-    }
+    assert unknown_names([wrong], everything_rendered()) == {wrong: {"smartdns_feed_conected"}}
 
 
 def test_each_alert_has_a_severity_a_summary_and_a_runbook_section() -> None:
