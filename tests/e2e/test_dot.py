@@ -41,7 +41,7 @@ from tests.e2e.streams import closed_after, framed, read_reply
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 
-DEVICE_ID = "k3v9q2w8e7r6t5y4u3i2o1p0"  # never registered here: a device test names it
+DEVICE_ID = "k3v9q2w8e7r6t5y4u3i2o1p0"  # registered only where a test says so
 WAIT_S = 5.0
 IDLE_TIMEOUT_S = 2.0  # harness default server.tcp_idle_timeout
 
@@ -173,11 +173,13 @@ def test_a_server_name_not_ours_is_refused_in_the_handshake(dot: DotServer) -> N
     assert dot.query("www.netflix.com").rcode() == dns.rcode.NOERROR
 
 
-def dig_over_tls(tool: str, dot: DotServer, hostname: str, timeout: str) -> str:
+def dig_over_tls(
+    tool: str, dot: DotServer, hostname: str, timeout: str, source: str = REGISTERED
+) -> str:
     """`tool` (kdig or dig 9.18) asking for www.netflix.com over TLS as `hostname`: its output."""
     if shutil.which(tool) is None:
         pytest.skip(f"{tool} not installed")
-    command = [tool, "-b", REGISTERED, "-p", str(dot.port), "@127.0.0.1", "+tls"]
+    command = [tool, "-b", source, "-p", str(dot.port), "@127.0.0.1", "+tls"]
     command += [f"+tls-ca={dot.pair.ca_file}", f"+tls-hostname={hostname}", timeout]
     result = subprocess.run(
         [*command, "www.netflix.com", "A"], capture_output=True, text=True, timeout=30
@@ -190,6 +192,22 @@ def test_kdig_over_tls(dot: DotServer) -> None:
         output = dig_over_tls("kdig", dot, hostname, "+timeout=3")
         assert f"status: {wanted}" in output, output
         assert "TLS session (TLS1.3)" in output
+
+
+def test_a_registered_device_id_authorizes_real_clients_from_any_address(dot: DotServer) -> None:
+    body = {"version": 1, "addresses": [], "device_ids": [DEVICE_ID]}
+    assert call(dot.server, "PUT", "/v1/accounts/phone", body)[0] == 200
+    named = f"{DEVICE_ID}.{SERVER_NAME}"
+    reply = dot.query("www.netflix.com", hostname=named, source=UNREGISTERED)
+    assert answer_addresses(reply) == ["198.51.100.10", "198.51.100.11"]
+    output = dig_over_tls("kdig", dot, named.upper(), "+timeout=3", source=UNREGISTERED)
+    assert "status: NOERROR" in output and "198.51.100.10" in output, output
+    # dig 9.18 sends no server name (+tls-hostname only checks the certificate): by address.
+    output = dig_over_tls("dig", dot, named, "+time=3", source=UNREGISTERED)
+    assert "status: REFUSED" in output, output
+    # Without the ID the same address is refused: it is not registered.
+    assert dot.query("www.netflix.com", source=UNREGISTERED).rcode() == dns.rcode.REFUSED
+    assert DEVICE_ID not in dot.server.output().lower()
 
 
 def test_dig_over_tls(dot: DotServer) -> None:
