@@ -2,8 +2,9 @@
 promtool's check and its own unit tests (monitoring/alerts.test.yml: every alert against
 synthetic series, before and after its `for:`); every dashboard query and alert expression
 evaluates through Prometheus' HTTP API; every metric name they use is on the node's /metrics;
-the dashboard's panels have data; and the not-ready and feed-disconnected alerts fire when the
-node's NATS server and then the node itself go away.
+the dashboard's panels have data; the certificate alert fires for a certificate 7 days from its
+notAfter; and the not-ready and feed-disconnected alerts fire when the node's NATS server and
+then the node itself go away.
 
 The node runs two workers, DoT and DoH, a feed and the DDNS refresher (`feed.refresher`), so
 every family the dashboard draws is on its page. Prometheus loads a copy of
@@ -15,6 +16,7 @@ shipped ones.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +71,9 @@ def watched(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Watched]:
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(nats_cluster(tmp_path / "nats", size=1))
         feed = {"servers": cluster.urls, "bucket": "monitoring", "replicas": 1, "refresher": True}
-        pair = write_pair(tmp_path, stem="tls-")
+        # Within SmartdnsCertificateExpiring's 14 days, outside its critical 3.
+        soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)
+        pair = write_pair(tmp_path, stem="tls-", not_after=soon)
         encrypted = {
             "server_name": SERVER_NAME,
             "cert_file": str(pair.cert_file),
@@ -142,6 +146,11 @@ def test_prometheus_evaluates_everything_and_the_alerts_fire(watched: Watched) -
     empty = [q.panel for q in queries if not has_data(prometheus, q.expr)]
     assert not empty, f"panels without data: {empty}"
 
+    until(
+        lambda: "SmartdnsCertificateExpiring" in prometheus.firing(),
+        FIRING_S,
+        "SmartdnsCertificateExpiring firing",
+    )
     assert not {"SmartdnsNodeNotReady", "SmartdnsFeedDisconnected"} & prometheus.firing()
     watched.nats.kill()
     until(
