@@ -8,7 +8,9 @@ PUT/GET/DELETE of an account holding canary addresses, PUTs with invalid canary 
 and requests with a wrong token (401); an account registers a canary DDNS hostname that the
 upstream (the default `ddns.resolvers`) resolves to canary addresses, which then authorize;
 DoH clients (HTTP/2 and HTTP/1.1) with a canary user agent ask canary names, name a canary
-device ID in the path and ask a canary path. Then everything the server produced is
+device ID in the path and ask a canary path; DoT clients ask a canary name, name a canary
+device ID in the TLS server name and send a canary server name that is not ours (refused in
+the handshake). Then everything the server produced is
 searched — stdout, stderr, every file under its state and TMPDIR directories, the database
 dump and raw database/WAL bytes, /metrics, /v1/status, /healthz, the sync API's error
 bodies — for every canary in dotted/compressed, reversed, hex, packed, decimal, expanded and
@@ -25,6 +27,7 @@ import json
 import re
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -44,6 +47,7 @@ from tests.certificates import SERVER_NAME, write_pair
 from tests.e2e.doh_client import MEDIA_TYPE, H2Client, get_target, h1_request
 from tests.e2e.harness import REPO, Server, _env, rcode_within
 from tests.e2e.netns import Namespace, running_server_in, upstream_in
+from tests.e2e.streams import framed, read_reply
 from tests.e2e.test_privacy import address_forms, find_canaries, name_forms, produced_files
 from tests.e2e.test_sync_api import call, put
 
@@ -77,12 +81,27 @@ TCP_NAME = "canary-tcp-6a0b.example.org"
 FLOOD_NAME = "canary-flood-4c2f.nflxvideo.net"
 CHAOS_NAME = "canary-chaos-83b7.bind"
 DOH_NAME = "canary-doh-1a6c.example.org"
-NAMES = (FORWARDED, UNBLOCK, NXDOMAIN, MALFORMED, TCP_NAME, FLOOD_NAME, CHAOS_NAME, DOH_NAME)
+DOT_NAME = "canary-dot-0d4b.example.org"
+NAMES = (
+    FORWARDED,
+    UNBLOCK,
+    NXDOMAIN,
+    MALFORMED,
+    TCP_NAME,
+    FLOOD_NAME,
+    CHAOS_NAME,
+    DOH_NAME,
+    DOT_NAME,
+)
 # DoH request details (SPEC 7: never a path, header, user agent or device ID)
 DOH_AGENT = "canary-agent-3d9e/7.1"
 DOH_DEVICE = "canarydevice7c41a0b2e9d5"  # a well-formed device ID nobody registered
 DOH_PATH = "/canary-path-8f2d"
 DOH_PORT = 8443  # any port is free in a fresh namespace
+# DoT: the TLS server name (SPEC 7: never a device ID, nor any name a client sends)
+DOT_DEVICE = "canarydotdevice5b2e8c1f7a"  # a well-formed device ID nobody registered
+DOT_FOREIGN = "canary-sni-3f7a.example.org"  # not ours: refused in the handshake
+DOT_PORT = 8853
 DDNS_NAME = "canary-ddns-5e1f.example.org"  # a registered hostname: registration data
 DDNS_ACCOUNT = "acct-ddns"
 
@@ -107,6 +126,7 @@ UPSTREAM_RECORDS = [
     (FORWARDED, "TXT", [f'{FORWARDED}. 300 IN TXT "fwd"']),
     (TCP_NAME, "A", [f"{TCP_NAME}. 300 IN A 192.0.2.10"]),
     (DOH_NAME, "A", [f"{DOH_NAME}. 300 IN A 192.0.2.12"]),
+    (DOT_NAME, "A", [f"{DOT_NAME}. 300 IN A 192.0.2.13"]),
     ("www.netflix.com", "A", ["www.netflix.com. 300 IN A 192.0.2.11"]),
     (DDNS_NAME, "A", [f"{DDNS_NAME}. 60 IN A {DDNS_ADDRESSES[0]}"]),
     (DDNS_NAME, "AAAA", [f"{DDNS_NAME}. 60 IN AAAA {DDNS_ADDRESSES[1]}"]),
@@ -150,6 +170,8 @@ NEVER = {
     "doh device id": [DOH_DEVICE.encode(), DOH_DEVICE.upper().encode()],
     "registered device id": [SYNC_DEVICE.encode(), SYNC_DEVICE.upper().encode()],
     "doh path": [DOH_PATH.encode(), DOH_PATH.upper().encode()],
+    "dot device id": [DOT_DEVICE.encode(), DOT_DEVICE.upper().encode()],
+    "dot server name": all_name_forms(DOT_FOREIGN),
 }
 REGISTERED = {f"registered {a}": all_address_forms(a) for a in REGISTERED_SOURCES}
 DELETED = {f"deleted {a}": all_address_forms(a) for a in SYNC_ADDRESSES}
@@ -328,10 +350,35 @@ def _doh(ca_file: Path, source: str) -> dict[str, int]:
     }
 
 
+def _dot(ca_file: Path, source: str) -> dict[str, int | str]:
+    """DoT from `source`: a canary name with our server name, the canary device ID in the
+    server name, and a canary server name that is not ours."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.check_hostname = False  # the foreign name is not in the certificate, on purpose
+
+    def rcode(server_name: str) -> int | str:
+        where = ("::1" if ":" in source else "127.0.0.1", DOT_PORT)
+        raw = socket.create_connection(where, QUERY_TIMEOUT_S, source_address=(source, 0))
+        try:
+            with context.wrap_socket(raw, server_hostname=server_name) as sock:
+                sock.sendall(framed(DOT_NAME))
+                return read_reply(sock).rcode()
+        except (ssl.SSLError, ConnectionResetError):
+            return "refused in the handshake"
+        finally:
+            raw.close()
+
+    return {
+        "plain": rcode(SERVER_NAME),
+        "device": rcode(f"{DOT_DEVICE}.{SERVER_NAME}"),
+        "foreign": rcode(DOT_FOREIGN),
+    }
+
+
 def client_session(state: str, port: str, ca_file: str) -> None:
     """All the client traffic of the audit; prints a JSON summary. Runs inside the namespace."""
     server = Server(state=Path(state), port=int(port), config_path=Path(state) / "smartdns.yaml")
-    summary: dict[str, Any] = {"queries": {}, "malformed": {}, "doh": {}}
+    summary: dict[str, Any] = {"queries": {}, "malformed": {}, "doh": {}, "dot": {}}
     for source in QUERY_SOURCES:
         for name in (FORWARDED, UNBLOCK, NXDOMAIN):
             for qtype in ("A", "AAAA", "HTTPS", "TXT"):
@@ -346,6 +393,7 @@ def client_session(state: str, port: str, ca_file: str) -> None:
         )
         summary["malformed"][source] = _malformed(server, source)
         summary["doh"][source] = _doh(Path(ca_file), source)
+        summary["dot"][source] = _dot(Path(ca_file), source)
 
     summary["flood_sent"] = {s: _flood(server, s) for s in (*FLOOD_REGISTERED, *FLOOD_UNREGISTERED)}
     deadline = time.monotonic() + METRICS_DEADLINE_S
@@ -391,7 +439,7 @@ def _run_session(root: Path) -> Session:
             "cert_file": str(pair.cert_file),
             "key_file": str(pair.key_file),
             "doh_listen": [f"127.0.0.1:{DOH_PORT}", f"[::1]:{DOH_PORT}"],
-            "dot_listen": [],
+            "dot_listen": [f"127.0.0.1:{DOT_PORT}", f"[::1]:{DOT_PORT}"],
         },
     }
     with (
@@ -507,6 +555,11 @@ def test_session_really_ran(session: Session) -> None:
             "path": 404,
             "http1": rcode,
             "http1_path": 404,
+        }
+        assert session.summary["dot"][source] == {
+            "plain": rcode,
+            "device": dns.rcode.REFUSED,
+            "foreign": "refused in the handshake",
         }
     assert session.summary["limited"]["rate_limited"] > 0
     assert sum(session.summary["limited"].values()) > 0
