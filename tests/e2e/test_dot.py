@@ -253,15 +253,17 @@ def test_large_replies_are_never_truncated(dot: DotServer) -> None:
     assert len(reply.answer[0]) == 120
 
 
-def test_sessions_are_resumed(dot: DotServer) -> None:
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+def test_sessions_are_resumed(dot: DotServer, version: ssl.TLSVersion) -> None:
     context = dot.context()
+    context.maximum_version = version
     with dot.connect(context=context) as sock:
         sock.sendall(framed("www.netflix.com"))
         read_reply(sock)  # TLS 1.3 tickets arrive after the handshake
         session = sock.session
-    assert session is not None
+    assert session is not None and session.has_ticket
     with dot.connect(context=context, session=session) as sock:
-        assert sock.session_reused
+        assert sock.session_reused and sock.version() == version.name.replace("v1_", "v1.")
         sock.sendall(framed("www.netflix.com"))
         assert read_reply(sock).rcode() == dns.rcode.NOERROR
 
