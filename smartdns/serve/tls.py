@@ -83,7 +83,8 @@ class TlsContexts:
         self, ssl_object: ssl.SSLObject, sent: str | None, context: ssl.SSLContext
     ) -> int | None:
         """SNI: remember the device ID digest on the connection (computed once), or refuse
-        a name that is not ours with unrecognized_name (RFC 6066 §3)."""
+        a name that is not ours: the handshake fails (OpenSSL queues unrecognized_name, RFC
+        6066 §3; the event loop closes the connection on the failure, so it may not be sent)."""
         device = self.names.device(sent)
         if device is False:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
