@@ -24,6 +24,7 @@ from smartdns.serve.doh_request import (
     HttpRequest,
     HttpResponse,
 )
+from smartdns.serve.tcp import MAX_UNSENT_BYTES  # also for answers the client's windows hold
 
 MAX_STREAMS: Final = 100  # SETTINGS_MAX_CONCURRENT_STREAMS (SPEC 2a)
 MAX_HEADER_LIST_BYTES: Final = 8192  # SETTINGS_MAX_HEADER_LIST_SIZE: a DoH request needs < 1 KiB
@@ -66,9 +67,10 @@ class H2Session:
     refused with REFUSED_STREAM, whatever the client has acknowledged of our settings);
     header lists over MAX_HEADER_LIST_BYTES end the connection (h2's DenialOfServiceError);
     a body over MAX_BODY_BYTES gets 413 and the stream reset; a request not complete within
-    `deadline_s` of its headers is reset; no request open or answered for `deadline_s`
-    ends the connection (GOAWAY); client resets beyond RESET_ALLOWANCE more than the
-    streams answered end it with ENHANCE_YOUR_CALM."""
+    `deadline_s` of its headers is reset; no request answered (nor window opened) for
+    `deadline_s` while none waits for its answer ends the connection (GOAWAY), and so do
+    more than MAX_UNSENT_BYTES of answers held back by the client's windows; client resets
+    beyond RESET_ALLOWANCE more than the streams answered end it with ENHANCE_YOUR_CALM."""
 
     def __init__(self, now: float, deadline_s: float) -> None:
         self._h2 = h2.connection.H2Connection(
@@ -130,6 +132,7 @@ class H2Session:
             elif isinstance(event, h2.events.StreamReset):
                 self._reset_by_client(event.stream_id)
             elif isinstance(event, h2.events.WindowUpdated):
+                self._last_active = now  # the client reads: progress
                 self._flush()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.closed = True
@@ -247,6 +250,8 @@ class H2Session:
         if response.body:
             self._unsent[stream_id] = response.body
             self._flush()
+            if sum(map(len, self._unsent.values())) > MAX_UNSENT_BYTES:
+                self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)  # a client that won't read
 
     def _flush(self) -> None:
         """Send what the flow-control windows allow of the waiting bodies; a stream whose
@@ -282,7 +287,9 @@ class H2Session:
             if now - incoming.started >= deadline:
                 del self._incoming[stream_id]
                 self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        busy = bool(self._answering or self._unsent)
+        # Waiting on upstream keeps a connection; waiting on the client's flow-control window
+        # does not: a client that never opens it is cut off like an idle one.
+        busy = bool(self._answering)
         if not busy and now - self._last_active >= deadline:
             self._goaway(h2.errors.ErrorCodes.NO_ERROR)
             return None

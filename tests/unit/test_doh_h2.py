@@ -249,3 +249,48 @@ def test_an_answer_for_a_stream_the_client_reset_goes_nowhere() -> None:
     pair.server.respond(stream_id, dns_response(QUERY), pair.now)
     pair.to_client()
     assert not pair.of_type(h2.events.ResponseReceived) and pair.server.is_idle()
+
+
+def _closed_window_pair() -> Pair:
+    """A client that announces a zero stream window: it never lets an answer body through."""
+    pair = Pair()
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    pair.to_server()
+    pair.to_client()
+    return pair
+
+
+def test_answers_held_by_a_closed_window_do_not_keep_the_connection() -> None:
+    pair = _closed_window_pair()
+    stream_id = pair.request()
+    pair.to_server()
+    pair.server.respond(stream_id, dns_response(QUERY), pair.now)
+    assert not pair.server.is_idle()  # the body waits for the window
+    assert pair.server.expire(pair.now + DEADLINE_S) is None and pair.server.closed
+
+
+def test_more_than_256_kib_held_by_closed_windows_ends_the_connection() -> None:
+    pair = _closed_window_pair()
+    streams = [pair.request() for _ in range(5)]
+    pair.to_server()
+    for stream_id in streams[:4]:
+        pair.server.respond(stream_id, dns_response(bytes(64_000)), pair.now)
+    assert not pair.server.closed  # 256,000 octets held: at the bound
+    pair.server.respond(streams[4], dns_response(bytes(64_000)), pair.now)
+    assert pair.server.closed
+    pair.to_client()
+    (goaway,) = pair.of_type(h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[attr-defined]
+
+
+def test_a_client_opening_its_window_counts_as_activity() -> None:
+    pair = _closed_window_pair()
+    stream_id = pair.request()
+    pair.to_server()
+    pair.server.respond(stream_id, dns_response(QUERY), pair.now)
+    pair.now += DEADLINE_S - 1
+    pair.client.increment_flow_control_window(len(QUERY), stream_id)
+    pair.to_server()
+    pair.to_client()
+    assert [e.data for e in pair.of_type(h2.events.DataReceived)] == [QUERY]  # type: ignore[attr-defined]
+    assert pair.server.expire(pair.now + DEADLINE_S - 1) is not None
