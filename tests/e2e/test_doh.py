@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import time
@@ -440,3 +441,24 @@ def test_a_device_id_in_the_path_authorizes_from_any_address_until_withdrawn(
         response = doh.h2().request("GET", get_target(wire, path))
         assert response.message().rcode() == dns.rcode.REFUSED
     assert DEVICE_ID not in doh.server.output().lower()
+
+
+def test_sigterm_drains_a_doh_query_in_flight(tmp_path: Path) -> None:
+    pair = write_pair(tmp_path)
+    port, dot_port = free_port(), free_port()
+    with (
+        FakeUpstream() as upstream,
+        running_server(tmp_path, upstream.address, encrypted(pair, port, dot_port)) as server,
+    ):
+        upstream.add("slow.example.org", "A", ["slow.example.org. 300 IN A 192.0.2.77"])
+        upstream.delay_s = 0.4  # the answer is still on its way when SIGTERM lands
+        client = H2Client(port, pair.ca_file, source=REGISTERED)
+        try:
+            stream_id = client.start("GET", get_target(_wire("slow.example.org")))
+            assert upstream.wait_for_queries(1, timeout=WAIT_S)  # the query is upstream
+            server.signal(signal.SIGTERM)
+            response = client.response(stream_id)
+        finally:
+            client.close()
+        assert _addresses(response.message()) == ["192.0.2.77"]
+        assert server.stop() == 0
