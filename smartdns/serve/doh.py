@@ -34,6 +34,8 @@ from smartdns.serve.tls import device_of
 
 _STATUS_CLASS: Final = {status: StatusClass.of(status) for status in range(100, 600)}
 _NO_PEER: Final = stream_peer("", Transport.DOH)  # until connection_made names the client
+# one for all connections, so failing connections cannot each log a line
+_FAILURES: Final = WarnOnce(__name__, "DoH connection failed; closed")
 
 
 class HttpSession(Protocol):
@@ -81,7 +83,6 @@ class DohConnection(asyncio.Protocol):
         self._reading = True
         self._writing_paused = False
         self._timer: asyncio.TimerHandle | None = None
-        self._failures = WarnOnce(__name__, "DoH connection failed; closed")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream = cast(asyncio.Transport, transport)
@@ -126,7 +127,7 @@ class DohConnection(asyncio.Protocol):
         self._feed(data)
 
     def eof_received(self) -> bool | None:
-        self._feed(b"")  # HTTP/1.1: the end of the client's stream; answers still go out
+        self._feed(b"")  # h11 learns of the client's end; the TLS transport then closes
         return None
 
     def _feed(self, data: bytes) -> None:
@@ -136,7 +137,7 @@ class DohConnection(asyncio.Protocol):
         try:
             self._serve(session, session.receive(data, self._loop.time()))
         except Exception as error:  # the connection's error boundary: h2, h11 or ours
-            self._failures.warn(type(error).__name__)  # the type only: texts quote headers
+            _FAILURES.warn(type(error).__name__)  # the type only: texts quote headers
             self.abort()
 
     def _serve(self, session: HttpSession, requests: list[tuple[int, HttpRequest]]) -> None:
