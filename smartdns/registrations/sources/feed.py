@@ -50,7 +50,6 @@ from smartdns.registrations.feed_follow import (
     plan_start,
 )
 from smartdns.registrations.feed_format import (
-    ACCOUNT_PREFIX,
     MAX_VALUE_BYTES,
     SNAPSHOT_KEY,
     AccountValue,
@@ -67,8 +66,15 @@ from smartdns.registrations.feed_format import (
     encode_resolved,
     encode_value,
     hostname_key,
+    key_account,
 )
 from smartdns.registrations.sources.feed_reader import ConsumerLost, PullReader
+from smartdns.registrations.sources.feed_snapshot import (
+    Publisher,
+    SnapshotUnavailable,
+    plan_snapshot,
+    snapshot_value,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +105,6 @@ CAS_RETRY_S: Final = 0.005  # jittered pause before a retry, times the attempt n
 WRITE_TIMEOUT_S: Final = 5.0
 APPLIED_TIMEOUT_S: Final = 5.0  # a write's wait for this node to apply it
 SNAPSHOT_CONCURRENCY: Final = 256  # snapshot writes in flight
-KEYS_TIMEOUT_S: Final = 120.0  # listing the bucket's keys for a snapshot (a million: seconds)
 _T = TypeVar("_T")
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # JetStream API error codes
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -692,23 +697,28 @@ class Feed:
                 raise StaleWriteError(
                     f"snapshot version {version} is older than the bucket's {marker.version}"
                 )
-            keys = await self._account_keys()
+            js = self._jetstream()
+            assert self._nc is not None  # connected: _jetstream
+            plan = await plan_snapshot(self._nc, js, self._stream, self._prefix, snapshot)
             marker_revision = await self._cas(
                 SNAPSHOT_KEY, encode_marker(SnapshotMarker(version, False)), marker_revision
             )
-            wanted: dict[str, FeedValue | None] = {
-                account_key(account): AccountValue(
-                    version,
-                    tuple(networks),
-                    snapshot.hostnames.get(account, ()),
-                    snapshot.devices.get(account, ()),
-                )
-                for account, networks in snapshot.accounts.items()
-            }
-            for key in keys - wanted.keys():
-                wanted[key] = None
+            publisher = Publisher(self._nc, self._prefix)
+            async with publisher.running():
+                for account in snapshot.accounts:
+                    key = account_key(account)
+                    if key not in plan.kept:
+                        data = encode_value(snapshot_value(snapshot, account))
+                        await publisher.publish(key, data, plan.writes.get(key, 0))
+                for key, revision in plan.deletes.items():
+                    await publisher.publish(key, None, revision)
+                await publisher.finish()
+            # Keys written meanwhile by someone else: read, check and write one by one.
             await _bounded(
-                (self._snapshot_key(key, value, version) for key, value in wanted.items()),
+                (
+                    self._snapshot_key(key, self._snapshot_value(snapshot, key, data), version)
+                    for key, data in publisher.conflicts
+                ),
                 SNAPSHOT_CONCURRENCY,
             )
             return await self._cas(
@@ -716,8 +726,16 @@ class Feed:
             )
         except nats.js.errors.KeyWrongLastSequenceError:
             raise StaleWriteError("another snapshot is being written") from None
+        except SnapshotUnavailable as exc:
+            raise FeedUnavailable(str(exc)) from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _snapshot_value(snapshot: Snapshot, key: str, data: bytes | None) -> FeedValue | None:
+        """What a snapshot writes at `key`: its account's value, or None for a delete."""
+        account = None if data is None else key_account(key)
+        return None if account is None else snapshot_value(snapshot, account)
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         """The DDNS refresher's results into the bucket (its HostnameSink on the refresher
@@ -738,15 +756,6 @@ class Feed:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
         if revisions and not await self.wait_applied(max(revisions)):
             log.debug("feed: resolved addresses written, not applied here in time")
-
-    async def _account_keys(self) -> set[str]:
-        """Every account key with a value (live or tombstone) in the bucket now."""
-        try:
-            async with asyncio.timeout(KEYS_TIMEOUT_S):
-                keys = await self._bucket().keys()
-        except nats.js.errors.NoKeysError:
-            return set()
-        return {key for key in keys if key.startswith(ACCOUNT_PREFIX)}
 
     async def _snapshot_key(self, key: str, value: FeedValue | None, version: int) -> None:
         """One key of a snapshot: written, or deleted when `value` is None, unless it already
