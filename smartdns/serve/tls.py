@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from smartdns.core.clients import device_digest
 from smartdns.core.counters import Transport
@@ -29,7 +29,7 @@ class ServerName:
         self.server_name = server_name.lower()
         self._suffix = "." + self.server_name
 
-    def device(self, sent: str | None) -> bytes | bool | None:
+    def device(self, sent: str | None) -> bytes | Literal[False] | None:
         """The digest of the ID that `sent` names, None when it names none, False when the
         name is not ours. Compared case-insensitively (DNS names are)."""
         if sent is None:
