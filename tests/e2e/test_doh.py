@@ -28,7 +28,14 @@ import h2.settings
 import pytest
 
 from tests.certificates import SERVER_NAME, Pair, write_pair
-from tests.e2e.doh_client import MEDIA_TYPE, H2Client, Response, get_target, h1_request
+from tests.e2e.doh_client import (
+    MEDIA_TYPE,
+    H2Client,
+    Response,
+    get_target,
+    h1_request,
+    tls_socket,
+)
 from tests.e2e.harness import (
     QUERY_TIMEOUT_S,
     REGISTERED,
@@ -37,6 +44,7 @@ from tests.e2e.harness import (
     free_port,
     running_server,
 )
+from tests.e2e.streams import closed_after
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 
@@ -462,3 +470,41 @@ def test_sigterm_drains_a_doh_query_in_flight(tmp_path: Path) -> None:
             client.close()
         assert _addresses(response.message()) == ["192.0.2.77"]
         assert server.stop() == 0
+
+
+IDLE_TIMEOUT_S = 2.0  # the harness's server.tcp_idle_timeout
+
+
+def test_an_idle_http2_connection_gets_goaway_after_the_idle_timeout(doh: DohServer) -> None:
+    client = doh.h2()
+    try:
+        assert client.request("GET", get_target(_wire("www.netflix.com"))).status == 200
+        started = time.monotonic()
+        client.sock.settimeout(IDLE_TIMEOUT_S + WAIT_S)
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events):
+            assert client.read(), "closed without GOAWAY"
+        assert IDLE_TIMEOUT_S - 0.5 < time.monotonic() - started < IDLE_TIMEOUT_S + 2.0
+        assert closed_after(client.sock, WAIT_S) < WAIT_S
+    finally:
+        client.close()
+
+
+def test_a_request_trickling_in_over_http1_is_cut_off_at_the_idle_timeout(
+    doh: DohServer,
+) -> None:
+    request = f"GET {get_target(_wire('www.netflix.com'))} HTTP/1.1\r\nHost: x\r\n".encode()
+    sock = tls_socket(doh.port, doh.pair.ca_file, source=REGISTERED, alpn="http/1.1")
+    with sock:
+        started = time.monotonic()
+        sock.settimeout(0.3)
+        for byte in request:  # one byte every 0.3 s: slower than any real client
+            try:
+                sock.sendall(bytes([byte]))
+                if not sock.recv(1):
+                    break
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                break
+        elapsed = time.monotonic() - started
+    assert IDLE_TIMEOUT_S - 0.5 < elapsed < IDLE_TIMEOUT_S + 2.0
