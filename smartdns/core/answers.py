@@ -70,7 +70,7 @@ _SVC_PORT: Final = 3
 _SVC_IPV4HINT: Final = 4
 _SVC_IPV6HINT: Final = 6
 _SVC_DOHPATH: Final = 7
-DOH_PATH_TEMPLATE: Final = b"/dns-query{?dns}"  # RFC 9461 §5: the URI template of our DoH
+_DOH_PATH_TEMPLATE: Final = b"/dns-query{?dns}"  # RFC 9461 §5: the URI template of our DoH
 
 
 def reply_flags(query_flags: int, rcode: int, extra: int = 0) -> int:
@@ -181,7 +181,7 @@ def _designation_tails(encrypted: EncryptedConfig, ttl: int) -> tuple[bytes, ...
             _svc_param(_SVC_ALPN, b"\x02h2")
             + _svc_param(_SVC_PORT, port)
             + hints
-            + _svc_param(_SVC_DOHPATH, DOH_PATH_TEMPLATE)
+            + _svc_param(_SVC_DOHPATH, _DOH_PATH_TEMPLATE)
         )
         records.append(_svcb_tail(1, target, params, ttl))
     if encrypted.dot_listen:

@@ -35,7 +35,6 @@ NOT_FOUND: Final = 404
 METHOD_NOT_ALLOWED: Final = 405
 PAYLOAD_TOO_LARGE: Final = 413
 UNSUPPORTED_MEDIA_TYPE: Final = 415
-HEADERS_TOO_LARGE: Final = 431
 
 
 @dataclass(frozen=True, slots=True)
