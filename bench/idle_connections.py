@@ -40,7 +40,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import tools  # noqa: E402
-from bench.servers import TARGETS, Target, UnboundUpstream, start_targets  # noqa: E402
+from bench.servers import (  # noqa: E402
+    TARGETS,
+    UNBOUND_OUTGOING_RANGE,
+    Target,
+    UnboundUpstream,
+    start_targets,
+)
 from bench.tools import SERVER_NAME, TlsFiles, log, rss_kib  # noqa: E402
 
 DEFAULT_SERVERS: Final = "smartdns,unbound"
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             tls = tools.make_tls_files(workdir / "tls")
             upstream = UnboundUpstream(1, cpus="1").start(workdir, children)
             for name in args.server_list:  # one at a time: each alone on CPU 0
+                connections = connections_for(name, args.connections)
+                if connections < args.connections:
+                    notes.append(f"{name}: {connections:,} connections, all its file limit allows")
                 (target,) = start_targets(
                     [name],
                     workdir,
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     upstream.port,
                     source=source,
                     tls=tls,
-                    connections=args.connections + 100,
+                    connections=connections + 100,
                     idle_timeout_s=IDLE_TIMEOUT_S,
                     serve=("dot",),
                 )
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"{name}: no DoT in this commit (not measured)")
                 else:
                     os.sched_setaffinity(0, {1})
-                    results.append(asyncio.run(measure(target, tls, args)))
+                    results.append(asyncio.run(measure(target, tls, connections, args.parallel)))
                 assert target.process is not None
                 children.stop(target.process)
             notes.append(tools.load_average("at the end"))
@@ -130,6 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: every process started was stopped")
         return 130
     return report(results, notes, args)
+
+
+def connections_for(server: str, requested: int) -> int:
+    """What `server` can hold within the hard RLIMIT_NOFILE: Unbound reserves two file
+    descriptors per connection it holds (see Unbound's `incoming-num-tcp`), and its
+    outgoing range."""
+    if server != "unbound":
+        return requested
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return requested
+    return min(requested, (hard - UNBOUND_OUTGOING_RANGE - 100) // 2 - 110)
 
 
 def source_address(index: int) -> str:
@@ -174,7 +195,7 @@ async def open_one(port: int, context: ssl.SSLContext, index: int) -> Connection
     return None
 
 
-async def measure(target: Target, tls: TlsFiles, args: argparse.Namespace) -> Result:
+async def measure(target: Target, tls: TlsFiles, connections: int, parallel: int) -> Result:
     context = ssl.create_default_context(cafile=str(tls.ca))
     context.set_alpn_protocols(["dot"])
     port = target.dot_port
@@ -183,16 +204,16 @@ async def measure(target: Target, tls: TlsFiles, args: argparse.Namespace) -> Re
         raise RuntimeError(f"{target.name}: the first DoT connection got no answer")
     await close_all([first])
     before = rss_kib(target.pid)
-    log(f"{target.name}: RSS {before / 1024:.1f} MiB, opening {args.connections:,} connections")
+    log(f"{target.name}: RSS {before / 1024:.1f} MiB, opening {connections:,} connections")
     cpu_before, started = tools.cpu_seconds(target.pid), time.monotonic()
-    gate = asyncio.Semaphore(args.parallel)
+    gate = asyncio.Semaphore(parallel)
 
     async def gated(index: int) -> Connection | None:
         async with gate:
             return await open_one(port, context, index)
 
     async with asyncio.timeout(OPEN_TIMEOUT_S):
-        opened = await asyncio.gather(*(gated(i) for i in range(1, args.connections + 1)))
+        opened = await asyncio.gather(*(gated(i) for i in range(1, connections + 1)))
     open_s = time.monotonic() - started
     cpu_s = tools.cpu_seconds(target.pid) - cpu_before
     held = [connection for connection in opened if connection is not None]
@@ -205,9 +226,9 @@ async def measure(target: Target, tls: TlsFiles, args: argparse.Namespace) -> Re
     shed = answered.count(False)
     return Result(
         server=target.name,
-        requested=args.connections,
+        requested=connections,
         held=len(held),
-        failed=args.connections - len(held),
+        failed=connections - len(held),
         shed=shed,
         rss_before_mib=before / 1024,
         rss_open_mib=with_all / 1024,

@@ -51,6 +51,7 @@ from bench.tools import (
 )
 
 PROBE_NAME: Final = "probe.netflix.com"  # answered locally by every server
+UNBOUND_OUTGOING_RANGE: Final = 512
 PROBE_UPSTREAM: Final = upstream_names(1)[0] + "."  # dnsdist's backend health check
 
 
@@ -214,6 +215,7 @@ class Smartdns(Target):
     name: ClassVar[str] = "smartdns"
     database: Path | None = None  # a prepared database; None: a new one with 127.0.0.1
     source: Path = REPO  # the tree whose smartdns package runs
+    registered: tuple[str, ...] = (REGISTERED,)  # the entries of the account `bench`
     start_seconds: float = 0.0  # process start to READY=1
 
     def config(self, upstream_port: int) -> dict[str, object]:
@@ -286,7 +288,7 @@ class Smartdns(Target):
             result = subprocess.run(
                 [
                     *(sys.executable, "-m", "smartdns", "registrations", "add", "bench"),
-                    *(REGISTERED, "--config", str(self.config_path)),
+                    *(*self.registered, "--config", str(self.config_path)),
                 ],
                 capture_output=True,
                 text=True,
@@ -375,11 +377,12 @@ class Unbound(Target):
             "  minimal-responses: yes",
             "  access-control: 127.0.0.1/32 allow",
             "  access-control: 127.0.0.2/32 refuse",
-            # Per interface. Unbound shortens the idle timeout as these slots fill up (to 1%
-            # of it below 50% free, 0.2% below 35%, 200 ms below 20%): a quarter more slots
-            # than connections keeps 0.2%.
-            f"  incoming-num-tcp: {self.connections * 5 // 4 + 10}",
+            # Per interface. A connection accepted while more than half of these are in use
+            # gets 1/100 of the idle timeout (1/500 above 65%, 200 ms above 80%): twice the
+            # connections it must hold.
+            f"  incoming-num-tcp: {2 * self.connections + 10}",
             f"  tcp-idle-timeout: {int(self.idle_timeout_s * 1000)}",
+            f"  outgoing-range: {UNBOUND_OUTGOING_RANGE}",  # file descriptors: one upstream
         ]
         for zone, region in ZONES.items():
             lines.append(f'  local-zone: "{zone}." redirect')
@@ -509,9 +512,10 @@ def start_targets(
     connections: int = 1024,
     idle_timeout_s: float = 10.0,
     serve: tuple[str, ...] = TRANSPORTS,
+    registered: tuple[str, ...] = (REGISTERED,),
 ) -> list[Target]:
     """Start each named server in its own subdirectory of `workdir` (smartdns from the tree
-    `source`), each answering before the next starts."""
+    `source`, with `registered` as its registrations), each answering before the next."""
     targets: list[Target] = []
     for name in names:
         target = TARGETS[name](
@@ -525,6 +529,7 @@ def start_targets(
         )
         if isinstance(target, Smartdns):
             target.source = source
+            target.registered = registered
         target.start(children, upstream_port)
         ports = ", ".join(f"{t} {target.port_for(t)}" for t in target.transports)
         log(f"{name} on 127.0.0.1: {ports} (pid {target.pid}, cpus {target.cpus})")

@@ -5,10 +5,13 @@
     python3 bench/tls_handshakes.py -l 3 --rounds 1      # a quick look
 
 dnsperf with `-O num-queries-per-conn=1`: each of `-c` connections sends one query of case
-(a) from the registered 127.0.0.1, reads the answer, closes, and connects again (a full
-handshake: dnsperf offers no session to resume). The servers run as in run.py, on CPU 0,
-with the same throwaway certificate (ECDSA P-256); dnsperf runs on CPU 1. Rounds, then
-transports, then servers, so a slow phase of the machine hits every server.
+(a), reads the answer, closes, and connects again (a full handshake: dnsperf offers no
+session to resume). smartdns limits new handshakes per source address (50 a second), so the
+connections come from 240 addresses in turn (127.0.0.10 to 127.0.0.249, through
+bench/bind_source.c), all registered with smartdns (127.0.0.0/24) and allowed by the peers.
+The servers run as in run.py, on CPU 0, with the same throwaway certificate (ECDSA P-256);
+dnsperf runs on CPU 1. Rounds, then transports, then servers, so a slow phase of the machine
+hits every server.
 
 The client's handshake costs about as much CPU as the server's, so one dnsperf core may be
 the limit: the figure that compares servers is the server's CPU time per handshake (and its
@@ -36,6 +39,9 @@ from bench.servers import TARGETS, Target, UnboundUpstream, start_targets  # noq
 from bench.tools import REGISTERED, PerfOptions, log, run_dnsperf  # noqa: E402
 
 DEFAULT_SERVERS: Final = "smartdns,unbound,dnsdist"
+FIRST_SOURCE: Final = "127.0.0.10"  # past 127.0.0.2, which the peers refuse
+SOURCES: Final = 240
+REGISTERED_PREFIX: Final = "127.0.0.0/24"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tools.ensure_for(
-        args.server_list, ["dnsperf", "taskset", "openssl", "unbound"], args.no_install
-    )
+    commands = ["dnsperf", "taskset", "openssl", "unbound", "cc"]
+    tools.ensure_for(args.server_list, commands, args.no_install)
     rows: list[Row] = []
     notes: list[str] = []
     try:
@@ -89,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             queries = tools.write_query_file(workdir / "case-a.txt", names)
             upstream = UnboundUpstream(len(names), cpus="1").start(workdir, children)
             targets = start_targets(
-                args.server_list, workdir, children, upstream.port, source=source, tls=tls
+                args.server_list,
+                workdir,
+                children,
+                upstream.port,
+                source=source,
+                tls=tls,
+                registered=(REGISTERED_PREFIX,),
             )
             notes += [
                 f"{target.name}: no {transport} in this commit (not measured)"
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("FAILED: wrong answers", *problems, sep="\n  ", flush=True)
                 return 1
             assert upstream.process is not None
-            rows = measure(targets, upstream.process.pid, queries, args)
+            binding = tools.build_source_binding(workdir)
+            rows = measure(targets, upstream.process.pid, queries, binding, args)
             notes.append(tools.load_average("at the end"))
     except KeyboardInterrupt:
         log("interrupted: every process started was stopped")
@@ -128,7 +140,11 @@ def check(
 
 
 def measure(
-    targets: list[Target], upstream_pid: int, queries: Path, args: argparse.Namespace
+    targets: list[Target],
+    upstream_pid: int,
+    queries: Path,
+    source_binding: Path,
+    args: argparse.Namespace,
 ) -> list[Row]:
     """Rounds, then transports, then servers; each run `-l seconds` of dnsperf."""
     options = PerfOptions(
@@ -137,13 +153,16 @@ def measure(
         outstanding=args.connections,
         queries_per_connection=1,
         cpus="1",
+        source_binding=source_binding,
+        source_count=SOURCES,
     )
     rows = []
     for round_number in range(1, args.rounds + 1):
         for transport in args.transport_list:
             at = dataclasses.replace(options, transport=transport)
             for target in (t for t in targets if transport in t.transports):
-                load = partial(run_dnsperf, target.port_for(transport), REGISTERED, queries, at)
+                port = target.port_for(transport)
+                load = partial(run_dnsperf, port, FIRST_SOURCE, queries, at)
                 usage = tools.measure_usage(target.pid, upstream_pid, load)
                 result = usage.result
                 row = Row(
@@ -170,7 +189,7 @@ def report(rows: list[Row], notes: list[str], args: argparse.Namespace) -> int:
     lines = [
         f"TLS handshakes: {args.seconds:g} s per run, {args.rounds} round(s), dnsperf -c "
         f"{args.connections} -q {args.connections} -O num-queries-per-conn=1 on cpu 1, "
-        "servers on cpu 0, case (a) names from 127.0.0.1",
+        f"servers on cpu 0, case (a) names from {SOURCES} addresses from {FIRST_SOURCE} on",
         *notes,
         "",
         "| round | transport | server | handshakes/s | server CPU µs each | per core/s "

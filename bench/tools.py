@@ -666,8 +666,10 @@ class PerfOptions:
     transport: str = "udp"  # dnsperf -m: udp, dot or doh (one of TRANSPORTS)
     doh_method: str = "GET"  # dnsperf -O doh-method: GET or POST
     queries_per_connection: int = 0  # dnsperf -O num-queries-per-conn; 0: no limit
-    # DoH: the LD_PRELOAD library (bench/bind_source.c) that gives h2load a source address.
+    # The LD_PRELOAD library (bench/bind_source.c) that gives h2load (DoH) a source address,
+    # and dnsperf `source_count` of them, one connection after the other.
     source_binding: Path | None = None
+    source_count: int = 1
 
 
 def transport_options(options: PerfOptions) -> list[str]:
@@ -721,8 +723,6 @@ def run_h2load(
     """h2load over HTTP/2 for `options.seconds`: `clients` connections, the closed-loop
     window of `outstanding` spread over them as concurrent streams, cycling through the URIs
     of `uri_file`; from `source` through the LD_PRELOAD library."""
-    if options.source_binding is None:
-        raise RuntimeError("DoH load needs PerfOptions.source_binding (build_source_binding)")
     streams = max(1, options.outstanding // options.clients)
     command = [
         *("h2load", "-c", str(options.clients), "-m", str(streams), "-t", "1"),
@@ -731,11 +731,20 @@ def run_h2load(
     ]
     if max_qps:
         command += ["--rps", str(max(1, max_qps // options.clients))]
+    result = _run_measured(pinned(options.cpus, command), options, _source_env(source, options))
+    return dataclasses.replace(parse_h2load(result.stdout), client_cpu_s=result.client_cpu_s)
+
+
+def _source_env(source: str, options: PerfOptions) -> dict[str, str]:
+    """The environment that makes bench/bind_source.c bind a load generator's sockets to
+    `source` and the `source_count` - 1 addresses after it."""
+    if options.source_binding is None:
+        raise RuntimeError("choosing the source needs PerfOptions.source_binding")
     env = dict(os.environ)
     env["LD_PRELOAD"] = str(options.source_binding)
     env["BENCH_SOURCE_ADDRESS"] = source
-    result = _run_measured(pinned(options.cpus, command), options, env)
-    return dataclasses.replace(parse_h2load(result.stdout), client_cpu_s=result.client_cpu_s)
+    env["BENCH_SOURCE_COUNT"] = str(options.source_count)
+    return env
 
 
 _TIME_UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -812,15 +821,15 @@ def run_dnsperf(
     passes: int | None = None,
     max_qps: int | None = None,
 ) -> PerfResult:
-    """One dnsperf run bounded by `-l seconds`, and by `-n passes` over the file when given."""
+    """One dnsperf run bounded by `-l seconds`, and by `-n passes` over the file when given;
+    from `source` (`-a`), or from `options.source_count` addresses starting there."""
     command = [
         "dnsperf",
         "-s",
         "127.0.0.1",
         "-p",
         str(port),
-        "-a",
-        source,
+        *(("-a", source) if options.source_count == 1 else ()),
         "-d",
         str(query_file),
         "-c",
@@ -836,5 +845,6 @@ def run_dnsperf(
         command += ["-n", str(passes)]
     if max_qps:
         command += ["-Q", str(max_qps)]
-    result = _run_measured(pinned(options.cpus, command), options)
+    env = _source_env(source, options) if options.source_count > 1 else None
+    result = _run_measured(pinned(options.cpus, command), options, env)
     return dataclasses.replace(parse_dnsperf(result.stdout), client_cpu_s=result.client_cpu_s)
