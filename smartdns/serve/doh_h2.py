@@ -32,16 +32,21 @@ MAX_HEADER_LIST_BYTES: Final = 8192  # SETTINGS_MAX_HEADER_LIST_SIZE: a DoH requ
 # once (a closed browser tab); more than that is the rapid reset attack.
 RESET_ALLOWANCE: Final = MAX_STREAMS
 _UNBOUNDED_STREAMS: Final = 2**31 - 1
+# Flow control bounds what request bodies a connection holds: its window (and each stream's)
+# is one octet more than the largest body, so a body over it still shows (413), and it opens
+# again only as bodies are consumed (a request complete, cut short or reset).
+BODY_WINDOW_BYTES: Final = MAX_BODY_BYTES + 1
+_DEFAULT_WINDOW: Final = 65_535  # RFC 9113 §6.9.2: every window starts here
 
 
 def _settings(max_streams: int) -> h2.settings.Settings:
-    """Our SETTINGS (RFC 9113 §6.5.2); the initial window fits the largest request body."""
+    """Our SETTINGS (RFC 9113 §6.5.2); the stream window fits the largest request body."""
     return h2.settings.Settings(
         client=False,
         initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: MAX_BODY_BYTES,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: BODY_WINDOW_BYTES,
         },
     )
 
@@ -55,6 +60,7 @@ class _Incoming:
     content_type: bytes | None
     started: float
     body: bytearray = field(default_factory=bytearray)
+    unacknowledged: int = 0  # flow-controlled octets received, window not yet given back
 
 
 class H2Session:
@@ -81,6 +87,7 @@ class H2Session:
         # a client that never does is held to it from the first frame
         self._h2.decoder.max_header_list_size = MAX_HEADER_LIST_BYTES
         self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(BODY_WINDOW_BYTES - _DEFAULT_WINDOW)
         # The SETTINGS frame went out with MAX_STREAMS; the stream limit is then enforced
         # here, as a stream error (REFUSED_STREAM, RFC 9113 §5.1.2), not by h2, which makes
         # it a connection error and drops every request read in the same batch with it.
@@ -171,11 +178,12 @@ class H2Session:
         stream_id = event.stream_id
         if stream_id is None:
             return
-        # the window goes back at once: the body bound, not flow control, limits memory
-        self._h2.acknowledge_received_data(event.flow_controlled_length or 0, stream_id)
+        size = event.flow_controlled_length or 0
         incoming = self._incoming.get(stream_id)
-        if incoming is None:
+        if incoming is None:  # a stream already answered: nothing is kept
+            self._h2.acknowledge_received_data(size, stream_id)
             return
+        incoming.unacknowledged += size
         incoming.body += event.data or b""
         if len(incoming.body) > MAX_BODY_BYTES:
             self._too_large(stream_id, incoming, out)
@@ -185,7 +193,7 @@ class H2Session:
     ) -> None:
         """413 through the usual path, then the stream is reset (`respond` sees it is not
         complete): the rest of the body is never read."""
-        del self._incoming[stream_id]
+        self._release(stream_id)
         self._answering.add(stream_id)
         self._cut.add(stream_id)
         request = HttpRequest(
@@ -194,7 +202,7 @@ class H2Session:
         out.append((stream_id, request))
 
     def _ended(self, stream_id: int | None, now: float, out: list[tuple[int, HttpRequest]]) -> None:
-        incoming = self._incoming.pop(stream_id, None) if stream_id is not None else None
+        incoming = self._release(stream_id)
         if incoming is None or stream_id is None:
             return
         self._answering.add(stream_id)
@@ -212,13 +220,21 @@ class H2Session:
         """The client abandoned a stream: forget it (its query, if forwarded, still finishes
         and fills the cache; its answer goes nowhere), and count it against the allowance."""
         if stream_id is not None:
-            self._incoming.pop(stream_id, None)
+            self._release(stream_id)
             self._answering.discard(stream_id)
             self._unsent.pop(stream_id, None)
             self._cut.discard(stream_id)
         self._resets += 1
         if self._resets > self._answered + RESET_ALLOWANCE:
             self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _release(self, stream_id: int | None) -> _Incoming | None:
+        """Stop reading a request (complete, cut short or abandoned) and give the window its
+        body took back to the client."""
+        incoming = self._incoming.pop(stream_id, None) if stream_id is not None else None
+        if incoming is not None and incoming.unacknowledged and stream_id is not None:
+            self._h2.acknowledge_received_data(incoming.unacknowledged, stream_id)
+        return incoming
 
     # ---- answering ---------------------------------------------------------------------
 
@@ -285,7 +301,7 @@ class H2Session:
         deadline = self._deadline_s
         for stream_id, incoming in list(self._incoming.items()):
             if now - incoming.started >= deadline:
-                del self._incoming[stream_id]
+                self._release(stream_id)
                 self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         # Waiting on upstream keeps a connection; waiting on the client's flow-control window
         # does not: a client that never opens it is cut off like an idle one.

@@ -10,7 +10,13 @@ import h2.events
 import h2.settings
 import pytest
 
-from smartdns.serve.doh_h2 import MAX_HEADER_LIST_BYTES, MAX_STREAMS, RESET_ALLOWANCE, H2Session
+from smartdns.serve.doh_h2 import (
+    BODY_WINDOW_BYTES,
+    MAX_HEADER_LIST_BYTES,
+    MAX_STREAMS,
+    RESET_ALLOWANCE,
+    H2Session,
+)
 from smartdns.serve.doh_request import HttpRequest, dns_response, error_response
 
 DEADLINE_S = 10.0
@@ -161,8 +167,7 @@ def test_a_body_over_64_kib_gets_413_and_a_reset() -> None:
     pair.client.send_data(stream_id, bytes(16_384))
     pair.client.send_data(stream_id, bytes(16_383))
     assert pair.to_server() == []  # 65,535 octets: still a request being read
-    pair.to_client()  # the window the server gave back
-    pair.client.send_data(stream_id, b"x")
+    pair.client.send_data(stream_id, b"x")  # the window holds one octet more: it shows
     ((ref, request),) = pair.to_server()
     assert ref == stream_id and request.problem == 413
     pair.server.respond(ref, error_response(request.problem), pair.now)
@@ -294,3 +299,34 @@ def test_a_client_opening_its_window_counts_as_activity() -> None:
     pair.to_client()
     assert [e.data for e in pair.of_type(h2.events.DataReceived)] == [QUERY]  # type: ignore[attr-defined]
     assert pair.server.expire(pair.now + DEADLINE_S - 1) is not None
+
+
+def test_request_bodies_held_are_bounded_by_the_connection_window() -> None:
+    """(h2 gives windows back once half of one is consumed: the bodies here are larger.)"""
+    pair = Pair()
+    assert pair.client.outbound_flow_control_window == BODY_WINDOW_BYTES
+    first = pair.open_stream(b"POST", b"/dns-query", CONTENT_TYPE)
+    for _ in range(3):
+        pair.client.send_data(first, bytes(16_000))
+    assert pair.to_server() == []
+    pair.to_client()
+    # nothing is given back while the body is being read: the client has the rest only
+    assert pair.client.outbound_flow_control_window == BODY_WINDOW_BYTES - 48_000
+    pair.client.send_data(first, QUERY, end_stream=True)
+    ((ref, request),) = pair.to_server()
+    assert ref == first and len(request.body) == 48_000 + len(QUERY)
+    pair.to_client()
+    assert pair.client.outbound_flow_control_window == BODY_WINDOW_BYTES  # consumed: back
+
+
+def test_an_abandoned_body_gives_its_window_back() -> None:
+    pair = Pair()
+    stream_id = pair.open_stream(b"POST", b"/dns-query", CONTENT_TYPE)
+    pair.client.send_data(stream_id, bytes(16_000))
+    pair.client.send_data(stream_id, bytes(16_000))
+    pair.client.send_data(stream_id, bytes(8_000))
+    pair.to_server()
+    pair.client.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    pair.to_server()
+    pair.to_client()
+    assert pair.client.outbound_flow_control_window == BODY_WINDOW_BYTES
