@@ -73,6 +73,8 @@ class RegistrationStatsLike(Protocol):
     def entries(self) -> int: ...
     @property
     def snapshot_version(self) -> int: ...
+    @property
+    def devices(self) -> int: ...
 
 
 class DdnsSample(NamedTuple):
@@ -340,6 +342,12 @@ def _render_registrations(out: _Exposition, registrations: RegistrationStatsLike
         "gauge",
         "Registered addresses and prefixes.",
         registrations.entries,
+    )
+    out.single(
+        "smartdns_registered_device_ids",
+        "gauge",
+        "Registered device IDs (held by accounts; an ID two accounts hold counts twice).",
+        registrations.devices,
     )
     out.single(
         "smartdns_snapshot_version",

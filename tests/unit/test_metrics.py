@@ -16,6 +16,7 @@ class Stats:
     accounts: int = 3
     entries: int = 5
     snapshot_version: int = 9
+    devices: int = 2
 
 
 class Cache:
@@ -73,6 +74,7 @@ def test_counts_and_sources_are_rendered() -> None:
         "smartdns_cache_entries 6",
         "smartdns_registered_accounts 3",
         "smartdns_registered_entries 5",
+        "smartdns_registered_device_ids 2",
         "smartdns_snapshot_version 9",
         "smartdns_database_up 1",
         "smartdns_ready 1",
