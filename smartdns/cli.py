@@ -28,7 +28,7 @@ from smartdns.registrations.entries import (
     validate_account_id,
 )
 from smartdns.registrations.json_body import decode_snapshot
-from smartdns.registrations.store import AccountRecord, RegistrationStore
+from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
 from smartdns.registrations.writer import RegistrationWriter
 
 DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
@@ -258,13 +258,11 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
         feed = Feed(config.feed, _writer(config, store), config.registrations)
         async with feed.writing():
             await feed.replace_snapshot(snapshot)
-        entries = sum(len(networks) for networks in snapshot.accounts.values())
-        counts = f"{len(snapshot.accounts)} accounts, {entries} entries"
+        counts = SnapshotResult.of(snapshot)
         print(f"imported snapshot version {version} into the feed's bucket: {counts}")
         return 0
     result = await _writer(config, store).replace_snapshot([snapshot])
-    counts = f"{result.accounts} accounts, {result.entries} entries"
-    print(f"imported snapshot version {version}: {counts}")
+    print(f"imported snapshot version {version}: {result}")
     return 0
 
 

@@ -193,6 +193,16 @@ class SnapshotResult:
     entries: int
     devices: int = 0  # device IDs
 
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> SnapshotResult:
+        """The counts of a snapshot written elsewhere (the feed's bucket), as stored ones."""
+        entries = sum(len(networks) for networks in snapshot.accounts.values())
+        devices = sum(len(digests) for digests in snapshot.devices.values())
+        return cls(len(snapshot.accounts), entries, devices)
+
+    def __str__(self) -> str:
+        return f"{self.accounts} accounts, {self.entries} entries, {self.devices} device IDs"
+
 
 @dataclass(frozen=True, slots=True)
 class StoreStatus:

@@ -415,9 +415,7 @@ class SyncApi:
     async def _feed_snapshot(self, snapshot: Snapshot) -> tuple[int, SnapshotResult]:
         assert self.feed is not None
         revision = await self.feed.replace_snapshot(snapshot)
-        entries = sum(len(networks) for networks in snapshot.accounts.values())
-        devices = sum(len(digests) for digests in snapshot.devices.values())
-        return revision, SnapshotResult(len(snapshot.accounts), entries, devices)
+        return revision, SnapshotResult.of(snapshot)
 
     async def _status(self, _request: web.Request) -> web.Response:
         status = await self._store.status()
