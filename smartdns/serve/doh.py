@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol
 
 from smartdns.core.counters import StatusClass, Transport
 from smartdns.core.peer import Peer, stream_peer
@@ -29,11 +29,10 @@ from smartdns.serve.doh_request import (
     read_request,
 )
 from smartdns.serve.pipeline import PendingReply, Pipeline
+from smartdns.serve.stream import StreamConnection
 from smartdns.serve.tcp import MAX_UNSENT_BYTES
-from smartdns.serve.tls import device_of
 
 _STATUS_CLASS: Final = {status: StatusClass.of(status) for status in range(100, 600)}
-_NO_PEER: Final = stream_peer("", Transport.DOH)  # until connection_made names the client
 # one for all connections, so failing connections cannot each log a line
 _FAILURES: Final = WarnOnce(__name__, "DoH connection failed; closed")
 
@@ -59,12 +58,10 @@ class HttpSession(Protocol):
     def may_read(self) -> bool: ...
 
 
-class DohConnection(asyncio.Protocol):
+class DohConnection(StreamConnection):
     """One DoH client connection. Requests are answered as they complete (HTTP/2 streams
     in any order; HTTP/1.1 in order). Unsent output above MAX_UNSENT_BYTES aborts it, and
     reading pauses while the client is not reading."""
-
-    kind: Final = Transport.DOH
 
     def __init__(
         self,
@@ -72,43 +69,24 @@ class DohConnection(asyncio.Protocol):
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         connections: Connections,
     ) -> None:
-        self._pipeline = pipeline
-        self._spawn = spawn  # owner of the forwarding tasks, so a drain can wait for them
-        self._connections = connections
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
+        super().__init__(pipeline, spawn, connections, Transport.DOH)
         self._session: HttpSession | None = None
-        self._peer: Peer = _NO_PEER  # the connection's: no ID in the path
         self._pending = 0  # requests waiting for upstream
         self._reading = True
         self._writing_paused = False
-        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)
-        if not self._connections.admit(self):
-            stream.abort()
+        stream = self._admit(transport)
+        if stream is None:
             return
-        self._transport = stream
         ssl_object = stream.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-        # a DoH path names the device ID; else the TLS server name may have named one
-        host = stream.get_extra_info("peername")[0]
-        self._peer = stream_peer(host, Transport.DOH, device_of(ssl_object))
         now = self._loop.time()
         deadline_s = self._connections.idle_timeout_s
         session: HttpSession
         session = H2Session(now, deadline_s) if alpn == "h2" else H1Session(now, deadline_s)
         self._session = session
         self._write_out()
-        self._arm_timer(now + deadline_s)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connections.forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._transport = None
 
     def is_idle(self, now: float) -> bool:
         """No request in progress and nothing unsent."""
@@ -221,11 +199,6 @@ class DohConnection(asyncio.Protocol):
 
     # ---- timer and closing ---------------------------------------------------------------
 
-    def _arm_timer(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-
     def _on_timer(self) -> None:
         self._timer = None
         session = self._session
@@ -235,18 +208,6 @@ class DohConnection(asyncio.Protocol):
         self._write_out()
         if next_check is not None:
             self._arm_timer(next_check)
-
-    def close(self) -> None:
-        """Close after the unsent output is flushed (bounded by MAX_UNSENT_BYTES)."""
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        """Close at once, dropping unsent output."""
-        transport = self._transport
-        if transport is not None:
-            self._connections.forget(self)
-            transport.abort()
 
 
 def _response(packet: bytes, reply: bytes | None) -> HttpResponse | None:

@@ -12,20 +12,18 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from smartdns.core.counters import Transport
-from smartdns.core.peer import Peer, stream_peer
 from smartdns.logs import WarnOnce
 from smartdns.serve.connections import Connections
 from smartdns.serve.framing import Expiry, Framing, Stop
 from smartdns.serve.pipeline import Pipeline
-from smartdns.serve.tls import device_of
+from smartdns.serve.stream import StreamConnection
 
 MAX_UNSENT_BYTES: Final = 256 * 1024  # a TCP client that never reads is disconnected
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event, so UDP is not starved
 ACCEPT_RETRY_S: Final = 0.25  # pause after EMFILE and the like before accepting again
-_NO_PEER: Final = stream_peer("")  # until connection_made names the client
 
 
 Accepted = Callable[[socket.socket], Coroutine[Any, Any, None]]
@@ -33,7 +31,7 @@ Accepted = Callable[[socket.socket], Coroutine[Any, Any, None]]
 failure it closes the socket."""
 
 
-class TcpConnection(asyncio.Protocol):
+class TcpConnection(StreamConnection):
     """One client connection: pipelined queries answered as they complete (possibly out of
     order, RFC 7766 §6.2.1.1), with the limits of `Framing`. Unsent output above
     MAX_UNSENT_BYTES aborts it, and reading pauses while the client is not reading.
@@ -48,34 +46,12 @@ class TcpConnection(asyncio.Protocol):
         connections: Connections,
         kind: Transport = Transport.TCP,
     ) -> None:
-        self.kind = kind
-        self._pipeline = pipeline
-        self._spawn = spawn  # owner of the forwarding tasks, so a drain can wait for them
-        self._connections = connections
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._peer: Peer = _NO_PEER
+        super().__init__(pipeline, spawn, connections, kind)
         self._framing = Framing(self._loop.time(), connections.idle_timeout_s)
         self._reading = True
-        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        stream = cast(asyncio.Transport, transport)
-        connections = self._connections
-        if not connections.admit(self):
-            stream.abort()
-            return
-        self._transport = stream
-        device = device_of(stream.get_extra_info("ssl_object"))
-        self._peer = stream_peer(stream.get_extra_info("peername")[0], self.kind, device)
-        self._arm_timer(self._loop.time() + connections.idle_timeout_s)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connections.forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._transport = None
+        self._admit(transport)
 
     def is_idle(self, now: float) -> bool:
         """Nothing in progress (see `Framing.is_idle`) and nothing unsent."""
@@ -178,11 +154,6 @@ class TcpConnection(asyncio.Protocol):
 
     # ---- timer and closing ---------------------------------------------------------------
 
-    def _arm_timer(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._on_timer)
-
     def _on_timer(self) -> None:
         self._timer = None
         transport = self._transport
@@ -199,18 +170,6 @@ class TcpConnection(asyncio.Protocol):
     def _close_when_answered(self) -> None:
         if not self._framing.pending:
             self.close()
-
-    def close(self) -> None:
-        """Close after the unsent output is flushed (bounded by MAX_UNSENT_BYTES)."""
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        """Close at once, dropping unsent output."""
-        transport = self._transport
-        if transport is not None:
-            self._connections.forget(self)
-            transport.abort()
 
 
 class TcpListener:
