@@ -48,10 +48,12 @@ class ResyncCause(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Position:
     """How far a node applied the bucket: the stream's identity (its creation time, in
-    microseconds) and the last revision (stream sequence) applied, saved with the changes."""
+    microseconds) and the last revision (stream sequence) applied, saved with the changes;
+    and how many messages the stream held when the node last looked (see keys_missing)."""
 
     created: int
     sequence: int
+    messages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +97,15 @@ def plan_start(saved: Position | None, stream: StreamFacts) -> Start:
     return Start(saved.sequence, None)
 
 
-def keys_missing(stream_messages: int, local_accounts: int) -> bool:
-    """After a resume: keys removed without a trace (a stream purge of some subjects) leave the
-    bucket with fewer messages than this node has accounts (each account, live or tombstone,
-    is one key; with history 1 a key is one message, with more history more). One-sided: a
-    purge that delete markers or hostname keys outnumber waits for the next full read."""
-    return stream_messages < local_accounts
+def keys_missing(stream_messages: int, local_accounts: int, seen_messages: int) -> bool:
+    """After a resume: were keys removed without a trace (a stream purge of some subjects, a
+    purge of old delete markers)? In a history-1 bucket a key is one message whatever is
+    written to it (a value, a tombstone, a delete or purge marker replaces the one before), so
+    the count of messages never drops except by such a purge: it is below the count the node
+    saw when it last looked, or below the accounts it holds (each, live or tombstone, is one
+    key). One-sided: keys added while others were purged can hide the purge until the next
+    full read."""
+    return stream_messages < max(local_accounts, seen_messages)
 
 
 @dataclass(frozen=True, slots=True)

@@ -778,11 +778,13 @@ class RegistrationStore:
             rows = await self._db.execute_fetchall(
                 "SELECT (SELECT value FROM meta WHERE key = 'feed_created'),"
                 " (SELECT value FROM meta WHERE key = 'feed_sequence'),"
+                " (SELECT value FROM meta WHERE key = 'feed_messages'),"
                 " (SELECT COUNT(*) FROM accounts)"
             )
-            created, sequence, accounts = next(iter(rows))
-        position = None if created is None else Position(int(created), int(sequence))
-        return position, int(accounts)
+            created, sequence, messages, accounts = next(iter(rows))
+        if created is None:
+            return None, int(accounts)
+        return Position(int(created), int(sequence), int(messages or 0)), int(accounts)
 
     async def _save_position(self, position: Position | None) -> None:
         if position is None:
@@ -790,7 +792,11 @@ class RegistrationStore:
         await self._db.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (("feed_created", position.created), ("feed_sequence", position.sequence)),
+            (
+                ("feed_created", position.created),
+                ("feed_sequence", position.sequence),
+                ("feed_messages", position.messages),
+            ),
         )
 
     async def _stored_versions(self, accounts: Set[str]) -> dict[str, int]:

@@ -82,10 +82,20 @@ def test_plan_start(saved: Position | None, stream: StreamFacts, wanted: Start) 
     assert plan_start(saved, stream) == wanted
 
 
-def test_fewer_keys_in_the_bucket_than_accounts_here_means_keys_went_missing() -> None:
-    assert keys_missing(stream_messages=3, local_accounts=4)
-    assert not keys_missing(stream_messages=4, local_accounts=4)
-    assert not keys_missing(stream_messages=9, local_accounts=4)  # delete markers, hostnames
+@pytest.mark.parametrize(
+    ("stream_messages", "local_accounts", "seen_messages", "missing"),
+    [
+        (3, 4, 0, True),  # fewer keys than accounts held
+        (4, 4, 4, False),
+        (9, 4, 9, False),  # delete markers, hostnames, the snapshot marker
+        (8, 4, 9, True),  # fewer messages than last seen: a purge without a marker
+        (12, 4, 9, False),  # new keys
+    ],
+)
+def test_keys_went_missing_when_the_count_of_messages_drops(
+    stream_messages: int, local_accounts: int, seen_messages: int, missing: bool
+) -> None:
+    assert keys_missing(stream_messages, local_accounts, seen_messages) is missing
 
 
 def test_a_full_read_batches_every_key_then_reconciles_and_saves_its_revision() -> None:

@@ -35,6 +35,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
+from smartdns import logs
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
 from smartdns.registrations.entries import Network, Snapshot
@@ -68,7 +69,12 @@ from smartdns.registrations.feed_format import (
     hostname_key,
     key_account,
 )
-from smartdns.registrations.sources.feed_reader import ConsumerLost, PullReader
+from smartdns.registrations.sources.feed_reader import (
+    FETCH_BATCH,
+    MIN_BATCH,
+    ConsumerLost,
+    PullReader,
+)
 from smartdns.registrations.sources.feed_snapshot import (
     Publisher,
     SnapshotUnavailable,
@@ -89,6 +95,7 @@ CONNECT_TIMEOUT_S: Final = 2
 REPUBLISH_PREFIX: Final = "smartdns-feed"
 EAGER_LIMIT: Final = 65_536  # republished messages buffered; beyond that the consumer delivers
 WAKE_S: Final = 0.1  # longest wait for a message before looking at the reconnect flag
+LOOK_S: Final = 5.0  # while caught up, look at the stream's info this often (see Feed._look)
 WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the follower
 # Making a consumer: 2 s, doubled after each failure up to 16 s. Short first, since 2.9 may
 # place an ephemeral consumer on a dead server of the cluster (no answer: try again), and long
@@ -293,11 +300,16 @@ class Feed:
         self._follower = BucketFollower(rules)
         self._created = 0  # the followed stream's identity (StreamFacts.created)
         self._saved = 0  # the revision saved with the last batch
-        self._resuming = False
+        self._messages = 0  # the stream's message count when last looked (Position.messages)
+        self._looking = False  # look at the stream once this read (or new consumer) is caught up
+        self._next_look = 0.0
         self._filled_to = 0  # the gap fill read the stream up to this revision
         self._applied_revision = 0
         self._applied_ahead: deque[int] = deque(maxlen=1024)  # fast-path revisions applied
         self._resubscribe = False
+        self._lost = False  # messages were lost: smaller fetches on the next consumer
+        self._batch = FETCH_BATCH  # messages per fetch, halved after a loss, doubled back
+        self._client_error = logs.WarnOnce(__name__, "feed: NATS client error; reading again")
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.state = FeedState(follow=self._follower.counters)
 
@@ -345,10 +357,11 @@ class Feed:
             # last revision applied (the reader's bounded requests make this a should-not).
             if isinstance(exc, nats.errors.SlowConsumerError):
                 self.state.slow_consumers += 1
+                self._lost = True
             else:
                 self.state.client_errors += 1
             self._resubscribe = True
-            log.warning("feed: NATS client error (%s); reading again", type(exc).__name__)
+            self._client_error.warn(type(exc).__name__)
 
         credentials = settings.credentials_file
         await nc.connect(
@@ -406,8 +419,11 @@ class Feed:
         self._resubscribe = False
         attempt = 0
         while True:
+            if self._lost:
+                self._lost = False
+                self._batch = max(MIN_BATCH, self._batch // 2)
             reader = PullReader(
-                self._nc, self._stream, self._prefix, pending_limit=self.pending_limit
+                self._nc, self._stream, self._prefix, self._batch, self.pending_limit
             )
             try:
                 timeout_s = min(CONSUMER_TIMEOUT_S, WATCH_TIMEOUT_S * (1 << min(attempt, 4)))
@@ -420,6 +436,7 @@ class Feed:
                 await self._draining(asyncio.sleep(_backoff_s(attempt)), fast)
                 continue
             attempt = 0
+            self._looking = True
             self._follower.restart()
             if pending == 0:
                 self._follower.end_reached()
@@ -441,48 +458,68 @@ class Feed:
             log.info("feed: resuming after revision %d", start.after)
         self._created = facts.created
         self._saved = start.after
-        self._resuming = not start.full  # checked for missing keys once caught up
+        self._messages = 0 if saved is None or start.full else saved.messages
         self._follower.begin(start)
 
     async def _follow(
         self, js: JetStreamContext, reader: PullReader, fast: Subscription | None
     ) -> None:
         follower = self._follower
+        loop = asyncio.get_running_loop()
         while True:
             if self._resubscribe:
                 self._resubscribe = False
                 raise _Stalled("reconnected or the client dropped messages")
-            for message in await reader.next(WAKE_S):
+            messages = await reader.next(WAKE_S)
+            for message in messages:
                 verdict = follower.receive(message)
                 if verdict is Verdict.GAP:
-                    reader.shrink()
+                    self._lost = True
                     await self._apply()
                     raise _Stalled("a message was lost on the way")
                 if follower.queued >= APPLY_BATCH:
                     await self._apply()
             while fast is not None and fast.pending_msgs and follower.queued < APPLY_BATCH:
                 self._eager(await _next_msg(fast, 0.1))
+            if reader.at_end:
+                follower.end_reached()
             await self._apply()
+            if messages and self._batch < FETCH_BATCH and not self._resubscribe:
+                self._batch = reader.batch = min(FETCH_BATCH, self._batch * 2)
             self.state.last_revision = follower.last_sequence
             self.state.lag = follower.pending
             connected = self._nc is not None and self._nc.is_connected
             self.state.connected = connected
             self.state.caught_up = connected and follower.caught_up
-            if self._resuming and follower.caught_up:
-                self._resuming = False
-                await self._check_keys(js)
+            if follower.caught_up and (self._looking or loop.time() >= self._next_look):
+                await self._look(js)
+                self._next_look = loop.time() + LOOK_S
 
-    async def _check_keys(self, js: JetStreamContext) -> None:
-        """After a resume: when the bucket holds fewer keys than this node has accounts,
-        keys were removed without a trace; read everything and reconcile."""
+    async def _look(self, js: JetStreamContext) -> None:
+        """Look at the stream's info (constant cost) at the end of each read and every LOOK_S:
+        a stream recreated or emptied meanwhile, or fewer messages than when last looked or
+        than this node has accounts (keys removed without a trace), means a full read and
+        reconciliation; otherwise the message count is saved with the position."""
         facts, _ = await stream_facts(js, self._settings.bucket)
         _saved, accounts = await self._sink.feed_position()
-        if keys_missing(facts.messages, accounts):
-            log.info("feed: the bucket lacks keys this node holds; reading the whole bucket")
-            self._follower.begin(Start(0, ResyncCause.KEYS_MISSING))
+        start = plan_start(Position(self._created, self._follower.last_sequence), facts)
+        cause = start.cause
+        if cause is None and keys_missing(facts.messages, accounts, self._messages):
+            cause = ResyncCause.KEYS_MISSING
+        if cause is not None:
+            log.info("feed: reading the whole bucket (%s)", cause.value)
+            self._created = facts.created
+            self._follower.begin(Start(0, cause))
+            self._messages = 0
             self.state.caught_up = False
-            raise _Stalled("keys missing")
-        log.info("feed: caught up at revision %d (resumed)", self._follower.last_sequence)
+            raise _Stalled(cause.value)
+        if self._looking:
+            self._looking = False
+            log.info("feed: caught up at revision %d", self._follower.last_sequence)
+        if facts.messages != self._messages:
+            self._messages = facts.messages
+            position = Position(self._created, self._saved, self._messages)
+            await self._sink.apply_feed([], None, position)
 
     async def _apply(self) -> None:
         """Hand the follower's batch to the sink, with the revision it reaches; then every
@@ -492,7 +529,7 @@ class Feed:
         batch = follower.take()
         position = None
         if batch.position is not None and batch.position != self._saved:
-            position = Position(self._created, batch.position)
+            position = Position(self._created, batch.position, self._messages)
         if batch.changes or batch.snapshot_version is not None or position is not None:
             saving = position if batch.present is None else None
             result = await self._sink.apply_feed(batch.changes, batch.snapshot_version, saving)
@@ -507,7 +544,7 @@ class Feed:
             else:
                 log.warning("feed: the bucket is empty; keeping the local registrations")
                 await self._sink.apply_feed([], None, position)
-            log.info("feed: caught up at revision %d (whole bucket read)", follower.last_sequence)
+            log.info("feed: read the whole bucket up to revision %d", follower.last_sequence)
         if position is not None:
             self._saved = position.sequence
         if batch.resolved:

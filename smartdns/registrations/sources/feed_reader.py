@@ -5,10 +5,11 @@ consumer (every message, or every message after a revision: never "last per subj
 cost grows with the bucket), keeps two fetch requests in flight so the next batch is on its
 way while one is applied, and turns each delivered message into a feed_follow.BucketMessage
 (revision, consumer sequence and what is still pending, read from the message's reply
-subject). It only ever asks for what it can hold, so the client's pending limits are never
-reached (no slow-consumer drop by design); a consumer that stops answering, or answers with
-an error status, raises ConsumerLost, and the follower starts a new one after the last
-revision applied. Ordering and decisions are feed_follow's.
+subject); a fetch request that expires unserved says the read is at the end. It only ever
+asks for what it can hold, so the client's pending limits are never reached (no
+slow-consumer drop by design); a consumer that stops answering, or answers with an error
+status, raises ConsumerLost, and the follower starts a new one after the last revision
+applied. Ordering and decisions are feed_follow's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from smartdns.errors import SmartDNSError
 from smartdns.registrations.feed_follow import BucketMessage
 
 FETCH_BATCH: Final = 5_000  # messages per fetch request
-MIN_BATCH: Final = 1  # after lost messages the batch halves down to this
+MIN_BATCH: Final = 1  # after lost messages the follower halves its batch down to this
 IN_FLIGHT: Final = 2  # fetch requests outstanding: one served while the other is applied
 EXPIRES_S: Final = 1.0  # a fetch request's life on the server; it then answers 408
 SILENCE_S: Final = 2.0  # past its expiry, a request with no answer at all: the consumer is gone
@@ -72,7 +73,7 @@ class PullReader:
         self._nc = nc
         self._stream = stream
         self._prefix = prefix  # `$KV.<bucket>.`: a message's key is its subject after it
-        self._batch = batch
+        self.batch = batch  # messages per fetch request from now on
         # Twice what may be in flight: the client's queue can never overflow (0: that bound).
         self._pending_limit = pending_limit or 2 * IN_FLIGHT * FETCH_BATCH
         self._name = ""
@@ -82,7 +83,11 @@ class PullReader:
         self._signal = asyncio.Event()
         self._outstanding: deque[int] = deque()  # messages due per request, oldest first
         self._asked_at: deque[float] = deque()
+        self._sizes: deque[int] = deque()  # each request's batch as asked
         self._lost: str | None = None
+        # A request expired without a message: nothing was there to deliver. The pending count
+        # messages carry can stay above 0 when keys are rewritten during a read (2.9.10).
+        self.at_end = False
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -140,20 +145,18 @@ class PullReader:
         await self._ask()
         return messages
 
-    def shrink(self) -> None:
-        """Messages were lost on the way: ask for smaller batches from now on."""
-        self._batch = max(MIN_BATCH, self._batch // 2)
-
     async def _ask(self) -> None:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{self._name}"
-        request = json.dumps({"batch": self._batch, "expires": int(EXPIRES_S * 1e9)}).encode()
+        request = json.dumps({"batch": self.batch, "expires": int(EXPIRES_S * 1e9)}).encode()
         while len(self._outstanding) < IN_FLIGHT:
-            self._outstanding.append(self._batch)
+            self._outstanding.append(self.batch)
+            self._sizes.append(self.batch)
             self._asked_at.append(self._loop.time())
             await self._nc.publish(subject, request, reply=self._inbox)
 
     def _answered(self) -> None:
         self._outstanding.popleft()
+        self._sizes.popleft()
         self._asked_at.popleft()
 
     async def _received(self, msg: Msg) -> None:
@@ -164,6 +167,8 @@ class PullReader:
             if status == _HEARTBEAT:
                 return
             if status in _TIMED_OUT and self._outstanding:
+                if self._outstanding[0] == self._sizes[0]:
+                    self.at_end = True
                 self._answered()
             else:
                 self._lost = f"status {status}"
@@ -175,6 +180,7 @@ class PullReader:
             self._lost = "a message without JetStream metadata"
             self._signal.set()
             return
+        self.at_end = False
         if self._outstanding:
             self._outstanding[0] -= 1
             self._asked_at[0] = self._loop.time()  # served: alive
