@@ -68,7 +68,7 @@ def test_hostname_authorizes_what_it_resolves_to_and_follows_changes(
     body = {"version": 1, "addresses": [], "hostnames": ["Home.Example.NET."]}
     assert call(server, "PUT", "/v1/accounts/home", body) == (
         200,
-        {"account": "home", "version": 1, "addresses": 0, "hostnames": 1},
+        {"account": "home", "version": 1, "addresses": 0, "hostnames": 1, "device_ids": 0},
     )
     assert call(server, "GET", "/v1/accounts/home")[1]["hostnames"] == [HOME]
     rcode_within(server, FIRST, dns.rcode.NOERROR, DEADLINE_S)
@@ -117,7 +117,7 @@ def test_cli_adds_lists_exports_and_removes_hostnames(
     rcode_within(server, FIRST, dns.rcode.NOERROR, DEADLINE_S)
     listed = json.loads(server.cli("registrations", "list", "cli-home", "--json").stdout)
     assert listed["accounts"] == [
-        {"account": "cli-home", "version": 0, "addresses": [], "hostnames": [HOME]}
+        {"account": "cli-home", "version": 0, "addresses": [], "hostnames": [HOME], "device_ids": 0}
     ]
     exported = json.loads(server.cli("registrations", "export").stdout)
     assert exported["accounts"]["cli-home"] == {"addresses": [], "hostnames": [HOME]}
