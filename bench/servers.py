@@ -294,6 +294,7 @@ class Smartdns(Target):
                 text=True,
                 timeout=60,
                 env=python_env(self.source),
+                cwd=str(self.workdir),  # `-m` looks in the working directory first
                 check=False,
             )
             if result.returncode != 0:
