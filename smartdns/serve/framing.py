@@ -13,7 +13,6 @@ from typing import Final
 from smartdns.core.wire import HEADER_SIZE
 
 MAX_PENDING_PER_CONNECTION: Final = 100  # pipelined queries in progress; reading pauses beyond
-MAX_QUERIES_PER_CONNECTION: Final = 1000  # then the connection closes once they are answered
 # A new connection cannot be shed for room before its first query or this long: otherwise
 # each newcomer sheds the one before it before its query has even been read, and none is served
 FIRST_QUERY_GRACE_S: Final = 1.0
@@ -27,7 +26,6 @@ class Stop(enum.Enum):
     MORE = "more"  # no complete message buffered: read on
     PAUSE = "pause"  # too many answers in progress, or the client does not read: stop reading
     BOGUS = "bogus"  # a length below a header's size: the stream cannot be trusted; abort
-    DONE = "done"  # MAX_QUERIES_PER_CONNECTION read, the rest dropped: close once answered
 
 
 class Expiry(enum.Enum):
@@ -42,9 +40,11 @@ class Framing:
 
     Closed after `timeout_s` without a query or an answer; a started message must complete
     within the same time from its first byte, however slowly it trickles; at most
-    `max_pending` answers in progress (reading pauses beyond) and `max_queries` queries
-    (then no more input is read). `writing_paused` is the transport's flow control: while the
-    client does not read its answers, its queries are not read either.
+    `max_pending` answers in progress (reading pauses beyond). No cap on the queries of a
+    connection: closing after N would lose what the client pipelined behind the Nth (a DoT
+    client keeps one connection for hours); the idle timeout, `max_pending` and the worker's
+    connection cap bound what a connection holds. `writing_paused` is the transport's flow
+    control: while the client does not read its answers, its queries are not read either.
     """
 
     __slots__ = (
@@ -52,7 +52,6 @@ class Framing:
         "_grace_s",
         "_last_activity",
         "_max_pending",
-        "_max_queries",
         "_message_started",
         "_opened",
         "_timeout_s",
@@ -67,12 +66,10 @@ class Framing:
         timeout_s: float,
         *,
         max_pending: int = MAX_PENDING_PER_CONNECTION,
-        max_queries: int = MAX_QUERIES_PER_CONNECTION,
         grace_s: float = FIRST_QUERY_GRACE_S,
     ) -> None:
         self._timeout_s = timeout_s
         self._max_pending = max_pending
-        self._max_queries = max_queries
         self._grace_s = grace_s
         self._buffer = bytearray()
         self._opened = self._last_activity = now
@@ -82,19 +79,13 @@ class Framing:
         self.writing_paused = False
 
     @property
-    def finished(self) -> bool:
-        """All the queries this connection may ask have been read."""
-        return self.queries >= self._max_queries
-
-    @property
     def may_read(self) -> bool:
         """Reading may resume: no bound reached and the client reads its answers."""
-        return not self.writing_paused and self.pending < self._max_pending and not self.finished
+        return not self.writing_paused and self.pending < self._max_pending
 
     def feed(self, data: bytes) -> None:
-        """Bytes from the stream, however they were split; ignored once finished."""
-        if not self.finished:
-            self._buffer += data
+        """Bytes from the stream, however they were split."""
+        self._buffer += data
 
     def next_message(self, now: float) -> bytes | Stop:
         """The next complete message (its length prefix removed), or why there is none.
@@ -102,9 +93,6 @@ class Framing:
         Call until a Stop; each message counts as activity at `now`, and bytes left over
         start the next message's deadline."""
         buffer = self._buffer
-        if self.finished:
-            buffer.clear()  # RFC 7766 §6.2.3: a server may close after some queries
-            return Stop.DONE
         if len(buffer) >= _LENGTH:
             if self.pending >= self._max_pending or self.writing_paused:
                 return self._stop(Stop.PAUSE, now)

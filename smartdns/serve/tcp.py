@@ -87,9 +87,6 @@ class TcpConnection(StreamConnection):
             self._pause_reading()  # resumed as answers complete or the client reads
         elif message is Stop.BOGUS:
             self.abort()
-        elif message is Stop.DONE:
-            self._pause_reading()
-            self._close_when_answered()
 
     def _pause_reading(self) -> None:
         if self._reading and self._transport is not None:
@@ -125,10 +122,7 @@ class TcpConnection(StreamConnection):
             self._framing.answer_finished()
         if reply is not None:
             self._write(reply)
-        if self._framing.finished:
-            self._close_when_answered()
-        else:
-            self._resume_reading()
+        self._resume_reading()
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -166,10 +160,6 @@ class TcpConnection(StreamConnection):
             self.close()
         else:
             self._arm_timer(expiry)
-
-    def _close_when_answered(self) -> None:
-        if not self._framing.pending:
-            self.close()
 
 
 class TcpListener:
