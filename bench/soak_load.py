@@ -164,7 +164,9 @@ class PacedSender(threading.Thread):
             # The header's rcode only (parsing every reply would cost this process more than
             # it sends): BADVERS, an extended rcode, has the lower bits of NOERROR there, and
             # no malformed packet is answered with NOERROR itself.
-            rcode = dns.rcode.to_text(data[3] & 0x0F) if len(data) >= 12 else "runt"
+            rcode = (
+                dns.rcode.to_text(dns.rcode.Rcode(data[3] & 0x0F)) if len(data) >= 12 else "runt"
+            )
             rcode = "BADVERS" if rcode == "NOERROR" else rcode
             self.rcodes[rcode] = self.rcodes.get(rcode, 0) + 1
             self.answered += 1
