@@ -8,8 +8,10 @@ their text goes nowhere (SPEC 7).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -17,6 +19,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 
 from smartdns.serve.doh_request import (
     MAX_BODY_BYTES,
@@ -37,6 +40,14 @@ _UNBOUNDED_STREAMS: Final = 2**31 - 1
 # again only as bodies are consumed (a request complete, cut short or reset).
 BODY_WINDOW_BYTES: Final = MAX_BODY_BYTES + 1
 _DEFAULT_WINDOW: Final = 65_535  # RFC 9113 §6.9.2: every window starts here
+# h2's own header checks cost more than the rest of a request; with them off, `_open`
+# applies the ones that make a request malformed (RFC 9113 §8.2.2, §8.3.1).
+_REQUEST_PSEUDO_HEADERS: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
+_REQUIRED_PSEUDO_HEADERS: Final = frozenset({b":method", b":scheme", b":path"})
+_CONNECTION_HEADERS: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_HEADER_FIELDS_CACHED: Final = 4096  # distinct (name, value) pairs: statuses, sizes, max-ages
 
 
 def _settings(max_streams: int) -> h2.settings.Settings:
@@ -49,6 +60,32 @@ def _settings(max_streams: int) -> h2.settings.Settings:
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: BODY_WINDOW_BYTES,
         },
     )
+
+
+class _Malformed(Exception):
+    """A request header block RFC 9113 §8.1.1 calls malformed."""
+
+
+class _ResponseEncoder(hpack.Encoder):
+    """Response header blocks from cached fields. No field enters the dynamic table (every
+    literal is "never indexed"), so a field's encoding does not depend on what went before
+    and a block is the concatenation of its fields' encodings, each computed once. The price
+    is a few dozen octets per response that the dynamic table would have saved."""
+
+    def encode(self, headers: Iterable[Any], huffman: bool = True) -> bytes:
+        block = b"".join([_encode_field(name, value) for name, value in headers])
+        if self.header_table.resized:  # RFC 7541 §4.2: a size change is signalled first
+            self.header_table.resized = False
+            return self._encode_table_size_change() + block
+        return block
+
+
+_FIELD_ENCODER: Final = hpack.Encoder()  # its dynamic table stays empty: nothing is indexed
+
+
+@functools.lru_cache(maxsize=_HEADER_FIELDS_CACHED)
+def _encode_field(name: bytes, value: bytes) -> bytes:
+    return _FIELD_ENCODER.add((name, value), sensitive=True, huffman=True)
 
 
 @dataclass(slots=True)
@@ -80,8 +117,16 @@ class H2Session:
 
     def __init__(self, now: float, deadline_s: float) -> None:
         self._h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
         )
+        self._h2.encoder = _ResponseEncoder()
         self._h2.local_settings = _settings(MAX_STREAMS)
         # h2 applies the header list bound only once the client acknowledges our settings;
         # a client that never does is held to it from the first frame
@@ -156,19 +201,11 @@ class H2Session:
         if len(self._incoming) + len(self._answering) + len(self._unsent) >= MAX_STREAMS:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
-        method = target = b""
-        content_type: bytes | None = None
-        too_large = False
-        for name, value in event.headers or ():
-            name, value = bytes(name), bytes(value)
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                target = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                too_large = not value.isdigit() or int(value) > MAX_BODY_BYTES
+        try:
+            method, target, content_type, too_large = _read_headers(event.headers or ())
+        except _Malformed:
+            self._goaway(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
         incoming = _Incoming(method, target, content_type, now)
         self._incoming[stream_id] = incoming
         if too_large:
@@ -316,3 +353,38 @@ class H2Session:
     def _goaway(self, code: h2.errors.ErrorCodes) -> None:
         self._h2.close_connection(code)
         self.closed = True
+
+
+def _read_headers(
+    headers: Iterable[tuple[bytes | str, bytes | str]],
+) -> tuple[bytes, bytes, bytes | None, bool]:
+    """Method, target, content type, and whether the declared length is over MAX_BODY_BYTES.
+    Raises _Malformed for what RFC 9113 calls a malformed request: pseudo-headers unknown,
+    repeated, missing or after a regular field (§8.3), connection-specific fields (§8.2.2).
+    h2 decoded the names as bytes (header_encoding=None)."""
+    method = target = b""
+    content_type: bytes | None = None
+    too_large = False
+    pseudo: set[bytes] = set()
+    regular = False
+    for name, value in headers:
+        assert isinstance(name, bytes) and isinstance(value, bytes)
+        if name[:1] == b":":
+            if regular or name in pseudo or name not in _REQUEST_PSEUDO_HEADERS:
+                raise _Malformed
+            pseudo.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                target = value
+            continue
+        regular = True
+        if name == b"content-type":
+            content_type = value
+        elif name == b"content-length":
+            too_large = not value.isdigit() or int(value) > MAX_BODY_BYTES
+        elif name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
+            raise _Malformed
+    if not pseudo >= _REQUIRED_PSEUDO_HEADERS:
+        raise _Malformed
+    return method, target, content_type, too_large

@@ -159,6 +159,57 @@ def test_an_oversized_header_list_ends_the_connection() -> None:
     assert pair.of_type(h2.events.ConnectionTerminated)
 
 
+GET_PSEUDO = [(b":method", b"GET"), (b":scheme", b"https")]
+GET_PATH = (b":path", b"/dns-query?dns=EjQAAAAAAAAAAAAA")
+MALFORMED_HEADER_BLOCKS = {
+    "no_path": GET_PSEUDO,
+    "path_twice": [*GET_PSEUDO, GET_PATH, GET_PATH],
+    "pseudo_after_regular": [*GET_PSEUDO, (b"accept", b"*/*"), GET_PATH],
+    "response_pseudo": [*GET_PSEUDO, GET_PATH, (b":status", b"200")],
+    "connection_specific": [*GET_PSEUDO, GET_PATH, (b"connection", b"keep-alive")],
+    "te_not_trailers": [*GET_PSEUDO, GET_PATH, (b"te", b"gzip")],
+}
+
+
+@pytest.mark.parametrize("defect", sorted(MALFORMED_HEADER_BLOCKS))
+def test_a_malformed_request_ends_the_connection(defect: str) -> None:
+    """h2's header validation is off (it cost more than the rest of a request); the session
+    applies RFC 9113 §8.1.1 itself. A client whose own checks are off sends the defect."""
+    pair = Pair(settings_known=False)
+    pair.client = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+    )
+    pair.client.initiate_connection()
+    pair.client.send_headers(1, MALFORMED_HEADER_BLOCKS[defect], end_stream=True)
+    assert pair.to_server() == []
+    assert pair.server.closed
+    pair.to_client()
+    ended = pair.of_type(h2.events.ConnectionTerminated)
+    assert [e.error_code for e in ended] == [h2.errors.ErrorCodes.PROTOCOL_ERROR]  # type: ignore[attr-defined]
+
+
+def test_response_headers_survive_a_header_table_size_change() -> None:
+    """Response header blocks are cached field by field and never use the dynamic table, so
+    they decode whatever the client's table size; a size change is still signalled."""
+    pair = Pair()
+    pair.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    streams = []
+    for _ in range(3):
+        stream_id = pair.request()
+        pair.to_server()
+        pair.server.respond(stream_id, dns_response(QUERY), pair.now)
+        pair.to_client()
+        pair.to_server()
+        streams.append(stream_id)
+    assert [_status(pair, stream_id) for stream_id in streams] == [200, 200, 200]
+    assert len(pair.client.decoder.header_table.dynamic_entries) == 0
+
+
 def test_a_body_over_64_kib_gets_413_and_a_reset() -> None:
     pair = Pair()
     stream_id = pair.open_stream(b"POST", b"/dns-query", CONTENT_TYPE)
