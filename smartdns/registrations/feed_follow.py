@@ -98,14 +98,15 @@ def plan_start(saved: Position | None, stream: StreamFacts) -> Start:
 
 
 def keys_missing(stream_messages: int, local_accounts: int, seen_messages: int) -> bool:
-    """After a resume: were keys removed without a trace (a stream purge of some subjects, a
+    """Were keys removed without a trace (a stream purge of some subjects, a
     purge of old delete markers)? In a history-1 bucket a key is one message whatever is
     written to it (a value, a tombstone, a delete or purge marker replaces the one before), so
     the count of messages never drops except by such a purge: it is below the count the node
     saw when it last looked, or below the accounts it holds (each, live or tombstone, is one
     key). One-sided: keys added while others were purged can hide the purge until the next
-    full read."""
-    return stream_messages < max(local_accounts, seen_messages)
+    full read. An empty stream is never missing keys: a bucket with no key was never
+    bootstrapped (or was emptied), and a node keeps its copy rather than refuse everyone."""
+    return 0 < stream_messages < max(local_accounts, seen_messages)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,7 @@ def test_plan_start(saved: Position | None, stream: StreamFacts, wanted: Start) 
         (9, 4, 9, False),  # delete markers, hostnames, the snapshot marker
         (8, 4, 9, True),  # fewer messages than last seen: a purge without a marker
         (12, 4, 9, False),  # new keys
+        (0, 4, 9, False),  # an empty bucket: never obeyed
     ],
 )
 def test_keys_went_missing_when_the_count_of_messages_drops(

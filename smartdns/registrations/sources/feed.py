@@ -303,6 +303,7 @@ class Feed:
         self._messages = 0  # the stream's message count when last looked (Position.messages)
         self._looking = False  # look at the stream once this read (or new consumer) is caught up
         self._next_look = 0.0
+        self._full_read = False  # the read under way reads everything (and reconciles)
         self._filled_to = 0  # the gap fill read the stream up to this revision
         self._applied_revision = 0
         self._applied_ahead: deque[int] = deque(maxlen=1024)  # fast-path revisions applied
@@ -459,6 +460,7 @@ class Feed:
         self._created = facts.created
         self._saved = start.after
         self._messages = 0 if saved is None or start.full else saved.messages
+        self._full_read = start.full
         self._follower.begin(start)
 
     async def _follow(
@@ -490,10 +492,10 @@ class Feed:
             self.state.lag = follower.pending
             connected = self._nc is not None and self._nc.is_connected
             self.state.connected = connected
-            self.state.caught_up = connected and follower.caught_up
             if follower.caught_up and (self._looking or loop.time() >= self._next_look):
                 await self._look(js)
                 self._next_look = loop.time() + LOOK_S
+            self.state.caught_up = connected and follower.caught_up
 
     async def _look(self, js: JetStreamContext) -> None:
         """Look at the stream's info (constant cost) at the end of each read and every LOOK_S:
@@ -504,17 +506,18 @@ class Feed:
         _saved, accounts = await self._sink.feed_position()
         start = plan_start(Position(self._created, self._follower.last_sequence), facts)
         cause = start.cause
-        if cause is None and keys_missing(facts.messages, accounts, self._messages):
+        missing = keys_missing(facts.messages, accounts, self._messages)
+        if cause is None and missing and not self._full_read:  # a full read just reconciled
             cause = ResyncCause.KEYS_MISSING
         if cause is not None:
             log.info("feed: reading the whole bucket (%s)", cause.value)
             self._created = facts.created
             self._follower.begin(Start(0, cause))
-            self._messages = 0
+            self._messages, self._full_read = 0, True
             self.state.caught_up = False
             raise _Stalled(cause.value)
         if self._looking:
-            self._looking = False
+            self._looking = self._full_read = False
             log.info("feed: caught up at revision %d", self._follower.last_sequence)
         if facts.messages != self._messages:
             self._messages = facts.messages

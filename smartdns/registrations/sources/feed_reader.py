@@ -32,7 +32,7 @@ FETCH_BATCH: Final = 5_000  # messages per fetch request
 MIN_BATCH: Final = 1  # after lost messages the follower halves its batch down to this
 IN_FLIGHT: Final = 2  # fetch requests outstanding: one served while the other is applied
 EXPIRES_S: Final = 1.0  # a fetch request's life on the server; it then answers 408
-SILENCE_S: Final = 2.0  # past its expiry, a request with no answer at all: the consumer is gone
+SILENCE_S: Final = 2.0  # past EXPIRES_S, nothing at all from the consumer: it is gone
 INACTIVE_S: Final = 30.0  # the server drops a consumer nobody asked for this long
 DELETE_TIMEOUT_S: Final = 1.0
 _KV_OPERATION: Final = "KV-Operation"
@@ -82,13 +82,13 @@ class PullReader:
         self._arrived: deque[BucketMessage] = deque()
         self._signal = asyncio.Event()
         self._outstanding: deque[int] = deque()  # messages due per request, oldest first
-        self._asked_at: deque[float] = deque()
         self._sizes: deque[int] = deque()  # each request's batch as asked
         self._lost: str | None = None
         # A request expired without a message: nothing was there to deliver. The pending count
         # messages carry can stay above 0 when keys are rewritten during a read (2.9.10).
         self.at_end = False
         self._loop = asyncio.get_running_loop()
+        self._heard_at = self._loop.time()  # the last message or status from the consumer
 
     @property
     def name(self) -> str:
@@ -130,16 +130,23 @@ class PullReader:
 
     async def next(self, timeout_s: float) -> list[BucketMessage]:
         """What arrived since the last call, waiting up to `timeout_s` for something; keeps
-        IN_FLIGHT fetch requests outstanding. ConsumerLost when the consumer is gone."""
+        IN_FLIGHT fetch requests outstanding. ConsumerLost when the consumer is gone: an error
+        status, or nothing at all (each request ends with a message or a 408 within
+        EXPIRES_S) for EXPIRES_S + SILENCE_S, judged only after a wait of our own in which
+        the inbox could have delivered (a stalled event loop is not a silent consumer)."""
+        quiet = False
         if not self._arrived and self._lost is None:
             self._signal.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(timeout_s):
                     await self._signal.wait()
+            except TimeoutError:
+                quiet = True
         if self._lost is not None:
             raise ConsumerLost(self._lost)
-        if self._asked_at and self._loop.time() - self._asked_at[0] > EXPIRES_S + SILENCE_S:
-            raise ConsumerLost("a fetch request was never answered")
+        silence_s = self._loop.time() - self._heard_at
+        if quiet and self._outstanding and silence_s > EXPIRES_S + SILENCE_S:
+            raise ConsumerLost("the consumer stopped answering")
         messages = list(self._arrived)
         self._arrived.clear()
         await self._ask()
@@ -149,18 +156,19 @@ class PullReader:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{self._name}"
         request = json.dumps({"batch": self.batch, "expires": int(EXPIRES_S * 1e9)}).encode()
         while len(self._outstanding) < IN_FLIGHT:
+            if not self._outstanding:
+                self._heard_at = self._loop.time()  # silence counts from the first request
             self._outstanding.append(self.batch)
             self._sizes.append(self.batch)
-            self._asked_at.append(self._loop.time())
             await self._nc.publish(subject, request, reply=self._inbox)
 
     def _answered(self) -> None:
         self._outstanding.popleft()
         self._sizes.popleft()
-        self._asked_at.popleft()
 
     async def _received(self, msg: Msg) -> None:
         """The inbox's callback: a message of the stream, or a fetch request's status."""
+        self._heard_at = self._loop.time()
         headers = msg.headers
         status = headers.get(_STATUS) if headers else None
         if status is not None:
@@ -183,7 +191,6 @@ class PullReader:
         self.at_end = False
         if self._outstanding:
             self._outstanding[0] -= 1
-            self._asked_at[0] = self._loop.time()  # served: alive
             if self._outstanding[0] <= 0:
                 self._answered()
         operation = headers.get(_KV_OPERATION) if headers else None
