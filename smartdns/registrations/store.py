@@ -31,7 +31,6 @@ from smartdns.registrations.entries import (
     Snapshot,
     validate_account_id,
 )
-from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import AccountValue, FeedApplied, FeedChange, FeedValue
 
 SCHEMA_VERSION: Final = 4
@@ -722,14 +721,9 @@ class RegistrationStore:
     # --- the registration feed (SPEC 4): the bucket is the truth ------------------------
 
     async def apply_feed(
-        self,
-        changes: Sequence[FeedChange],
-        snapshot_version: int | None,
-        position: Position | None = None,
+        self, changes: Sequence[FeedChange], snapshot_version: int | None
     ) -> FeedApplied:
-        """Apply the feed's changes in one transaction, one generation for all of them, and
-        save `position` (the bucket revision they reach) in the same transaction, so a restart
-        resumes exactly after what was applied.
+        """Apply the feed's changes in one transaction, one generation for all of them.
 
         A value or tombstone replaces the stored account when its version is higher (the
         bucket already enforced SPEC 4's rules fleet-wide, so `snapshot_version` does not
@@ -768,36 +762,7 @@ class RegistrationStore:
                 await self._insert_fresh(fresh, generation)
             if snapshot_version is not None:
                 await self._set_snapshot_version(snapshot_version)
-            await self._save_position(position)
         return FeedApplied(applied, stale)
-
-    async def feed_position(self) -> tuple[Position | None, int]:
-        """The bucket position saved with the last feed batch (None: never saved), and the
-        number of accounts held, live or tombstone (each is one key of the bucket)."""
-        async with self._reading("feed position"):
-            rows = await self._db.execute_fetchall(
-                "SELECT (SELECT value FROM meta WHERE key = 'feed_created'),"
-                " (SELECT value FROM meta WHERE key = 'feed_sequence'),"
-                " (SELECT value FROM meta WHERE key = 'feed_messages'),"
-                " (SELECT COUNT(*) FROM accounts)"
-            )
-            created, sequence, messages, accounts = next(iter(rows))
-        if created is None:
-            return None, int(accounts)
-        return Position(int(created), int(sequence), int(messages or 0)), int(accounts)
-
-    async def _save_position(self, position: Position | None) -> None:
-        if position is None:
-            return
-        await self._db.executemany(
-            "INSERT INTO meta (key, value) VALUES (?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (
-                ("feed_created", position.created),
-                ("feed_sequence", position.sequence),
-                ("feed_messages", position.messages),
-            ),
-        )
 
     async def _stored_versions(self, accounts: Set[str]) -> dict[str, int]:
         """account -> stored version (live or tombstone) of those of `accounts` stored."""
@@ -847,12 +812,9 @@ class RegistrationStore:
             new = (keys, value.hostnames, value.devices)
         await self._replace_account(account, value.version, new, old, generation)
 
-    async def reconcile_feed(
-        self, present: Set[str], snapshot_version: int | None, position: Position | None = None
-    ) -> int:
+    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
         """Remove every account and tombstone not in `present` (the bucket's keys after a
-        full read: what was purged while this node was away), and save `position`, the
-        revision that read reached; returns how many accounts went."""
+        catch-up: what was purged while this node was away); returns how many went."""
         async with self._writing("reconcile feed") as db:
             rows = await db.execute_fetchall("SELECT account FROM accounts")
             gone = [str(row[0]) for row in rows if str(row[0]) not in present]
@@ -862,7 +824,6 @@ class RegistrationStore:
                     await self._drop_account(account, await self._held(account), generation)
             if snapshot_version is not None:
                 await self._set_snapshot_version(snapshot_version)
-            await self._save_position(position)
         return len(gone)
 
     async def _drop_account(self, account: str, old: _Held, generation: int) -> None:

@@ -13,7 +13,6 @@ from typing import TypeVar
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
-from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import FeedApplied, FeedChange
 from smartdns.registrations.json_body import release_snapshot
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
@@ -81,25 +80,14 @@ class RegistrationWriter:
         return result
 
     async def apply_feed(
-        self,
-        changes: Sequence[FeedChange],
-        snapshot_version: int | None,
-        position: Position | None = None,
+        self, changes: Sequence[FeedChange], snapshot_version: int | None
     ) -> FeedApplied:
-        """The registration feed's changes (feed.FeedSink), checked there against the rules,
-        with the bucket revision they reach."""
-        return await self._through(self._store.apply_feed(changes, snapshot_version, position))
+        """The registration feed's changes (feed.FeedSink), checked there against the rules."""
+        return await self._through(self._store.apply_feed(changes, snapshot_version))
 
-    async def reconcile_feed(
-        self, present: Set[str], snapshot_version: int | None, position: Position | None = None
-    ) -> int:
+    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
         """Drop what the feed's bucket no longer holds (feed.FeedSink)."""
-        write = self._store.reconcile_feed(present, snapshot_version, position)
-        return await self._through(write)
-
-    async def feed_position(self) -> tuple[Position | None, int]:
-        """Where the feed resumes, and how many accounts are held (feed.FeedSink)."""
-        return await self._store.feed_position()
+        return await self._through(self._store.reconcile_feed(present, snapshot_version))
 
     async def add_entries(
         self,
