@@ -357,7 +357,10 @@ class Feed:
             try:
                 if session.catching_up:
                     info = await sub.consumer_info()
-                    if info.num_pending == 0 and sub.delivered == 0:
+                    # Empty only when the server has delivered nothing either: it may have
+                    # pushed every value already, still unread in the client's queue.
+                    delivered = info.delivered.consumer_seq if info.delivered else 0
+                    if info.num_pending == 0 and delivered == 0 and sub.delivered == 0:
                         await self._finish_catch_up(session)
                 await self._follow(js, sub, fast, session)
             except _Stalled:
