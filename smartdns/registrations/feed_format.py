@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from smartdns.config.model import RegistrationsConfig
-from smartdns.errors import RegistrationError, StaleWriteError
+from smartdns.errors import RegistrationError
+from smartdns.registrations import versions
 from smartdns.registrations.device_ids import DIGESTS_KEY, digests_hex
 from smartdns.registrations.entries import (
     Network,
@@ -218,27 +219,13 @@ def decode_marker(data: bytes) -> SnapshotMarker:
 
 
 def check_write(new: FeedValue, current: FeedValue | None, snapshot_version: int) -> bool:
-    """SPEC 4's version rules for a write of `new` over `current`; True for the same write
-    repeated (a no-op), False for a write to make, StaleWriteError (409) for a stale one.
-
-    Stale: a version below the stored one (live or tombstone); the same version with other
-    content, or a tombstone over a live account at its version and the reverse; a version not
-    above `snapshot_version`.
-    """
-    if current is not None:
-        if new == current:
-            return True
-        if new.version < current.version:
-            raise StaleWriteError(
-                f"version {new.version} is older than the stored version {current.version}"
-            )
-        if new.version == current.version:
-            raise StaleWriteError(f"version {new.version} is already stored with other content")
-    if new.version <= snapshot_version:
-        raise StaleWriteError(
-            f"version {new.version} is not newer than the snapshot version {snapshot_version}"
-        )
-    return False
+    """SPEC 4's version rules (versions.check_write) for a write of `new` over the bucket's
+    `current`; True for the same write repeated (a no-op), False for a write to make,
+    StaleWriteError (409) for a stale one."""
+    stored = None if current is None else (current.version, isinstance(current, AccountValue))
+    return versions.check_write(
+        new.version, stored, repeat=new == current, snapshot_version=snapshot_version
+    )
 
 
 def _dump(doc: dict[str, object]) -> bytes:

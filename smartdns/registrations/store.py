@@ -32,6 +32,7 @@ from smartdns.registrations.entries import (
     validate_account_id,
 )
 from smartdns.registrations.feed_format import AccountValue, FeedApplied, FeedChange, FeedValue
+from smartdns.registrations.versions import check_write
 
 SCHEMA_VERSION: Final = 4
 # Removed entries are kept for this many generations, so a reader that far behind still
@@ -655,19 +656,11 @@ class RegistrationStore:
         async with self._writing("put account") as _db:
             row = await self._account_row(account)
             old = await self._held(account)
-            if row is not None:
-                stored, live = row
-                same = [list(held) for held in old] == [wanted, names, digests]
-                if live and stored == version and same:
-                    return await self._record(account, stored)
-                _raise_if_older(version, stored)
-                if version == stored:
-                    raise StaleWriteError(
-                        f"version {version} is already stored with other content"
-                        if live
-                        else f"the account was deleted at version {version}"
-                    )
-            _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            same = [list(held) for held in old] == [wanted, names, digests]
+            repeat = row == (version, True) and same
+            snapshot_version = await self._meta("snapshot_version")
+            if check_write(version, row, repeat=repeat, snapshot_version=snapshot_version):
+                return await self._record(account, version)
             await self._raise_if_held(account, devices)
             generation = await self._bump_generation()
             await self._replace_account(account, version, (wanted, names, digests), old, generation)
@@ -703,15 +696,12 @@ class RegistrationStore:
         validate_account_id(account)
         async with self._writing("delete account") as _db:
             row = await self._account_row(account)
-            live = False
-            if row is not None:
-                stored, live = row
-                if not live and stored == version:
-                    return False
-                _raise_if_older(version, stored)
-                if version == stored:
-                    raise StaleWriteError(f"version {version} is already stored with other content")
-            _raise_if_not_after_snapshot(version, await self._meta("snapshot_version"))
+            snapshot_version = await self._meta("snapshot_version")
+            if check_write(
+                version, row, repeat=row == (version, False), snapshot_version=snapshot_version
+            ):
+                return False
+            live = row is not None and row[1]
             generation = await self._bump_generation()
             await self._replace_account(
                 account, version, None, await self._held(account), generation
@@ -1297,18 +1287,6 @@ def _database_uri(path: Path, create: bool) -> str:
         raise DatabaseError(f"registrations database {path} does not exist; {_CREATE_HINT}")
     # mode=rw: never create the file behind the caller's back (it may vanish after exists()).
     return f"{path.absolute().as_uri()}?mode={'rwc' if create else 'rw'}"
-
-
-def _raise_if_older(version: int, stored: int) -> None:
-    if version < stored:
-        raise StaleWriteError(f"version {version} is older than the stored version {stored}")
-
-
-def _raise_if_not_after_snapshot(version: int, snapshot_version: int) -> None:
-    if version <= snapshot_version:
-        raise StaleWriteError(
-            f"version {version} is not newer than the snapshot version {snapshot_version}"
-        )
 
 
 def _snapshot_rows(snapshot: Snapshot, accounts: list[str]) -> Iterator[_Row]:
