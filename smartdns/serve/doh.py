@@ -114,7 +114,7 @@ class DohConnection(StreamConnection):
             return
         try:
             self._serve(session, session.receive(data, self._loop.time()))
-        except Exception as error:  # the connection's error boundary: h2, h11 or ours
+        except Exception as error:  # the connection's error boundary: h11, hpack or ours
             _FAILURES.warn(type(error).__name__)  # the type only: texts quote headers
             self.abort()
 
