@@ -33,8 +33,9 @@ def setup(level: str, process: str = "") -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     # Libraries log their arguments at debug level (aiosqlite: SQL parameters, that is
-    # registered addresses; aiohttp.access: peer addresses; hpack: every DoH header it
-    # decodes, path and user agent included). Only their warnings may pass.
+    # registered addresses; aiohttp.access: peer addresses; hpack: every header it encodes
+    # or decodes; serve.h2_hpack decodes DoH's without it, but a path or user agent must
+    # never reach a log should that change). Only their warnings may pass.
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
     set_level(level)

@@ -1,7 +1,7 @@
 """DoH over HTTP/2, sans I/O: the server side of RFC 9113 as far as DoH needs it, with this
 server's bounds (CVE-2023-44487 "rapid reset"; slow requests; header and body sizes). Bytes
 in, complete requests out, responses in, bytes out; the asyncio protocol (serve.doh) moves
-the bytes and owns the timer. HPACK decoding is the `hpack` library's.
+the bytes and owns the timer. HPACK is serve.h2_hpack's (decoding) and serve.h2_frames'.
 
 One pass over each read: frames parsed in place, a stream is an entry in a few dicts, all
 output of a read goes out as one write. Nothing here logs; errors end the connection with a
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
-
-import hpack
 
 from smartdns.serve.doh_request import (
     MAX_BODY_BYTES,
@@ -42,6 +40,7 @@ from smartdns.serve.h2_frames import (
     settings,
     window_update,
 )
+from smartdns.serve.h2_hpack import HeaderListTooLarge, HpackDecoder, HpackError
 from smartdns.serve.tcp import MAX_UNSENT_BYTES  # also for answers the client's windows hold
 
 MAX_STREAMS: Final = 100  # SETTINGS_MAX_CONCURRENT_STREAMS (SPEC 2a)
@@ -134,7 +133,7 @@ class H2Session:
         self._partial = bytearray()  # an incomplete frame (or preface) from the last read
         self._preface_done = False
         self._settings_seen = False  # RFC 9113 §3.4: the client's first frame is SETTINGS
-        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_BYTES)
+        self._decoder = HpackDecoder(MAX_HEADER_LIST_BYTES)
         self._continuing: tuple[int, int, bytearray] | None = None  # stream, flags, block
         self._highest = 0  # the highest stream ID the client opened
         self._windows: dict[int, int] = {}  # open streams: send window
@@ -413,10 +412,10 @@ class H2Session:
         stream no longer open. Every block is decoded, whatever becomes of its stream: the
         HPACK table is the connection's (RFC 9113 §4.3)."""
         try:
-            headers = self._decoder.decode(bytes(block), raw=True)
-        except hpack.OversizedHeaderListError:
+            headers = self._decoder.decode(bytes(block))
+        except HeaderListTooLarge:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM) from None
-        except hpack.HPACKError:
+        except HpackError:
             raise _ConnectionError(ErrorCode.COMPRESSION_ERROR) from None
         if stream_id <= self._highest:
             self._trailers(flags, stream_id, now, out)
@@ -428,7 +427,7 @@ class H2Session:
             self._out += rst_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
         try:
-            method, target, content_type, too_large = _read_headers(headers)  # type: ignore[arg-type]
+            method, target, content_type, too_large = _read_headers(headers)
         except _Malformed:
             self._out += rst_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             return

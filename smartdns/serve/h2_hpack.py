@@ -1,0 +1,155 @@
+"""HPACK decoding (RFC 7541) for serve.doh_h2: one connection's dynamic table, header list
+and table size bounds, and a process-wide bounded cache of Huffman-decoded strings. Pure;
+no I/O, nothing logged (the `hpack` library's decoder logs every field at debug level and
+cost 40% of a DoH request; its Huffman table is used here, its encoder by h2_frames).
+
+The cache holds decoded strings keyed by their exact Huffman octets, like a packet cache:
+a DoH GET's `:path` is a literal never indexed by clients (it differs per query), so the
+same query asked again arrives as the same octets. It lives only in memory (SPEC 7).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from hpack.exceptions import HPACKDecodingError
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+DEFAULT_TABLE_BYTES: Final = 4096  # SETTINGS_HEADER_TABLE_SIZE, never changed by us
+_ENTRY_OVERHEAD: Final = 32  # RFC 7541 §4.1, also counted in header list sizes
+_STATIC: Final[tuple[tuple[bytes, bytes], ...]] = (
+    (b"", b""),  # index 0 is no field (RFC 7541 §2.3.3)
+    *HeaderTable.STATIC_TABLE,
+)
+_STATIC_COUNT: Final = len(_STATIC) - 1
+_MAX_INTEGER_SHIFT: Final = 28  # integers beyond 2^28 are no length or index we accept
+_HUFFMAN_CACHED: Final = 4096  # strings kept
+_HUFFMAN_CACHED_OCTETS: Final = 256  # longer encodings are decoded every time
+_huffman_cache: dict[bytes, bytes] = {}
+
+
+class HpackError(Exception):
+    """An undecodable header block: COMPRESSION_ERROR (RFC 9113 §4.3)."""
+
+
+class HeaderListTooLarge(HpackError):
+    """The decoded header list is over the bound (RFC 9113 §6.5.2 MAX_HEADER_LIST_SIZE)."""
+
+
+class HpackDecoder:
+    """One connection's decoding context. `decode` takes a complete header block and returns
+    its fields as (name, value) octets, raising HpackError (or HeaderListTooLarge, once the
+    list passes `max_list_bytes` counted as RFC 7541 §4.1 counts entries)."""
+
+    def __init__(self, max_list_bytes: int) -> None:
+        self._max_list_bytes = max_list_bytes
+        self._table: deque[tuple[bytes, bytes]] = deque()  # newest first
+        self._table_bytes = 0
+        self._table_limit = DEFAULT_TABLE_BYTES  # the encoder's, at most ours (§4.2)
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        fields: list[tuple[bytes, bytes]] = []
+        list_bytes = 0
+        position = 0
+        end = len(block)
+        while position < end:
+            first = block[position]
+            if first & 0x80:  # §6.1 indexed field
+                index, position = _integer(block, position, 0x7F)
+                field = self._entry(index)
+            elif first & 0x40:  # §6.2.1 literal with incremental indexing
+                field, position = self._literal(block, position, 0x3F)
+                self._insert(field)
+            elif first & 0x20:  # §6.3 dynamic table size update: only before any field
+                if fields:
+                    raise HpackError
+                size, position = _integer(block, position, 0x1F)
+                if size > DEFAULT_TABLE_BYTES:
+                    raise HpackError
+                self._table_limit = size
+                self._evict()
+                continue
+            else:  # §6.2.2, §6.2.3 literal without indexing or never indexed
+                field, position = self._literal(block, position, 0x0F)
+            list_bytes += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
+            if list_bytes > self._max_list_bytes:
+                raise HeaderListTooLarge
+            fields.append(field)
+        return fields
+
+    def _entry(self, index: int) -> tuple[bytes, bytes]:
+        if 0 < index <= _STATIC_COUNT:
+            return _STATIC[index]
+        dynamic = index - _STATIC_COUNT - 1
+        if index == 0 or dynamic >= len(self._table):
+            raise HpackError
+        return self._table[dynamic]
+
+    def _literal(self, block: bytes, position: int, mask: int) -> tuple[tuple[bytes, bytes], int]:
+        index, position = _integer(block, position, mask)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, position = _string(block, position)
+        value, position = _string(block, position)
+        return (name, value), position
+
+    def _insert(self, field: tuple[bytes, bytes]) -> None:
+        """RFC 7541 §4.4: evict from the oldest until the entry fits; an entry larger than
+        the whole table empties it and is not kept."""
+        size = len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
+        self._table.appendleft(field)
+        self._table_bytes += size
+        self._evict()
+
+    def _evict(self) -> None:
+        table = self._table
+        while self._table_bytes > self._table_limit:
+            name, value = table.pop()
+            self._table_bytes -= len(name) + len(value) + _ENTRY_OVERHEAD
+
+
+def _integer(block: bytes, position: int, mask: int) -> tuple[int, int]:
+    """RFC 7541 §5.1: the integer whose prefix is `mask` of the octet at `position`, and the
+    position after it."""
+    value = block[position] & mask
+    position += 1
+    if value < mask:
+        return value, position
+    shift = 0
+    while True:
+        if position >= len(block) or shift > _MAX_INTEGER_SHIFT:
+            raise HpackError
+        octet = block[position]
+        position += 1
+        value += (octet & 0x7F) << shift
+        shift += 7
+        if not octet & 0x80:
+            return value, position
+
+
+def _string(block: bytes, position: int) -> tuple[bytes, int]:
+    """RFC 7541 §5.2: a string literal, Huffman-decoded when its H bit says so."""
+    if position >= len(block):
+        raise HpackError
+    huffman = block[position] & 0x80
+    length, position = _integer(block, position, 0x7F)
+    end = position + length
+    if end > len(block):
+        raise HpackError
+    raw = block[position:end]
+    if not huffman:
+        return raw, end
+    decoded = _huffman_cache.get(raw)
+    if decoded is None:
+        try:
+            decoded = decode_huffman(raw)
+        except HPACKDecodingError:
+            raise HpackError from None
+        if length <= _HUFFMAN_CACHED_OCTETS:
+            if len(_huffman_cache) >= _HUFFMAN_CACHED:
+                del _huffman_cache[next(iter(_huffman_cache))]  # the oldest
+            _huffman_cache[raw] = decoded
+    return decoded, end
