@@ -5,7 +5,7 @@ full load, and whether a one-account write with IDs still costs what it touches.
     python3 bench/device_ids.py --accounts 10 --accounts 1000000
 
 For each N: a snapshot of N accounts of one IPv4 /32 each, with one device ID each (and, for
-comparison, without), stored by RegistrationStore.replace_snapshot into a fresh database;
+comparison, without), stored by RegistrationStore.accounts.replace_snapshot into a fresh database;
 a full load (registrations.follower.load_clients, as a DNS process does at start); then 200
 writes of one account alternating between two pairs of IDs, each followed by changes_since
 and its apply to the loaded set, as a DNS process follows a write. It prints the snapshot's
@@ -47,7 +47,7 @@ async def measure(accounts: int, with_ids: bool, path: Path) -> str:
         ids = {f"a{i}": (device_digest(f"{i:026d}"),) for i in range(accounts)} if with_ids else {}
         started = time.perf_counter()
         snapshot = Snapshot(1, MappingProxyType(networks), devices=MappingProxyType(ids))
-        await store.replace_snapshot(snapshot)
+        await store.accounts.replace_snapshot(snapshot)
         stored = time.perf_counter() - started
         started = time.perf_counter()
         generation, clients = await load_clients(store)
@@ -59,10 +59,10 @@ async def measure(accounts: int, with_ids: bool, path: Path) -> str:
             given = pairs[version % 2 * 2 :][:2] if with_ids else []
             address = ipaddress.IPv4Network((0x0C000000 + version % 2, 32))
             started = time.perf_counter()
-            await store.put_account("phone", version, [address], (), given)
+            await store.accounts.put_account("phone", version, [address], (), given)
             writes.append(time.perf_counter() - started)
             started = time.perf_counter()
-            changes = await store.changes_since(generation)
+            changes = await store.readers.changes_since(generation)
             reads.append(time.perf_counter() - started)
             clients.apply(
                 changes.present, changes.gone, changes.devices_present, changes.devices_gone

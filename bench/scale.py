@@ -8,7 +8,7 @@ Per size, two measurements:
 1. In a fresh Python process, `AuthorizedClients.from_prefixes` directly: snapshot build time,
    the cost of one `is_authorized` call (timeit; registered and unregistered, IPv4 and IPv6),
    and the process RSS the snapshot adds.
-2. The real server: a database filled through `RegistrationStore.replace_snapshot` (time
+2. The real server: a database filled through `RegistrationStore.accounts.replace_snapshot` (time
    reported), `python -m smartdns serve` on CPU 0 (time to READY=1, RSS once serving), then a
    short dnsperf run of case (a) from the registered 127.0.0.1 and case (c) from 127.0.0.2,
    to show whether per-query cost moves with the number of entries.
@@ -151,7 +151,7 @@ def fill_database(path: Path, size: int) -> float:
         store = await RegistrationStore.open(path, create=True)
         try:
             started = time.perf_counter()
-            result = await store.replace_snapshot(Snapshot(version=1, accounts=accounts))
+            result = await store.accounts.replace_snapshot(Snapshot(version=1, accounts=accounts))
             elapsed = time.perf_counter() - started
             assert result.entries == size + 1, result
             return elapsed

@@ -21,7 +21,7 @@ dnsperf source so its answers stay NOERROR throughout. It reports
 With `--micro` no server or dnsperf runs: the same document is validated with
 `parse_snapshot_document` in this process (time with the cyclic collector off, as the
 server does, and the tracemalloc peak in a second run) and stored with
-`RegistrationStore.replace_snapshot` into a temporary database. Then an event loop ticks
+`RegistrationStore.accounts.replace_snapshot` into a temporary database. Then an event loop ticks
 every millisecond while a worker thread decodes the document, first with plain json.loads
 (the peer), then with what `PUT /v1/snapshot` runs (registrations.json_body and validation); the
 worst lateness of a tick is how long DNS would have waited for the GIL.
@@ -264,7 +264,7 @@ def micro(args: argparse.Namespace) -> int:
     async def store(path: Path) -> float:
         async with await RegistrationStore.open(path, create=True) as registrations:
             started = time.perf_counter()
-            result = await registrations.replace_snapshot(snapshot)
+            result = await registrations.accounts.replace_snapshot(snapshot)
             elapsed = time.perf_counter() - started
             assert result.entries == count, result
             return elapsed

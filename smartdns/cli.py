@@ -221,7 +221,7 @@ def _record_json(record: AccountRecord) -> dict[str, Any]:
 
 async def _list(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
     account = validate_account_id(args.account) if args.account is not None else None
-    records = await store.list_accounts(account)
+    records = await store.readers.list_accounts(account)
     if args.json:
         print(json.dumps({"accounts": [_record_json(record) for record in records]}, indent=2))
         return 0
@@ -267,8 +267,8 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
 
 
 async def _export(config: Config, store: RegistrationStore, args: argparse.Namespace) -> int:
-    version = await store.snapshot_version()
-    records = await store.list_accounts(None)
+    version = await store.readers.snapshot_version()
+    records = await store.readers.list_accounts(None)
     # The list form, or the object form for an account with hostnames or device IDs (SPEC 4).
     # Device IDs are kept only as digests, so those are written (DIGESTS_KEY), and `import`
     # of this document gives the same digests back: the devices keep working.

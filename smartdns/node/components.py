@@ -78,13 +78,13 @@ class RemovedEntriesPruner(Component):
         self._failures = WarnOnce(__name__, "cannot prune removed registration entries")
 
     async def start(self, config: Config) -> None:
-        await self._database.store.forget_removed()
+        await self._database.store.database.forget_removed()
         self._task = asyncio.get_running_loop().create_task(self._prune_periodically())
 
     async def stop(self) -> None:
         await cancel_tasks(self._task)
         self._task = None
-        await self._database.store.forget_removed()
+        await self._database.store.database.forget_removed()
 
     async def _prune_periodically(self) -> None:
         loop = asyncio.get_running_loop()
@@ -94,12 +94,12 @@ class RemovedEntriesPruner(Component):
             store = self._database.store
             try:
                 now = loop.time()
-                seen.append((now, await store.generation()))
+                seen.append((now, await store.readers.generation()))
                 through = None
                 while seen and now - seen[0][0] >= KEEP_REMOVED_S:
                     through = seen.popleft()[1]
                 if through is not None:
-                    await store.forget_removed(through)
+                    await store.database.forget_removed(through)
             except SmartDNSError as error:  # the database is down: the next round retries
                 self._failures.warn(type(error).__name__)
 

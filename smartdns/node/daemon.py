@@ -292,7 +292,11 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
     sync = SyncService(
         metrics,
         lambda: NodeStatus(
-            database.store, metrics, NodeView(pipeline, dns.listeners, dns), apply, ddns=ddns.sample
+            database.store.readers,
+            metrics,
+            NodeView(pipeline, dns.listeners, dns),
+            apply,
+            ddns=ddns.sample,
         ),
     )
     pruner = RemovedEntriesPruner(database)
@@ -313,7 +317,11 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
     sync = SyncService(
         metrics,
         lambda: NodeStatus(
-            database.store, metrics, WorkersView(supervisor), supervisor.apply, ddns=ddns.sample
+            database.store.readers,
+            metrics,
+            WorkersView(supervisor),
+            supervisor.apply,
+            ddns=ddns.sample,
         ),
     )
     pruner = RemovedEntriesPruner(database)

@@ -26,6 +26,7 @@ from smartdns.node.status import APPLY_TIMEOUT_S, Applier
 from smartdns.registrations.sources.ddns import LATENCY_BOUNDS_S, Addresses, HostnameRefresher
 from smartdns.registrations.sources.feed import Feed, FeedUnavailable
 from smartdns.registrations.store import RegistrationStore
+from smartdns.registrations.store.hostnames import Hostnames
 from smartdns.registrations.writer import RegistrationWriter
 from smartdns.upstream.forwarder import Forwarder
 from smartdns.upstream.lookup import HostnameLookup, forwarder_config
@@ -74,8 +75,8 @@ class HostnameFollower:
     A full load at the start and whenever the store says changes cannot be read by generation.
     """
 
-    def __init__(self, store: RegistrationStore, refresher: HostnameRefresher) -> None:
-        self._store = store
+    def __init__(self, hostnames: Hostnames, refresher: HostnameRefresher) -> None:
+        self._hostnames = hostnames
         self._refresher = refresher
         self._held: dict[str, tuple[str, ...]] = {}  # accounts holding any hostname
         self._generation = -1
@@ -86,14 +87,14 @@ class HostnameFollower:
 
     async def load(self) -> None:
         """Everything, once: at the start."""
-        self._generation, held = await self._store.registered_hostnames()
+        self._generation, held = await self._hostnames.registered_hostnames()
         self._replace(held)
 
     async def follow(self) -> None:
         """One step: a cheap poll, and the changed accounts' hostnames when the set moved."""
-        if await self._store.hostnames_generation() <= self._generation:
+        if await self._hostnames.hostnames_generation() <= self._generation:
             return
-        changes = await self._store.hostname_changes(self._generation)
+        changes = await self._hostnames.hostname_changes(self._generation)
         self._generation = changes.generation
         if changes.full_load:
             self._replace(changes.accounts)
@@ -162,9 +163,9 @@ class DdnsService(Component):
         sink = ResolvedSink(self._writer, self._feed, config.feed is not None)
         refresher = HostnameRefresher(config.ddns, config.registrations, self._lookup, sink)
         self._refresher = refresher
-        self._follower = HostnameFollower(store, refresher)
+        self._follower = HostnameFollower(store.hostnames, refresher)
         await self._follower.load()
-        refresher.seed(await store.resolved_addresses())
+        refresher.seed(await store.hostnames.resolved_addresses())
         await refresher.start()
         self._task = asyncio.get_running_loop().create_task(self._follow())
         log.info("DDNS refresher: %d hostnames", refresher.hostnames)

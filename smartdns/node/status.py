@@ -26,7 +26,8 @@ from smartdns.node.metrics import (
     render_feed,
 )
 from smartdns.registrations.sources.feed import FeedState
-from smartdns.registrations.store import DatabaseError, RegistrationStore
+from smartdns.registrations.store import DatabaseError
+from smartdns.registrations.store.readers import Readers
 
 PROBE_S: Final = 2.0  # a database probe for /healthz or /metrics
 APPLY_TIMEOUT_S: Final = 1.0  # SPEC 4: a worker confirms a write within a second
@@ -62,14 +63,14 @@ class NodeStatus:
 
     def __init__(
         self,
-        store: RegistrationStore,
+        readers: Readers,
         metrics: Metrics,
         side: QuerySide,
         applier: Applier,
         probe_s: float = PROBE_S,
         ddns: Callable[[], DdnsSample | None] = lambda: None,
     ) -> None:
-        self._store = store  # the DNS side's connection: it is the one that must answer
+        self._readers = readers  # on the DNS side's connection: the one that must answer
         self._metrics = metrics
         self._side = side
         self._applier = applier
@@ -94,7 +95,7 @@ class NodeStatus:
             return False
         try:
             async with asyncio.timeout(self._probe_s):
-                await self._store.generation()
+                await self._readers.generation()
         except (DatabaseError, TimeoutError):
             return False
         return True
@@ -105,7 +106,7 @@ class NodeStatus:
         registrations: RegistrationStatsLike | None = None
         try:
             async with asyncio.timeout(self._probe_s):
-                registrations = await self._store.status()
+                registrations = await self._readers.status()
         except (DatabaseError, TimeoutError):
             pass
         side = self._side

@@ -31,7 +31,7 @@ FREE_SLICE: Final = 10_000  # rows freed per step off the loop: well under a mil
 async def load_clients(store: RegistrationStore) -> tuple[int, AuthorizedClients]:
     """A generation and the whole set at that generation; built off the event loop."""
     with BULK_WORK:  # a million rows
-        generation, prefixes, devices = await store.load_prefixes()
+        generation, prefixes, devices = await store.readers.load_prefixes()
         return generation, await asyncio.to_thread(_build_clients, prefixes, devices)
 
 
@@ -96,7 +96,7 @@ class ClientsFollower:
     async def catch_up(self) -> None:
         """Apply whatever changed since the generation applied. Raises DatabaseError."""
         async with self._lock:
-            changes = await self._store.changes_since(self._generation)
+            changes = await self._store.readers.changes_since(self._generation)
             self._apply(self._clients, changes)
         if self._pending is not None and self._full_load is None:
             self._full_load = asyncio.get_running_loop().create_task(self._load_fully())
@@ -125,7 +125,7 @@ class ClientsFollower:
                 async with await RegistrationStore.open(self._store.path, create=False) as bulk:
                     generation, clients = await load_clients(bulk)
                 async with self._lock:
-                    changes = await self._store.changes_since(generation)
+                    changes = await self._store.readers.changes_since(generation)
                     self._pending = None
                     self._apply(clients, changes)
                     self._clients = clients
@@ -142,7 +142,7 @@ class ClientsFollower:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                if await self._store.generation() != self._generation or (
+                if await self._store.readers.generation() != self._generation or (
                     self._pending is not None and self._full_load is None
                 ):
                     await self.catch_up()

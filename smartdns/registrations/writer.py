@@ -42,9 +42,9 @@ class RegistrationWriter:
         """Await the store write, then announce it unless it changed nothing (a repeat).
         Another coroutine's write may land in between: announcing a later generation too is
         harmless, it covers this one."""
-        before = self._store.generation_written
+        before = self._store.database.generation_written
         result = await write
-        written = self._store.generation_written
+        written = self._store.database.generation_written
         if self._announce is not None and written is not None and written != before:
             await self._announce(written, everything)
         return result
@@ -60,13 +60,13 @@ class RegistrationWriter:
         """Replace the account's entries, hostnames and device ID digests at `version` (SPEC 4
         version rules; a device ID another account holds is 409 too)."""
         validate_account_id(account)
-        write = self._store.put_account(account, version, networks, hostnames, devices)
+        write = self._store.accounts.put_account(account, version, networks, hostnames, devices)
         return await self._through(write)
 
     async def delete_account(self, account: str, version: int) -> bool:
         """Remove the account, leaving a tombstone at `version`; True if it was live."""
         validate_account_id(account)
-        return await self._through(self._store.delete_account(account, version))
+        return await self._through(self._store.accounts.delete_account(account, version))
 
     async def replace_snapshot(self, holder: list[Snapshot]) -> SnapshotResult:
         """Replace every registration with the snapshot in `holder`, all or nothing. The
@@ -75,7 +75,7 @@ class RegistrationWriter:
         return await self._through(self._store_snapshot(holder), everything=True)
 
     async def _store_snapshot(self, holder: list[Snapshot]) -> SnapshotResult:
-        result = await self._store.replace_snapshot(holder[0])
+        result = await self._store.accounts.replace_snapshot(holder[0])
         await asyncio.to_thread(release_snapshot, holder)
         return result
 
@@ -83,11 +83,11 @@ class RegistrationWriter:
         self, changes: Sequence[FeedChange], snapshot_version: int | None
     ) -> FeedApplied:
         """The registration feed's changes (feed.FeedSink), checked there against the rules."""
-        return await self._through(self._store.apply_feed(changes, snapshot_version))
+        return await self._through(self._store.feed.apply_feed(changes, snapshot_version))
 
     async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
         """Drop what the feed's bucket no longer holds (feed.FeedSink)."""
-        return await self._through(self._store.reconcile_feed(present, snapshot_version))
+        return await self._through(self._store.feed.reconcile_feed(present, snapshot_version))
 
     async def add_entries(
         self,
@@ -100,7 +100,7 @@ class RegistrationWriter:
         account's version (new: version 0)."""
         validate_account_id(account)
         rules = self._rules
-        write = self._store.add_entries(
+        write = self._store.accounts.add_entries(
             account,
             networks,
             rules.max_per_account,
@@ -121,10 +121,10 @@ class RegistrationWriter:
         """Operator override: remove entries, hostnames and device ID digests, or (None) the
         whole account as a tombstone."""
         validate_account_id(account)
-        write = self._store.remove_entries(account, networks, hostnames, devices)
+        write = self._store.accounts.remove_entries(account, networks, hostnames, devices)
         return await self._through(write)
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         """What registered hostnames now resolve to (the DDNS refresher's sink): stored, then
         announced like any write, so it is in DNS answers on every worker on return."""
-        await self._through(self._store.put_resolved(changes))
+        await self._through(self._store.hostnames.put_resolved(changes))

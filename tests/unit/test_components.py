@@ -30,8 +30,8 @@ def removed_rows(path: Path) -> int:
 async def database(tmp_path: Path) -> AsyncIterator[tuple[Database, Config]]:
     path = tmp_path / "registrations.db"
     async with await RegistrationStore.open(path, create=True) as store:
-        await store.put_account("moving", 1, [A])
-        await store.put_account("moving", 2, [B])  # A is removed: one row remembers it
+        await store.accounts.put_account("moving", 1, [A])
+        await store.accounts.put_account("moving", 2, [B])  # A is removed: one row remembers it
     assert removed_rows(path) == 1
     config = Config(path=tmp_path / "smartdns.yaml", database=DatabaseConfig(path=path))
     database = Database()
@@ -48,13 +48,13 @@ async def test_start_and_stop_forget_every_removed_entry(
     pruner = RemovedEntriesPruner(db)
     await pruner.start(config)
     assert removed_rows(path) == 0  # left by a writer while no node ran (the CLI, a crash)
-    await db.store.put_account("moving", 3, [A])
+    await db.store.accounts.put_account("moving", 3, [A])
     assert removed_rows(path) == 1
-    changes = await db.store.changes_since(await db.store.generation() - 1)
+    changes = await db.store.readers.changes_since(await db.store.readers.generation() - 1)
     assert changes.gone == [(4, int(B.network_address), 24)]  # still there for readers
     await pruner.stop()
     assert removed_rows(path) == 0
-    assert (await db.store.changes_since(1)).full_load  # a reader that far behind loads all
+    assert (await db.store.readers.changes_since(1)).full_load  # a reader that far behind loads all
 
 
 async def test_a_removed_entry_is_forgotten_once_kept_long_enough(
@@ -67,7 +67,7 @@ async def test_a_removed_entry_is_forgotten_once_kept_long_enough(
     pruner = RemovedEntriesPruner(db)
     await pruner.start(config)
     try:
-        await db.store.put_account("moving", 3, [A])
+        await db.store.accounts.put_account("moving", 3, [A])
         assert removed_rows(path) == 1
         for _ in range(100):  # the pruner runs in the background: up to 5 s
             if removed_rows(path) == 0:
@@ -75,7 +75,7 @@ async def test_a_removed_entry_is_forgotten_once_kept_long_enough(
             await asyncio.sleep(0.05)
         assert removed_rows(path) == 0
         # A write's removals outlive it by KEEP_REMOVED_S, not by a round of the pruner.
-        await db.store.put_account("moving", 4, [B])
+        await db.store.accounts.put_account("moving", 4, [B])
         assert removed_rows(path) == 1
     finally:
         await pruner.stop()

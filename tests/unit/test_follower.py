@@ -15,11 +15,10 @@ from hypothesis import strategies as st
 
 from smartdns.core.clients import AuthorizedClients, device_digest
 from smartdns.errors import StaleWriteError
-from smartdns.registrations import store as store_module
 from smartdns.registrations.entries import Network, Snapshot
 from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.follower import ClientsFollower, load_clients
-from smartdns.registrations.store import RegistrationStore
+from smartdns.registrations.store import Changes, RegistrationStore, database, schema
 
 # A small pool, so that accounts share prefixes and prefixes nest.
 POOL: tuple[Network, ...] = (
@@ -63,7 +62,7 @@ class Node:
         return node
 
     async def matches_a_full_load(self) -> None:
-        for generation in range(1, await self.store.generation() + 1):  # snapshots included
+        for generation in range(1, await self.store.readers.generation() + 1):  # snapshots included
             await self.follower.wait_applied(generation)
         _, rebuilt = await load_clients(self.store)
         assert contents(self.follower.clients) == contents(rebuilt)
@@ -105,27 +104,29 @@ async def _write_one(store: RegistrationStore, version: int, step: tuple[str, st
     kind, account, values = step
     try:
         if kind == "put":
-            await store.put_account(account, version, values)
+            await store.accounts.put_account(account, version, values)
         elif kind == "devices":
-            await store.put_account(account, version, POOL[:1], (), values)
+            await store.accounts.put_account(account, version, POOL[:1], (), values)
         elif kind == "feed":  # no conflict check: two accounts may come to hold one ID
-            await store.apply_feed([(account, AccountValue(version, (), (), tuple(values)))], None)
+            await store.feed.apply_feed(
+                [(account, AccountValue(version, (), (), tuple(values)))], None
+            )
         elif kind == "add_devices":
-            await store.add_entries(account, [], 16, devices=values, max_devices=8)
+            await store.accounts.add_entries(account, [], 16, devices=values, max_devices=8)
         elif kind == "remove_devices":
-            await store.remove_entries(account, [], devices=values)
+            await store.accounts.remove_entries(account, [], devices=values)
         elif kind == "delete":
-            await store.delete_account(account, version)
+            await store.accounts.delete_account(account, version)
         elif kind == "add":
-            await store.add_entries(account, values, 16)
+            await store.accounts.add_entries(account, values, 16)
         elif kind == "remove":
-            await store.remove_entries(account, values)
+            await store.accounts.remove_entries(account, values)
         elif kind == "remove_all":
-            await store.remove_entries(account, None)
+            await store.accounts.remove_entries(account, None)
         elif kind == "snapshot":
             accounts = {name: tuple(networks) for name, networks in values}
             devices = {name: DEVICES[len(networks) % 3 :][:1] for name, networks in values}
-            await store.replace_snapshot(
+            await store.accounts.replace_snapshot(
                 Snapshot(version, MappingProxyType(accounts), devices=MappingProxyType(devices))
             )
     except StaleWriteError:
@@ -141,8 +142,8 @@ def test_incremental_apply_equals_a_full_rebuild(
 ) -> None:
     """After any sequence of writes, caught up at random points (and with removed rows
     pruned early, forcing full loads), the followed set equals one built from scratch."""
-    monkeypatch.setattr(store_module, "KEEP_REMOVED_GENERATIONS", keep)
-    monkeypatch.setattr(store_module, "_PRUNE_EVERY", 1)
+    monkeypatch.setattr(database, "KEEP_REMOVED_GENERATIONS", keep)
+    monkeypatch.setattr(database, "PRUNE_EVERY", 1)
 
     async def run() -> None:
         with tempfile.TemporaryDirectory() as directory:
@@ -161,45 +162,45 @@ def test_incremental_apply_equals_a_full_rebuild(
 
 
 async def test_a_write_is_applied_in_place_and_costs_what_it_touches(node: Node) -> None:
-    await node.store.replace_snapshot(
+    await node.store.accounts.replace_snapshot(
         Snapshot(1, MappingProxyType({f"bulk-{i}": (POOL[0],) for i in range(50)}))
     )
-    await node.follower.wait_applied(await node.store.generation())
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert len(node.published) == 1  # the snapshot: a full load, swapped in
     held = node.follower.clients
-    await node.store.put_account("a", 2, [POOL[3], POOL[4]])
-    changes = await node.store.changes_since(node.follower.generation)
+    await node.store.accounts.put_account("a", 2, [POOL[3], POOL[4]])
+    changes = await node.store.readers.changes_since(node.follower.generation)
     assert (len(changes.present), len(changes.gone)) == (2, 0)  # not the 50 others
-    await node.follower.wait_applied(await node.store.generation())
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert node.follower.clients is held and len(node.published) == 1  # in place, no rebuild
     assert held.is_authorized("198.51.100.9") and held.is_authorized("2001:db8::1")
-    await node.store.put_account("a", 3, [POOL[3]])
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.put_account("a", 3, [POOL[3]])
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert not held.is_authorized("2001:db8::1")
     await node.matches_a_full_load()
 
 
 async def test_a_prefix_two_accounts_hold_stays_until_both_let_go(node: Node) -> None:
-    await node.store.put_account("a", 1, [POOL[0]])
-    await node.store.put_account("b", 2, [POOL[0]])
-    await node.store.delete_account("a", 3)
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.put_account("a", 1, [POOL[0]])
+    await node.store.accounts.put_account("b", 2, [POOL[0]])
+    await node.store.accounts.delete_account("a", 3)
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert node.follower.clients.is_authorized("203.0.113.7")
-    await node.store.remove_entries("b", [POOL[0]])
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.remove_entries("b", [POOL[0]])
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert not node.follower.clients.is_authorized("203.0.113.7")
 
 
 async def test_a_write_racing_a_snapshot_is_ordered_by_version(node: Node) -> None:
     """A write after the snapshot is in effect on top of it; one the snapshot superseded is
     not; queries see the older set until the snapshot's is swapped in whole."""
-    await node.store.put_account("old", 1, [POOL[3]])
-    await node.follower.wait_applied(await node.store.generation())
-    await node.store.replace_snapshot(Snapshot(5, MappingProxyType({"s": (POOL[0],)})))
-    snapshot_generation = await node.store.generation()
-    await node.store.put_account("late", 6, [POOL[4]])
+    await node.store.accounts.put_account("old", 1, [POOL[3]])
+    await node.follower.wait_applied(await node.store.readers.generation())
+    await node.store.accounts.replace_snapshot(Snapshot(5, MappingProxyType({"s": (POOL[0],)})))
+    snapshot_generation = await node.store.readers.generation()
+    await node.store.accounts.put_account("late", 6, [POOL[4]])
     with pytest.raises(StaleWriteError):
-        await node.store.put_account("stale", 4, [POOL[6]])
+        await node.store.accounts.put_account("stale", 4, [POOL[6]])
     await node.follower.catch_up()  # sees the snapshot: a full load starts, off the loop
     assert not node.follower.is_applied(snapshot_generation)
     assert node.follower.is_applied(snapshot_generation + 1)  # the later write, on top
@@ -216,7 +217,7 @@ async def test_a_schema_1_database_is_upgraded_and_followed(tmp_path: Path) -> N
 
     path = tmp_path / "registrations.db"
     with sqlite3.connect(path) as db:
-        for statement in store_module._SCHEMA_V1:
+        for statement in schema.SCHEMA_V1:
             db.execute(statement)
         db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', 1)")
         db.execute("INSERT INTO accounts (account, version, deleted) VALUES ('a', 3, 0)")
@@ -225,7 +226,7 @@ async def test_a_schema_1_database_is_upgraded_and_followed(tmp_path: Path) -> N
     node = await Node.open(path)
     try:
         assert node.follower.clients.is_authorized("203.0.113.7")
-        await node.store.put_account("a", 4, [POOL[3]])
+        await node.store.accounts.put_account("a", 4, [POOL[3]])
         await node.matches_a_full_load()
         assert not node.follower.clients.is_authorized("203.0.113.7")
     finally:
@@ -235,20 +236,20 @@ async def test_a_schema_1_database_is_upgraded_and_followed(tmp_path: Path) -> N
 async def test_a_reader_past_the_kept_removals_loads_whole_without_spinning(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "KEEP_REMOVED_GENERATIONS", 2)
-    monkeypatch.setattr(store_module, "_PRUNE_EVERY", 1)
+    monkeypatch.setattr(database, "KEEP_REMOVED_GENERATIONS", 2)
+    monkeypatch.setattr(database, "PRUNE_EVERY", 1)
     for version in range(1, 12):
-        await node.store.put_account("moving", version, [POOL[version % 2]])
+        await node.store.accounts.put_account("moving", version, [POOL[version % 2]])
     reads = 0
-    changes_since = node.store.changes_since
+    changes_since = node.store.readers.changes_since
 
-    async def counted(since: int) -> store_module.Changes:
+    async def counted(since: int) -> Changes:
         nonlocal reads
         reads += 1
         return await changes_since(since)
 
-    monkeypatch.setattr(node.store, "changes_since", counted)
-    await node.follower.wait_applied(await node.store.generation())
+    monkeypatch.setattr(node.store.readers, "changes_since", counted)
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert reads <= 3  # one to learn a full load is due, one after it; no busy loop
     assert len(node.published) == 1
     await node.matches_a_full_load()
@@ -257,14 +258,14 @@ async def test_a_reader_past_the_kept_removals_loads_whole_without_spinning(
 async def test_withdrawn_device_id_stops_authorizing_in_the_same_step(node: Node) -> None:
     """SPEC 2a: withdrawing an ID takes effect with the write (read-your-writes), in place."""
     held = node.follower.clients
-    await node.store.put_account("a", 1, [], (), [DEVICES[0], DEVICES[1]])
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.put_account("a", 1, [], (), [DEVICES[0], DEVICES[1]])
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert held.holds_device(DEVICES[0]) and held.holds_device(DEVICES[1])
-    await node.store.put_account("a", 2, [], (), [DEVICES[1]])
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.put_account("a", 2, [], (), [DEVICES[1]])
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert not held.holds_device(DEVICES[0]) and held.holds_device(DEVICES[1])
-    await node.store.delete_account("a", 3)
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.delete_account("a", 3)
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert not held.holds_device(DEVICES[1])
     assert node.follower.clients is held and node.published == []  # in place, no rebuild
 
@@ -272,13 +273,13 @@ async def test_withdrawn_device_id_stops_authorizing_in_the_same_step(node: Node
 async def test_device_id_two_accounts_hold_authorizes_neither(node: Node) -> None:
     """SPEC 3: should the feed bring one ID to two accounts, it authorizes neither; once
     one lets go, the other's authorizes again, without a write to that other account."""
-    await node.store.put_account("a", 1, [], (), [DEVICES[0]])
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.accounts.put_account("a", 1, [], (), [DEVICES[0]])
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert node.follower.clients.holds_device(DEVICES[0])
-    await node.store.apply_feed([("b", AccountValue(2, (), (), (DEVICES[0],)))], None)
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.feed.apply_feed([("b", AccountValue(2, (), (), (DEVICES[0],)))], None)
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert not node.follower.clients.holds_device(DEVICES[0])
-    await node.store.apply_feed([("b", AccountValue(3, (), (), ()))], None)
-    await node.follower.wait_applied(await node.store.generation())
+    await node.store.feed.apply_feed([("b", AccountValue(3, (), (), ()))], None)
+    await node.follower.wait_applied(await node.store.readers.generation())
     assert node.follower.clients.holds_device(DEVICES[0])
     await node.matches_a_full_load()

@@ -73,7 +73,7 @@ async def store(tmp_path: Path) -> AsyncIterator[RegistrationStore]:
 
 def following(store: RegistrationStore) -> tuple[HostnameFollower, HostnameRefresher]:
     refresher = HostnameRefresher(DdnsConfig(), RegistrationsConfig(), NoResolver(), NoSink())
-    return HostnameFollower(store, refresher), refresher
+    return HostnameFollower(store.hostnames, refresher), refresher
 
 
 def held_refs(refresher: HostnameRefresher) -> Counter[str]:
@@ -84,7 +84,7 @@ def held_refs(refresher: HostnameRefresher) -> Counter[str]:
 async def assert_follows_a_full_read(
     store: RegistrationStore, follower: HostnameFollower, refresher: HostnameRefresher
 ) -> None:
-    _generation, full = await store.registered_hostnames()
+    _generation, full = await store.hostnames.registered_hostnames()
     assert dict(follower.held) == full
     assert held_refs(refresher) == Counter(name for names in full.values() for name in names)
 
@@ -98,26 +98,27 @@ async def test_a_hostname_write_reads_only_the_accounts_it_touched(
 ) -> None:
     accounts = {f"acct{i:04}": [A] for i in range(2500)}
     names = {account: (host(2 * i), host(2 * i + 1)) for i, account in enumerate(accounts)}
-    await store.replace_snapshot(Snapshot(1, accounts, names))  # 5,000 hostnames
+    await store.accounts.replace_snapshot(Snapshot(1, accounts, names))  # 5,000 hostnames
     follower, refresher = following(store)
     await follower.load()
     reads: list[HostnameChanges] = []
-    real = store.hostname_changes
+    real = store.hostnames.hostname_changes
 
     async def spied(since: int) -> HostnameChanges:
         reads.append(await real(since))
         return reads[-1]
 
-    monkeypatch.setattr(store, "hostname_changes", spied)
-    await store.put_account("acct0000", 2, [A], [host(0), "new.example.net"])  # one swapped
-    await store.delete_account("acct0001", 3)
-    await store.put_account("fresh", 4, [A], [host(4)])  # a name another account holds
-    await store.put_account("acct0003", 5, [A], [])  # entries only: no hostname left
+    monkeypatch.setattr(store.hostnames, "hostname_changes", spied)
+    swapped = [host(0), "new.example.net"]
+    await store.accounts.put_account("acct0000", 2, [A], swapped)  # one swapped
+    await store.accounts.delete_account("acct0001", 3)
+    await store.accounts.put_account("fresh", 4, [A], [host(4)])  # a name another account holds
+    await store.accounts.put_account("acct0003", 5, [A], [])  # entries only: no hostname left
     await follower.follow()
     assert len(reads) == 1 and not reads[0].full_load
     assert sorted(reads[0].accounts) == ["acct0000", "acct0001", "acct0003", "fresh"]
     await assert_follows_a_full_read(store, follower, refresher)
-    await store.put_account("acct0002", 6, [B], names["acct0002"])  # the same hostnames:
+    await store.accounts.put_account("acct0002", 6, [B], names["acct0002"])  # the same hostnames:
     await follower.follow()  # the poll stops at hostnames_generation
     assert len(reads) == 1
 
@@ -125,14 +126,14 @@ async def test_a_hostname_write_reads_only_the_accounts_it_touched(
 async def test_an_account_dropped_without_a_tombstone_reloads_whole(
     store: RegistrationStore,
 ) -> None:
-    await store.apply_feed(
+    await store.feed.apply_feed(
         [("keep", AccountValue(1, (A,), (H1,))), ("drop", AccountValue(1, (A,), (H2,)))], None
     )
     follower, refresher = following(store)
     await follower.load()
-    since = await store.generation()
-    assert await store.reconcile_feed({"keep"}, None) == 1  # its row is gone, not written
-    assert (await store.hostname_changes(since)).full_load
+    since = await store.readers.generation()
+    assert await store.feed.reconcile_feed({"keep"}, None) == 1  # its row is gone, not written
+    assert (await store.hostnames.hostname_changes(since)).full_load
     await follower.follow()
     await assert_follows_a_full_read(store, follower, refresher)
     assert refresher.hostnames == 1
@@ -150,18 +151,18 @@ async def test_random_writes_followed_as_a_full_read_sees_them(
         kind = rng.randrange(10)
         hostnames = [host(rng.randrange(15)) for _ in range(rng.randrange(5))]
         if kind < 5:
-            await store.put_account(account, version, [A], hostnames)
+            await store.accounts.put_account(account, version, [A], hostnames)
         elif kind < 7:
-            await store.delete_account(account, version)
+            await store.accounts.delete_account(account, version)
         elif kind == 7:
-            await store.apply_feed([(account, None)], None)  # purged in the bucket
+            await store.feed.apply_feed([(account, None)], None)  # purged in the bucket
         elif kind == 8:
             present = {f"a{i}" for i in range(12) if rng.random() < 0.8}
-            await store.reconcile_feed(present, None)
+            await store.feed.reconcile_feed(present, None)
         else:
             accounts = {f"a{i}": [A] for i in range(rng.randrange(12))}
             picked = {name: (host(rng.randrange(15)),) for name in accounts if rng.random() < 0.5}
-            await store.replace_snapshot(Snapshot(version, accounts, picked))
+            await store.accounts.replace_snapshot(Snapshot(version, accounts, picked))
         if rng.random() < 0.5:
             await follower.follow()
             await assert_follows_a_full_read(store, follower, refresher)

@@ -36,6 +36,7 @@ from smartdns.registrations.bulk import BulkWork
 from smartdns.registrations.sources import sync_api
 from smartdns.registrations.sources.sync_api import SyncServer, Timeouts, start_sync_api
 from smartdns.registrations.store import DatabaseError, RegistrationStore, StoreStatus
+from smartdns.registrations.store.readers import Readers
 
 TOKEN = secrets.token_hex(32)
 AWAIT_S = 5.0
@@ -308,7 +309,7 @@ async def test_put_get_delete_account(api: Api) -> None:
 
 async def _generation(api: Api) -> int:
     async with await RegistrationStore.open(api.config.database.path, create=False) as store:
-        return await store.generation()
+        return await store.readers.generation()
 
 
 async def test_same_write_repeated_is_a_no_op(api: Api) -> None:
@@ -667,10 +668,10 @@ async def test_listen_address_taken(api: Api, tmp_path: Path) -> None:
 
 
 async def test_database_failure_is_503(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(_self: RegistrationStore) -> StoreStatus:
+    async def broken(_self: Readers) -> StoreStatus:
         raise DatabaseError("registrations database: status failed: disk I/O error")
 
-    monkeypatch.setattr(RegistrationStore, "status", broken)
+    monkeypatch.setattr(Readers, "status", broken)
     assert await api.call("GET", "/v1/status") == (
         503,
         {"error": "registrations database unavailable"},

@@ -51,7 +51,7 @@ async def test_each_change_is_announced_with_its_generation(store: RegistrationS
     assert not await writer.remove_entries("missing", None)
     assert heard.generations == [1, 2, 3, 4, 5]
     assert heard.everything == [False, False, False, False, True]
-    assert heard.generations[-1] == await store.generation()
+    assert heard.generations[-1] == await store.readers.generation()
 
 
 async def test_a_refused_write_is_not_announced(store: RegistrationStore) -> None:

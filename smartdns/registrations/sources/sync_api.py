@@ -323,7 +323,7 @@ class SyncApi:
         version, networks, hostnames, devices = await self._parse(body, decode_account)
         if self.feed is not None:
             # The bucket has no index by digest; this node's copy does (docs/feed.md).
-            await self._store.device_conflict(account, devices)
+            await self._store.accounts.device_conflict(account, devices)
             value = AccountValue(
                 version, networks, tuple(sorted(set(hostnames))), tuple(sorted(devices))
             )
@@ -365,7 +365,7 @@ class SyncApi:
 
     async def _get_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
-        record = await self._store.get_account(account)
+        record = await self._store.readers.get_account(account)
         if record is None:
             raise HttpError(404, "no such account")
         return web.json_response(
@@ -418,7 +418,7 @@ class SyncApi:
         return revision, SnapshotResult.of(snapshot)
 
     async def _status(self, _request: web.Request) -> web.Response:
-        status = await self._store.status()
+        status = await self._store.readers.status()
         return web.json_response(
             {
                 "accounts": status.accounts,

@@ -31,61 +31,61 @@ async def store(tmp_path: Path) -> AsyncIterator[RegistrationStore]:
 async def test_newer_versions_apply_older_are_stale_equal_are_repeats(
     store: RegistrationStore,
 ) -> None:
-    first = await store.apply_feed([("x", AccountValue(5, (A,), ("home.example.net",)))], None)
+    first = await store.feed.apply_feed([("x", AccountValue(5, (A,), ("home.example.net",)))], None)
     assert first == FeedApplied(1, 0)
-    record = await store.get_account("x")
+    record = await store.readers.get_account("x")
     assert record is not None and record.hostnames == ("home.example.net",)
-    again = await store.apply_feed(
+    again = await store.feed.apply_feed(
         [("x", AccountValue(5, (B,))), ("x", AccountValue(4, (B,))), ("x", Tombstone(3))], None
     )
     assert again == FeedApplied(0, 2)
-    assert (await store.get_account("x")).networks == (A,)  # type: ignore[union-attr]
-    assert await store.apply_feed([("x", AccountValue(6, (B,)))], None) == FeedApplied(1, 0)
-    assert (await store.get_account("x")).networks == (B,)  # type: ignore[union-attr]
+    assert (await store.readers.get_account("x")).networks == (A,)  # type: ignore[union-attr]
+    assert await store.feed.apply_feed([("x", AccountValue(6, (B,)))], None) == FeedApplied(1, 0)
+    assert (await store.readers.get_account("x")).networks == (B,)  # type: ignore[union-attr]
 
 
 async def test_a_snapshot_version_never_refuses_the_bucket(store: RegistrationStore) -> None:
-    await store.apply_feed([("x", AccountValue(10, (A,)))], 10)
-    assert (await store.status()).snapshot_version == 10
+    await store.feed.apply_feed([("x", AccountValue(10, (A,)))], 10)
+    assert (await store.readers.status()).snapshot_version == 10
     # A snapshot's accounts arrive at its version; the bucket already applied SPEC 4's rules.
-    await store.apply_feed([("y", AccountValue(10, (B,)))], None)
-    assert {r.account for r in await store.list_accounts()} == {"x", "y"}
+    await store.feed.apply_feed([("y", AccountValue(10, (B,)))], None)
+    assert {r.account for r in await store.readers.list_accounts()} == {"x", "y"}
 
 
 async def test_tombstones_and_removals_reach_the_dns_side(store: RegistrationStore) -> None:
-    await store.apply_feed([("x", AccountValue(1, (A,))), ("y", AccountValue(1, (B,)))], None)
-    since = await store.generation()
-    await store.apply_feed([("x", Tombstone(2)), ("y", None)], None)
-    changes = await store.changes_since(since)
+    await store.feed.apply_feed([("x", AccountValue(1, (A,))), ("y", AccountValue(1, (B,)))], None)
+    since = await store.readers.generation()
+    await store.feed.apply_feed([("x", Tombstone(2)), ("y", None)], None)
+    changes = await store.readers.changes_since(since)
     assert sorted(changes.gone) == sorted([A_PREFIX, B_PREFIX]) and not changes.present
-    status = await store.status()
+    status = await store.readers.status()
     assert status.accounts == 0
     # x is a tombstone, blocking older values; y is gone entirely, so any version returns it.
-    assert await store.apply_feed([("x", AccountValue(1, (A,)))], None) == FeedApplied(0, 1)
-    assert await store.apply_feed([("y", AccountValue(1, (B,)))], None) == FeedApplied(1, 0)
+    assert await store.feed.apply_feed([("x", AccountValue(1, (A,)))], None) == FeedApplied(0, 1)
+    assert await store.feed.apply_feed([("y", AccountValue(1, (B,)))], None) == FeedApplied(1, 0)
 
 
 async def test_nothing_changed_bumps_no_generation(store: RegistrationStore) -> None:
-    await store.apply_feed([("x", AccountValue(1, (A,)))], None)
-    generation = await store.generation()
-    await store.apply_feed([("x", AccountValue(1, (A,))), ("gone", None)], None)
-    assert await store.generation() == generation
+    await store.feed.apply_feed([("x", AccountValue(1, (A,)))], None)
+    generation = await store.readers.generation()
+    await store.feed.apply_feed([("x", AccountValue(1, (A,))), ("gone", None)], None)
+    assert await store.readers.generation() == generation
 
 
 async def test_reconcile_drops_accounts_and_tombstones_the_bucket_lacks(
     store: RegistrationStore,
 ) -> None:
-    await store.apply_feed(
+    await store.feed.apply_feed(
         [("keep", AccountValue(1, (A,))), ("drop", AccountValue(1, (B,))), ("t", Tombstone(3))],
         None,
     )
-    since = await store.generation()
-    assert await store.reconcile_feed({"keep", "not-local"}, 7) == 2
-    assert [r.account for r in await store.list_accounts()] == ["keep"]
-    assert (await store.changes_since(since)).gone == [B_PREFIX]
-    assert (await store.status()).snapshot_version == 7
+    since = await store.readers.generation()
+    assert await store.feed.reconcile_feed({"keep", "not-local"}, 7) == 2
+    assert [r.account for r in await store.readers.list_accounts()] == ["keep"]
+    assert (await store.readers.changes_since(since)).gone == [B_PREFIX]
+    assert (await store.readers.status()).snapshot_version == 7
     # The tombstone went too: the bucket no longer blocks that account's older versions.
-    assert await store.apply_feed([("t", AccountValue(2, (B,)))], None) == FeedApplied(1, 0)
+    assert await store.feed.apply_feed([("t", AccountValue(2, (B,)))], None) == FeedApplied(1, 0)
 
 
 async def test_the_writer_announces_feed_changes(store: RegistrationStore) -> None:
@@ -107,11 +107,11 @@ async def test_a_batch_of_new_accounts_then_changes_to_them(store: RegistrationS
         (f"n{i}", AccountValue(1, (ipaddress.IPv4Network((FIRST + i, 32)),))) for i in range(1200)
     ]
     changes += [("n5", AccountValue(2, (A,))), ("n6", None), ("n7", Tombstone(3))]
-    assert await store.apply_feed(changes, None) == FeedApplied(1203, 0)
-    status = await store.status()
+    assert await store.feed.apply_feed(changes, None) == FeedApplied(1203, 0)
+    status = await store.readers.status()
     assert (status.accounts, status.entries) == (1198, 1198)
-    assert (await store.get_account("n5")).networks == (A,)  # type: ignore[union-attr]
+    assert (await store.readers.get_account("n5")).networks == (A,)  # type: ignore[union-attr]
     since = 0
-    assert len((await store.changes_since(since)).present) == 1198
-    again = await store.apply_feed(changes[:1200], None)  # a catch-up over the same keys
+    assert len((await store.readers.changes_since(since)).present) == 1198
+    again = await store.feed.apply_feed(changes[:1200], None)  # a catch-up over the same keys
     assert again == FeedApplied(1, 2)  # n6 returns (it was removed); n5, n7 hold newer

@@ -1,0 +1,158 @@
+"""Feed application: the registration feed's changes applied to this node's copy (SPEC 4).
+
+The one part of the store that knows the feed's types (feed_format). The bucket is the
+truth and already enforced SPEC 4's version rules fleet-wide, so nothing here refuses a
+change; a change older than the copy is only counted. Whatever the feed keeps alongside the
+registrations, in the same transaction, belongs here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Set
+
+import aiosqlite
+
+from smartdns.registrations.feed_format import AccountValue, FeedApplied, FeedChange, FeedValue
+from smartdns.registrations.store import account_rows
+from smartdns.registrations.store.database import IN_CHUNK, Database
+
+
+class FeedApplication:
+    """The feed follower's writes, on a shared Database."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def apply_feed(
+        self, changes: Sequence[FeedChange], snapshot_version: int | None
+    ) -> FeedApplied:
+        """Apply the feed's changes in one transaction, one generation for all of them.
+
+        A value or tombstone replaces the stored account when its version is higher (the
+        bucket already enforced SPEC 4's rules fleet-wide, so `snapshot_version` does not
+        refuse it, and a snapshot's own accounts arrive at its version); a lower one is
+        counted stale, an equal one is the same change again. None removes the account
+        without a tombstone. `snapshot_version`, when given, is stored as well. Stored
+        versions are read 500 at a time, and accounts new to the store are inserted with one
+        executemany, so a catch-up over a large bucket costs statements per batch, not per key.
+        """
+        applied = stale = 0
+        async with self._database.writing("apply feed") as db:
+            stored = await _stored_versions(db, {account for account, _ in changes})
+            generation: int | None = None
+            fresh: dict[str, AccountValue] = {}
+            for account, value in changes:
+                version = stored.get(account)
+                if value is not None and version is not None and value.version <= version:
+                    stale += value.version < version
+                    continue
+                if value is None and account not in stored:
+                    continue
+                generation = generation or await self._database.bump_generation()
+                applied += 1
+                if version is None and isinstance(value, AccountValue) and not value.hostnames:
+                    # New to the store, and no hostname to resolve: plain inserts (below).
+                    fresh[account] = value
+                    stored[account] = value.version
+                    continue
+                await _insert_fresh(db, fresh, generation)  # before it changes one of them
+                await _apply_change(db, account, value, generation)
+                if value is None:
+                    del stored[account]
+                else:
+                    stored[account] = value.version
+            if generation is not None:
+                await _insert_fresh(db, fresh, generation)
+            if snapshot_version is not None:
+                await _set_snapshot_version(db, snapshot_version)
+        return FeedApplied(applied, stale)
+
+    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+        """Remove every account and tombstone not in `present` (the bucket's keys after a
+        catch-up: what was purged while this node was away); returns how many went."""
+        async with self._database.writing("reconcile feed") as db:
+            rows = await db.execute_fetchall("SELECT account FROM accounts")
+            gone = [str(row[0]) for row in rows if str(row[0]) not in present]
+            if gone:
+                generation = await self._database.bump_generation()
+                for account in gone:
+                    old = await account_rows.held(db, account)
+                    await _drop_account(db, account, old, generation)
+            if snapshot_version is not None:
+                await _set_snapshot_version(db, snapshot_version)
+        return len(gone)
+
+
+async def _stored_versions(db: aiosqlite.Connection, accounts: Set[str]) -> dict[str, int]:
+    """account -> stored version (live or tombstone) of those of `accounts` stored."""
+    names = sorted(accounts)
+    versions: dict[str, int] = {}
+    for start in range(0, len(names), IN_CHUNK):
+        chunk = names[start : start + IN_CHUNK]
+        rows = await db.execute_fetchall(
+            "SELECT account, version FROM accounts WHERE account IN"
+            f" ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        versions.update((str(row[0]), int(row[1])) for row in rows)
+    return versions
+
+
+async def _insert_fresh(
+    db: aiosqlite.Connection, fresh: dict[str, AccountValue], generation: int
+) -> None:
+    """Accounts not stored before, without hostnames: nothing to take away, three inserts."""
+    if not fresh:
+        return
+    await db.executemany(
+        "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, 0, ?)",
+        ((account, value.version, generation) for account, value in fresh.items()),
+    )
+    await db.executemany(
+        "INSERT OR IGNORE INTO entries (account, family, network, prefix_len) VALUES (?, ?, ?, ?)",
+        (
+            (account, *account_rows.key(network))
+            for account, value in fresh.items()
+            for network in value.networks
+        ),
+    )
+    await db.executemany(
+        "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
+        ((account, digest) for account, value in fresh.items() for digest in value.devices),
+    )
+    fresh.clear()
+
+
+async def _apply_change(
+    db: aiosqlite.Connection, account: str, value: FeedValue | None, generation: int
+) -> None:
+    old = await account_rows.held(db, account)
+    if value is None:
+        await _drop_account(db, account, old, generation)
+        return
+    new: account_rows.Held | None = None
+    if isinstance(value, AccountValue):
+        keys = sorted({account_rows.key(network) for network in value.networks})
+        new = (keys, value.hostnames, value.devices)
+    await account_rows.replace_account(db, account, value.version, new, old, generation)
+
+
+async def _drop_account(
+    db: aiosqlite.Connection, account: str, old: account_rows.Held, generation: int
+) -> None:
+    """The account gone without a tombstone (the bucket no longer has its key). With its
+    row goes the generation that tells the DDNS refresher it changed, so the refresher
+    is told to reload its hostnames whole instead (see hostnames.hostname_changes): even when
+    the account holds none now, a refresher behind may still count the ones it held before.
+    Such purges are rare; tombstones, the usual deletes, keep their row."""
+    await account_rows.replace_account(db, account, 0, None, old, generation)
+    await db.execute("DELETE FROM accounts WHERE account = ?", (account,))
+    await db.execute(
+        "INSERT INTO meta (key, value) VALUES ('hostnames_reload', ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (generation,),
+    )
+
+
+async def _set_snapshot_version(db: aiosqlite.Connection, version: int) -> None:
+    await db.execute("UPDATE meta SET value = ? WHERE key = 'snapshot_version'", (version,))
