@@ -622,18 +622,29 @@ def reply_max_age(reply: bytes) -> int:
     the answer section but an SOA in the authority section at most that SOA's MINIMUM
     (RFC 2308 §5). 0 when there is no record at all (REFUSED, SERVFAIL): nothing to cache.
     `reply` is our own, built well-formed; anything unreadable in it counts as 0."""
+    # One pass without scan_records' spans: this runs for every DoH answer.
     try:
-        question_end = _question_name_end(reply) + 4
+        offset = _question_name_end(reply) + 4
         _, _, _, ancount, nscount, arcount = _HEADER.unpack_from(reply)
-        spans = scan_records(reply, question_end, ancount + nscount + arcount)
+        count = ancount + nscount + arcount
+        if count > _MAX_RECORDS:
+            return 0
+        end = len(reply)
+        smallest = -1
+        for index in range(count):
+            offset = skip_name(reply, offset)
+            rtype, _, _, rdlength = _RR_FIXED.unpack_from(reply, offset)
+            ttl_offset = offset + 4
+            offset += 10 + rdlength
+            if offset > end:
+                return 0
+            if rtype == QTYPE_OPT:
+                continue
+            ttl = ttl_value(reply, ttl_offset)
+            if rtype == QTYPE_SOA and not ancount and index < nscount:
+                ttl = min(ttl, ttl_value(reply, offset - 4))  # the SOA MINIMUM field
+            if smallest < 0 or ttl < smallest:
+                smallest = ttl
     except (WireError, struct.error):
         return 0
-    smallest = -1
-    for index, span in enumerate(spans):
-        if span.rtype == QTYPE_OPT:
-            continue
-        ttl = ttl_value(reply, span.ttl_offset)
-        if span.rtype == QTYPE_SOA and not ancount and index < nscount:
-            ttl = min(ttl, ttl_value(reply, span.end - 4))  # the SOA MINIMUM field
-        smallest = ttl if smallest < 0 else min(smallest, ttl)
     return max(smallest, 0)

@@ -3,7 +3,8 @@ server's bounds (CVE-2023-44487 "rapid reset"; slow requests; header and body si
 in, complete requests out, responses in, bytes out; the asyncio protocol (serve.doh) moves
 the bytes and owns the timer. HPACK is serve.h2_hpack's (decoding) and serve.h2_frames'.
 
-One pass over each read: frames parsed in place, a stream is an entry in a few dicts, all
+One pass over each read: frame headers read in place (struct), payloads sliced out (they
+are small: a slice costs less than a memoryview), a stream is an entry in a few dicts, all
 output of a read goes out as one write. Nothing here logs; errors end the connection with a
 GOAWAY whose code is all the client learns (SPEC 7).
 """
@@ -28,14 +29,13 @@ from smartdns.serve.h2_frames import (
     PING_ACK_HEADER,
     PREFACE,
     SETTINGS_ACK,
-    TABLE_SIZE_ZERO,
     ErrorCode,
     Flag,
     FrameType,
     Setting,
     frame_header,
     goaway,
-    response_block,
+    response_head,
     rst_stream,
     settings,
     window_update,
@@ -62,8 +62,14 @@ _SERVER_PREFACE: Final = settings(
         Setting.INITIAL_WINDOW_SIZE: BODY_WINDOW_BYTES,
     }
 ) + window_update(0, BODY_WINDOW_BYTES - DEFAULT_WINDOW)
-_REQUEST_PSEUDO_HEADERS: Final = frozenset({b":method", b":scheme", b":authority", b":path"})
-_REQUIRED_PSEUDO_HEADERS: Final = frozenset({b":method", b":scheme", b":path"})
+_METHOD, _SCHEME, _AUTHORITY, _PATH = 1, 2, 4, 8  # the request pseudo-headers, as bits
+_PSEUDO_HEADER_BITS: Final = {
+    b":method": _METHOD,
+    b":scheme": _SCHEME,
+    b":authority": _AUTHORITY,
+    b":path": _PATH,
+}
+_REQUIRED_PSEUDO_HEADERS: Final = _METHOD | _SCHEME | _PATH
 _CONNECTION_HEADERS: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
@@ -75,6 +81,7 @@ _ACK: Final = int(Flag.ACK)
 _HEADERS_FRAME: Final = int(FrameType.HEADERS)
 _DATA_FRAME: Final = int(FrameType.DATA)
 _WINDOW_UPDATE_FRAME: Final = int(FrameType.WINDOW_UPDATE)
+_DATA_END_STREAM: Final = bytes((FrameType.DATA, Flag.END_STREAM))  # type and flags octets
 
 
 _Requests: TypeAlias = list[tuple[int, HttpRequest]]  # (stream ID, request) completed
@@ -210,7 +217,6 @@ class H2Session:
 
     def _frames(self, data: bytes, now: float, out: _Requests) -> int:
         """Handle every complete frame in `data`; returns the octets used."""
-        view = memoryview(data)
         size = len(data)
         position = 0
         while size - position >= FRAME_HEADER_BYTES and not self.closed:
@@ -225,20 +231,20 @@ class H2Session:
             position = end
             stream_id &= 0x7FFFFFFF
             if self._continuing is not None:
-                self._continuation(kind, flags, stream_id, view[start:end], now, out)
+                self._continuation(kind, flags, stream_id, data[start:end], now, out)
             elif not self._settings_seen and (kind != FrameType.SETTINGS or flags & _ACK):
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR)
             elif kind == _HEADERS_FRAME:
-                self._headers(flags, stream_id, view[start:end], now, out)
+                self._headers(flags, stream_id, data[start:end], now, out)
             elif kind == _DATA_FRAME:
-                self._data(flags, stream_id, view[start:end], now, out)
+                self._data(flags, stream_id, data[start:end], now, out)
             elif kind == _WINDOW_UPDATE_FRAME:
-                self._window_update(stream_id, view[start:end], now)
+                self._window_update(stream_id, data[start:end], now)
             else:
-                self._control(kind, flags, stream_id, view[start:end])
+                self._control(kind, flags, stream_id, data[start:end])
         return position
 
-    def _control(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> None:
+    def _control(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         """The frames that carry no request: SETTINGS, PING, RST_STREAM, GOAWAY, PRIORITY,
         the ones a server never receives, and unknown types (ignored, RFC 9113 §5.5)."""
         if kind == FrameType.SETTINGS:
@@ -271,7 +277,7 @@ class H2Session:
         elif kind in (FrameType.PUSH_PROMISE, FrameType.CONTINUATION):
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR)  # never from a client / unasked
 
-    def _settings(self, flags: int, stream_id: int, payload: memoryview) -> None:
+    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         """Apply the client's SETTINGS (RFC 9113 §6.5) and acknowledge them."""
         if stream_id:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR)
@@ -315,7 +321,7 @@ class H2Session:
         if delta > 0:
             self._flush()
 
-    def _window_update(self, stream_id: int, payload: memoryview, now: float) -> None:
+    def _window_update(self, stream_id: int, payload: bytes, now: float) -> None:
         if len(payload) != 4:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR)
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
@@ -346,10 +352,8 @@ class H2Session:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR)
 
     @staticmethod
-    def _unpad(flags: int, payload: memoryview) -> memoryview:
-        """The payload without its padding (RFC 9113 §6.1, §6.2)."""
-        if not flags & _PADDED:
-            return payload
+    def _unpad(payload: bytes) -> bytes:
+        """The payload of a PADDED frame without its padding (RFC 9113 §6.1, §6.2)."""
         if not payload or payload[0] >= len(payload):
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR)
         return payload[1 : len(payload) - payload[0]]
@@ -360,13 +364,13 @@ class H2Session:
         self,
         flags: int,
         stream_id: int,
-        payload: memoryview,
+        payload: bytes,
         now: float,
         out: _Requests,
     ) -> None:
         if not stream_id & 1:  # zero or even: not a stream a client may open
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR)
-        fragment = self._unpad(flags, payload)
+        fragment = self._unpad(payload) if flags & _PADDED else payload
         if flags & _PRIORITY:
             if len(fragment) < 5:
                 raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR)
@@ -383,7 +387,7 @@ class H2Session:
         kind: int,
         flags: int,
         stream_id: int,
-        payload: memoryview,
+        payload: bytes,
         now: float,
         out: _Requests,
     ) -> None:
@@ -398,13 +402,13 @@ class H2Session:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM)
         if flags & _END_HEADERS:
             self._continuing = None
-            self._header_block(first_flags, stream_id, memoryview(block), now, out)
+            self._header_block(first_flags, stream_id, bytes(block), now, out)
 
     def _header_block(
         self,
         flags: int,
         stream_id: int,
-        block: memoryview,
+        block: bytes,
         now: float,
         out: _Requests,
     ) -> None:
@@ -412,7 +416,7 @@ class H2Session:
         stream no longer open. Every block is decoded, whatever becomes of its stream: the
         HPACK table is the connection's (RFC 9113 §4.3)."""
         try:
-            headers = self._decoder.decode(bytes(block))
+            headers = self._decoder.decode(block)
         except HeaderListTooLarge:
             raise _ConnectionError(ErrorCode.ENHANCE_YOUR_CALM) from None
         except HpackError:
@@ -462,7 +466,7 @@ class H2Session:
         self,
         flags: int,
         stream_id: int,
-        payload: memoryview,
+        payload: bytes,
         now: float,
         out: _Requests,
     ) -> None:
@@ -482,7 +486,7 @@ class H2Session:
         incoming.received += size
         if incoming.received > BODY_WINDOW_BYTES:  # over the window our SETTINGS gave it
             raise _ConnectionError(ErrorCode.FLOW_CONTROL_ERROR)
-        incoming.body += self._unpad(flags, payload)
+        incoming.body += self._unpad(payload) if flags & _PADDED else payload
         if len(incoming.body) > MAX_BODY_BYTES:
             self._too_large(stream_id, incoming, out)
         elif flags & _END_STREAM:
@@ -567,14 +571,27 @@ class H2Session:
     def _send(self, stream_id: int, response: HttpResponse) -> None:
         out = self._out
         body = response.body
-        block = response_block(response.status, len(body), response.headers)
-        if self._table_size_due:
-            self._table_size_due = False
-            block = TABLE_SIZE_ZERO + block
+        size = len(body)
+        window = min(self._windows[stream_id], self._send_window)
+        # the usual answer: HEADERS and DATA ending the stream, in this call
+        whole = 0 < size <= window and size <= self._max_frame and stream_id not in self._cut
         # the block is a few dozen octets: always one HEADERS frame
-        flags = _END_HEADERS if body else _END_HEADERS | _END_STREAM
-        out += frame_header(FrameType.HEADERS, flags, stream_id, len(block))
+        prefix, block = response_head(
+            response.status, size, response.headers, not body, self._table_size_due
+        )
+        self._table_size_due = False
+        sid = stream_id.to_bytes(4, "big")
+        out += prefix
+        out += sid
         out += block
+        if whole:
+            out += size.to_bytes(3, "big")
+            out += _DATA_END_STREAM
+            out += sid
+            out += body
+            self._send_window -= size
+            del self._windows[stream_id]
+            return
         if stream_id in self._cut:
             # RFC 9113 §8.1: a complete response before the request's end, then a reset
             # with NO_ERROR asks the client to stop sending (error responses are empty)
@@ -582,13 +599,6 @@ class H2Session:
             self._forget(stream_id)
             return
         if not body:
-            del self._windows[stream_id]
-            return
-        window = min(self._windows[stream_id], self._send_window)
-        if len(body) <= window and len(body) <= self._max_frame:  # the usual answer
-            out += frame_header(FrameType.DATA, _END_STREAM, stream_id, len(body))
-            out += body
-            self._send_window -= len(body)
             del self._windows[stream_id]
             return
         self._unsent[stream_id] = body
@@ -654,18 +664,21 @@ def _read_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, byt
     method = target = b""
     content_type: bytes | None = None
     too_large = False
-    pseudo: set[bytes] = set()
+    seen = 0
     regular = False
     for name, value in headers:
-        if name[:1] == b":":
-            if regular or name in pseudo or name not in _REQUEST_PSEUDO_HEADERS:
+        bit = _PSEUDO_HEADER_BITS.get(name)
+        if bit is not None:
+            if regular or seen & bit:
                 raise _Malformed
-            pseudo.add(name)
-            if name == b":method":
+            seen |= bit
+            if bit == _METHOD:
                 method = value
-            elif name == b":path":
+            elif bit == _PATH:
                 target = value
             continue
+        if name[:1] == b":":
+            raise _Malformed  # a response's or an unknown pseudo-header
         regular = True
         if name == b"content-type":
             content_type = value
@@ -673,6 +686,6 @@ def _read_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, byt
             too_large = not value.isdigit() or int(value) > MAX_BODY_BYTES
         elif name in _CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
             raise _Malformed
-    if not pseudo >= _REQUIRED_PSEUDO_HEADERS:
+    if seen & _REQUIRED_PSEUDO_HEADERS != _REQUIRED_PSEUDO_HEADERS:
         raise _Malformed
     return method, target, content_type, too_large

@@ -68,7 +68,7 @@ class Setting(enum.IntEnum):
 
 
 _HEADER_FIELDS_CACHED: Final = 4096  # distinct (name, value) pairs: statuses, sizes, max-ages
-_HEADER_BLOCKS_CACHED: Final = 4096  # distinct (status, length, headers): the same ones
+_HEADER_BLOCKS_CACHED: Final = 4096  # distinct (status, length, headers, flags): the same
 # RFC 7541 §6.3: a dynamic table size update to 0, sent before the first response block and
 # after every change the client makes to SETTINGS_HEADER_TABLE_SIZE: responses use no table.
 TABLE_SIZE_ZERO: Final = b"\x20"
@@ -107,13 +107,27 @@ PING_ACK_HEADER: Final = frame_header(FrameType.PING, Flag.ACK, 0, 8)
 
 
 @functools.lru_cache(maxsize=_HEADER_BLOCKS_CACHED)
-def response_block(status: int, length: int, headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    """The HPACK block of a response: `:status`, `content-length`, then `headers`. No field
-    enters the dynamic table (every literal is "never indexed"), so a field's encoding does
-    not depend on what went before and a block is the concatenation of its fields'
-    encodings; the price is a few dozen octets per response that the table would have saved."""
+def response_head(
+    status: int,
+    length: int,
+    headers: tuple[tuple[bytes, bytes], ...],
+    end_stream: bool,
+    table_size_update: bool,
+) -> tuple[bytes, bytes]:
+    """A response's HEADERS frame around the stream ID: the frame header's first five
+    octets (length, type, flags) and the HPACK block (`:status`, `content-length`, then
+    `headers`; after TABLE_SIZE_ZERO when `table_size_update`).
+
+    No field enters the dynamic table (every literal is "never indexed"), so a field's
+    encoding does not depend on what went before and a block is the concatenation of its
+    fields' encodings; the price is a few dozen octets per response that the table would
+    have saved."""
     fields = ((b":status", b"%d" % status), (b"content-length", b"%d" % length), *headers)
-    return b"".join([_encode_field(name, value) for name, value in fields])
+    block = b"".join([_encode_field(name, value) for name, value in fields])
+    if table_size_update:
+        block = TABLE_SIZE_ZERO + block
+    flags = Flag.END_HEADERS | Flag.END_STREAM if end_stream else Flag.END_HEADERS
+    return frame_header(FrameType.HEADERS, flags, 0, len(block))[:5], block
 
 
 _FIELD_ENCODER: Final = hpack.Encoder()  # its dynamic table stays empty: nothing is indexed

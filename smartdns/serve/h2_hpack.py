@@ -54,15 +54,17 @@ class HpackDecoder:
         list_bytes = 0
         position = 0
         end = len(block)
+        static = _STATIC
         while position < end:
             first = block[position]
-            if first & 0x80:  # §6.1 indexed field
-                index, position = _integer(block, position, 0x7F)
-                field = self._entry(index)
-            elif first & 0x40:  # §6.2.1 literal with incremental indexing
-                field, position = self._literal(block, position, 0x3F)
-                self._insert(field)
-            elif first & 0x20:  # §6.3 dynamic table size update: only before any field
+            if first & 0x80:  # §6.1 indexed field, its index in one octet as a rule
+                if first != 0xFF:
+                    index = first & 0x7F
+                    position += 1
+                else:
+                    index, position = _integer(block, position, 0x7F)
+                field = static[index] if 0 < index <= _STATIC_COUNT else self._entry(index)
+            elif first & 0x60 == 0x20:  # §6.3 dynamic table size update: before any field
                 if fields:
                     raise HpackError
                 size, position = _integer(block, position, 0x1F)
@@ -71,8 +73,23 @@ class HpackDecoder:
                 self._table_limit = size
                 self._evict()
                 continue
-            else:  # §6.2.2, §6.2.3 literal without indexing or never indexed
-                field, position = self._literal(block, position, 0x0F)
+            else:  # §6.2 literals: with incremental indexing, without, never indexed
+                mask = 0x3F if first & 0x40 else 0x0F
+                index = first & mask
+                if index != mask:
+                    position += 1
+                else:
+                    index, position = _integer(block, position, mask)
+                if not index:
+                    name, position = _string(block, position)
+                elif index <= _STATIC_COUNT:
+                    name = static[index][0]
+                else:
+                    name = self._entry(index)[0]
+                value, position = _string(block, position)
+                field = (name, value)
+                if first & 0x40:
+                    self._insert(field)
             list_bytes += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
             if list_bytes > self._max_list_bytes:
                 raise HeaderListTooLarge
@@ -86,15 +103,6 @@ class HpackDecoder:
         if index == 0 or dynamic >= len(self._table):
             raise HpackError
         return self._table[dynamic]
-
-    def _literal(self, block: bytes, position: int, mask: int) -> tuple[tuple[bytes, bytes], int]:
-        index, position = _integer(block, position, mask)
-        if index:
-            name = self._entry(index)[0]
-        else:
-            name, position = _string(block, position)
-        value, position = _string(block, position)
-        return (name, value), position
 
     def _insert(self, field: tuple[bytes, bytes]) -> None:
         """RFC 7541 §4.4: evict from the oldest until the entry fits; an entry larger than
@@ -134,13 +142,17 @@ def _string(block: bytes, position: int) -> tuple[bytes, int]:
     """RFC 7541 §5.2: a string literal, Huffman-decoded when its H bit says so."""
     if position >= len(block):
         raise HpackError
-    huffman = block[position] & 0x80
-    length, position = _integer(block, position, 0x7F)
+    first = block[position]
+    if first & 0x7F != 0x7F:
+        length = first & 0x7F
+        position += 1
+    else:
+        length, position = _integer(block, position, 0x7F)
     end = position + length
     if end > len(block):
         raise HpackError
     raw = block[position:end]
-    if not huffman:
+    if not first & 0x80:
         return raw, end
     decoded = _huffman_cache.get(raw)
     if decoded is None:

@@ -62,6 +62,9 @@ def test_requests_that_carry_a_query(request_: HttpRequest, expected: DnsRequest
         (_get(b"/dns-query"), 400),  # no dns parameter
         (_get(b"/dns-query?dns="), 400),  # empty message
         (_get(b"/dns-query?dns=a*b"), 400),  # not base64url
+        (_get(b"/dns-query?dns=" + DNS + b"AA"), 400),  # 4n + 1 characters: no encoding's
+        (_get(b"/dns-query?dns=" + DNS[:4] + b"=" + DNS[4:]), 400),  # padding inside
+        (_get(b"/dns-query?dns=" + DNS[:4] + b" " + DNS[4:]), 400),  # white space
         (_get(b"/dns-query?dns=" + base64.b64encode(b"\xfb\xff" * 12)), 400),  # + and /: not url
         (_get(b"/dns-query?dns=" + b"A" * 87_384), 413),
         (_post(b"/dns-query", body=b""), 400),
