@@ -112,24 +112,30 @@ class DohConnection(StreamConnection):
         session = self._session
         if self._transport is None or session is None:
             return
+        now = self._loop.time()
         try:
-            self._serve(session, session.receive(data, self._loop.time()))
+            self._serve(session, session.receive(data, now), now)
         except Exception as error:  # the connection's error boundary: h11, hpack or ours
             _FAILURES.warn(type(error).__name__)  # the type only: texts quote headers
             self.abort()
 
-    def _serve(self, session: HttpSession, requests: list[tuple[int, HttpRequest]]) -> None:
-        """Answer `requests`, then the pipelined ones h11 held behind them, then write."""
+    def _serve(
+        self, session: HttpSession, requests: list[tuple[int, HttpRequest]], now: float
+    ) -> None:
+        """Answer `requests`, then the pipelined ones h11 held behind them, then write.
+        `now` stands for the whole batch: it is answered within microseconds."""
+        if requests:
+            self._connections.touch(self)
         while requests:
             for ref, request in requests:
-                self._answer(session, ref, request)
-            requests = session.resume(self._loop.time())
+                self._answer(session, ref, request, now)
+            requests = session.resume(now)
         self._write_out()
 
-    def _answer(self, session: HttpSession, ref: int, request: HttpRequest) -> None:
+    def _answer(self, session: HttpSession, ref: int, request: HttpRequest, now: float) -> None:
         read = read_request(request)
         if isinstance(read, int):
-            self._respond(session, ref, error_response(read))
+            self._respond(session, ref, error_response(read), now)
             return
         peer = self._peer
         if read.device is not None:
@@ -140,7 +146,7 @@ class DohConnection(StreamConnection):
         except Exception as error:
             reply = self._pipeline.fail(packet, error, peer)
         if reply is None or type(reply) is bytes:
-            self._respond(session, ref, _response(packet, reply))
+            self._respond(session, ref, _response(packet, reply), now)
             return
         assert not isinstance(reply, bytes)
         self._pending += 1
@@ -157,14 +163,17 @@ class DohConnection(StreamConnection):
             self._pending -= 1
         if self._transport is None:
             return  # the client is gone; the answer went into the cache all the same
-        self._respond(session, ref, _response(packet, reply))
-        self._serve(session, session.resume(self._loop.time()))
+        now = self._loop.time()
+        self._respond(session, ref, _response(packet, reply), now)
+        self._connections.touch(self)
+        self._serve(session, session.resume(now), now)
 
-    def _respond(self, session: HttpSession, ref: int, response: HttpResponse | None) -> None:
-        session.respond(ref, response, self._loop.time())
+    def _respond(
+        self, session: HttpSession, ref: int, response: HttpResponse | None, now: float
+    ) -> None:
+        session.respond(ref, response, now)
         if response is not None:
             self._pipeline.metrics.doh_responses[_STATUS_CLASS[response.status]] += 1
-        self._connections.touch(self)
 
     # ---- writing -------------------------------------------------------------------------
 
