@@ -29,6 +29,10 @@ _LABEL: Final = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # an ID that is not registered gets `unregistered`, never the source address).
 UNKNOWN_DEVICE: Final = device_digest("")
 
+_REPLY_HEADERS_CACHED: Final = 4096  # replies whose response headers are kept
+_REPLY_HEADERS_CACHED_OCTETS: Final = 512  # the longest: at most 2 MiB of replies in all
+_reply_headers: dict[bytes, tuple[tuple[bytes, bytes], ...]] = {}
+
 OK: Final = 200
 BAD_REQUEST: Final = 400
 NOT_FOUND: Final = 404
@@ -143,11 +147,21 @@ def _is_dns_message(content_type: bytes | None) -> bool:
 
 def dns_response(reply: bytes) -> HttpResponse:
     """200 with the DNS reply, whatever its rcode (RFC 8484 §4.2.1), and how long an HTTP
-    cache may keep it (§5.1: the smallest TTL, at most the SOA minimum of a negative one)."""
-    headers = (
-        (b"content-type", MEDIA_TYPE),
-        (b"cache-control", b"max-age=%d" % reply_max_age(reply)),
-    )
+    cache may keep it (§5.1: the smallest TTL, at most the SOA minimum of a negative one).
+
+    The headers of small replies are kept, keyed by the reply's exact octets, like a packet
+    cache: DoH clients send ID 0 (§4.1), so a name asked again gets the same reply octets
+    until a TTL counts down; reading the TTLs again cost more than the rest of the response."""
+    headers = _reply_headers.get(reply)
+    if headers is None:
+        headers = (
+            (b"content-type", MEDIA_TYPE),
+            (b"cache-control", b"max-age=%d" % reply_max_age(reply)),
+        )
+        if len(reply) <= _REPLY_HEADERS_CACHED_OCTETS:
+            if len(_reply_headers) >= _REPLY_HEADERS_CACHED:
+                del _reply_headers[next(iter(_reply_headers))]  # the oldest
+            _reply_headers[reply] = headers
     return HttpResponse(OK, headers, reply)
 
 

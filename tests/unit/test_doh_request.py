@@ -11,6 +11,7 @@ import dns.rrset
 import pytest
 
 from smartdns.core.clients import device_digest
+from smartdns.serve import doh_request
 from smartdns.serve.doh_request import (
     UNKNOWN_DEVICE,
     DnsRequest,
@@ -129,3 +130,21 @@ def test_a_query_without_reply_is_400_when_unreadable_else_reset(
 ) -> None:
     response = no_reply_response(packet)
     assert (response.status if response is not None else None) == status
+
+
+def test_response_headers_kept_for_small_replies_are_bounded_and_exact() -> None:
+    """The headers are kept by the reply's exact octets: a reply whose TTL counted down is
+    another key and gets its own max-age; large replies are not kept; the count is bounded."""
+    first = _reply("example.org. 300 IN A 192.0.2.1")
+    later = _reply("example.org. 299 IN A 192.0.2.1")
+    assert dict(dns_response(first).headers)[b"cache-control"] == b"max-age=300"
+    assert dict(dns_response(first).headers)[b"cache-control"] == b"max-age=300"
+    assert dict(dns_response(later).headers)[b"cache-control"] == b"max-age=299"
+    large = _reply(*[f"example.org. 60 IN TXT {'x' * 200}"] * 3)
+    assert len(large) > doh_request._REPLY_HEADERS_CACHED_OCTETS
+    dns_response(large)
+    assert large not in doh_request._reply_headers
+    for ttl in range(doh_request._REPLY_HEADERS_CACHED + 10):
+        reply = _reply(f"example.org. {ttl} IN A 192.0.2.1")
+        assert dict(dns_response(reply).headers)[b"cache-control"] == b"max-age=%d" % ttl
+    assert len(doh_request._reply_headers) == doh_request._REPLY_HEADERS_CACHED
