@@ -19,7 +19,10 @@ It prints
 - accepted writes per second and PUT latency (the 200 includes node 1 applying it);
 - time from the 200 to the answer on node 2 and node 3 (p50 / p99 / max);
 - the restarted node: seconds to its first DNS answer (its old copy), to `/healthz ok`, and
-  until the last missed write answers.
+  until the last missed write answers, and how many messages it read from the bucket
+  (`smartdns_feed_received_total`: about the missed writes when it resumed) and why it read the
+  whole bucket if it did (`smartdns_feed_full_reads_total`);
+- after each phase, the NATS servers' CPU seconds spent in it and their RSS, and the nodes' RSS.
 
 A measurement, not a test; loopback only; every step has a deadline and every process it
 starts is stopped by its PID at the end.
@@ -62,11 +65,13 @@ from bench.snapshot_apply import wait_for, write_token
 from bench.tools import (
     REPO,
     Children,
+    cpu_seconds,
     encode_query,
     ensure_python_env,
     free_port,
     log,
     python_env,
+    rss_kib,
     terminate_as_interrupt,
 )
 
@@ -102,13 +107,38 @@ class Node:
         status, body = request("GET", self.url + "/v1/status", self.token, None, 5.0)
         return int(json.loads(body)["accounts"]) if status == 200 else -1
 
+    def feed_metrics(self) -> dict[str, float]:
+        """The smartdns_feed_* samples of /metrics (name with its labels -> value)."""
+        _status, body = request("GET", self.url + "/metrics", None, None, 5.0)
+        samples = {}
+        for line in body.decode().splitlines():
+            if line.startswith("smartdns_feed_"):
+                name, value = line.rsplit(" ", 1)
+                samples[name[len("smartdns_feed_") :]] = float(value)
+        return samples
+
 
 @dataclass
 class Fleet:
     nodes: list[Node]
     children: Children
     env: dict[str, str]
+    nats_pids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
+    _nats_cpu_s: float = 0.0
+
+    def usage(self, phase: str) -> None:
+        """Print the NATS servers' CPU seconds since the last call and their RSS now, and the
+        nodes' RSS."""
+        cpu_s = sum(cpu_seconds(pid) for pid in self.nats_pids)
+        spent, self._nats_cpu_s = cpu_s - self._nats_cpu_s, cpu_s
+        nats_mib = [rss_kib(pid) / 1024 for pid in self.nats_pids]
+        nodes_mib = [rss_kib(node.process.pid) / 1024 if node.process else 0 for node in self.nodes]
+        print(
+            f"{phase + ':':<26} nats-server CPU {spent:.1f} s (3 servers), RSS"
+            f" {' / '.join(f'{mib:.0f}' for mib in nats_mib)} MiB; nodes' RSS"
+            f" {' / '.join(f'{mib:.0f}' for mib in nodes_mib)} MiB"
+        )
 
     def command(self, node: Node, *args: str) -> list[str]:
         return [sys.executable, "-m", "smartdns", "--config", str(node.config), *args]
@@ -150,6 +180,8 @@ def set_up(args: argparse.Namespace, workdir: Path, fleet: Fleet) -> None:
         check=True, env=fleet.env, cwd=REPO, capture_output=True, timeout=IMPORT_TIMEOUT_S,
     )  # fmt: skip
     fleet.timings["import into the bucket"] = time.monotonic() - started
+    print(f"import into the bucket:    {fleet.timings['import into the bucket']:.1f} s")
+    fleet.usage("import")
     started = time.monotonic()
     for node in fleet.nodes:
         fleet.start(node)
@@ -162,6 +194,10 @@ def set_up(args: argparse.Namespace, workdir: Path, fleet: Fleet) -> None:
 
         wait_for(f"node {index} caught up", caught_up, CATCH_UP_TIMEOUT_S, node.process)
         fleet.timings[f"node {index} first catch-up"] = time.monotonic() - started
+        print(
+            f"node {index} first catch-up:    {fleet.timings[f'node {index} first catch-up']:.1f} s"
+        )
+    fleet.usage("first catch-ups")
 
 
 @dataclass
@@ -251,6 +287,13 @@ def missed_writes(args: argparse.Namespace, fleet: Fleet) -> None:
         f"restarted node 3:  first answer (old copy) {first_answer:.2f} s, /healthz ok"
         f" {healthy:.2f} s, last missed write answered {time.monotonic() - started:.2f} s"
     )
+    feed = three.feed_metrics()
+    full_reads = {name: int(v) for name, v in feed.items() if name.startswith("full_reads") and v}
+    print(
+        f"restarted node 3 read {int(feed.get('received_total', -1)):,} messages from the bucket;"
+        f" full reads {full_reads or 'none'}"
+    )
+    fleet.usage("missed writes and restart")
 
 
 class Burst(Schedule):
@@ -277,16 +320,16 @@ def measure(args: argparse.Namespace, workdir: Path, children: Children) -> int:
 
     with nats_cluster(workdir / "nats", size=3) as cluster:
         nodes = [make_node(workdir / f"node-{i}", cluster.urls) for i in range(NODES)]
-        fleet = Fleet(nodes, children, python_env(REPO))
+        pids = [server.process.pid for server in cluster.servers if server.process]
+        fleet = Fleet(nodes, children, python_env(REPO), pids)
         set_up(args, workdir, fleet)
         print()
         print(
             f"N = {args.accounts:,} accounts, 3 NATS servers, 3 nodes; {args.rate:g} writes/s"
             f" for {args.seconds:g} s over {args.connections} connections"
         )
-        for what, seconds in fleet.timings.items():
-            print(f"{what + ':':<26} {seconds:.1f} s")
         steady_writes(args, fleet)
+        fleet.usage("steady writes")
         missed_writes(args, fleet)
         return 0 if all(node.process and node.process.poll() is None for node in nodes) else 1
 
@@ -296,7 +339,7 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=200.0, help="writes offered per second")
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--missed", type=int, default=10_000, help="writes node 3 misses")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()

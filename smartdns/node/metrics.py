@@ -251,6 +251,18 @@ class FeedStateLike(Protocol):
     def rejected(self) -> int: ...
     @property
     def reconciled(self) -> int: ...
+    @property
+    def received(self) -> int: ...
+    @property
+    def gaps_detected(self) -> int: ...
+    @property
+    def gaps_repaired(self) -> int: ...
+    @property
+    def slow_consumers(self) -> int: ...
+    @property
+    def client_errors(self) -> int: ...
+    @property
+    def full_reads(self) -> Mapping[str, int]: ...
 
 
 def render_feed(state: FeedStateLike) -> str:
@@ -266,7 +278,13 @@ def render_feed(state: FeedStateLike) -> str:
             "Bucket revision of the last change processed.",
             state.last_revision,
         ),
-        ("lag", "gauge", "Changes in the bucket not yet processed, at the last probe.", state.lag),
+        (
+            "lag",
+            "gauge",
+            "Revisions in the bucket after the last one processed (catch-up remaining).",
+            state.lag,
+        ),
+        ("received_total", "counter", "Messages read from the bucket's stream.", state.received),
         ("applied_total", "counter", "Feed changes that changed the local copy.", state.applied),
         (
             "rejected_total",
@@ -280,8 +298,38 @@ def render_feed(state: FeedStateLike) -> str:
             "Local accounts removed as absent from the bucket.",
             state.reconciled,
         ),
+        (
+            "gaps_detected_total",
+            "counter",
+            "Messages found missing between two received (each read again).",
+            state.gaps_detected,
+        ),
+        (
+            "gaps_repaired_total",
+            "counter",
+            "Gaps closed by reading again after the last revision applied.",
+            state.gaps_repaired,
+        ),
+        (
+            "slow_consumer_total",
+            "counter",
+            "Messages the NATS client dropped for a full queue (each leads to a re-read).",
+            state.slow_consumers,
+        ),
+        (
+            "client_errors_total",
+            "counter",
+            "Other errors the NATS client reported (each leads to a re-read).",
+            state.client_errors,
+        ),
     ):
         out.single(f"smartdns_feed_{name}", kind, help_text, int(value))
+    out.family(
+        "smartdns_feed_full_reads_total",
+        "counter",
+        "Reads of the whole bucket instead of a resume, by cause.",
+        (({"cause": cause}, count) for cause, count in sorted(state.full_reads.items())),
+    )
     return out.text()
 
 

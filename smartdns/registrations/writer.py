@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from smartdns.config.model import RegistrationsConfig
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
+from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import FeedApplied, FeedChange
 from smartdns.registrations.json_body import release_snapshot
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
@@ -80,14 +81,26 @@ class RegistrationWriter:
         return result
 
     async def apply_feed(
-        self, changes: Sequence[FeedChange], snapshot_version: int | None
+        self,
+        changes: Sequence[FeedChange],
+        snapshot_version: int | None,
+        position: Position | None = None,
     ) -> FeedApplied:
-        """The registration feed's changes (feed.FeedSink), checked there against the rules."""
-        return await self._through(self._store.feed.apply_feed(changes, snapshot_version))
+        """The registration feed's changes (feed.FeedSink), checked there against the rules,
+        with the bucket revision they reach."""
+        write = self._store.feed.apply_feed(changes, snapshot_version, position)
+        return await self._through(write)
 
-    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+    async def reconcile_feed(
+        self, present: Set[str], snapshot_version: int | None, position: Position | None = None
+    ) -> int:
         """Drop what the feed's bucket no longer holds (feed.FeedSink)."""
-        return await self._through(self._store.feed.reconcile_feed(present, snapshot_version))
+        write = self._store.feed.reconcile_feed(present, snapshot_version, position)
+        return await self._through(write)
+
+    async def feed_position(self) -> tuple[Position | None, int]:
+        """Where the feed resumes, and how many accounts are held (feed.FeedSink)."""
+        return await self._store.feed.feed_position()
 
     async def add_entries(
         self,

@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import StaleWriteError
 from smartdns.registrations.entries import Network, Snapshot
+from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import (
     SNAPSHOT_KEY,
     AccountValue,
@@ -64,10 +65,14 @@ class MemorySink:
         self.snapshot_version = 0
         self.resolved: dict[str, tuple[Network, ...]] = {}
         self.batches: list[int] = []
+        self.position: Position | None = None  # saved with the changes, as the store does
         self._changed = asyncio.Condition()
 
     async def apply_feed(
-        self, changes: Sequence[FeedChange], snapshot_version: int | None
+        self,
+        changes: Sequence[FeedChange],
+        snapshot_version: int | None,
+        position: Position | None = None,
     ) -> FeedApplied:
         applied = stale = 0
         for account, value in changes:
@@ -81,18 +86,25 @@ class MemorySink:
                 applied += 1
         if snapshot_version is not None:
             self.snapshot_version = snapshot_version
+        self.position = position or self.position
         self.batches.append(len(changes))
         async with self._changed:
             self._changed.notify_all()
         return FeedApplied(applied, stale)
 
-    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+    async def reconcile_feed(
+        self, present: Set[str], snapshot_version: int | None, position: Position | None = None
+    ) -> int:
         gone = [account for account in self.accounts if account not in present]
         for account in gone:
             del self.accounts[account]
         if snapshot_version is not None:
             self.snapshot_version = snapshot_version
+        self.position = position or self.position
         return len(gone)
+
+    async def feed_position(self) -> tuple[Position | None, int]:
+        return self.position, len(self.accounts)
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         self.resolved.update((hostname, tuple(networks)) for hostname, networks in changes.items())

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smartdns.core.counters import Handshake, Metrics, Outcome, StatusClass, Transport
-from smartdns.node.metrics import CacheStatsLike, TlsSample, _escape_label, render
+from smartdns.node.metrics import CacheStatsLike, TlsSample, _escape_label, render, render_feed
+from smartdns.registrations.feed_follow import ResyncCause
+from smartdns.registrations.sources.feed import FeedState
 from smartdns.upstream.forwarder import ForwarderStats
 
 
@@ -147,3 +149,24 @@ def test_tls_families() -> None:
         Metrics(), forwarder=None, cache=None, registrations=None, database_up=True, ready=True
     )
     assert "smartdns_tls" not in without
+
+
+def test_feed_families_show_catch_up_resyncs_gaps_and_slow_consumers() -> None:
+    state = FeedState(connected=True, caught_up=True, last_revision=40, lag=7, stale=1)
+    state.follow.received = 12
+    state.follow.gaps_detected, state.follow.gaps_repaired = 3, 2
+    state.follow.rejected = 2
+    state.follow.full_reads[ResyncCause.RECREATED] = 1
+    state.slow_consumers = 4
+    lines = render_feed(state).splitlines()
+    for wanted in (
+        "smartdns_feed_lag 7",
+        "smartdns_feed_received_total 12",
+        "smartdns_feed_rejected_total 3",
+        "smartdns_feed_gaps_detected_total 3",
+        "smartdns_feed_gaps_repaired_total 2",
+        "smartdns_feed_slow_consumer_total 4",
+        'smartdns_feed_full_reads_total{cause="recreated"} 1',
+        'smartdns_feed_full_reads_total{cause="first"} 0',
+    ):
+        assert wanted in lines

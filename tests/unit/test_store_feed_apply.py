@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from smartdns.config.model import RegistrationsConfig
+from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import AccountValue, FeedApplied, Tombstone
 from smartdns.registrations.store import RegistrationStore
 from smartdns.registrations.writer import RegistrationWriter
@@ -115,3 +116,30 @@ async def test_a_batch_of_new_accounts_then_changes_to_them(store: RegistrationS
     assert len((await store.readers.changes_since(since)).present) == 1198
     again = await store.feed.apply_feed(changes[:1200], None)  # a catch-up over the same keys
     assert again == FeedApplied(1, 2)  # n6 returns (it was removed); n5, n7 hold newer
+
+
+async def test_the_feed_position_is_saved_with_the_changes_and_survives_a_reopen(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "registrations.db"
+    store = await RegistrationStore.open(path, create=True)
+    assert await store.feed.feed_position() == (None, 0)
+    await store.feed.apply_feed([("x", AccountValue(5, (A,)))], None, Position(7, 11))
+    await store.feed.apply_feed([("y", Tombstone(2))], None)  # no position: the saved one stays
+    assert await store.feed.feed_position() == (Position(7, 11), 2)
+    await store.feed.reconcile_feed({"x"}, None, Position(7, 40))
+    await store.close()
+    reopened = await RegistrationStore.open(path, create=False)
+    try:
+        assert await reopened.feed.feed_position() == (Position(7, 40), 1)
+    finally:
+        await reopened.close()
+
+
+async def test_a_failed_batch_saves_no_position(store: RegistrationStore) -> None:
+    """The revision and the changes commit together: a batch that fails leaves neither."""
+    await store.feed.apply_feed([("x", AccountValue(5, (A,)))], None, Position(7, 3))
+    bogus = AccountValue(1, ("bogus",))  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):  # fails inside the transaction
+        await store.feed.apply_feed([("y", bogus)], None, Position(7, 9))
+    assert await store.feed.feed_position() == (Position(7, 3), 1)

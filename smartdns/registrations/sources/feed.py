@@ -1,9 +1,12 @@
 """The registration feed (SPEC 4): follow a NATS JetStream key-value bucket, and write to it.
 
-`Feed` owns one NATS connection. `Feed.run` follows the bucket (every key's current value, then
-live changes) and hands the changes, in bucket revision order, to a FeedSink, the node's one
-change path; the `put_account`, `delete_account` and `replace_snapshot` methods write with
-compare-and-set so that SPEC 4's version rules hold for the whole fleet. The value format is in
+`Feed` owns one NATS connection. `Feed.run` follows the bucket through a pull consumer
+(sources/feed_reader.py) whose messages feed the sans-IO core (registrations/feed_follow.py):
+a node that saved a revision resumes after it, one that has none (or whose bucket was
+recreated or purged meanwhile) reads every key and reconciles; the changes go, in bucket
+revision order and with the revision they reach, to a FeedSink, the node's one change path.
+The `put_account`, `delete_account` and `replace_snapshot` methods write with compare-and-set
+so that SPEC 4's version rules hold for the whole fleet. The value format is in
 feed_format.py and docs/feed.md. Log lines carry counts and exception types only: never an
 account id, an address or a hostname (SPEC 7).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import random
 import ssl
@@ -29,14 +33,24 @@ from nats.aio.client import Server
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
+from smartdns import logs
 from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
 from smartdns.registrations.entries import Network, Snapshot
+from smartdns.registrations.feed_follow import (
+    BucketFollower,
+    FollowCounters,
+    Position,
+    ResyncCause,
+    Start,
+    StreamFacts,
+    Verdict,
+    keys_missing,
+    plan_start,
+)
 from smartdns.registrations.feed_format import (
-    ACCOUNT_PREFIX,
-    HOST_PREFIX,
     MAX_VALUE_BYTES,
     SNAPSHOT_KEY,
     AccountValue,
@@ -48,14 +62,24 @@ from smartdns.registrations.feed_format import (
     account_key,
     check_write,
     decode_marker,
-    decode_resolved,
     decode_value,
     encode_marker,
     encode_resolved,
     encode_value,
     hostname_key,
     key_account,
-    key_hostname,
+)
+from smartdns.registrations.sources.feed_reader import (
+    FETCH_BATCH,
+    MIN_BATCH,
+    ConsumerLost,
+    PullReader,
+)
+from smartdns.registrations.sources.feed_snapshot import (
+    Publisher,
+    SnapshotUnavailable,
+    plan_snapshot,
+    snapshot_value,
 )
 
 log = logging.getLogger(__name__)
@@ -65,17 +89,19 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_S: Final = 2
 MAX_OUTSTANDING_PINGS: Final = 2
 CONNECT_TIMEOUT_S: Final = 2
-# The server's heartbeat on the watch; two missed ones and the consumer is re-created.
-HEARTBEAT_S: Final = 0.5
-PROBE_INTERVAL_S: Final = 1.0  # lag and caught-up probe
 # The stream republishes every stored change here (RePublish), with its revision. Receiving
-# it takes no consumer, so a change arrives while the watch's consumer is being re-created
-# after its server died (which needs a JetStream meta leader, seconds after losing one).
+# it takes no consumer, so a change arrives while the consumer is being re-created after its
+# server died (which needs a JetStream meta leader, seconds after losing one).
 REPUBLISH_PREFIX: Final = "smartdns-feed"
-EAGER_LIMIT: Final = 65_536  # republished messages buffered; beyond that the watch delivers
+EAGER_LIMIT: Final = 65_536  # republished messages buffered; beyond that the consumer delivers
 WAKE_S: Final = 0.1  # longest wait for a message before looking at the reconnect flag
-WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the watch
-GAP_FILL_S: Final = 0.5  # while the watch is down, read missed changes this often
+LOOK_S: Final = 5.0  # while caught up, look at the stream's info this often (see Feed._look)
+WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the follower
+# Making a consumer: 2 s, doubled after each failure up to 16 s. Short first, since 2.9 may
+# place an ephemeral consumer on a dead server of the cluster (no answer: try again), and long
+# later, since a consumer of every message of a million-key stream takes server time.
+CONSUMER_TIMEOUT_S: Final = 16.0
+GAP_FILL_S: Final = 0.5  # while the consumer is down, read missed changes this often
 GAP_FILL_MAX: Final = 64  # changes read per gap fill
 GAP_FILL_TIMEOUT_S: Final = 0.5
 RETRY_BASE_S: Final = 0.1  # backoff after a failed session or reconnect, doubled per attempt
@@ -86,9 +112,9 @@ CAS_RETRY_S: Final = 0.005  # jittered pause before a retry, times the attempt n
 WRITE_TIMEOUT_S: Final = 5.0
 APPLIED_TIMEOUT_S: Final = 5.0  # a write's wait for this node to apply it
 SNAPSHOT_CONCURRENCY: Final = 256  # snapshot writes in flight
-KEYS_TIMEOUT_S: Final = 120.0  # listing the bucket's keys for a snapshot (a million: seconds)
 _T = TypeVar("_T")
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # JetStream API error codes
+_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 class FeedSettings(Protocol):
@@ -110,18 +136,30 @@ class FeedSink(Protocol):
     """Where the follower's changes go: the node's one change path (SQLite, then workers)."""
 
     async def apply_feed(
-        self, changes: Sequence[FeedChange], snapshot_version: int | None
+        self,
+        changes: Sequence[FeedChange],
+        snapshot_version: int | None,
+        position: Position | None = None,
     ) -> FeedApplied:
         """Apply each change whose version is above the stored one (a None change always
-        removes), and set `snapshot_version` when it is not None, in one transaction."""
+        removes), set `snapshot_version` when it is not None, and save `position` when it is
+        not None, in one transaction."""
         ...
 
-    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
-        """Remove every account and tombstone not in `present`; return how many went."""
+    async def reconcile_feed(
+        self, present: Set[str], snapshot_version: int | None, position: Position | None = None
+    ) -> int:
+        """Remove every account and tombstone not in `present`, and save `position`; return
+        how many accounts went."""
         ...
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         """What these hostnames now resolve to (the fleet's DDNS refresher's results)."""
+        ...
+
+    async def feed_position(self) -> tuple[Position | None, int]:
+        """The position saved last (None: never), and how many accounts are held (live or
+        tombstone)."""
         ...
 
 
@@ -136,10 +174,35 @@ class FeedState:
     connected: bool = False
     caught_up: bool = False
     last_revision: int = 0  # bucket revision (stream sequence) of the last change processed
-    lag: int = 0  # changes in the bucket not yet processed, at the last probe
+    lag: int = 0  # revisions in the bucket after the last one processed, as the server said
     applied: int = 0  # changes that changed the local copy
-    rejected: int = 0  # values skipped whole: invalid, unknown key, or a version going back
-    reconciled: int = 0  # local accounts removed at catch-up because the bucket lacked them
+    stale: int = 0  # values whose version went back (the store's count)
+    reconciled: int = 0  # local accounts removed at a full read because the bucket lacked them
+    slow_consumers: int = 0  # messages the NATS client dropped (each leads to a re-read)
+    client_errors: int = 0  # other errors the NATS client reported
+    follow: FollowCounters = field(default_factory=FollowCounters)
+
+    @property
+    def rejected(self) -> int:
+        """Values skipped whole: invalid, unknown key, or a version going back."""
+        return self.stale + self.follow.rejected
+
+    @property
+    def received(self) -> int:
+        return self.follow.received
+
+    @property
+    def gaps_detected(self) -> int:
+        return self.follow.gaps_detected
+
+    @property
+    def gaps_repaired(self) -> int:
+        return self.follow.gaps_repaired
+
+    @property
+    def full_reads(self) -> dict[str, int]:
+        """Full reads by ResyncCause value (a closed set: a metric label)."""
+        return {cause.value: count for cause, count in self.follow.full_reads.items()}
 
 
 def stream_name(bucket: str) -> str:
@@ -195,66 +258,69 @@ async def open_bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyVa
     return await js.create_key_value(config)
 
 
-async def _republished(js: JetStreamContext, nc: NATS, bucket: str) -> Subscription | None:
-    """A core subscription to the bucket's republished changes, if its stream has them (a
-    bucket made elsewhere may not: then the watch alone delivers, as fast as it lives)."""
+async def stream_facts(js: JetStreamContext, bucket: str) -> tuple[StreamFacts, api.StreamInfo]:
+    """The stream's identity (creation time in microseconds) and extent, from its info (a
+    constant-cost request, whatever the bucket holds)."""
     info = await js.stream_info(stream_name(bucket))
+    created = (
+        0 if info.created is None else (info.created - _EPOCH) // datetime.timedelta(microseconds=1)
+    )
+    state = info.state
+    return StreamFacts(created, state.first_seq, state.last_seq, state.messages), info
+
+
+async def _republished(nc: NATS, bucket: str, info: api.StreamInfo) -> Subscription | None:
+    """A core subscription to the bucket's republished changes, if its stream has them (a
+    bucket made elsewhere may not: then the consumer alone delivers, as fast as it lives)."""
     republish = info.config.republish
     if republish is None or republish.dest != republish_subject(bucket) + ".>":
-        log.info("feed: the bucket does not republish its changes; the watch alone delivers")
+        log.info("feed: the bucket does not republish its changes; the consumer alone delivers")
         return None
     return await nc.subscribe(republish.dest, pending_msgs_limit=EAGER_LIMIT)
 
 
-@dataclass(slots=True)
-class _Session:
-    """One subscription's progress: catch-up, the snapshot being staged, the probe baseline."""
-
-    catching_up: bool = True
-    present: set[str] = field(default_factory=set)
-    changes: list[FeedChange] = field(default_factory=list)
-    staging: int | None = None  # version of a snapshot begun and not complete
-    staged: dict[str, FeedValue | None] = field(default_factory=dict)
-    snapshot_version: int | None = None  # to hand to the sink with the next changes
-    floor: int = 0  # complete snapshot version: versions below it go backwards
-    seen_any: bool = False
-    last_sequence: int = 0
-    probed_sequence: int = 0
-    previous_lag: int = 0
-    stalls: int = 0  # probes in a row that found the watch stalled
-    # Republished changes applied ahead of the watch: account -> revision, until the watch
-    # delivers that revision (older ones it delivers for the account are skipped).
-    eager: dict[str, int] = field(default_factory=dict)
-    eager_revisions: list[int] = field(default_factory=list)  # applied, for wait_applied
-    hold: bool = False  # a marker was republished: no fast path until the watch sees it
-    filled_to: int = 0  # the gap fill read the stream up to this revision
-    resolved: dict[str, tuple[Network, ...]] = field(default_factory=dict)  # hostname -> addresses
-
-
 class _Stalled(Exception):
-    """The watch's consumer is gone or stuck; the session subscribes again."""
+    """The consumer is gone, stuck or missed a message; the follower makes a new one."""
 
 
 class Feed:
     """A node's connection to the bucket: follower (`run`) and compare-and-set writer."""
 
+    # The reader's inbox pending limit (0: twice what is ever in flight); tests make it tiny.
+    pending_limit = 0
+
     def __init__(self, settings: FeedSettings, sink: FeedSink, rules: RegistrationsConfig) -> None:
         self._settings = settings
         self._sink = sink
-        self._rules = rules
         self._prefix = f"$KV.{settings.bucket}."
+        self._stream = stream_name(settings.bucket)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
+        self._follower = BucketFollower(rules)
+        self._created = 0  # the followed stream's identity (StreamFacts.created)
+        self._saved = 0  # the revision saved with the last batch
+        self._messages = 0  # the stream's message count when last looked (Position.messages)
+        self._looking = False  # look at the stream once this read (or new consumer) is caught up
+        self._next_look = 0.0
+        self._full_read = False  # the read under way reads everything (and reconciles)
+        self._filled_to = 0  # the gap fill read the stream up to this revision
         self._applied_revision = 0
         self._applied_ahead: deque[int] = deque(maxlen=1024)  # fast-path revisions applied
         self._resubscribe = False
+        self._lost = False  # messages were lost: smaller fetches on the next consumer
+        self._batch = FETCH_BATCH  # messages per fetch, halved after a loss, doubled back
+        self._client_error = logs.WarnOnce(__name__, "feed: NATS client error; reading again")
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self.state = FeedState()
+        self.state = FeedState(follow=self._follower.counters)
 
     def reload(self, rules: RegistrationsConfig) -> None:
         """New registration rules for the values read from now on (servers need a restart)."""
-        self._rules = rules
+        self._follower.rules = rules
+
+    @property
+    def _rules(self) -> RegistrationsConfig:
+        return self._follower.rules
 
     # --- connection and follower ---------------------------------------------------------
 
@@ -283,12 +349,20 @@ class Feed:
             self.state.connected = self.state.caught_up = False
 
         async def reconnected() -> None:
-            # The watch's consumer may have lived on the server just lost: make it anew now
-            # rather than after missed heartbeats.
+            # The consumer may have lived on the server just lost: make it anew now rather
+            # than after its requests go unanswered.
             self.state.connected = self._resubscribe = True
 
         async def error(exc: Exception) -> None:
-            log.debug("feed: connection error (%s)", type(exc).__name__)
+            # Whatever the client dropped is read again: the consumer is made anew after the
+            # last revision applied (the reader's bounded requests make this a should-not).
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                self.state.slow_consumers += 1
+                self._lost = True
+            else:
+                self.state.client_errors += 1
+            self._resubscribe = True
+            self._client_error.warn(type(exc).__name__)
 
         credentials = settings.credentials_file
         await nc.connect(
@@ -338,83 +412,151 @@ class Feed:
         self.state.connected = True
         self._js = self._nc.jetstream(timeout=WRITE_TIMEOUT_S)
         self._kv = await open_bucket(self._js, self._settings.bucket, self._settings.replicas)
-        # The watch asks with a shorter timeout, so a cluster electing a leader is retried soon.
+        # The follower asks with a shorter timeout, so a cluster electing a leader is retried soon.
         js = self._nc.jetstream(timeout=WATCH_TIMEOUT_S)
-        fast = await _republished(js, self._nc, self._settings.bucket)
-        session = _Session()
+        facts, info = await stream_facts(js, self._settings.bucket)
+        fast = await _republished(self._nc, self._settings.bucket, info)
+        await self._begin(facts)
+        self._resubscribe = False
         attempt = 0
         while True:
+            if self._lost:
+                self._lost = False
+                self._batch = max(MIN_BATCH, self._batch // 2)
+            reader = PullReader(
+                self._nc, self._stream, self._prefix, self._batch, self.pending_limit
+            )
             try:
-                sub = await self._draining(
-                    self._subscribe(js, session.last_sequence), fast, session
-                )
+                timeout_s = min(CONSUMER_TIMEOUT_S, WATCH_TIMEOUT_S * (1 << min(attempt, 4)))
+                opening = reader.open(js, self._follower.last_sequence, timeout_s)
+                pending = await self._draining(opening, fast)
             except Exception as exc:  # no leader yet, or not connected: retried in the session
                 attempt += 1
-                log.debug("feed: subscribing failed (%s)", type(exc).__name__)
-                await self._draining(asyncio.sleep(_backoff_s(attempt)), fast, session)
+                log.debug("feed: making the consumer failed (%s)", type(exc).__name__)
+                await reader.close(js)
+                await self._draining(asyncio.sleep(_backoff_s(attempt)), fast)
                 continue
             attempt = 0
+            self._looking = True
+            self._follower.restart()
+            if pending == 0:
+                self._follower.end_reached()
             try:
-                if session.catching_up:
-                    info = await sub.consumer_info()
-                    # Empty only when the server has delivered nothing either: it may have
-                    # pushed every value already, still unread in the client's queue.
-                    delivered = info.delivered.consumer_seq if info.delivered else 0
-                    if info.num_pending == 0 and delivered == 0 and sub.delivered == 0:
-                        await self._finish_catch_up(session)
-                await self._follow(js, sub, fast, session)
-            except _Stalled:
-                log.info("feed: the watch stalled or reconnected; resubscribing")
+                await self._follow(js, reader, fast)
+            except (_Stalled, ConsumerLost) as exc:
+                self.state.caught_up = False
+                log.info("feed: the consumer stalled or lost messages (%s); reading again", exc)
             finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                await reader.close(js)
 
-    async def _subscribe(
-        self, js: JetStreamContext, after: int
-    ) -> JetStreamContext.PushSubscription:
-        """An ordered consumer on the bucket's stream: the last value of every key (the first
-        time), or every change after revision `after` (once the watch has stalled)."""
-        start: dict[str, Any] = {"deliver_policy": api.DeliverPolicy.LAST_PER_SUBJECT}
-        if after:
-            start = {"deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE}
-            start["config"] = api.ConsumerConfig(opt_start_seq=after + 1)
-        return await js.subscribe(
-            self._prefix + ">",
-            stream=stream_name(self._settings.bucket),
-            ordered_consumer=True,
-            idle_heartbeat=HEARTBEAT_S,
-            inactive_threshold=60.0,
-            **start,
-        )
+    async def _begin(self, facts: StreamFacts) -> None:
+        """Where this session's read starts: after the saved revision, or everything."""
+        saved, _accounts = await self._sink.feed_position()
+        start = plan_start(saved, facts)
+        if start.cause is not None:
+            log.info("feed: reading the whole bucket (%s)", start.cause.value)
+        else:
+            log.info("feed: resuming after revision %d", start.after)
+        self._created = facts.created
+        self._saved = start.after
+        self._messages = 0 if saved is None or start.full else saved.messages
+        self._full_read = start.full
+        self._follower.begin(start)
 
     async def _follow(
-        self,
-        js: JetStreamContext,
-        sub: JetStreamContext.PushSubscription,
-        fast: Subscription | None,
-        session: _Session,
+        self, js: JetStreamContext, reader: PullReader, fast: Subscription | None
     ) -> None:
+        follower = self._follower
         loop = asyncio.get_running_loop()
-        next_probe = loop.time() + PROBE_INTERVAL_S
         while True:
             if self._resubscribe:
                 self._resubscribe = False
-                raise _Stalled
-            timeout = min(max(0.0, next_probe - loop.time()), WAKE_S)
-            with contextlib.suppress(nats.errors.TimeoutError):
-                await self._process(await _next_msg(sub, timeout), session)
-                while sub.pending_msgs and len(session.changes) < APPLY_BATCH:
-                    await self._process(await _next_msg(sub, 0.1), session)
-            while fast is not None and fast.pending_msgs and len(session.changes) < APPLY_BATCH:
-                self._eager(await fast.next_msg(timeout=0.1), session)
-            await self._flush(session)
-            if loop.time() >= next_probe:
-                await self._probe(js, sub, fast, session)
-                next_probe = loop.time() + PROBE_INTERVAL_S
+                raise _Stalled("reconnected or the client dropped messages")
+            messages = await reader.next(WAKE_S)
+            for message in messages:
+                verdict = follower.receive(message)
+                if verdict is Verdict.GAP:
+                    self._lost = True
+                    await self._apply()
+                    raise _Stalled("a message was lost on the way")
+                if follower.queued >= APPLY_BATCH:
+                    await self._apply()
+            while fast is not None and fast.pending_msgs and follower.queued < APPLY_BATCH:
+                self._eager(await _next_msg(fast, 0.1))
+            if reader.at_end:
+                follower.end_reached()
+            await self._apply()
+            if messages and self._batch < FETCH_BATCH and not self._resubscribe:
+                self._batch = reader.batch = min(FETCH_BATCH, self._batch * 2)
+            self.state.last_revision = follower.last_sequence
+            self.state.lag = follower.pending
+            connected = self._nc is not None and self._nc.is_connected
+            self.state.connected = connected
+            if follower.caught_up and (self._looking or loop.time() >= self._next_look):
+                await self._look(js)
+                self._next_look = loop.time() + LOOK_S
+            self.state.caught_up = connected and follower.caught_up
 
-    async def _draining(
-        self, work: Awaitable[_T], fast: Subscription | None, session: _Session
-    ) -> _T:
+    async def _look(self, js: JetStreamContext) -> None:
+        """Look at the stream's info (constant cost) at the end of each read and every LOOK_S:
+        a stream recreated or emptied meanwhile, or fewer messages than when last looked or
+        than this node has accounts (keys removed without a trace), means a full read and
+        reconciliation; otherwise the message count is saved with the position."""
+        facts, _ = await stream_facts(js, self._settings.bucket)
+        _saved, accounts = await self._sink.feed_position()
+        start = plan_start(Position(self._created, self._follower.last_sequence), facts)
+        cause = start.cause
+        missing = keys_missing(facts.messages, accounts, self._messages)
+        if cause is None and missing and not self._full_read:  # a full read just reconciled
+            cause = ResyncCause.KEYS_MISSING
+        if cause is not None:
+            log.info("feed: reading the whole bucket (%s)", cause.value)
+            self._created = facts.created
+            self._follower.begin(Start(0, cause))
+            self._messages, self._full_read = 0, True
+            self.state.caught_up = False
+            raise _Stalled(cause.value)
+        if self._looking:
+            self._looking = self._full_read = False
+            log.info("feed: caught up at revision %d", self._follower.last_sequence)
+        if facts.messages != self._messages:
+            self._messages = facts.messages
+            position = Position(self._created, self._saved, self._messages)
+            await self._sink.apply_feed([], None, position)
+
+    async def _apply(self) -> None:
+        """Hand the follower's batch to the sink, with the revision it reaches; then every
+        change processed so far is applied (staged snapshot values aside, which their writer
+        waits for through the marker)."""
+        follower = self._follower
+        batch = follower.take()
+        position = None
+        if batch.position is not None and batch.position != self._saved:
+            position = Position(self._created, batch.position, self._messages)
+        if batch.changes or batch.snapshot_version is not None or position is not None:
+            saving = position if batch.present is None else None
+            result = await self._sink.apply_feed(batch.changes, batch.snapshot_version, saving)
+            self.state.applied += result.applied
+            self.state.stale += result.stale
+        if batch.present is not None:
+            if follower.seen_any:
+                removed = await self._sink.reconcile_feed(
+                    batch.present, follower.floor or None, position
+                )
+                self.state.reconciled += removed
+            else:
+                log.warning("feed: the bucket is empty; keeping the local registrations")
+                await self._sink.apply_feed([], None, position)
+            log.info("feed: read the whole bucket up to revision %d", follower.last_sequence)
+        if position is not None:
+            self._saved = position.sequence
+        if batch.resolved:
+            await self._sink.apply_resolved(batch.resolved)
+            self.state.applied += len(batch.resolved)
+        if follower.caught_up:
+            self._wake(follower.last_sequence, batch.ahead)
+
+    async def _draining(self, work: Awaitable[_T], fast: Subscription | None) -> _T:
         """Await `work` (a JetStream request that may take seconds while the cluster elects a
         leader) and meanwhile apply the changes arriving on the fast path."""
         task = asyncio.ensure_future(work)
@@ -423,28 +565,26 @@ class Feed:
             next_fill = loop.time()
             while fast is not None and not task.done():
                 with contextlib.suppress(nats.errors.TimeoutError):
-                    self._eager(await _next_msg(fast, WAKE_S), session)
+                    self._eager(await _next_msg(fast, WAKE_S))
                 if loop.time() >= next_fill:
-                    await self._fill_gap(session)
+                    await self._fill_gap()
                     next_fill = loop.time() + GAP_FILL_S
-                await self._flush(session)
+                await self._apply()
             return await task
         finally:
             task.cancel()
 
-    async def _fill_gap(self, session: _Session) -> None:
+    async def _fill_gap(self) -> None:
         """Changes stored while this node was reconnecting were republished to no one: read
         them from the stream by revision (the stream's leader answers; no consumer, no meta
-        leader), up to GAP_FILL_MAX at a time, and apply them ahead of the watch."""
-        if self._nc is None or session.catching_up:
+        leader), up to GAP_FILL_MAX at a time, and apply them ahead of the consumer."""
+        if self._nc is None or not self._follower.caught_up:
             return
         js = self._nc.jetstream(timeout=GAP_FILL_TIMEOUT_S)
-        start = max(session.last_sequence, session.filled_to) + 1
+        start = max(self._follower.last_sequence, self._filled_to) + 1
         for _ in range(GAP_FILL_MAX):
             try:
-                raw = await js.get_msg(
-                    stream_name(self._settings.bucket), start, self._prefix + ">", next=True
-                )
+                raw = await js.get_msg(self._stream, start, self._prefix + ">", next=True)
             except Exception as exc:  # nothing after `start`, no leader, not connected
                 log.debug("feed: gap fill stopped (%s)", type(exc).__name__)
                 return
@@ -452,226 +592,20 @@ class Feed:
             if sequence < start:
                 return
             operation = raw.headers.get(KV_OP) if raw.headers else None
-            self._ahead(raw.subject or "", sequence, operation, raw.data or b"", session)
-            session.filled_to = sequence
+            self._ahead(raw.subject or "", sequence, operation, raw.data or b"")
+            self._filled_to = sequence
             start = sequence + 1
 
-    async def _probe(
-        self,
-        js: JetStreamContext,
-        sub: JetStreamContext.PushSubscription,
-        fast: Subscription | None,
-        session: _Session,
-    ) -> None:
-        """Lag = changes the server still holds for us plus those queued here. Caught up once
-        the initial values are in and two probes in a row do not both see lag, so a write
-        arriving at the moment of a probe does not flap /healthz. A consumer that cannot be
-        asked, or lags without progress, on two probes in a row raises _Stalled (it lived on
-        a server that died, or the stream lost its leader), and the watch is made anew."""
-        consumer = sub._consumer  # nats-py keeps the name current across its own resets
-        try:
-            ask = js.consumer_info(stream_name(self._settings.bucket), consumer, 1.0)
-            info = await self._draining(ask, fast, session)
-        except Exception as exc:  # no answer, no such consumer, no leader: retried
-            log.debug("feed: probe failed (%s)", type(exc).__name__)
-            info = None
-        lag = sub.pending_msgs + (int(info.num_pending or 0) if info else 0)
-        progress = session.last_sequence != session.probed_sequence
-        session.probed_sequence = session.last_sequence
-        stalled = info is None or (lag > 0 and session.previous_lag > 0 and not progress)
-        session.stalls = session.stalls + 1 if stalled else 0
-        connected = self._nc is not None and self._nc.is_connected
-        self.state.connected = connected
-        self.state.lag = lag
-        self.state.caught_up = (
-            connected
-            and info is not None
-            and not session.catching_up
-            and (lag == 0 or session.previous_lag == 0)
-        )
-        session.previous_lag = lag
-        if session.stalls >= 2 and connected:
-            session.stalls = 0
-            raise _Stalled
-
-    async def _process(self, msg: Msg, session: _Session) -> None:
-        """One bucket message: decoded, then staged, queued for the sink, or rejected."""
-        meta = msg.metadata
-        sequence = meta.sequence.stream
-        if sequence <= session.last_sequence:
-            # The stream restarted from a lower sequence: the bucket was re-created.
-            raise FeedUnavailable("the bucket's revisions went backwards")
-        session.last_sequence = self.state.last_revision = sequence
-        session.seen_any = True
-        key = msg.subject[len(self._prefix) :]
-        operation = msg.headers.get(KV_OP) if msg.headers else None
-        if key == SNAPSHOT_KEY:
-            await self._on_marker(msg.data, operation, session)
-        elif key.startswith(HOST_PREFIX):
-            self._on_resolved(key, msg.data, operation, session)
-        else:
-            change = self._decode(key, msg.data, operation, session)
-            if change is not None:
-                self._queue(change, sequence, session)
-        if session.catching_up and meta.num_pending == 0:
-            await self._finish_catch_up(session)
-
-    def _decode(
-        self, key: str, data: bytes, operation: str | None, session: _Session
-    ) -> FeedChange | None:
-        try:
-            account = key_account(key)
-            if account is None:
-                raise RegistrationError("key", "not an account key")
-            if session.catching_up:
-                session.present.add(account)  # a bad value still keeps the local copy's
-            if operation in (KV_DEL, KV_PURGE):
-                session.present.discard(account)
-                return (account, None)
-            value = decode_value(data, self._rules)
-        except RegistrationError:
-            self.state.rejected += 1
-            return None
-        if value.version < session.floor:
-            self.state.rejected += 1  # every key after a snapshot at S is at S or above
-            return None
-        return (account, value)
-
-    def _eager(self, msg: Msg, session: _Session) -> None:
+    def _eager(self, msg: Msg) -> None:
         """A republished change: its original subject and revision are in its headers."""
         headers = msg.headers or {}
         subject = headers.get("Nats-Subject", "")
         sequence = int(headers.get("Nats-Sequence", "0") or 0)
-        self._ahead(subject, sequence, headers.get(KV_OP), msg.data, session)
+        self._ahead(subject, sequence, headers.get(KV_OP), msg.data)
 
-    def _ahead(
-        self,
-        subject: str,
-        sequence: int,
-        operation: str | None,
-        data: bytes,
-        session: _Session,
-    ) -> None:
-        """A change from the fast path or a gap fill, applied ahead of the watch when nothing
-        orders it otherwise: not while catching up or staging a snapshot, not once the watch
-        or the fast path had it or a later change to the account. Invalid ones are left for
-        the watch to count."""
-        if (
-            session.catching_up
-            or session.staging is not None
-            or session.hold
-            or sequence <= session.last_sequence
-            or not subject.startswith(self._prefix)
-        ):
-            return
-        key = subject[len(self._prefix) :]
-        if key == SNAPSHOT_KEY:
-            session.hold = True  # the watch stages what follows
-            return
-        try:
-            account = key_account(key)
-            deleted = operation in (KV_DEL, KV_PURGE)
-            value = None if deleted else decode_value(data, self._rules)
-        except RegistrationError:
-            return
-        if account is None or (value is not None and value.version < session.floor):
-            return
-        if sequence <= session.eager.get(account, 0):
-            return
-        session.eager[account] = sequence
-        session.eager_revisions.append(sequence)
-        session.changes.append((account, value))
-
-    def _on_resolved(self, key: str, data: bytes, operation: str | None, session: _Session) -> None:
-        """What a hostname resolves to (the refresher's result); applied after the accounts
-        of the same batch, and after all of them at catch-up, since the store keeps resolved
-        addresses only for hostnames an account holds."""
-        try:
-            hostname = key_hostname(key)
-            assert hostname is not None  # a host. key
-            deleted = operation in (KV_DEL, KV_PURGE)
-            session.resolved[hostname] = () if deleted else decode_resolved(data, self._rules)
-        except RegistrationError:
-            self.state.rejected += 1
-
-    def _queue(self, change: FeedChange, sequence: int, session: _Session) -> None:
-        account, value = change
-        ahead = session.eager.get(account)
-        if ahead is not None:
-            if sequence < ahead:
-                return  # a newer change to the account was applied from the fast path
-            del session.eager[account]
-            if sequence == ahead:
-                return
-        if session.staging is not None and (value is None or value.version == session.staging):
-            session.staged[change[0]] = value
-            if session.catching_up:
-                session.present.add(change[0])  # removed when the snapshot completes
-        else:
-            session.changes.append(change)
-
-    async def _on_marker(self, data: bytes, operation: str | None, session: _Session) -> None:
-        """A snapshot begins (stage its values) or completes (apply them in one step)."""
-        if operation in (KV_DEL, KV_PURGE):
-            return
-        try:
-            marker = decode_marker(data)
-        except RegistrationError:
-            self.state.rejected += 1
-            return
-        await self._flush(session)  # changes before the marker go first
-        if session.staging is not None and session.staging != marker.version:
-            # A snapshot that never completed, superseded: keep its values rather than lose them.
-            session.changes.extend(session.staged.items())
-            session.staged.clear()
-            session.staging = None
-            await self._flush(session)
-        if not marker.complete:
-            session.staging = marker.version
-            return
-        session.hold = False
-        session.changes.extend(session.staged.items())
-        session.staged.clear()
-        session.staging = None
-        session.floor = marker.version
-        session.snapshot_version = marker.version
-        await self._flush(session)
-
-    async def _flush(self, session: _Session) -> None:
-        """Hand the queued changes to the sink; then every change processed so far is applied
-        (staged snapshot values aside, which their writer waits for through the marker)."""
-        if session.changes or session.snapshot_version is not None:
-            changes, session.changes = session.changes, []
-            snapshot_version, session.snapshot_version = session.snapshot_version, None
-            result = await self._sink.apply_feed(changes, snapshot_version)
-            self.state.applied += result.applied
-            self.state.rejected += result.stale
-        if session.resolved and not session.catching_up:
-            resolved, session.resolved = session.resolved, {}
-            await self._sink.apply_resolved(resolved)
-            self.state.applied += len(resolved)
-        if not session.catching_up:
-            eager, session.eager_revisions = session.eager_revisions, []
-            self._wake(self.state.last_revision, eager)
-
-    async def _finish_catch_up(self, session: _Session) -> None:
-        """The initial values are in: apply the rest, then drop what the bucket does not hold.
-
-        An empty bucket (no key, no marker) was never bootstrapped; the local copy stays, since
-        emptying it would refuse every client of the node.
-        """
-        await self._flush(session)
-        if session.seen_any:
-            removed = await self._sink.reconcile_feed(session.present, session.floor or None)
-            self.state.reconciled += removed
-        else:
-            log.warning("feed: the bucket is empty; keeping the local registrations")
-        session.catching_up = False
-        session.present = set()
-        await self._flush(session)  # the resolved addresses, now that the accounts are in
-        self.state.caught_up = self.state.connected
-        self.state.lag = 0
-        log.info("feed: caught up at revision %d", session.last_sequence)
+    def _ahead(self, subject: str, sequence: int, operation: str | None, data: bytes) -> None:
+        if subject.startswith(self._prefix):
+            self._follower.ahead(subject[len(self._prefix) :], operation, data, sequence)
 
     # --- read-your-writes ----------------------------------------------------------------
 
@@ -803,23 +737,28 @@ class Feed:
                 raise StaleWriteError(
                     f"snapshot version {version} is older than the bucket's {marker.version}"
                 )
-            keys = await self._account_keys()
+            js = self._jetstream()
+            assert self._nc is not None  # connected: _jetstream
+            plan = await plan_snapshot(self._nc, js, self._stream, self._prefix, snapshot)
             marker_revision = await self._cas(
                 SNAPSHOT_KEY, encode_marker(SnapshotMarker(version, False)), marker_revision
             )
-            wanted: dict[str, FeedValue | None] = {
-                account_key(account): AccountValue(
-                    version,
-                    tuple(networks),
-                    snapshot.hostnames.get(account, ()),
-                    snapshot.devices.get(account, ()),
-                )
-                for account, networks in snapshot.accounts.items()
-            }
-            for key in keys - wanted.keys():
-                wanted[key] = None
+            publisher = Publisher(self._nc, self._prefix)
+            async with publisher.running():
+                for account in snapshot.accounts:
+                    key = account_key(account)
+                    if key not in plan.kept:
+                        data = encode_value(snapshot_value(snapshot, account))
+                        await publisher.publish(key, data, plan.writes.get(key, 0))
+                for key, revision in plan.deletes.items():
+                    await publisher.publish(key, None, revision)
+                await publisher.finish()
+            # Keys written meanwhile by someone else: read, check and write one by one.
             await _bounded(
-                (self._snapshot_key(key, value, version) for key, value in wanted.items()),
+                (
+                    self._snapshot_key(key, self._snapshot_value(snapshot, key, data), version)
+                    for key, data in publisher.conflicts
+                ),
                 SNAPSHOT_CONCURRENCY,
             )
             return await self._cas(
@@ -827,8 +766,16 @@ class Feed:
             )
         except nats.js.errors.KeyWrongLastSequenceError:
             raise StaleWriteError("another snapshot is being written") from None
+        except SnapshotUnavailable as exc:
+            raise FeedUnavailable(str(exc)) from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
+
+    @staticmethod
+    def _snapshot_value(snapshot: Snapshot, key: str, data: bytes | None) -> FeedValue | None:
+        """What a snapshot writes at `key`: its account's value, or None for a delete."""
+        account = None if data is None else key_account(key)
+        return None if account is None else snapshot_value(snapshot, account)
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         """The DDNS refresher's results into the bucket (its HostnameSink on the refresher
@@ -849,15 +796,6 @@ class Feed:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
         if revisions and not await self.wait_applied(max(revisions)):
             log.debug("feed: resolved addresses written, not applied here in time")
-
-    async def _account_keys(self) -> set[str]:
-        """Every account key with a value (live or tombstone) in the bucket now."""
-        try:
-            async with asyncio.timeout(KEYS_TIMEOUT_S):
-                keys = await self._bucket().keys()
-        except nats.js.errors.NoKeysError:
-            return set()
-        return {key for key in keys if key.startswith(ACCOUNT_PREFIX)}
 
     async def _snapshot_key(self, key: str, value: FeedValue | None, version: int) -> None:
         """One key of a snapshot: written, or deleted when `value` is None, unless it already

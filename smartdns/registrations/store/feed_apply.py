@@ -12,6 +12,7 @@ from collections.abc import Sequence, Set
 
 import aiosqlite
 
+from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import AccountValue, FeedApplied, FeedChange, FeedValue
 from smartdns.registrations.store import account_rows
 from smartdns.registrations.store.database import IN_CHUNK, Database
@@ -24,9 +25,14 @@ class FeedApplication:
         self._database = database
 
     async def apply_feed(
-        self, changes: Sequence[FeedChange], snapshot_version: int | None
+        self,
+        changes: Sequence[FeedChange],
+        snapshot_version: int | None,
+        position: Position | None = None,
     ) -> FeedApplied:
-        """Apply the feed's changes in one transaction, one generation for all of them.
+        """Apply the feed's changes in one transaction, one generation for all of them, and
+        save `position` (the bucket revision they reach) in the same transaction, so a restart
+        resumes exactly after what was applied.
 
         A value or tombstone replaces the stored account when its version is higher (the
         bucket already enforced SPEC 4's rules fleet-wide, so `snapshot_version` does not
@@ -65,11 +71,30 @@ class FeedApplication:
                 await _insert_fresh(db, fresh, generation)
             if snapshot_version is not None:
                 await _set_snapshot_version(db, snapshot_version)
+            await _save_position(db, position)
         return FeedApplied(applied, stale)
 
-    async def reconcile_feed(self, present: Set[str], snapshot_version: int | None) -> int:
+    async def feed_position(self) -> tuple[Position | None, int]:
+        """The bucket position saved with the last feed batch (None: never saved), and the
+        number of accounts held, live or tombstone (each is one key of the bucket)."""
+        async with self._database.reading("feed position") as db:
+            rows = await db.execute_fetchall(
+                "SELECT (SELECT value FROM meta WHERE key = 'feed_created'),"
+                " (SELECT value FROM meta WHERE key = 'feed_sequence'),"
+                " (SELECT value FROM meta WHERE key = 'feed_messages'),"
+                " (SELECT COUNT(*) FROM accounts)"
+            )
+            created, sequence, messages, accounts = next(iter(rows))
+        if created is None:
+            return None, int(accounts)
+        return Position(int(created), int(sequence), int(messages or 0)), int(accounts)
+
+    async def reconcile_feed(
+        self, present: Set[str], snapshot_version: int | None, position: Position | None = None
+    ) -> int:
         """Remove every account and tombstone not in `present` (the bucket's keys after a
-        catch-up: what was purged while this node was away); returns how many went."""
+        full read: what was purged while this node was away), and save `position`, the
+        revision that read reached; returns how many accounts went."""
         async with self._database.writing("reconcile feed") as db:
             rows = await db.execute_fetchall("SELECT account FROM accounts")
             gone = [str(row[0]) for row in rows if str(row[0]) not in present]
@@ -80,7 +105,22 @@ class FeedApplication:
                     await _drop_account(db, account, old, generation)
             if snapshot_version is not None:
                 await _set_snapshot_version(db, snapshot_version)
+            await _save_position(db, position)
         return len(gone)
+
+
+async def _save_position(db: aiosqlite.Connection, position: Position | None) -> None:
+    if position is None:
+        return
+    await db.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (
+            ("feed_created", position.created),
+            ("feed_sequence", position.sequence),
+            ("feed_messages", position.messages),
+        ),
+    )
 
 
 async def _stored_versions(db: aiosqlite.Connection, accounts: Set[str]) -> dict[str, int]:
