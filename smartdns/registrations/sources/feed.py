@@ -97,9 +97,10 @@ EAGER_LIMIT: Final = 65_536  # republished messages buffered; beyond that the co
 WAKE_S: Final = 0.1  # longest wait for a message before looking at the reconnect flag
 LOOK_S: Final = 5.0  # while caught up, look at the stream's info this often (see Feed._look)
 WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the follower
-# Making a consumer: 2 s, doubled after each failure up to 16 s. Short first, since 2.9 may
-# place an ephemeral consumer on a dead server of the cluster (no answer: try again), and long
-# later, since a consumer of every message of a million-key stream takes server time.
+# Making a consumer: 2 s, since 2.9 places an ephemeral consumer on any server of the stream's
+# group, a dead one too (seen for 15 s after a kill: no answer, try again). For a full read
+# doubled after each failure up to 16 s: a consumer of every message of a million-key stream
+# takes server time; one that resumes by revision takes milliseconds.
 CONSUMER_TIMEOUT_S: Final = 16.0
 GAP_FILL_S: Final = 0.5  # while the consumer is down, read missed changes this often
 GAP_FILL_MAX: Final = 64  # changes read per gap fill
@@ -109,8 +110,12 @@ RETRY_MAX_S: Final = 5.0
 APPLY_BATCH: Final = 5_000  # changes per sink call
 CAS_ATTEMPTS: Final = 8  # compare-and-set tries of one write before it is reported busy
 CAS_RETRY_S: Final = 0.005  # jittered pause before a retry, times the attempt number
-WRITE_TIMEOUT_S: Final = 5.0
-APPLIED_TIMEOUT_S: Final = 5.0  # a write's wait for this node to apply it
+WRITE_TIMEOUT_S: Final = 5.0  # connecting for writes only (the CLI)
+# A write's answer comes within WRITE_DEADLINE_S + APPLIED_TIMEOUT_S, below the 5 s a client
+# commonly waits: the bucket takes it within the first (or 503: a cluster electing a leader
+# is retried by the portal), this node applies it within the second.
+WRITE_DEADLINE_S: Final = 2.5
+APPLIED_TIMEOUT_S: Final = 1.5
 SNAPSHOT_CONCURRENCY: Final = 256  # snapshot writes in flight
 _T = TypeVar("_T")
 _WRONG_LAST_SEQUENCE: Final = frozenset({10071, 10164})  # JetStream API error codes
@@ -304,6 +309,9 @@ class Feed:
         self._looking = False  # look at the stream once this read (or new consumer) is caught up
         self._next_look = 0.0
         self._full_read = False  # the read under way reads everything (and reconciles)
+        # A full read found the bucket empty and kept the local accounts unreconciled: the
+        # first key stored makes a full read again, which reconciles.
+        self._unreconciled = False
         self._filled_to = 0  # the gap fill read the stream up to this revision
         self._applied_revision = 0
         self._applied_ahead: deque[int] = deque(maxlen=1024)  # fast-path revisions applied
@@ -325,21 +333,30 @@ class Feed:
     # --- connection and follower ---------------------------------------------------------
 
     async def run(self) -> None:
-        """Follow the bucket until cancelled; every failure is retried with backoff."""
+        """Follow the bucket until cancelled; every failure is retried with backoff.
+
+        The connection outlives a failed session (a JetStream request unanswered while the
+        cluster elects a leader): the client reconnects by itself, and a new connection is
+        made only when it closed for good."""
         attempt = 0
-        while True:
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # background task boundary: retried, never fatal
-                log.warning("feed: session ended (%s); retrying", type(exc).__name__)
-            finally:
-                self.state.connected = self.state.caught_up = False
-                self._js = self._kv = None
-                await self._close()
-            attempt += 1
-            await asyncio.sleep(_backoff_s(attempt))
+        try:
+            while True:
+                try:
+                    if self._nc is None or self._nc.is_closed:
+                        await self._close()
+                        self._nc = await self._connect()
+                    await self._session(self._nc)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # background task boundary: retried, never fatal
+                    log.warning("feed: session ended (%s); retrying", type(exc).__name__)
+                finally:
+                    self.state.connected = self.state.caught_up = False
+                    self._js = self._kv = None
+                attempt += 1
+                await asyncio.sleep(_backoff_s(attempt))
+        finally:
+            await self._close()
 
     async def _connect(self) -> NATS:
         settings = self._settings
@@ -390,8 +407,10 @@ class Feed:
             async with asyncio.timeout(timeout_s):
                 self._nc = await self._connect()
                 js = self._nc.jetstream(timeout=WRITE_TIMEOUT_S)
-                self._kv = await open_bucket(js, self._settings.bucket, self._settings.replicas)
-                self._js = js
+                self._kv, self._js = (
+                    await open_bucket(js, self._settings.bucket, self._settings.replicas),
+                    js,
+                )
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             await self._close()
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
@@ -407,33 +426,44 @@ class Feed:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _session(self) -> None:
-        self._nc = await self._connect()
-        self.state.connected = True
-        self._js = self._nc.jetstream(timeout=WRITE_TIMEOUT_S)
-        self._kv = await open_bucket(self._js, self._settings.bucket, self._settings.replicas)
+    async def _session(self, nc: NATS) -> None:
+        self.state.connected = nc.is_connected
+        writes = nc.jetstream(timeout=WRITE_DEADLINE_S)
+        # Both at once: a write sees the bucket whole or not at all.
+        self._kv, self._js = (
+            await open_bucket(writes, self._settings.bucket, self._settings.replicas),
+            writes,
+        )
         # The follower asks with a shorter timeout, so a cluster electing a leader is retried soon.
-        js = self._nc.jetstream(timeout=WATCH_TIMEOUT_S)
+        js = nc.jetstream(timeout=WATCH_TIMEOUT_S)
         facts, info = await stream_facts(js, self._settings.bucket)
-        fast = await _republished(self._nc, self._settings.bucket, info)
-        await self._begin(facts)
+        fast = await _republished(nc, self._settings.bucket, info)
+        try:
+            await self._begin(facts)
+            await self._read_on(nc, js, fast)
+        finally:
+            if fast is not None:
+                with contextlib.suppress(Exception):
+                    await fast.unsubscribe()
+
+    async def _read_on(self, nc: NATS, js: JetStreamContext, fast: Subscription | None) -> None:
+        """Read through one consumer after another: a new one after each gap or loss."""
         self._resubscribe = False
         attempt = 0
         while True:
             if self._lost:
                 self._lost = False
                 self._batch = max(MIN_BATCH, self._batch // 2)
-            reader = PullReader(
-                self._nc, self._stream, self._prefix, self._batch, self.pending_limit
-            )
+            reader = PullReader(nc, self._stream, self._prefix, self._batch, self.pending_limit)
             try:
-                timeout_s = min(CONSUMER_TIMEOUT_S, WATCH_TIMEOUT_S * (1 << min(attempt, 4)))
+                growth = 1 << min(attempt, 4) if self._follower.full else 1
+                timeout_s = min(CONSUMER_TIMEOUT_S, WATCH_TIMEOUT_S * growth)
                 opening = reader.open(js, self._follower.last_sequence, timeout_s)
                 pending = await self._draining(opening, fast)
             except Exception as exc:  # no leader yet, or not connected: retried in the session
                 attempt += 1
                 log.debug("feed: making the consumer failed (%s)", type(exc).__name__)
-                await reader.close(js)
+                await self._draining(reader.close(js), fast)
                 await self._draining(asyncio.sleep(_backoff_s(attempt)), fast)
                 continue
             attempt = 0
@@ -447,7 +477,7 @@ class Feed:
                 self.state.caught_up = False
                 log.info("feed: the consumer stalled or lost messages (%s); reading again", exc)
             finally:
-                await reader.close(js)
+                await self._draining(reader.close(js), fast)
 
     async def _begin(self, facts: StreamFacts) -> None:
         """Where this session's read starts: after the saved revision, or everything."""
@@ -461,6 +491,7 @@ class Feed:
         self._saved = start.after
         self._messages = 0 if saved is None or start.full else saved.messages
         self._full_read = start.full
+        self._unreconciled = False
         self._follower.begin(start)
 
     async def _follow(
@@ -481,6 +512,8 @@ class Feed:
                     raise _Stalled("a message was lost on the way")
                 if follower.queued >= APPLY_BATCH:
                     await self._apply()
+            if messages and self._unreconciled:
+                self._looking = True  # the bucket is no longer empty: read it whole now
             while fast is not None and fast.pending_msgs and follower.queued < APPLY_BATCH:
                 self._eager(await _next_msg(fast, 0.1))
             if reader.at_end:
@@ -493,27 +526,46 @@ class Feed:
             connected = self._nc is not None and self._nc.is_connected
             self.state.connected = connected
             if follower.caught_up and (self._looking or loop.time() >= self._next_look):
-                await self._look(js)
                 self._next_look = loop.time() + LOOK_S
+                # What this node holds is counted before asking: all of it was in the stream
+                # then, whatever the fast path applies while the answer is awaited.
+                _, accounts = await self._sink.feed_position()
+                held = Position(self._created, follower.last_sequence)
+                try:
+                    facts, _ = await self._draining(stream_facts(js, self._settings.bucket), fast)
+                except (TimeoutError, nats.errors.Error) as exc:  # no leader now: look again soon
+                    log.debug("feed: looking at the stream failed (%s)", type(exc).__name__)
+                    self._next_look = loop.time() + WAKE_S
+                else:
+                    await self._look(facts, held, accounts)
             self.state.caught_up = connected and follower.caught_up
 
-    async def _look(self, js: JetStreamContext) -> None:
-        """Look at the stream's info (constant cost) at the end of each read and every LOOK_S:
-        a stream recreated or emptied meanwhile, or fewer messages than when last looked or
-        than this node has accounts (keys removed without a trace), means a full read and
-        reconciliation; otherwise the message count is saved with the position."""
-        facts, _ = await stream_facts(js, self._settings.bucket)
-        _saved, accounts = await self._sink.feed_position()
-        start = plan_start(Position(self._created, self._follower.last_sequence), facts)
-        cause = start.cause
+    async def _look(self, facts: StreamFacts, held: Position, accounts: int) -> None:
+        """What the stream's info (constant cost; asked at the end of each read and every
+        LOOK_S) says: a stream recreated or emptied meanwhile, or fewer messages than when
+        last looked or than this node had accounts (keys removed without a trace), means a
+        full read and reconciliation; otherwise the message count is saved with the position.
+        `held` and `accounts` are this node's revision and account count when it asked."""
+        cause = plan_start(held, facts).cause
         missing = keys_missing(facts.messages, accounts, self._messages)
         if cause is None and missing and not self._full_read:  # a full read just reconciled
             cause = ResyncCause.KEYS_MISSING
+        if cause is None and self._unreconciled and facts.messages:
+            cause = ResyncCause.FIRST
         if cause is not None:
-            log.info("feed: reading the whole bucket (%s)", cause.value)
+            log.info(
+                "feed: reading the whole bucket (%s: the stream holds revisions %d to %d, %d"
+                " messages; this node applied up to %d and holds %d accounts)",
+                cause.value,
+                facts.first_sequence,
+                facts.last_sequence,
+                facts.messages,
+                held.sequence,
+                accounts,
+            )
             self._created = facts.created
             self._follower.begin(Start(0, cause))
-            self._messages, self._full_read = 0, True
+            self._messages, self._full_read, self._unreconciled = 0, True, False
             self.state.caught_up = False
             raise _Stalled(cause.value)
         if self._looking:
@@ -544,9 +596,11 @@ class Feed:
                     batch.present, follower.floor or None, position
                 )
                 self.state.reconciled += removed
-            else:
+            else:  # no position saved either: a restart reads the whole bucket again
                 log.warning("feed: the bucket is empty; keeping the local registrations")
-                await self._sink.apply_feed([], None, position)
+                _, accounts = await self._sink.feed_position()
+                self._unreconciled = accounts > 0
+                position = None
             log.info("feed: read the whole bucket up to revision %d", follower.last_sequence)
         if position is not None:
             self._saved = position.sequence
@@ -687,24 +741,33 @@ class Feed:
         """Compare-and-set `new` at the account's key; a conflict is retried by re-reading.
 
         Returns the revision that holds the result and the value it replaced. StaleWriteError
-        when SPEC 4 says 409 against the bucket's state; FeedUnavailable when the bucket cannot
-        be written (the caller answers 503; nothing was written).
+        when SPEC 4 says 409 against the bucket's state; FeedUnavailable when the bucket does
+        not take it within WRITE_DEADLINE_S (the caller answers 503). A write whose
+        acknowledgement came too late may still be stored: the portal's retry of the same write
+        then finds it and is answered 200 (SPEC 4: the same write repeated is a no-op).
         """
         key = account_key(account)
         data = encode_value(new)
         try:
-            for attempt in range(CAS_ATTEMPTS):
-                if attempt:
-                    await asyncio.sleep(random.uniform(0, CAS_RETRY_S * attempt))
-                _, marker = await self._marker()
-                revision, stored = await self._read(key)
-                current = self._decoded(stored)
-                if check_write(new, current, marker.version if marker else 0):
-                    return revision, current
-                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                    return await self._cas(key, data, revision), current
+            async with asyncio.timeout(WRITE_DEADLINE_S):
+                return await self._compare_and_set(key, data, new)
         except (nats.errors.Error, TimeoutError) as exc:
             raise FeedUnavailable(f"registration feed: {type(exc).__name__}") from None
+
+    async def _compare_and_set(
+        self, key: str, data: bytes, new: FeedValue
+    ) -> tuple[int, FeedValue | None]:
+        """One write's compare-and-set rounds: read the marker and the key, check, write."""
+        for attempt in range(CAS_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, CAS_RETRY_S * attempt))
+            _, marker = await self._marker()
+            revision, stored = await self._read(key)
+            current = self._decoded(stored)
+            if check_write(new, current, marker.version if marker else 0):
+                return revision, current
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                return await self._cas(key, data, revision), current
         raise FeedUnavailable("registration feed: the account is being written concurrently")
 
     async def put_account(self, account: str, value: AccountValue) -> tuple[int, bool]:
