@@ -188,6 +188,8 @@ class BucketFollower:
         self._eager: dict[str, int] = {}
         self._ahead: list[int] = []
         self._hold = False  # a marker came out of band: no fast path until the consumer has it
+        # Accounts read since a full read found the bucket empty (None: not tracking).
+        self._since_empty: set[str] | None = None
 
     # --- reads and their order -------------------------------------------------------------
 
@@ -203,10 +205,19 @@ class BucketFollower:
         self._consumer_sequence = 0
         self._eager.clear()
         self._hold = False
+        self._since_empty = None
         # A snapshot staged in memory is read again from its marker (a resume starts at or
         # before it: `take` never saves a revision past it).
         self._staging = None
         self._staged.clear()
+
+    def track_from_empty(self) -> None:
+        """A full read found the bucket empty, and the local copy was kept (an empty bucket is
+        never obeyed). From revision 0 on, what this read receives is everything the bucket
+        holds: the first batch after anything arrived reconciles to the accounts read since
+        (and those applied ahead), with no second full read, which would hold the fast path
+        back while it runs."""
+        self._since_empty = set()
 
     def restart(self) -> None:
         """A new consumer from `last_sequence` + 1 (after a gap, or a consumer lost): its
@@ -217,6 +228,10 @@ class BucketFollower:
         """One message of the consumer, in the order delivered."""
         self.counters.received += 1
         if message.sequence <= self.last_sequence:
+            # Already processed (read by revision while this consumer was being made): still
+            # a step of the consumer's order.
+            if message.consumer_sequence == self._consumer_sequence + 1:
+                self._consumer_sequence = message.consumer_sequence
             self.counters.duplicates += 1
             return Verdict.DUPLICATE
         if message.consumer_sequence != self._consumer_sequence + 1:
@@ -229,8 +244,22 @@ class BucketFollower:
             self._repairing = False
             self.counters.gaps_repaired += 1
         self._consumer_sequence = message.consumer_sequence
-        self.last_sequence = message.sequence
         self.pending = message.pending
+        self._accept(message)
+        if not self.caught_up and message.pending == 0:
+            self.end_reached()
+        return Verdict.ACCEPTED
+
+    def receive_read(self, message: BucketMessage) -> None:
+        """A message read from the stream by revision, without a consumer (one is being made
+        anew; its consumer sequence and pending count are 0): the first after
+        `last_sequence`, so in order by construction."""
+        self.counters.received += 1
+        if message.sequence > self.last_sequence:
+            self._accept(message)
+
+    def _accept(self, message: BucketMessage) -> None:
+        self.last_sequence = message.sequence
         self.seen_any = True
         key = message.key
         if key == SNAPSHOT_KEY:
@@ -241,9 +270,6 @@ class BucketFollower:
             change = self._decode(message)
             if change is not None:
                 self._queue(change, message.sequence)
-        if not self.caught_up and message.pending == 0:
-            self.end_reached()
-        return Verdict.ACCEPTED
 
     def end_reached(self) -> None:
         """Nothing is pending after the last message (or the stream had nothing after the
@@ -290,6 +316,9 @@ class BucketFollower:
         if self._finished:
             self._finished = self.full = False
             present, self._present = self._present, set()
+        elif self._since_empty is not None and self.seen_any:
+            present = self._since_empty | self._eager.keys()
+            self._since_empty = None
         resolved: dict[str, tuple[Network, ...]] = {}
         if self.caught_up:  # resolved addresses after the accounts that hold the hostnames
             resolved, self._resolved = self._resolved, {}
@@ -332,8 +361,12 @@ class BucketFollower:
                 raise RegistrationError("key", "not an account key")
             if self.full:
                 self._present.add(account)  # a bad value still keeps the local copy's
+            if self._since_empty is not None:
+                self._since_empty.add(account)
             if message.operation in DELETE_OPERATIONS:
                 self._present.discard(account)
+                if self._since_empty is not None:
+                    self._since_empty.discard(account)
                 return (account, None)
             value = decode_value(message.data, self.rules)
         except RegistrationError:

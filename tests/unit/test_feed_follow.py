@@ -228,6 +228,48 @@ def test_a_full_read_reconciles_to_the_live_and_tombstoned_keys_only() -> None:
     assert follow.counters.full_reads[ResyncCause.PURGED] == 1
 
 
+def test_after_an_empty_read_the_first_batch_reconciles_without_a_second_full_read() -> None:
+    """A full read that found nothing keeps the local copy; the keys read from revision 1 on
+    are then the whole bucket, so the first batch with any reconciles to them (and to what
+    the fast path applied ahead), and the fast path stays open throughout."""
+    follow = follower()
+    follow.end_reached()
+    empty = follow.take()
+    assert empty.present == set() and not follow.seen_any
+    follow.track_from_empty()
+    stream = Stream(last=3)
+    follow.ahead(account_key("ahead"), None, encode_value(value(2)), 9)  # caught up: applied
+    follow.receive(stream.account(1, "first", value(1)))
+    follow.receive(stream.account(2, "gone", value(1)))
+    follow.receive(stream.message(3, account_key("gone"), operation="DEL"))
+    batch = follow.take()
+    assert batch.present == {"first", "ahead"}
+    assert batch.position == 3  # saved with the reconciliation
+    assert follow.take().present is None  # once only
+    assert follow.counters.full_reads[ResyncCause.FIRST] == 1
+
+
+def test_messages_read_by_revision_advance_and_the_new_consumer_repeats_them() -> None:
+    """While a consumer is made anew the stream is read by revision; the consumer, made from
+    the revision before, then delivers those again: duplicates, still steps of its order,
+    so what follows them is no gap."""
+    follow = follower(Start(2, None))
+    follow.end_reached()
+    follow.receive_read(BucketMessage(account_key("a"), None, encode_value(value(3)), 3, 0, 0))
+    follow.receive_read(BucketMessage(account_key("b"), None, encode_value(value(1)), 5, 0, 0))
+    follow.receive_read(BucketMessage(account_key("a"), None, encode_value(value(3)), 3, 0, 0))
+    assert follow.last_sequence == 5
+    assert follow.take().changes == [("a", value(3)), ("b", value(1))]
+    follow.restart()
+    consumer = Stream(last=6)
+    consumer.delivered = 0
+    assert follow.receive(consumer.account(3, "a", value(3))) is Verdict.DUPLICATE
+    assert follow.receive(consumer.account(5, "b", value(1))) is Verdict.DUPLICATE
+    assert follow.receive(consumer.account(6, "c", value(1))) is Verdict.ACCEPTED
+    assert follow.take().changes == [("c", value(1))]
+    assert follow.counters.gaps_detected == 0
+
+
 def test_bad_values_are_counted_and_still_keep_the_account_present() -> None:
     stream = Stream(last=3)
     follow = follower()

@@ -41,6 +41,7 @@ from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
 from smartdns.registrations.entries import Network, Snapshot
 from smartdns.registrations.feed_follow import (
     BucketFollower,
+    BucketMessage,
     FollowCounters,
     Position,
     ResyncCause,
@@ -102,9 +103,11 @@ WATCH_TIMEOUT_S: Final = 2.0  # JetStream API requests of the follower
 # doubled after each failure up to 16 s: a consumer of every message of a million-key stream
 # takes server time; one that resumes by revision takes milliseconds.
 CONSUMER_TIMEOUT_S: Final = 16.0
-GAP_FILL_S: Final = 0.5  # while the consumer is down, read missed changes this often
-GAP_FILL_MAX: Final = 64  # changes read per gap fill
-GAP_FILL_TIMEOUT_S: Final = 0.5
+# While no consumer delivers, what follows the last revision is read by revision this often,
+# up to READ_BY_REVISION_MAX changes each time, each request waiting at most this long.
+READ_BY_REVISION_S: Final = 0.25
+READ_BY_REVISION_MAX: Final = 500
+READ_BY_REVISION_TIMEOUT_S: Final = 0.5
 RETRY_BASE_S: Final = 0.1  # backoff after a failed session or reconnect, doubled per attempt
 RETRY_MAX_S: Final = 5.0
 APPLY_BATCH: Final = 5_000  # changes per sink call
@@ -309,10 +312,6 @@ class Feed:
         self._looking = False  # look at the stream once this read (or new consumer) is caught up
         self._next_look = 0.0
         self._full_read = False  # the read under way reads everything (and reconciles)
-        # A full read found the bucket empty and kept the local accounts unreconciled: the
-        # first key stored makes a full read again, which reconciles.
-        self._unreconciled = False
-        self._filled_to = 0  # the gap fill read the stream up to this revision
         self._applied_revision = 0
         self._applied_ahead: deque[int] = deque(maxlen=1024)  # fast-path revisions applied
         self._resubscribe = False
@@ -491,7 +490,6 @@ class Feed:
         self._saved = start.after
         self._messages = 0 if saved is None or start.full else saved.messages
         self._full_read = start.full
-        self._unreconciled = False
         self._follower.begin(start)
 
     async def _follow(
@@ -512,8 +510,6 @@ class Feed:
                     raise _Stalled("a message was lost on the way")
                 if follower.queued >= APPLY_BATCH:
                     await self._apply()
-            if messages and self._unreconciled:
-                self._looking = True  # the bucket is no longer empty: read it whole now
             while fast is not None and fast.pending_msgs and follower.queued < APPLY_BATCH:
                 self._eager(await _next_msg(fast, 0.1))
             if reader.at_end:
@@ -521,10 +517,7 @@ class Feed:
             await self._apply()
             if messages and self._batch < FETCH_BATCH and not self._resubscribe:
                 self._batch = reader.batch = min(FETCH_BATCH, self._batch * 2)
-            self.state.last_revision = follower.last_sequence
-            self.state.lag = follower.pending
-            connected = self._nc is not None and self._nc.is_connected
-            self.state.connected = connected
+            connected = self._report()
             if follower.caught_up and (self._looking or loop.time() >= self._next_look):
                 self._next_look = loop.time() + LOOK_S
                 # What this node holds is counted before asking: all of it was in the stream
@@ -550,8 +543,6 @@ class Feed:
         missing = keys_missing(facts.messages, accounts, self._messages)
         if cause is None and missing and not self._full_read:  # a full read just reconciled
             cause = ResyncCause.KEYS_MISSING
-        if cause is None and self._unreconciled and facts.messages:
-            cause = ResyncCause.FIRST
         if cause is not None:
             log.info(
                 "feed: reading the whole bucket (%s: the stream holds revisions %d to %d, %d"
@@ -565,7 +556,7 @@ class Feed:
             )
             self._created = facts.created
             self._follower.begin(Start(0, cause))
-            self._messages, self._full_read, self._unreconciled = 0, True, False
+            self._messages, self._full_read = 0, True
             self.state.caught_up = False
             raise _Stalled(cause.value)
         if self._looking:
@@ -598,10 +589,9 @@ class Feed:
                 self.state.reconciled += removed
             else:  # no position saved either: a restart reads the whole bucket again
                 log.warning("feed: the bucket is empty; keeping the local registrations")
-                _, accounts = await self._sink.feed_position()
-                self._unreconciled = accounts > 0
+                follower.track_from_empty()
                 position = None
-            log.info("feed: read the whole bucket up to revision %d", follower.last_sequence)
+            log.info("feed: reconciled with the bucket at revision %d", follower.last_sequence)
         if position is not None:
             self._saved = position.sequence
         if batch.resolved:
@@ -610,45 +600,68 @@ class Feed:
         if follower.caught_up:
             self._wake(follower.last_sequence, batch.ahead)
 
+    def _report(self) -> bool:
+        """Bring what /healthz and /metrics show up to date (all but caught_up, which the
+        caller decides); returns whether the connection is up."""
+        follower = self._follower
+        self.state.last_revision = follower.last_sequence
+        self.state.lag = follower.pending
+        connected = self._nc is not None and self._nc.is_connected
+        self.state.connected = connected
+        return connected
+
     async def _draining(self, work: Awaitable[_T], fast: Subscription | None) -> _T:
         """Await `work` (a JetStream request that may take seconds while the cluster elects a
-        leader) and meanwhile apply the changes arriving on the fast path."""
+        leader) and meanwhile apply the changes arriving on the fast path and those read by
+        revision: a node stays current while its consumer is made anew."""
         task = asyncio.ensure_future(work)
         try:
             loop = asyncio.get_running_loop()
-            next_fill = loop.time()
-            while fast is not None and not task.done():
-                with contextlib.suppress(nats.errors.TimeoutError):
-                    self._eager(await _next_msg(fast, WAKE_S))
-                if loop.time() >= next_fill:
-                    await self._fill_gap()
-                    next_fill = loop.time() + GAP_FILL_S
+            next_read = loop.time() + READ_BY_REVISION_S  # most work is done by then
+            while not task.done():
+                if fast is not None:
+                    with contextlib.suppress(nats.errors.TimeoutError):
+                        self._eager(await _next_msg(fast, WAKE_S))
+                else:
+                    await asyncio.wait({task}, timeout=WAKE_S)
+                if loop.time() >= next_read and not task.done():
+                    await self._read_by_revision()
+                    next_read = loop.time() + READ_BY_REVISION_S
                 await self._apply()
+                self.state.caught_up = self._report() and self._follower.caught_up
             return await task
         finally:
             task.cancel()
 
-    async def _fill_gap(self) -> None:
-        """Changes stored while this node was reconnecting were republished to no one: read
-        them from the stream by revision (the stream's leader answers; no consumer, no meta
-        leader), up to GAP_FILL_MAX at a time, and apply them ahead of the consumer."""
-        if self._nc is None or not self._follower.caught_up:
+    async def _read_by_revision(self) -> None:
+        """While no consumer delivers (it is being made anew: no meta leader yet, or 2.9
+        placed it on a dead server), read what follows the last revision processed from the
+        stream itself: its leader answers by revision, with no consumer and no meta leader.
+        Changes stored while this node was reconnecting, republished to no one, come this way
+        too. Not during a full read: a consumer does that faster, and collects what the bucket
+        holds."""
+        follower = self._follower
+        if self._nc is None or follower.full:
             return
-        js = self._nc.jetstream(timeout=GAP_FILL_TIMEOUT_S)
-        start = max(self._follower.last_sequence, self._filled_to) + 1
-        for _ in range(GAP_FILL_MAX):
+        js = self._nc.jetstream(timeout=READ_BY_REVISION_TIMEOUT_S)
+        for _ in range(READ_BY_REVISION_MAX):
+            start = follower.last_sequence + 1
             try:
                 raw = await js.get_msg(self._stream, start, self._prefix + ">", next=True)
-            except Exception as exc:  # nothing after `start`, no leader, not connected
-                log.debug("feed: gap fill stopped (%s)", type(exc).__name__)
+            except nats.js.errors.NotFoundError:  # nothing after it: caught up
+                follower.end_reached()
+                return
+            except Exception as exc:  # no stream leader now, or not connected
+                log.debug("feed: reading by revision stopped (%s)", type(exc).__name__)
                 return
             sequence = int(raw.seq or 0)
-            if sequence < start:
+            if sequence < start or not (raw.subject or "").startswith(self._prefix):
                 return
             operation = raw.headers.get(KV_OP) if raw.headers else None
-            self._ahead(raw.subject or "", sequence, operation, raw.data or b"")
-            self._filled_to = sequence
-            start = sequence + 1
+            key = (raw.subject or "")[len(self._prefix) :]
+            follower.receive_read(BucketMessage(key, operation, raw.data or b"", sequence, 0, 0))
+            if follower.queued >= APPLY_BATCH:
+                await self._apply()
 
     def _eager(self, msg: Msg) -> None:
         """A republished change: its original subject and revision are in its headers."""
