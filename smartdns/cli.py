@@ -28,7 +28,8 @@ from smartdns.registrations.entries import (
     validate_account_id,
 )
 from smartdns.registrations.json_body import decode_snapshot
-from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
+from smartdns.registrations.sink import writing_sink
+from smartdns.registrations.store import AccountRecord, RegistrationStore
 from smartdns.registrations.writer import RegistrationWriter
 
 DEFAULT_CONFIG: Final = "/etc/smartdns/smartdns.yaml"
@@ -251,17 +252,9 @@ async def _import(config: Config, store: RegistrationStore, args: argparse.Names
         print(f"smartdns: invalid input: {args.file}: {error}", file=sys.stderr)
         return EXIT_INVALID
     version = snapshot.version
-    if config.feed is not None:
-        # Into the bucket: every node of the fleet, this one too, applies it from there.
-        from smartdns.registrations.sources.feed import Feed  # NATS only when it is used
-
-        feed = Feed(config.feed, _writer(config, store), config.registrations)
-        async with feed.writing():
-            await feed.replace_snapshot(snapshot)
-        counts = SnapshotResult.of(snapshot)
-        print(f"imported snapshot version {version} into the feed's bucket: {counts}")
-        return 0
-    result = await _writer(config, store).replace_snapshot([snapshot])
+    # With `feed`, into the bucket: every node of the fleet, this one too, applies it there.
+    async with writing_sink(config, store) as sink:
+        result = await sink.replace_snapshot([snapshot])
     print(f"imported snapshot version {version}: {result}")
     return 0
 

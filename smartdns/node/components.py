@@ -1,6 +1,6 @@
 """The lifecycle components both process kinds share: the registration database, the pruning
-of removed entries, the systemd watchdog and notifications, and the sync API. The daemon puts
-them in order.
+of removed entries, the systemd watchdog and notifications, the registration sink (with the
+feed's follower when `feed` is configured) and the sync API. The daemon puts them in order.
 
 Nothing here sees a query; each component owns the tasks it starts.
 """
@@ -20,9 +20,12 @@ from smartdns.errors import SmartDNSError
 from smartdns.logs import WarnOnce
 from smartdns.node import systemd
 from smartdns.node.lifecycle import Component
-from smartdns.registrations.sources.feed import Feed
+from smartdns.registrations.sink import RegistrationSink
+from smartdns.registrations.sources.feed import Feed, FeedState
+from smartdns.registrations.sources.feed_sink import BucketSink
 from smartdns.registrations.sources.sync_api import Node, SyncServer, start_sync_api
-from smartdns.registrations.store import RegistrationStore
+from smartdns.registrations.store import DatabaseError, RegistrationStore
+from smartdns.registrations.writer import Announce, RegistrationWriter
 
 log = logging.getLogger(__name__)
 
@@ -122,25 +125,92 @@ class Watchdog(Component):
         self._task = None
 
 
+class SinkService(Component):
+    """The node's one write path, once per node (where writes are owned, never in a worker):
+    a store connection of its own (so the DNS side's change polling never waits behind a long
+    write) and the RegistrationWriter on it, announcing through `announce`; with `feed`, the
+    feed too: it follows the bucket through that writer (its task is this component's) and
+    `sink` writes to the bucket. Started before the DDNS refresher and the sync API, which
+    write through `sink`, and so stopped after them."""
+
+    name = "registration sink"
+
+    def __init__(self, announce: Announce) -> None:
+        self._announce = announce
+        self._store: RegistrationStore | None = None
+        self._writer: RegistrationWriter | None = None
+        self._sink: RegistrationSink | None = None
+        self._feed: Feed | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._feed_config: object = None
+
+    @property
+    def sink(self) -> RegistrationSink:
+        """Where registration changes go; only components started after this one write."""
+        if self._sink is None:
+            raise RuntimeError("the registration sink is not started")
+        return self._sink
+
+    @property
+    def store(self) -> RegistrationStore:
+        """The connection `sink` writes through: read-your-writes reads go here too."""
+        if self._store is None:
+            raise RuntimeError("the registration sink is not started")
+        return self._store
+
+    @property
+    def feed_state(self) -> FeedState | None:
+        """The followed feed's state for /healthz and /metrics; None without a feed."""
+        return None if self._feed is None else self._feed.state
+
+    async def start(self, config: Config) -> None:
+        store = await RegistrationStore.open(config.database.path, create=False)
+        writer = RegistrationWriter(store, config.registrations, self._announce)
+        self._store, self._writer, self._sink = store, writer, writer
+        self._feed_config = config.feed
+        if config.feed is not None:
+            self._feed = Feed(config.feed, writer, config.registrations)
+            self._sink = BucketSink(self._feed, writer, store)
+            self._task = asyncio.get_running_loop().create_task(self._feed.run(), name="feed")
+
+    async def reload(self, config: Config) -> None:
+        if config.feed != self._feed_config:
+            log.warning("feed changed: restart smartdns to apply it")
+        if self._writer is not None:
+            self._writer.reload(config.registrations)
+        if self._feed is not None:
+            self._feed.reload(config.registrations)
+
+    async def stop(self) -> None:
+        await cancel_tasks(self._task)
+        self._task = self._feed = self._sink = self._writer = None
+        store, self._store = self._store, None
+        if store is not None:
+            try:
+                await store.close()
+            except DatabaseError as error:
+                log.error("registration sink: %s", error)
+
+
 class SyncService(Component):
-    """The sync API (SPEC 4), once per node: its own store connection, the token reloaded
-    with the config. `view` builds what it reads of the process, once the parts exist."""
+    """The sync API (SPEC 4), once per node: writes through `sinks`' sink, reads on its
+    connection, the token reloaded with the config. `view` builds what it reads of the
+    process, once the parts exist."""
 
     name = "sync API"
 
-    def __init__(self, metrics: Metrics, view: Callable[[], Node]) -> None:
+    def __init__(self, metrics: Metrics, sinks: SinkService, view: Callable[[], Node]) -> None:
         self._metrics = metrics
+        self._sinks = sinks
         self._view = view
         self._server: SyncServer | None = None
         self._listen: HostPort | None = None
 
-    @property
-    def feed(self) -> Feed | None:
-        """The registration feed the sync API writes to and follows, while it runs."""
-        return None if self._server is None else self._server.api.feed
-
     async def start(self, config: Config) -> None:
-        self._server = await start_sync_api(config, self._metrics, self._view())
+        sinks, view = self._sinks, self._view()
+        self._server = await start_sync_api(
+            config, sinks.sink, sinks.store.readers, self._metrics, view
+        )
         self._listen = config.sync.listen
         log.info("sync API on %s", self._listen)
 

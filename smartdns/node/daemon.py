@@ -1,9 +1,9 @@
 """Composition root: builds each process's ordered components from a Config and runs them.
 
 A DNS process starts: database, watchdog (or a worker's reports), registration snapshot,
-DNS listeners, DDNS refresher and sync API (the whole node only), then READY=1; it stops in
-reverse. The main process of a node with workers: database, watchdog, workers, DDNS
-refresher, sync API, READY=1.
+DNS listeners, registration sink (with the feed), DDNS refresher and sync API (the whole node
+only), then READY=1; it stops in reverse. The main process of a node with workers: database,
+watchdog, workers, registration sink, DDNS refresher, sync API, READY=1.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from smartdns.errors import ConfigError, SmartDNSError
 from smartdns.node.components import (
     Database,
     RemovedEntriesPruner,
+    SinkService,
     SyncService,
     SystemdAnnouncer,
     Watchdog,
@@ -37,7 +38,7 @@ from smartdns.node.lifecycle import Announcer, Component, Lifecycle
 from smartdns.node.metrics import CacheStatsLike, ForwarderStatsLike, TlsSample, WorkerSample
 from smartdns.node.port_holders import check_ports_free
 from smartdns.node.snapshot import SnapshotWatch
-from smartdns.node.status import NodeStatus
+from smartdns.node.status import NodeStatus, ReadYourWrites
 from smartdns.node.tls_stats import TlsTotals, tls_report
 from smartdns.node.workers import Supervisor, WorkerAnnouncer, WorkerLink, WorkerReports, Workers
 from smartdns.serve.encrypted import EncryptedListeners
@@ -288,19 +289,21 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
         async with asyncio.timeout(timeout_s):  # no worker to restart: the poll retries
             await watch.wait_applied(generation)
 
-    ddns = DdnsService(apply, lambda: sync.feed)
+    sinks = SinkService(ReadYourWrites(apply).announce)
+    ddns = DdnsService(sinks)
     sync = SyncService(
         metrics,
+        sinks,
         lambda: NodeStatus(
             database.store.readers,
             metrics,
             NodeView(pipeline, dns.listeners, dns),
-            apply,
             ddns=ddns.sample,
+            feed=sinks.feed_state,
         ),
     )
     pruner = RemovedEntriesPruner(database)
-    components = [database, pruner, Watchdog(dns.are_up), *serving, ddns, sync]
+    components = [database, pruner, Watchdog(dns.are_up), *serving, sinks, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop)
 
 
@@ -313,19 +316,21 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
     database = Database()
     supervisor = Supervisor(config.path, config.server.workers, metrics)
     workers = Workers(supervisor, DRAIN_TIMEOUT_S, stop.set)
-    ddns = DdnsService(supervisor.apply, lambda: sync.feed)
+    sinks = SinkService(ReadYourWrites(supervisor.apply).announce)
+    ddns = DdnsService(sinks)
     sync = SyncService(
         metrics,
+        sinks,
         lambda: NodeStatus(
             database.store.readers,
             metrics,
             WorkersView(supervisor),
-            supervisor.apply,
             ddns=ddns.sample,
+            feed=sinks.feed_state,
         ),
     )
     pruner = RemovedEntriesPruner(database)
-    components = [database, pruner, Watchdog(supervisor.all_ready), workers, ddns, sync]
+    components = [database, pruner, Watchdog(supervisor.all_ready), workers, sinks, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop), workers
 
 

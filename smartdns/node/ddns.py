@@ -2,9 +2,9 @@
 whole node, or the main process of a node with workers), never in a worker, and with a feed
 only on the node with `feed.refresher: true`.
 
-It follows the registered hostnames in the store and writes what they resolve to through a
-RegistrationWriter on its own connection, announced like any write, so every DNS process
-applies it before the write returns; with a feed, into the bucket, so every node applies it.
+It follows the registered hostnames in the store (on a connection of its own) and writes what
+they resolve to through the node's registration sink, like any write: in effect on every DNS
+process before the write returns; with a feed, into the bucket, so every node applies it.
 Logs counts only.
 """
 
@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 from smartdns import logs
 from smartdns.config.model import Config
 from smartdns.core.chain import LookupOutcome
 from smartdns.errors import SmartDNSError
-from smartdns.node.components import cancel_tasks
+from smartdns.node.components import SinkService, cancel_tasks
 from smartdns.node.lifecycle import Component
 from smartdns.node.metrics import DdnsSample
-from smartdns.node.status import APPLY_TIMEOUT_S, Applier
-from smartdns.registrations.sources.ddns import LATENCY_BOUNDS_S, Addresses, HostnameRefresher
-from smartdns.registrations.sources.feed import Feed, FeedUnavailable
+from smartdns.registrations.sources.ddns import LATENCY_BOUNDS_S, HostnameRefresher
 from smartdns.registrations.store import RegistrationStore
 from smartdns.registrations.store.hostnames import Hostnames
-from smartdns.registrations.writer import RegistrationWriter
 from smartdns.upstream.forwarder import Forwarder
 from smartdns.upstream.lookup import HostnameLookup, forwarder_config
 
@@ -39,33 +36,6 @@ HOSTNAMES_POLL_S: Final = 0.25  # a newly registered hostname is looked up this 
 def runs_refresher(config: Config) -> bool:
     """Resolution runs once per deployment: with a feed, on its refresher node only."""
     return config.feed is None or config.feed.refresher
-
-
-class ResolvedSink:
-    """The refresher's results: with a feed into its bucket, so every node of the fleet applies
-    them (SPEC 3: one refresher per deployment), this one through its follower; without one
-    through this node's writer. A bucket that cannot be written now gets them applied here,
-    and the error goes back to the refresher, which retries the bucket."""
-
-    def __init__(
-        self, writer: RegistrationWriter, feed: Callable[[], Feed | None], following: bool
-    ) -> None:
-        self._writer = writer
-        self._feed = feed
-        self._following = following  # `feed` configured: the feed may just not be up yet
-
-    async def apply_resolved(self, changes: Mapping[str, Addresses]) -> None:
-        if not self._following:
-            await self._writer.apply_resolved(changes)
-            return
-        try:
-            feed = self._feed()
-            if feed is None:
-                raise FeedUnavailable("the registration feed has not started yet")
-            await feed.apply_resolved(changes)
-        except FeedUnavailable:
-            await self._writer.apply_resolved(changes)
-            raise
 
 
 class HostnameFollower:
@@ -121,20 +91,15 @@ class DdnsService(Component):
 
     name = "DDNS refresher"
 
-    def __init__(self, applier: Applier, feed: Callable[[], Feed | None] = lambda: None) -> None:
-        self._applier = applier
-        self._feed = feed  # the node's feed once the sync API started it, else None
+    def __init__(self, sinks: SinkService) -> None:
+        self._sinks = sinks  # started before this component: its sink takes the results
         self._store: RegistrationStore | None = None
-        self._writer: RegistrationWriter | None = None
         self._lookup: HostnameLookup | None = None
         self._refresher: HostnameRefresher | None = None
         self._task: asyncio.Task[None] | None = None
         self._follower: HostnameFollower | None = None
         self._lookup_settings: object = None
         self._errors = logs.WarnOnce(__name__, "registered hostnames unreadable; keeping the last")
-        self._apply_errors = logs.WarnOnce(
-            __name__, "resolved addresses stored but not confirmed by the DNS side"
-        )
 
     def sample(self) -> DdnsSample | None:
         """The refresher's aggregate figures for /metrics; None when it does not run here."""
@@ -158,9 +123,8 @@ class DdnsService(Component):
             return
         store = await RegistrationStore.open(config.database.path, create=False)
         self._store = store
-        self._writer = RegistrationWriter(store, config.registrations, self._announce)
         self._lookup = self._new_lookup(config)
-        sink = ResolvedSink(self._writer, self._feed, config.feed is not None)
+        sink = self._sinks.sink
         refresher = HostnameRefresher(config.ddns, config.registrations, self._lookup, sink)
         self._refresher = refresher
         self._follower = HostnameFollower(store.hostnames, refresher)
@@ -171,9 +135,8 @@ class DdnsService(Component):
         log.info("DDNS refresher: %d hostnames", refresher.hostnames)
 
     async def reload(self, config: Config) -> None:
-        if self._refresher is None or self._writer is None:
+        if self._refresher is None:
             return
-        self._writer.reload(config.registrations)
         self._refresher.reload(config.ddns, config.registrations)
         if self._settings(config) != self._lookup_settings:
             old, self._lookup = self._lookup, self._new_lookup(config)
@@ -202,14 +165,6 @@ class DdnsService(Component):
         upstream = forwarder_config(config.ddns, config.upstream)
         forwarder = Forwarder(upstream, edns_udp_size=config.server.edns_udp_size)
         return HostnameLookup(forwarder, config.ddns.max_concurrent)
-
-    async def _announce(self, generation: int, everything: bool) -> None:
-        """Read-your-writes for resolved addresses; the write is durable, so a DNS process
-        that does not confirm in time is counted by the applier, not retried here."""
-        try:
-            await self._applier(generation, APPLY_TIMEOUT_S)
-        except (SmartDNSError, TimeoutError) as error:
-            self._apply_errors.warn(type(error).__name__)
 
     async def _follow(self) -> None:
         """Poll the hostnames' generation (one cheap read); read what changed when it moved."""

@@ -1,7 +1,7 @@
 """NodeStatus: what the sync API needs of the node (registrations.sources.sync_api.Node):
-`/healthz` and the `/metrics` page, from the query side's statistics and the DNS side's
-store connection, and read-your-writes: a write's 200 waits until DNS applied it. The sync
-API imports nothing of `node`; the daemon hands it this.
+`/healthz` and the `/metrics` page, from the query side's statistics, the DNS side's store
+connection and the feed's state; and ReadYourWrites, the writer's announcement: a write
+returns once DNS applied it. The sync API imports nothing of `node`; the daemon hands it this.
 """
 
 from __future__ import annotations
@@ -58,6 +58,25 @@ class QuerySide(Protocol):
         ...
 
 
+class ReadYourWrites:
+    """The announcement of the node's writer (writer.Announce): a write returns once every DNS
+    process applied it (SPEC 4), or one failed to confirm in time (the applier counts that and
+    restarts it; the write is durable, so the failure is logged here, not raised)."""
+
+    def __init__(self, applier: Applier) -> None:
+        self._applier = applier
+        self._apply_errors = logs.WarnOnce(
+            __name__, "a registration change was stored but not confirmed by the DNS side"
+        )
+
+    async def announce(self, generation: int, everything: bool) -> None:
+        timeout_s = FULL_LOAD_TIMEOUT_S if everything else APPLY_TIMEOUT_S
+        try:
+            await self._applier(generation, timeout_s)
+        except (SmartDNSError, TimeoutError) as error:
+            self._apply_errors.warn(type(error).__name__)
+
+
 class NodeStatus:
     """Health and metrics, read at request time; database probes bounded by `probe_s`."""
 
@@ -66,27 +85,21 @@ class NodeStatus:
         readers: Readers,
         metrics: Metrics,
         side: QuerySide,
-        applier: Applier,
         probe_s: float = PROBE_S,
         ddns: Callable[[], DdnsSample | None] = lambda: None,
+        feed: FeedState | None = None,
     ) -> None:
+        """`feed`: the state of the feed the node follows, None without one."""
         self._readers = readers  # on the DNS side's connection: the one that must answer
         self._metrics = metrics
         self._side = side
-        self._applier = applier
         self._probe_s = probe_s
         self._ddns = ddns
-        self._apply_errors = logs.WarnOnce(
-            __name__, "a registration change was stored but not confirmed by the DNS side"
-        )
+        self._feed = feed
 
-    async def apply_registrations(self, generation: int, everything: bool) -> None:
-        """Read-your-writes; the write is durable, so a failure here is logged, not raised."""
-        timeout_s = FULL_LOAD_TIMEOUT_S if everything else APPLY_TIMEOUT_S
-        try:
-            await self._applier(generation, timeout_s)
-        except (SmartDNSError, TimeoutError) as error:
-            self._apply_errors.warn(type(error).__name__)
+    def is_degraded(self) -> bool:
+        feed = self._feed
+        return feed is not None and not (feed.connected and feed.caught_up)
 
     async def healthy(self) -> bool:
         """DNS listeners up and the database answering (it reads a row of the file: SELECT 1
@@ -100,7 +113,7 @@ class NodeStatus:
             return False
         return True
 
-    async def metrics_page(self, feed: FeedState | None = None) -> tuple[str, str]:
+    async def metrics_page(self) -> tuple[str, str]:
         """(content type, Prometheus text); without registration counts when the database
         does not answer in time; with the feed's state when the node follows one."""
         registrations: RegistrationStatsLike | None = None
@@ -123,6 +136,6 @@ class NodeStatus:
             ddns=self._ddns(),
             tls=side.tls_sample(),
         )
-        if feed is not None:
-            text += render_feed(feed)
+        if self._feed is not None:
+            text += render_feed(self._feed)
         return CONTENT_TYPE, text

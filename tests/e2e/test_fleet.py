@@ -169,7 +169,7 @@ def test_the_cli_imports_into_the_bucket_and_warns_about_overrides(fleet: Fleet)
     path.write_text(json.dumps(document))
     result = one.cli("registrations", "import", str(path))
     assert result.returncode == 0, result.stderr
-    assert "into the feed's bucket: 1 accounts, 1 entries, 0 device IDs" in result.stdout
+    assert "imported snapshot version 50: 1 accounts, 1 entries, 0 device IDs" in result.stdout
     for node in fleet.nodes:
         rcode_within(node, device(5), dns.rcode.NOERROR, EFFECT_S)
     assert put(two, "late", 50, device(6))[0] == 409  # at the snapshot's version

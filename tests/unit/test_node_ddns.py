@@ -13,6 +13,7 @@ import pytest
 
 from smartdns.config.model import Config, DdnsConfig, FeedConfig, RegistrationsConfig
 from smartdns.core.chain import Resolution
+from smartdns.node.components import SinkService
 from smartdns.node.ddns import DdnsService, HostnameFollower, runs_refresher
 from smartdns.registrations.entries import Snapshot
 from smartdns.registrations.feed_format import AccountValue
@@ -40,11 +41,11 @@ def test_with_a_feed_only_the_refresher_node_resolves(
 
 
 async def test_a_node_that_does_not_resolve_has_no_ddns_figures(tmp_path: Path) -> None:
-    async def applier(generation: int, timeout_s: float) -> None:
+    async def announce(generation: int, everything: bool) -> None:
         raise AssertionError("nothing is written")
 
     feed = FeedConfig(servers=("nats://127.0.0.1:4222",), refresher=False)
-    service = DdnsService(applier)
+    service = DdnsService(SinkService(announce))  # never started: its sink is never asked for
     await service.start(Config(path=tmp_path / "smartdns.yaml", feed=feed))  # opens nothing
     assert service.sample() is None
     await service.stop()

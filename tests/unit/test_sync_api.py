@@ -31,12 +31,13 @@ from smartdns.config.model import (
 )
 from smartdns.core.counters import Metrics
 from smartdns.errors import SmartDNSError
-from smartdns.node.status import NodeStatus
+from smartdns.node.status import NodeStatus, ReadYourWrites
 from smartdns.registrations.bulk import BulkWork
 from smartdns.registrations.sources import sync_api
 from smartdns.registrations.sources.sync_api import SyncServer, Timeouts, start_sync_api
 from smartdns.registrations.store import DatabaseError, RegistrationStore, StoreStatus
 from smartdns.registrations.store.readers import Readers
+from smartdns.registrations.writer import RegistrationWriter
 
 TOKEN = secrets.token_hex(32)
 AWAIT_S = 5.0
@@ -122,7 +123,7 @@ class FakeNode:
 
 
 def node_status(node: FakeNode, metrics: Metrics) -> NodeStatus:
-    return NodeStatus(node, metrics, node, node.apply, probe_s=0.3)  # type: ignore[arg-type]
+    return NodeStatus(node, metrics, node, probe_s=0.3)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -132,10 +133,17 @@ class Api:
     node: FakeNode
     metrics: Metrics
     config: Config
+    store: RegistrationStore  # the connection the API writes (its sink) and reads through
+    writer: RegistrationWriter  # the local sink, as the node's SinkService gives it
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
+
+    async def close(self) -> None:
+        await self.session.close()
+        await asyncio.wait_for(self.server.close(), AWAIT_S)
+        await self.store.close()
 
     async def call(
         self,
@@ -165,11 +173,16 @@ class Api:
 
 async def _start(tmp_path: Path, config: Config, timeouts: Timeouts) -> Api:
     store = await RegistrationStore.open(config.database.path, create=True)
-    await store.close()
     node, metrics = FakeNode(), Metrics()
-    server = await start_sync_api(config, metrics, node_status(node, metrics), timeouts)
+    writer = RegistrationWriter(store, config.registrations, ReadYourWrites(node.apply).announce)
+    try:
+        status = node_status(node, metrics)
+        server = await start_sync_api(config, writer, store.readers, metrics, status, timeouts)
+    except BaseException:
+        await store.close()
+        raise
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=AWAIT_S))
-    return Api(server, session, node, metrics, config)
+    return Api(server, session, node, metrics, config, store, writer)
 
 
 @pytest.fixture
@@ -178,8 +191,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     try:
         yield running
     finally:
-        await running.session.close()
-        await asyncio.wait_for(running.server.close(), AWAIT_S)
+        await running.close()
 
 
 @pytest.fixture
@@ -188,8 +200,7 @@ async def public_api(tmp_path: Path) -> AsyncIterator[Api]:
     try:
         yield running
     finally:
-        await running.session.close()
-        await asyncio.wait_for(running.server.close(), AWAIT_S)
+        await running.close()
 
 
 # --- authentication ------------------------------------------------------------------------
@@ -278,8 +289,7 @@ async def test_empty_token_accepts_nobody(tmp_path: Path) -> None:
         ) as resp:
             assert resp.status == 401
     finally:
-        await running.session.close()
-        await asyncio.wait_for(running.server.close(), AWAIT_S)
+        await running.close()
 
 
 # --- accounts: ordering, idempotency, tombstones ----------------------------------------------
@@ -619,8 +629,7 @@ async def test_body_over_max_body_is_413_before_reading(tmp_path: Path) -> None:
             assert resp.status == 413
         assert (await running.call("GET", "/v1/status"))[1]["accounts"] == 0
     finally:
-        await running.session.close()
-        await asyncio.wait_for(running.server.close(), AWAIT_S)
+        await running.close()
 
 
 async def _raw_exchange(api: Api, request: bytes, *, whole: bool = False) -> bytes:
@@ -663,7 +672,15 @@ async def test_listen_address_taken(api: Api, tmp_path: Path) -> None:
     )
     with pytest.raises(SmartDNSError, match=r"cannot listen on 127\.0\.0\.1:\d+ \(sync API\)"):
         await asyncio.wait_for(
-            start_sync_api(config, Metrics(), node_status(FakeNode(), Metrics()), SHORT), AWAIT_S
+            start_sync_api(
+                config,
+                api.writer,
+                api.store.readers,
+                Metrics(),
+                node_status(FakeNode(), Metrics()),
+                SHORT,
+            ),
+            AWAIT_S,
         )
 
 

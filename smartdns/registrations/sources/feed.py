@@ -37,7 +37,7 @@ from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
 from smartdns import logs
 from smartdns.config.model import RegistrationsConfig
-from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
+from smartdns.errors import RegistrationError, StaleWriteError
 from smartdns.registrations.entries import Network, Snapshot
 from smartdns.registrations.feed_follow import (
     BucketFollower,
@@ -70,6 +70,7 @@ from smartdns.registrations.feed_format import (
     hostname_key,
     key_account,
 )
+from smartdns.registrations.sink import SinkUnavailable
 from smartdns.registrations.sources.feed_reader import (
     FETCH_BATCH,
     MIN_BATCH,
@@ -171,7 +172,7 @@ class FeedSink(Protocol):
         ...
 
 
-class FeedUnavailable(SmartDNSError):
+class FeedUnavailable(SinkUnavailable):
     """The bucket cannot be written now (not connected, or the cluster has no leader)."""
 
 

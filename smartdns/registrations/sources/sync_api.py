@@ -1,8 +1,9 @@
 """Portal sync API (SPEC 4): the /v1 routes, /healthz and /metrics on aiohttp.
 
 Owns authentication, body limits, validation and the HTTP status of each outcome; writes go
-through a RegistrationWriter on its own RegistrationStore connection. Never logs or echoes an
-address or the token, and never logs an account id; peer addresses are not logged either.
+through the node's RegistrationSink (this node's writer, or a feed's bucket: the API does not
+know which). Never logs or echoes an address or the token, and never logs an account id; peer
+addresses are not logged either.
 """
 
 from __future__ import annotations
@@ -18,28 +19,20 @@ from typing import Final, NoReturn, Protocol, TypeVar
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from smartdns import logs
 from smartdns.config.model import Config, RegistrationsConfig
 from smartdns.core.counters import Metrics
 from smartdns.errors import RegistrationError, SmartDNSError, StaleWriteError
 from smartdns.registrations.bulk import BULK_WORK
 from smartdns.registrations.entries import (
     ShapeError,
-    Snapshot,
     format_network,
     parse_version,
     validate_account_id,
 )
-from smartdns.registrations.feed_format import AccountValue
-from smartdns.registrations.json_body import decode_account, decode_snapshot, release_snapshot
-from smartdns.registrations.sources.feed import Feed, FeedState, FeedUnavailable
-from smartdns.registrations.store import (
-    AccountRecord,
-    DatabaseError,
-    RegistrationStore,
-    SnapshotResult,
-)
-from smartdns.registrations.writer import RegistrationWriter
+from smartdns.registrations.json_body import decode_account, decode_snapshot
+from smartdns.registrations.sink import RegistrationSink, SinkUnavailable
+from smartdns.registrations.store import DatabaseError
+from smartdns.registrations.store.readers import Readers
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +66,14 @@ class Node(Protocol):
         """DNS listeners and the database up; bounds its own waits."""
         ...
 
-    async def metrics_page(self, feed: FeedState | None) -> tuple[str, str]:
-        """(content type, text) of the Prometheus exposition, with the feed's families when
-        one is configured."""
+    def is_degraded(self) -> bool:
+        """Answering from the local copy while the registration feed is disconnected or not
+        caught up (False without a feed)."""
         ...
 
-    async def apply_registrations(self, generation: int, everything: bool) -> None:
-        """Return once the write that produced `generation` (`everything`: a snapshot) is in
-        DNS answers on every worker, or a worker failed to confirm in time (the node counts
-        that and restarts it: the write is durable, so the 200 goes out anyway)."""
+    async def metrics_page(self) -> tuple[str, str]:
+        """(content type, text) of the Prometheus exposition, the feed's families included
+        when the node follows one."""
         ...
 
 
@@ -137,35 +129,27 @@ class SyncApi:
     def __init__(
         self,
         config: Config,
-        store: RegistrationStore,
+        sink: RegistrationSink,
+        readers: Readers,
         metrics: Metrics,
         node: Node,
         timeouts: Timeouts = Timeouts(),
     ) -> None:
-        self._store = store  # reads; writes go through the writer (or, with `feed`, the bucket)
-        self._writer = RegistrationWriter(store, config.registrations, node.apply_registrations)
-        # With `feed` the bucket is written and this node's copy follows it through the writer.
-        self.feed = (
-            None if config.feed is None else Feed(config.feed, self._writer, config.registrations)
-        )
+        self._sink = sink  # writes: each returns once in effect on this node
+        self._readers = readers  # on the connection the sink writes through (read-your-writes)
         self._metrics = metrics
         self._node = node
         self._timeouts = timeouts
         self._token = b""
         self._rules = config.registrations
         self._max_body = config.sync.max_body
-        self._feed_late = logs.WarnOnce(
-            __name__, "a feed write is in the bucket but this node did not apply it in time"
-        )
         self.reload(config)
 
     def reload(self, config: Config) -> None:
-        """Take the token and limits of a newly loaded config (already checked by load_config)."""
+        """Take the token and limits of a newly loaded config (already checked by load_config);
+        the sink's owner reloads the sink."""
         self._token = config.sync.token.value
         self._rules = config.registrations
-        self._writer.reload(config.registrations)
-        if self.feed is not None:
-            self.feed.reload(config.registrations)
         self._max_body = config.sync.max_body
 
     def application(self) -> web.Application:
@@ -212,6 +196,8 @@ class SyncApi:
             response = _error_response(status, str(error), {})
         except StaleWriteError as error:
             response = _error_response(409, str(error), {})
+        except SinkUnavailable as error:
+            response = _error_response(503, str(error), {})
         except DatabaseError as error:
             log.error("sync API: %s", error)
             response = _error_response(503, "registrations database unavailable", {})
@@ -321,16 +307,7 @@ class SyncApi:
         body = await self._read_body(request)
         account = self._account(request)
         version, networks, hostnames, devices = await self._parse(body, decode_account)
-        if self.feed is not None:
-            # The bucket has no index by digest; this node's copy does (docs/feed.md).
-            await self._store.accounts.device_conflict(account, devices)
-            value = AccountValue(
-                version, networks, tuple(sorted(set(hostnames))), tuple(sorted(devices))
-            )
-            await self._through_feed(self.feed.put_account(account, value))
-            record = AccountRecord(account, version, networks, value.hostnames, value.devices)
-        else:
-            record = await self._writer.put_account(account, version, networks, hostnames, devices)
+        record = await self._sink.put_account(account, version, networks, hostnames, devices)
         return web.json_response(
             {
                 "account": account,
@@ -344,28 +321,12 @@ class SyncApi:
     async def _delete_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
         version = self._delete_version(request)
-        if self.feed is not None:
-            existed = await self._through_feed(self.feed.delete_account(account, version))
-        else:
-            existed = await self._writer.delete_account(account, version)
+        existed = await self._sink.delete_account(account, version)
         return web.json_response({"account": account, "version": version, "existed": existed})
-
-    async def _through_feed(self, write: Awaitable[tuple[int, _T]]) -> _T:
-        """A write to the bucket, answered once the bucket has it and this node applied it
-        (read-your-writes; a node that does not apply it within APPLIED_TIMEOUT_S answers
-        anyway, since the bucket holds the write). 503 when the bucket cannot be written."""
-        assert self.feed is not None
-        try:
-            revision, result = await write
-        except FeedUnavailable as error:
-            raise HttpError(503, str(error)) from None
-        if not await self.feed.wait_applied(revision):
-            self._feed_late.warn("timeout")
-        return result
 
     async def _get_account(self, request: web.Request) -> web.Response:
         account = self._account(request)
-        record = await self._store.readers.get_account(account)
+        record = await self._readers.get_account(account)
         if record is None:
             raise HttpError(404, "no such account")
         return web.json_response(
@@ -389,11 +350,7 @@ class SyncApi:
             version = snapshot.version
             holder = [snapshot]
             del snapshot  # freed once stored, before the DNS side loads the new set
-            if self.feed is not None:
-                result = await self._through_feed(self._feed_snapshot(holder[0]))
-                await asyncio.to_thread(release_snapshot, holder)
-            else:
-                result = await self._writer.replace_snapshot(holder)
+            result = await self._sink.replace_snapshot(holder)
         log.info(
             "snapshot version %d applied: %d accounts, %d entries "
             "(validated in %.2f s, stored in %.2f s)",
@@ -412,13 +369,8 @@ class SyncApi:
             }
         )
 
-    async def _feed_snapshot(self, snapshot: Snapshot) -> tuple[int, SnapshotResult]:
-        assert self.feed is not None
-        revision = await self.feed.replace_snapshot(snapshot)
-        return revision, SnapshotResult.of(snapshot)
-
     async def _status(self, _request: web.Request) -> web.Response:
-        status = await self._store.readers.status()
+        status = await self._readers.status()
         return web.json_response(
             {
                 "accounts": status.accounts,
@@ -432,14 +384,12 @@ class SyncApi:
         disconnected or not caught up (not down: the node serves); 503 `unavailable`."""
         if not await self._node.healthy():
             return web.Response(status=503, text="unavailable\n")
-        state = None if self.feed is None else self.feed.state
-        if state is not None and not (state.connected and state.caught_up):
+        if self._node.is_degraded():
             return web.Response(text="degraded\n")
         return web.Response(text="ok\n")
 
     async def _render_metrics(self, _request: web.Request) -> web.Response:
-        feed = None if self.feed is None else self.feed.state
-        content_type, text = await self._node.metrics_page(feed)
+        content_type, text = await self._node.metrics_page()
         return web.Response(body=text.encode(), headers={"Content-Type": content_type})
 
 
@@ -505,15 +455,11 @@ class _JsonErrorServer(web.Server):
 
 
 class SyncServer:
-    """The running API: its aiohttp runner, its own store connection, and with `feed` the
-    task following the bucket (it writes through the API's writer)."""
+    """The running API: its aiohttp runner (the sink and its store belong to the caller)."""
 
-    def __init__(self, runner: web.AppRunner, store: RegistrationStore, api: SyncApi) -> None:
+    def __init__(self, runner: web.AppRunner, api: SyncApi) -> None:
         self._runner: web.AppRunner | None = runner
-        self._store = store
         self.api = api
-        feed = api.feed
-        self._feed_task = None if feed is None else asyncio.create_task(feed.run(), name="feed")
 
     @property
     def port(self) -> int:
@@ -525,29 +471,23 @@ class SyncServer:
         self.api.reload(config)
 
     async def close(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), close the store. Idempotent."""
+        """Stop accepting, let in-flight requests finish (bounded). Idempotent."""
         runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        try:
+        if runner is not None:
             await runner.cleanup()
-        finally:
-            if self._feed_task is not None:
-                self._feed_task.cancel()
-                await asyncio.gather(self._feed_task, return_exceptions=True)
-            try:
-                await self._store.close()
-            except DatabaseError as error:
-                log.error("sync API: %s", error)
 
 
 async def start_sync_api(
-    config: Config, metrics: Metrics, node: Node, timeouts: Timeouts = Timeouts()
+    config: Config,
+    sink: RegistrationSink,
+    readers: Readers,
+    metrics: Metrics,
+    node: Node,
+    timeouts: Timeouts = Timeouts(),
 ) -> SyncServer:
-    """Open a second store connection (so the DNS side's change polling never waits behind a
-    long write), bind `sync.listen` and serve. Raises SmartDNSError when either fails."""
-    store = await RegistrationStore.open(config.database.path, create=False)
-    api = SyncApi(config, store, metrics, node, timeouts)
+    """Bind `sync.listen` and serve, writing through `sink` and reading through `readers`.
+    Raises SmartDNSError when the address cannot be bound."""
+    api = SyncApi(config, sink, readers, metrics, node, timeouts)
     runner = _Runner(
         api.application(),
         handle_signals=False,
@@ -572,6 +512,5 @@ async def start_sync_api(
             ) from None
     except BaseException:
         await runner.cleanup()
-        await store.close()
         raise
-    return SyncServer(runner, store, api)
+    return SyncServer(runner, api)
