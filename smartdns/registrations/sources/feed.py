@@ -40,6 +40,7 @@ from smartdns.config.model import RegistrationsConfig
 from smartdns.errors import RegistrationError, StaleWriteError
 from smartdns.registrations.entries import Network, Snapshot
 from smartdns.registrations.feed_follow import (
+    Batch,
     BucketFollower,
     BucketMessage,
     FollowCounters,
@@ -288,6 +289,28 @@ async def _republished(nc: NATS, bucket: str, info: api.StreamInfo) -> Subscript
     return await nc.subscribe(republish.dest, pending_msgs_limit=EAGER_LIMIT)
 
 
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """A batch on its way to the sink, with what was true when it was taken."""
+
+    batch: Batch
+    position: Position | None  # the revision to save with it
+    empty: bool  # it ends a full read that found the bucket empty: no reconciliation
+    through: int  # every revision up to this one is applied with it
+    caught_up: bool
+
+    @property
+    def needs_sink(self) -> bool:
+        batch = self.batch
+        return bool(
+            batch.changes
+            or batch.snapshot_version is not None
+            or self.position is not None
+            or (batch.present is not None and not self.empty)
+            or batch.resolved
+        )
+
+
 class _Stalled(Exception):
     """The consumer is gone, stuck or missed a message; the follower makes a new one."""
 
@@ -308,7 +331,8 @@ class Feed:
         self._kv: KeyValue | None = None
         self._follower = BucketFollower(rules)
         self._created = 0  # the followed stream's identity (StreamFacts.created)
-        self._saved = 0  # the revision saved with the last batch
+        self._saved = 0  # the revision saved with the last batch (or the one in flight)
+        self._applying: asyncio.Task[None] | None = None  # the batch the sink is applying
         self._messages = 0  # the stream's message count when last looked (Position.messages)
         self._looking = False  # look at the stream once this read (or new consumer) is caught up
         self._next_look = 0.0
@@ -442,6 +466,7 @@ class Feed:
             await self._begin(facts)
             await self._read_on(nc, js, fast)
         finally:
+            await self._settle_quietly()
             if fast is not None:
                 with contextlib.suppress(Exception):
                     await fast.unsubscribe()
@@ -523,6 +548,7 @@ class Feed:
                 self._next_look = loop.time() + LOOK_S
                 # What this node holds is counted before asking: all of it was in the stream
                 # then, whatever the fast path applies while the answer is awaited.
+                await self._settle()
                 _, accounts = await self._sink.feed_position()
                 held = Position(self._created, follower.last_sequence)
                 try:
@@ -565,41 +591,68 @@ class Feed:
             log.info("feed: caught up at revision %d", self._follower.last_sequence)
         if facts.messages != self._messages:
             self._messages = facts.messages
+            await self._settle()  # batches applied while the answer was awaited come first
             position = Position(self._created, self._saved, self._messages)
             await self._sink.apply_feed([], None, position)
 
     async def _apply(self) -> None:
-        """Hand the follower's batch to the sink, with the revision it reaches; then every
-        change processed so far is applied (staged snapshot values aside, which their writer
-        waits for through the marker)."""
+        """Hand the follower's batch to the sink, with the revision it reaches. The sink
+        applies it (SQLite, in its own thread) while the next batch is read and decoded: one
+        batch in flight, so batches apply in order and memory stays bounded; _settle waits
+        for it. Once applied, every change processed up to it is in effect (staged snapshot
+        values aside, which their writer waits for through the marker)."""
         follower = self._follower
         batch = follower.take()
         position = None
         if batch.position is not None and batch.position != self._saved:
             position = Position(self._created, batch.position, self._messages)
+            self._saved = batch.position
+        empty = batch.present is not None and not follower.seen_any
+        if empty:  # decided now: what is read from here on is tracked for reconciliation
+            log.warning("feed: the bucket is empty; keeping the local registrations")
+            follower.track_from_empty()
+            position = None  # nor saved: a restart reads the whole bucket again
+        applied = _Applied(batch, position, empty, follower.last_sequence, follower.caught_up)
+        await self._settle()
+        if applied.needs_sink:
+            self._applying = asyncio.create_task(self._apply_batch(applied), name="feed apply")
+        elif applied.caught_up:
+            self._wake(applied.through, batch.ahead)
+
+    async def _apply_batch(self, applied: _Applied) -> None:
+        batch, position = applied.batch, applied.position
         if batch.changes or batch.snapshot_version is not None or position is not None:
             saving = position if batch.present is None else None
             result = await self._sink.apply_feed(batch.changes, batch.snapshot_version, saving)
             self.state.applied += result.applied
             self.state.stale += result.stale
-        if batch.present is not None:
-            if follower.seen_any:
-                removed = await self._sink.reconcile_feed(
-                    batch.present, follower.floor or None, position
-                )
-                self.state.reconciled += removed
-            else:  # no position saved either: a restart reads the whole bucket again
-                log.warning("feed: the bucket is empty; keeping the local registrations")
-                follower.track_from_empty()
-                position = None
-            log.info("feed: reconciled with the bucket at revision %d", follower.last_sequence)
-        if position is not None:
-            self._saved = position.sequence
+        if batch.present is not None and not applied.empty:
+            floor = self._follower.floor or None
+            removed = await self._sink.reconcile_feed(batch.present, floor, position)
+            self.state.reconciled += removed
+            log.info("feed: reconciled with the bucket at revision %d", applied.through)
         if batch.resolved:
             await self._sink.apply_resolved(batch.resolved)
             self.state.applied += len(batch.resolved)
-        if follower.caught_up:
-            self._wake(follower.last_sequence, batch.ahead)
+        if applied.caught_up:
+            self._wake(applied.through, batch.ahead)
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight (its failure is raised here: the session ends)."""
+        applying, self._applying = self._applying, None
+        if applying is not None:
+            await applying
+
+    async def _settle_quietly(self) -> None:
+        """At a session's end (an error, or the node stopping): the batch in flight finishes
+        rather than being cut off mid-transaction; its own failure was the session's or is
+        the next one's to meet."""
+        applying, self._applying = self._applying, None
+        if applying is not None:
+            try:
+                await asyncio.shield(applying)
+            except Exception as exc:  # the next session reads again from the saved revision
+                log.warning("feed: applying a batch failed (%s)", type(exc).__name__)
 
     def _report(self) -> bool:
         """Bring what /healthz and /metrics show up to date (all but caught_up, which the
