@@ -1,7 +1,8 @@
 """HPACK decoding (RFC 7541) for serve.doh_h2: one connection's dynamic table, header list
-and table size bounds, and a process-wide bounded cache of Huffman-decoded strings. Pure;
-no I/O, nothing logged (the `hpack` library's decoder logs every field at debug level and
-cost 40% of a DoH request; its Huffman table is used here, its encoder by h2_frames).
+and table size bounds, and a process-wide bounded cache of Huffman-decoded strings (the
+code itself is serve.h2_huffman's). Pure; no I/O, nothing logged (the `hpack` library's
+decoder logs every field at debug level and cost 40% of a DoH request; its static table is
+used here, its encoder by h2_frames).
 
 The cache holds decoded strings keyed by their exact Huffman octets, like a packet cache:
 a DoH GET's `:path` is a literal never indexed by clients (it differs per query), so the
@@ -13,9 +14,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
-from hpack.exceptions import HPACKDecodingError
-from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
+
+from smartdns.serve import h2_huffman
 
 DEFAULT_TABLE_BYTES: Final = 4096  # SETTINGS_HEADER_TABLE_SIZE, never changed by us
 _ENTRY_OVERHEAD: Final = 32  # RFC 7541 §4.1, also counted in header list sizes
@@ -157,8 +158,8 @@ def _string(block: bytes, position: int) -> tuple[bytes, int]:
     decoded = _huffman_cache.get(raw)
     if decoded is None:
         try:
-            decoded = decode_huffman(raw)
-        except HPACKDecodingError:
+            decoded = h2_huffman.decode(raw)
+        except h2_huffman.HuffmanError:
             raise HpackError from None
         if length <= _HUFFMAN_CACHED_OCTETS:
             if len(_huffman_cache) >= _HUFFMAN_CACHED:
