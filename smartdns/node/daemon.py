@@ -225,6 +225,11 @@ class Node:
         self._stop = stop
         self._warns = warns
 
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The process's components in start order (the order its docstring promises)."""
+        return self._lifecycle.components
+
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT; raises SmartDNSError when start-up fails."""
         loop = asyncio.get_running_loop()

@@ -57,6 +57,11 @@ class Lifecycle:
         self._components = tuple(components)
         self._started: list[Component] = []
 
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """In start order; stopped in reverse."""
+        return self._components
+
     async def start(self, config: Config) -> None:
         """Start each component in order; on a failure stop the started ones, then re-raise."""
         try:

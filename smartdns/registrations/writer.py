@@ -1,8 +1,10 @@
 """RegistrationWriter: the one path by which registrations change, whatever their source.
 
-The sync API, the CLI and the DDNS refresher write through it (the feed will): it
-checks the input against the rules of SPEC 3, writes it to the store in one transaction,
-then announces the change so the DNS side applies it before the source reports success.
+It is the local registration sink (sink.py) the sync API, the CLI and the DDNS refresher
+write through without a feed, and what the feed's follower applies the bucket through with
+one: it checks the input against the rules of SPEC 3, writes it to the store in one
+transaction, then announces the change so the DNS side applies it before the source reports
+success.
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from smartdns.config.model import Config, DatabaseConfig
+from smartdns.errors import SmartDNSError
 from smartdns.node import components
-from smartdns.node.components import Database, RemovedEntriesPruner
+from smartdns.node.components import Database, RemovedEntriesPruner, SinkService
 from smartdns.registrations.store import RegistrationStore
+from smartdns.registrations.writer import RegistrationWriter
 
 A = ipaddress.IPv4Network("203.0.113.7/32")
 B = ipaddress.IPv4Network("198.51.100.0/24")
@@ -79,3 +81,43 @@ async def test_a_removed_entry_is_forgotten_once_kept_long_enough(
         assert removed_rows(path) == 1
     finally:
         await pruner.stop()
+
+
+# --- the registration sink without a feed -----------------------------------------------------
+
+
+async def test_without_a_feed_the_sink_is_the_writer_on_a_connection_of_its_own(
+    database: tuple[Database, Config],
+) -> None:
+    db, config = database
+    announced: list[tuple[int, bool]] = []
+
+    async def announce(generation: int, everything: bool) -> None:
+        announced.append((generation, everything))
+
+    sinks = SinkService(announce)
+    await sinks.start(config)
+    try:
+        assert isinstance(sinks.sink, RegistrationWriter) and sinks.feed_state is None
+        assert sinks.store is not db.store  # long writes never hold up the DNS side's polling
+        assert not [task for task in asyncio.all_tasks() if task.get_name() == "feed"]
+        record = await sinks.sink.put_account("new", 5, [A])
+        assert await db.store.readers.get_account("new") == record
+        assert announced == [(await db.store.readers.generation(), False)]  # read-your-writes
+    finally:
+        await sinks.stop()
+    with pytest.raises(RuntimeError):
+        sinks.sink  # noqa: B018 - the property raises once stopped
+    await sinks.stop()  # a second stop closes nothing twice
+
+
+async def test_the_sink_fails_closed_without_its_database(tmp_path: Path) -> None:
+    async def announce(generation: int, everything: bool) -> None:
+        raise AssertionError("nothing is written")
+
+    sinks = SinkService(announce)
+    config = Config(path=tmp_path / "smartdns.yaml", database=DatabaseConfig(tmp_path / "no.db"))
+    with pytest.raises(SmartDNSError):
+        await sinks.start(config)
+    with pytest.raises(RuntimeError):
+        sinks.sink  # noqa: B018
