@@ -160,7 +160,9 @@ def dns_response(reply: bytes) -> HttpResponse:
         )
         if len(reply) <= _REPLY_HEADERS_CACHED_OCTETS:
             if len(_reply_headers) >= _REPLY_HEADERS_CACHED:
-                del _reply_headers[next(iter(_reply_headers))]  # the oldest
+                # all at once: dropping the oldest, next(iter()) walks the slots deleted
+                # before it until the dict is rebuilt (5 us a miss at 4,096 entries)
+                _reply_headers.clear()
             _reply_headers[reply] = headers
     return HttpResponse(OK, headers, reply)
 

@@ -163,6 +163,6 @@ def _string(block: bytes, position: int) -> tuple[bytes, int]:
             raise HpackError from None
         if length <= _HUFFMAN_CACHED_OCTETS:
             if len(_huffman_cache) >= _HUFFMAN_CACHED:
-                del _huffman_cache[next(iter(_huffman_cache))]  # the oldest
+                _huffman_cache.clear()  # see serve.doh_request._reply_headers
             _huffman_cache[raw] = decoded
     return decoded, end

@@ -115,4 +115,4 @@ def test_the_huffman_cache_is_bounded() -> None:
         path = b"/dns-query?dns=%d" % number
         block = encoder.encode([(b":path", path)], huffman=True)
         assert decoder.decode(block) == [(b":path", path)]
-    assert len(h2_hpack._huffman_cache) == h2_hpack._HUFFMAN_CACHED
+    assert 0 < len(h2_hpack._huffman_cache) <= h2_hpack._HUFFMAN_CACHED
