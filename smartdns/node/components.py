@@ -164,14 +164,18 @@ class SinkService(Component):
         return None if self._feed is None else self._feed.state
 
     async def start(self, config: Config) -> None:
-        store = await RegistrationStore.open(config.database.path, create=False)
-        writer = RegistrationWriter(store, config.registrations, self._announce)
-        self._store, self._writer, self._sink = store, writer, writer
-        self._feed_config = config.feed
-        if config.feed is not None:
-            self._feed = Feed(config.feed, writer, config.registrations)
-            self._sink = BucketSink(self._feed, writer, store)
-            self._task = asyncio.get_running_loop().create_task(self._feed.run(), name="feed")
+        self._store = store = await RegistrationStore.open(config.database.path, create=False)
+        try:  # what start opened it closes itself (lifecycle.Component)
+            writer = RegistrationWriter(store, config.registrations, self._announce)
+            self._writer = self._sink = writer
+            self._feed_config = config.feed
+            if config.feed is not None:
+                self._feed = Feed(config.feed, writer, config.registrations)
+                self._sink = BucketSink(self._feed, writer, store)
+                self._task = asyncio.get_running_loop().create_task(self._feed.run(), name="feed")
+        except BaseException:
+            await self.stop()
+            raise
 
     async def reload(self, config: Config) -> None:
         if config.feed != self._feed_config:
