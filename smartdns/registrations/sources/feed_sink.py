@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from smartdns import logs
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
 from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.json_body import release_snapshot
-from smartdns.registrations.sources.feed import Feed, FeedUnavailable
+from smartdns.registrations.sources.feed import APPLIED_TIMEOUT_S, Feed, FeedUnavailable
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
 from smartdns.registrations.writer import RegistrationWriter
+
+# A snapshot's staged values apply in one step, and the DNS side then loads the whole set
+# (seconds at a million entries): its 200 waits as long as the local path's (node.status).
+SNAPSHOT_APPLIED_TIMEOUT_S: Final = 30.0
 
 
 class BucketSink:
@@ -68,7 +73,7 @@ class BucketSink:
         revision = await self._feed.replace_snapshot(holder[0])
         result = SnapshotResult.of(holder[0])
         await asyncio.to_thread(release_snapshot, holder)  # freed before this node loads it
-        await self._applied(revision)
+        await self._applied(revision, SNAPSHOT_APPLIED_TIMEOUT_S)
         return result
 
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
@@ -81,8 +86,8 @@ class BucketSink:
             await self._local.apply_resolved(changes)
             raise
 
-    async def _applied(self, revision: int) -> None:
+    async def _applied(self, revision: int, timeout_s: float = APPLIED_TIMEOUT_S) -> None:
         """Read-your-writes: wait until the follower applied `revision`; a node that does not
-        within the feed's APPLIED_TIMEOUT_S answers anyway, since the bucket holds the write."""
-        if self._follows and not await self._feed.wait_applied(revision):
+        within `timeout_s` answers anyway, since the bucket holds the write."""
+        if self._follows and not await self._feed.wait_applied(revision, timeout_s):
             self._late.warn("timeout")
