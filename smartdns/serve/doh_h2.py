@@ -138,6 +138,7 @@ class H2Session:
         self._deadline_s = deadline_s
         self._out = bytearray(_SERVER_PREFACE)
         self._partial = bytearray()  # an incomplete frame (or preface) from the last read
+        self._needed = len(PREFACE)  # the octets `_partial` must reach to be worth reading
         self._preface_done = False
         self._settings_seen = False  # RFC 9113 §3.4: the client's first frame is SETTINGS
         self._decoder = HpackDecoder(MAX_HEADER_LIST_BYTES)
@@ -185,6 +186,8 @@ class H2Session:
         partial = self._partial
         if partial:
             partial += data
+            if len(partial) < self._needed:
+                return []  # a frame trickling in is not copied again for each piece
             data = bytes(partial)
             partial.clear()
         requests: list[tuple[int, HttpRequest]] = []
@@ -197,6 +200,9 @@ class H2Session:
             return requests
         if used < len(data):
             partial += data[used:]
+            self._needed = FRAME_HEADER_BYTES
+            if len(partial) >= FRAME_HEADER_BYTES:
+                self._needed += int.from_bytes(partial[:3], "big")
         if self._unreturned and (self._unreturned >= _WINDOW_REFILL_BYTES or self._incoming):
             self._give_back()
         if self._peer_done and not self._windows:
