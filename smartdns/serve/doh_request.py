@@ -83,7 +83,7 @@ def read_request(request: HttpRequest) -> DnsRequest | int:
     if request.problem:
         return request.problem
     path, _, query = request.target.partition(b"?")
-    device = _device(path)
+    device = None if path == PATH else _device(path)
     if isinstance(device, int):
         return device
     if request.method == b"GET":

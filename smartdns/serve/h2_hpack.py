@@ -25,6 +25,7 @@ _STATIC: Final[tuple[tuple[bytes, bytes], ...]] = (
     *HeaderTable.STATIC_TABLE,
 )
 _STATIC_COUNT: Final = len(_STATIC) - 1
+_STATIC_SIZES: Final = tuple(len(name) + len(value) + _ENTRY_OVERHEAD for name, value in _STATIC)
 _MAX_INTEGER_SHIFT: Final = 28  # integers beyond 2^28 are no length or index we accept
 _HUFFMAN_CACHED: Final = 4096  # strings kept
 _HUFFMAN_CACHED_OCTETS: Final = 256  # longer encodings are decoded every time
@@ -46,7 +47,7 @@ class HpackDecoder:
 
     def __init__(self, max_list_bytes: int) -> None:
         self._max_list_bytes = max_list_bytes
-        self._table: deque[tuple[bytes, bytes]] = deque()  # newest first
+        self._table: deque[tuple[tuple[bytes, bytes], int]] = deque()  # (field, size), newest first
         self._table_bytes = 0
         self._table_limit = DEFAULT_TABLE_BYTES  # the encoder's, at most ours (§4.2)
 
@@ -64,14 +65,20 @@ class HpackDecoder:
                     position += 1
                 else:
                     index, position = _integer(block, position, 0x7F)
-                field = static[index] if 0 < index <= _STATIC_COUNT else self._entry(index)
+                if 0 < index <= _STATIC_COUNT:
+                    field = static[index]
+                    size = _STATIC_SIZES[index]
+                elif index and index - _STATIC_COUNT <= len(self._table):
+                    field, size = self._table[index - _STATIC_COUNT - 1]
+                else:
+                    raise HpackError
             elif first & 0x60 == 0x20:  # §6.3 dynamic table size update: before any field
                 if fields:
                     raise HpackError
-                size, position = _integer(block, position, 0x1F)
-                if size > DEFAULT_TABLE_BYTES:
+                limit, position = _integer(block, position, 0x1F)
+                if limit > DEFAULT_TABLE_BYTES:
                     raise HpackError
-                self._table_limit = size
+                self._table_limit = limit
                 self._evict()
                 continue
             else:  # §6.2 literals: with incremental indexing, without, never indexed
@@ -86,38 +93,38 @@ class HpackDecoder:
                 elif index <= _STATIC_COUNT:
                     name = static[index][0]
                 else:
-                    name = self._entry(index)[0]
+                    name = self._entry(index)[0][0]
                 value, position = _string(block, position)
                 field = (name, value)
+                size = len(name) + len(value) + _ENTRY_OVERHEAD
                 if first & 0x40:
-                    self._insert(field)
-            list_bytes += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
+                    self._insert(field, size)
+            list_bytes += size
             if list_bytes > self._max_list_bytes:
                 raise HeaderListTooLarge
             fields.append(field)
         return fields
 
-    def _entry(self, index: int) -> tuple[bytes, bytes]:
+    def _entry(self, index: int) -> tuple[tuple[bytes, bytes], int]:
+        """The field at `index` and its size (§2.3.3: static, then dynamic, newest first)."""
         if 0 < index <= _STATIC_COUNT:
-            return _STATIC[index]
+            return _STATIC[index], _STATIC_SIZES[index]
         dynamic = index - _STATIC_COUNT - 1
         if index == 0 or dynamic >= len(self._table):
             raise HpackError
         return self._table[dynamic]
 
-    def _insert(self, field: tuple[bytes, bytes]) -> None:
+    def _insert(self, field: tuple[bytes, bytes], size: int) -> None:
         """RFC 7541 §4.4: evict from the oldest until the entry fits; an entry larger than
         the whole table empties it and is not kept."""
-        size = len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
-        self._table.appendleft(field)
+        self._table.appendleft((field, size))
         self._table_bytes += size
         self._evict()
 
     def _evict(self) -> None:
         table = self._table
         while self._table_bytes > self._table_limit:
-            name, value = table.pop()
-            self._table_bytes -= len(name) + len(value) + _ENTRY_OVERHEAD
+            self._table_bytes -= table.pop()[1]
 
 
 def _integer(block: bytes, position: int, mask: int) -> tuple[int, int]:
