@@ -143,3 +143,46 @@ async def test_a_failed_batch_saves_no_position(store: RegistrationStore) -> Non
     with pytest.raises(AttributeError):  # fails inside the transaction
         await store.feed.apply_feed([("y", bogus)], None, Position(7, 9))
     assert await store.feed.feed_position() == (Position(7, 3), 1)
+
+
+async def test_changes_to_stored_accounts_in_one_batch_equal_them_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """Stored accounts taking values without hostnames are replaced set by set; the result,
+    and what a DNS process catching up is told (entries and digests gone), equal applying
+    the same changes one batch per change, the general path. One account holding a hostname
+    takes the general path inside the batch."""
+    digest = bytes(range(32))
+    before: list[tuple[str, AccountValue | Tombstone | None]] = [
+        ("moves", AccountValue(1, (A,), (), (digest,))),
+        ("grows", AccountValue(1, (A,))),
+        ("named", AccountValue(1, (A,), ("home.example.net",))),
+        ("buried", Tombstone(1)),
+    ]
+    after: list[tuple[str, AccountValue | Tombstone | None]] = [
+        ("moves", AccountValue(2, (B,))),  # its entry and its digest go
+        ("grows", AccountValue(2, (A, B))),
+        ("named", AccountValue(2, (B,))),  # held a hostname: the general path
+        ("buried", AccountValue(2, (B,))),  # a tombstone comes back
+        ("grows", AccountValue(3, (B,))),  # twice in the batch: the later one holds
+    ]
+    stores = []
+    for name, batches in (("together", [after]), ("apart", [[change] for change in after])):
+        store = await RegistrationStore.open(tmp_path / f"{name}.db", create=True)
+        await store.feed.apply_feed(before, None)
+        since = await store.readers.generation()
+        for batch in batches:
+            await store.feed.apply_feed(batch, None)
+        listed = [
+            (record.account, record.version, record.networks, record.hostnames, record.devices)
+            for record in await store.readers.list_accounts()
+        ]
+        changes = await store.readers.changes_since(since)
+        stores.append((listed, set(changes.present), set(changes.gone), changes))
+        await store.close()
+    (together, present, gone, changes), (apart, present_apart, gone_apart, changes_apart) = stores
+    assert together == apart
+    assert [row[0] for row in together] == ["buried", "grows", "moves", "named"]
+    assert (present, gone) == (present_apart, gone_apart)  # one generation, or one per change
+    assert A_PREFIX in gone  # no account holds A any more
+    assert set(changes.devices_gone) == set(changes_apart.devices_gone) == {digest}

@@ -39,14 +39,16 @@ class FeedApplication:
         refuse it, and a snapshot's own accounts arrive at its version); a lower one is
         counted stale, an equal one is the same change again. None removes the account
         without a tombstone. `snapshot_version`, when given, is stored as well. Stored
-        versions are read 500 at a time, and accounts new to the store are inserted with one
-        executemany, so a catch-up over a large bucket costs statements per batch, not per key.
+        versions are read 500 at a time, accounts new to the store are inserted with one
+        executemany, and stored accounts taking a value without hostnames are replaced set by
+        set, so a catch-up or a resume costs statements per batch, not per key.
         """
         applied = stale = 0
         async with self._database.writing("apply feed") as db:
             stored = await _stored_versions(db, {account for account, _ in changes})
             generation: int | None = None
             fresh: dict[str, AccountValue] = {}
+            plain: dict[str, AccountValue] = {}  # stored, changed, no hostnames in the value
             for account, value in changes:
                 version = stored.get(account)
                 if value is not None and version is not None and value.version <= version:
@@ -61,7 +63,13 @@ class FeedApplication:
                     fresh[account] = value
                     stored[account] = value.version
                     continue
-                await _insert_fresh(db, fresh, generation)  # before it changes one of them
+                if isinstance(value, AccountValue) and not value.hostnames and account not in fresh:
+                    plain[account] = value  # replaced with the others (below)
+                    stored[account] = value.version
+                    continue
+                # Before it changes one of them:
+                await _insert_fresh(db, fresh, generation)
+                await _replace_plain(db, plain, generation)
                 await _apply_change(db, account, value, generation)
                 if value is None:
                     del stored[account]
@@ -69,6 +77,7 @@ class FeedApplication:
                     stored[account] = value.version
             if generation is not None:
                 await _insert_fresh(db, fresh, generation)
+                await _replace_plain(db, plain, generation)
             if snapshot_version is not None:
                 await _set_snapshot_version(db, snapshot_version)
             await _save_position(db, position)
@@ -161,6 +170,77 @@ async def _insert_fresh(
         ((account, digest) for account, value in fresh.items() for digest in value.devices),
     )
     fresh.clear()
+
+
+async def _replace_plain(
+    db: aiosqlite.Connection, plain: dict[str, AccountValue], generation: int
+) -> None:
+    """Stored accounts (live or tombstone) taking a value without hostnames: what
+    account_rows.replace_account does one account at a time, done for all of them with a few
+    statements each. One that holds hostnames now takes the general path."""
+    if not plain:
+        return
+    names = sorted(plain)
+    old_entries: dict[str, set[account_rows.Key]] = {name: set() for name in names}
+    old_devices: dict[str, set[bytes]] = {name: set() for name in names}
+    with_hostnames: set[str] = set()
+    for start in range(0, len(names), IN_CHUNK):
+        chunk = names[start : start + IN_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for row in await db.execute_fetchall(
+            f"SELECT account, family, network, prefix_len FROM entries WHERE account IN ({marks})",
+            chunk,
+        ):
+            old_entries[str(row[0])].add((int(row[1]), bytes(row[2]), int(row[3])))
+        for row in await db.execute_fetchall(
+            f"SELECT account, digest FROM device_ids WHERE account IN ({marks})", chunk
+        ):
+            old_devices[str(row[0])].add(bytes(row[1]))
+        for row in await db.execute_fetchall(
+            f"SELECT DISTINCT account FROM hostnames WHERE account IN ({marks})", chunk
+        ):
+            with_hostnames.add(str(row[0]))
+    for account in with_hostnames:
+        await _apply_change(db, account, plain.pop(account), generation)
+    new_entries = {
+        account: {account_rows.key(network) for network in value.networks}
+        for account, value in plain.items()
+    }
+    await db.executemany("DELETE FROM entries WHERE account = ?", ((name,) for name in plain))
+    await db.executemany(
+        "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, 0, ?)"
+        " ON CONFLICT (account) DO UPDATE SET version = excluded.version,"
+        " deleted = excluded.deleted, generation = excluded.generation",
+        ((account, value.version, generation) for account, value in plain.items()),
+    )
+    await db.executemany(
+        "INSERT OR IGNORE INTO entries (account, family, network, prefix_len) VALUES (?, ?, ?, ?)",
+        ((account, *key) for account, keys in new_entries.items() for key in keys),
+    )
+    await account_rows.remember_removed(
+        db,
+        generation,
+        {key for account, keys in new_entries.items() for key in old_entries[account] - keys},
+    )
+    dropped = [
+        (account, digest)
+        for account, value in plain.items()
+        for digest in old_devices[account].difference(value.devices)
+    ]
+    await db.executemany("DELETE FROM device_ids WHERE account = ? AND digest = ?", dropped)
+    await db.executemany(
+        "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
+        (
+            (account, digest)
+            for account, value in plain.items()
+            for digest in set(value.devices).difference(old_devices[account])
+        ),
+    )
+    await db.executemany(
+        "INSERT OR IGNORE INTO removed_devices (generation, digest) VALUES (?, ?)",
+        ((generation, digest) for _, digest in dropped),
+    )
+    plain.clear()
 
 
 async def _apply_change(
