@@ -540,7 +540,8 @@ class Feed:
                 self._eager(await _next_msg(fast, 0.1))
             if reader.at_end:
                 follower.end_reached()
-            await self._apply()
+            if follower.caught_up or not messages:
+                await self._apply()  # while catching up, batches of APPLY_BATCH (above)
             if messages and self._batch < FETCH_BATCH and not self._resubscribe:
                 self._batch = reader.batch = min(FETCH_BATCH, self._batch * 2)
             connected = self._report()
