@@ -35,11 +35,8 @@ from smartdns.registrations.feed_format import (
     encode_marker,
     encode_value,
 )
-from smartdns.registrations.sources.feed import (
-    Feed,
-    FeedUnavailable,
-    stream_name,
-)
+from smartdns.registrations.sources.feed import Feed, stream_name
+from smartdns.registrations.sources.feed_writes import FeedUnavailable
 from tests.e2e.nats import NatsCluster, make_certificates, nats_cluster
 
 LAB = RegistrationsConfig(public_only=False)
@@ -172,11 +169,11 @@ async def test_a_write_reaches_a_follower_and_the_writer_reads_its_own(
     single: NatsCluster,
 ) -> None:
     async with running(single.urls) as (writer, mine), running(single.urls) as (_, theirs):
-        revision, _ = await writer.put_account("acct:1.eu", value(3, "203.0.113.7/32"))
+        revision, _ = await writer.writes.put_account("acct:1.eu", value(3, "203.0.113.7/32"))
         assert await writer.wait_applied(revision)
         assert mine.accounts["acct:1.eu"] == value(3, "203.0.113.7/32")  # read-your-writes
         await eventually(lambda: "acct:1.eu" in theirs.accounts, 1.0)
-        revision, existed = await writer.delete_account("acct:1.eu", 4)
+        revision, existed = await writer.writes.delete_account("acct:1.eu", 4)
         assert existed
         await eventually(lambda: theirs.accounts.get("acct:1.eu") == Tombstone(4), 1.0)
         assert theirs.live() == {}
@@ -199,14 +196,14 @@ async def test_stale_and_conflicting_versions_are_refused_fleet_wide(
     single: NatsCluster,
 ) -> None:
     async with running(single.urls) as (one, _), running(single.urls) as (two, _):
-        first, _ = await one.put_account("x", value(5, "203.0.113.7/32"))
+        first, _ = await one.writes.put_account("x", value(5, "203.0.113.7/32"))
         with pytest.raises(StaleWriteError, match="older"):
-            await two.put_account("x", value(4, "203.0.113.7/32"))
+            await two.writes.put_account("x", value(4, "203.0.113.7/32"))
         with pytest.raises(StaleWriteError, match="other content"):
-            await two.put_account("x", value(5, "203.0.113.8/32"))
-        assert (await two.put_account("x", value(5, "203.0.113.7/32")))[0] == first  # no-op
+            await two.writes.put_account("x", value(5, "203.0.113.8/32"))
+        assert (await two.writes.put_account("x", value(5, "203.0.113.7/32")))[0] == first  # no-op
         with pytest.raises(StaleWriteError):
-            await two.delete_account("x", 5)
+            await two.writes.delete_account("x", 5)
 
 
 async def test_racing_writers_leave_the_highest_version(single: NatsCluster) -> None:
@@ -216,7 +213,7 @@ async def test_racing_writers_leave_the_highest_version(single: NatsCluster) -> 
 
         async def write(feed: Feed, version: int) -> None:
             with contextlib.suppress(StaleWriteError):
-                await feed.put_account("race", value(version, "203.0.113.7/32"))
+                await feed.writes.put_account("race", value(version, "203.0.113.7/32"))
 
         await asyncio.gather(*(write((one, two)[v % 2], v) for v in range(1, 13)))
         await eventually(lambda: sink.live().get("race") == 12)
@@ -252,8 +249,8 @@ async def test_reconciles_what_was_purged_while_away(single: NatsCluster) -> Non
     sink = MemorySink()
     async with running(single.urls, sink) as (feed, _):
         for name in ("keep", "purged", "wiped"):
-            await feed.put_account(name, value(2, "203.0.113.7/32"))
-        await feed.delete_account("tomb", 3)
+            await feed.writes.put_account(name, value(2, "203.0.113.7/32"))
+        await feed.writes.delete_account("tomb", 3)
         await eventually(lambda: len(sink.accounts) == 4)
     async with raw_bucket(single.urls) as kv:
         await kv.purge(account_key("purged"))  # leaves a purge marker
@@ -276,31 +273,33 @@ async def test_a_snapshot_replaces_the_bucket_and_lands_in_one_step(
     single: NatsCluster,
 ) -> None:
     async with running(single.urls) as (writer, _), running(single.urls) as (_, sink):
-        await writer.put_account("old", value(2, "203.0.113.7/32"))
-        await writer.delete_account("tomb", 3)
+        await writer.writes.put_account("old", value(2, "203.0.113.7/32"))
+        await writer.writes.delete_account("tomb", 3)
         await eventually(lambda: len(sink.accounts) == 2)
         accounts = {f"s{i}": (ipaddress.ip_network("198.51.100.0/24"),) for i in range(300)}
-        revision = await writer.replace_snapshot(Snapshot(10, accounts))
+        revision = await writer.writes.replace_snapshot(Snapshot(10, accounts))
         assert await writer.wait_applied(revision)
         await eventually(lambda: sink.snapshot_version == 10)
         assert set(sink.accounts) == set(accounts)
         assert max(sink.batches) >= 302  # 300 accounts and 2 removals in one apply
         with pytest.raises(StaleWriteError, match="snapshot"):
-            await writer.put_account("late", value(10, "203.0.113.7/32"))
+            await writer.writes.put_account("late", value(10, "203.0.113.7/32"))
         with pytest.raises(StaleWriteError, match="older"):
-            await writer.replace_snapshot(Snapshot(9, {}))
-        await writer.put_account("late", value(11, "203.0.113.7/32"))
+            await writer.writes.replace_snapshot(Snapshot(9, {}))
+        await writer.writes.put_account("late", value(11, "203.0.113.7/32"))
 
 
 async def test_an_interrupted_snapshot_is_staged_until_repeated(single: NatsCluster) -> None:
     async with running(single.urls) as (writer, sink), raw_bucket(single.urls) as kv:
-        await writer.put_account("old", value(2, "203.0.113.7/32"))
+        await writer.writes.put_account("old", value(2, "203.0.113.7/32"))
         await kv.put(SNAPSHOT_KEY, encode_marker(SnapshotMarker(5, False)))
         await kv.put(account_key("new"), encode_value(value(5, "203.0.113.5/32")))
         await kv.put(account_key("live"), encode_value(value(6, "203.0.113.6/32")))
         await eventually(lambda: "live" in sink.accounts)
         assert "new" not in sink.accounts  # staged: the snapshot has not completed
-        await writer.replace_snapshot(Snapshot(5, {"new": value(5, "203.0.113.5/32").networks}))
+        await writer.writes.replace_snapshot(
+            Snapshot(5, {"new": value(5, "203.0.113.5/32").networks})
+        )
         await eventually(lambda: sink.snapshot_version == 5)
         assert set(sink.live()) == {"new", "live"}  # `live` is newer than the snapshot
 
@@ -311,7 +310,7 @@ async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
             running(cluster.urls, replicas=3) as (writer, _),
             running(cluster.urls, replicas=3) as (follower, sink),
         ):
-            await writer.put_account("before", value(1, "203.0.113.1/32"))
+            await writer.writes.put_account("before", value(1, "203.0.113.1/32"))
             await eventually(lambda: "before" in sink.accounts)
             attached = follower._nc.connected_url.port  # type: ignore[union-attr]
             victim = next(i for i, s in enumerate(cluster.servers) if s.client_port == attached)
@@ -322,7 +321,7 @@ async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
             for version in range(2, 12):
                 while True:
                     try:
-                        await writer.put_account("after", value(version, "203.0.113.2/32"))
+                        await writer.writes.put_account("after", value(version, "203.0.113.2/32"))
                         break
                     except FeedUnavailable:  # no stream leader yet: the cluster is electing
                         assert time.monotonic() - killed < ELECTION_S
@@ -342,7 +341,7 @@ async def test_a_killed_server_in_a_cluster_is_survived(tmp_path: Path) -> None:
             assert max(converged[1:]) < 1.0
             await eventually(lambda: follower.state.caught_up, ELECTION_S)
             cluster.start(victim)
-            await writer.put_account("back", value(1, "203.0.113.3/32"))
+            await writer.writes.put_account("back", value(1, "203.0.113.3/32"))
             await eventually(lambda: "back" in sink.accounts, 2.0)
 
 
@@ -354,7 +353,7 @@ async def test_tls_to_the_servers_with_the_configured_ca(tmp_path: Path) -> None
         feed = Feed(Settings(tuple(cluster.urls), tls_ca_file=ca), sink, LAB)
         async with running_feed(feed):
             await eventually(lambda: feed.state.caught_up)
-            revision, _ = await feed.put_account("tls", value(1, "203.0.113.7/32"))
+            revision, _ = await feed.writes.put_account("tls", value(1, "203.0.113.7/32"))
             assert await feed.wait_applied(revision) and "tls" in sink.accounts
         # Without the CA the server's certificate is not trusted: no connection at all.
         untrusting = Feed(Settings(tuple(cluster.urls)), MemorySink(), LAB)
@@ -368,10 +367,11 @@ async def test_resolved_hostnames_reach_every_follower(single: NatsCluster) -> N
     (after the accounts, at catch-up too); a bad value is skipped and counted."""
     home = (ipaddress.ip_network("203.0.113.9/32"), ipaddress.ip_network("2001:db8::9/128"))
     async with running(single.urls) as (refresher, mine), running(single.urls) as (_, theirs):
-        await refresher.apply_resolved({"home.example.net": home})
-        assert mine.resolved["home.example.net"] == home  # applied here before returning
+        revision = await refresher.writes.apply_resolved({"home.example.net": home})
+        assert await refresher.wait_applied(revision)
+        assert mine.resolved["home.example.net"] == home
         await eventually(lambda: theirs.resolved.get("home.example.net") == home, 1.0)
-        await refresher.apply_resolved({"home.example.net": ()})
+        await refresher.writes.apply_resolved({"home.example.net": ()})
         await eventually(lambda: theirs.resolved.get("home.example.net") == (), 1.0)
         async with raw_bucket(single.urls) as kv:
             await kv.put("host.bad.example.net", b'{"addresses": ["203.0.113.0/24"]}')

@@ -98,7 +98,7 @@ async def test_a_restart_reads_only_what_it_missed(single: NatsCluster) -> None:
     sink = MemorySink()
     async with running(single.urls, sink) as (writer, _):
         accounts = {f"a{i}": (ipaddress.ip_network(address(i)),) for i in range(2_000)}
-        await writer.replace_snapshot(Snapshot(10, accounts))
+        await writer.writes.replace_snapshot(Snapshot(10, accounts))
         await eventually(lambda: len(sink.accounts) == 2_000)
     missed = 150
     async with raw_bucket(single.urls) as kv:
@@ -118,7 +118,7 @@ async def test_a_bucket_recreated_while_away_is_read_whole_and_reconciled(
     sink = MemorySink()
     async with running(single.urls, sink) as (writer, _):
         for name in ("old", "kept"):
-            await writer.put_account(name, value(2, "203.0.113.7/32"))
+            await writer.writes.put_account(name, value(2, "203.0.113.7/32"))
         await eventually(lambda: len(sink.accounts) == 2)
     async with raw_bucket(single.urls) as kv:
         js = kv._js
@@ -137,7 +137,7 @@ async def test_keys_purged_while_away_are_noticed_and_reconciled(single: NatsClu
     sink = MemorySink()
     async with running(single.urls, sink) as (writer, _):
         for name in ("keep", "marked", "wiped"):
-            await writer.put_account(name, value(2, "203.0.113.7/32"))
+            await writer.writes.put_account(name, value(2, "203.0.113.7/32"))
         await eventually(lambda: len(sink.accounts) == 3)
         # The node looks at the stream's message count every LOOK_S and saves it.
         await eventually(
@@ -160,7 +160,7 @@ async def test_a_slow_consumer_is_provoked_and_the_copy_still_converges(
     the copy ends exact."""
     async with running(single.urls) as (writer, _):
         accounts = {f"a{i}": (ipaddress.ip_network(address(i)),) for i in range(3_000)}
-        await writer.replace_snapshot(Snapshot(10, accounts))
+        await writer.writes.replace_snapshot(Snapshot(10, accounts))
     monkeypatch.setattr(Feed, "pending_limit", 20)
     sink = MemorySink()
     feed = Feed(Settings(tuple(single.urls)), sink, LAB)
@@ -178,7 +178,7 @@ async def test_a_large_bucket_caught_up_under_writes_equals_the_bucket(
     async with running(single.urls) as (writer, _):
         accounts = {f"a{i}": (ipaddress.ip_network(address(i)),) for i in range(LARGE)}
         started = time.monotonic()
-        await writer.replace_snapshot(Snapshot(10, accounts))
+        await writer.writes.replace_snapshot(Snapshot(10, accounts))
         imported = time.monotonic() - started
     del accounts
 

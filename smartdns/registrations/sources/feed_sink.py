@@ -16,7 +16,8 @@ from smartdns import logs
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
 from smartdns.registrations.feed_format import AccountValue
 from smartdns.registrations.json_body import release_snapshot
-from smartdns.registrations.sources.feed import APPLIED_TIMEOUT_S, Feed, FeedUnavailable
+from smartdns.registrations.sources.feed import APPLIED_TIMEOUT_S, Feed
+from smartdns.registrations.sources.feed_writes import FeedUnavailable
 from smartdns.registrations.store import AccountRecord, RegistrationStore, SnapshotResult
 from smartdns.registrations.writer import RegistrationWriter
 
@@ -59,18 +60,18 @@ class BucketSink:
         value = AccountValue(
             version, tuple(networks), tuple(sorted(set(hostnames))), tuple(sorted(devices))
         )
-        revision, _existed = await self._feed.put_account(account, value)
+        revision, _existed = await self._feed.writes.put_account(account, value)
         await self._applied(revision)
         return AccountRecord(account, version, value.networks, value.hostnames, value.devices)
 
     async def delete_account(self, account: str, version: int) -> bool:
         validate_account_id(account)
-        revision, existed = await self._feed.delete_account(account, version)
+        revision, existed = await self._feed.writes.delete_account(account, version)
         await self._applied(revision)
         return existed
 
     async def replace_snapshot(self, holder: list[Snapshot]) -> SnapshotResult:
-        revision = await self._feed.replace_snapshot(holder[0])
+        revision = await self._feed.writes.replace_snapshot(holder[0])
         result = SnapshotResult.of(holder[0])
         await asyncio.to_thread(release_snapshot, holder)  # freed before this node loads it
         await self._applied(revision, SNAPSHOT_APPLIED_TIMEOUT_S)
@@ -81,10 +82,12 @@ class BucketSink:
         A bucket that cannot take them now gets them applied here at least, and the error goes
         back to the refresher, which retries the bucket."""
         try:
-            await self._feed.apply_resolved(changes)
+            revision = await self._feed.writes.apply_resolved(changes)
         except FeedUnavailable:
             await self._local.apply_resolved(changes)
             raise
+        if revision:
+            await self._applied(revision)
 
     async def _applied(self, revision: int, timeout_s: float = APPLIED_TIMEOUT_S) -> None:
         """Read-your-writes: wait until the follower applied `revision`; a node that does not
