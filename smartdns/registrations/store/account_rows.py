@@ -71,20 +71,35 @@ async def entry_keys(db: aiosqlite.Connection, account: str) -> list[Key]:
 
 
 async def insert_entries(db: aiosqlite.Connection, account: str, keys: Iterable[Key]) -> None:
+    await insert_entries_of(db, ((account, key) for key in keys))
+
+
+async def insert_entries_of(db: aiosqlite.Connection, rows: Iterable[tuple[str, Key]]) -> None:
+    """(account, entry key) rows, for any number of accounts."""
     await db.executemany(
         "INSERT OR IGNORE INTO entries (account, family, network, prefix_len) VALUES (?, ?, ?, ?)",
-        ((account, *key) for key in keys),
+        ((account, *key) for account, key in rows),
     )
 
 
 async def upsert_account(
     db: aiosqlite.Connection, account: str, version: int, deleted: bool, generation: int
 ) -> None:
-    await db.execute(
+    await upsert_accounts(db, ((account, version, deleted, generation),))
+
+
+async def upsert_accounts(
+    db: aiosqlite.Connection, rows: Iterable[tuple[str, int, bool, int]]
+) -> None:
+    """(account, version, deleted, generation) rows: inserted, or replacing the stored ones."""
+    await db.executemany(
         "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (account) DO UPDATE SET version = excluded.version,"
         " deleted = excluded.deleted, generation = excluded.generation",
-        (account, version, int(deleted), generation),
+        (
+            (account, version, int(deleted), generation)
+            for account, version, deleted, generation in rows
+        ),
     )
 
 
@@ -167,18 +182,26 @@ async def set_devices(
 ) -> None:
     """Give the account exactly `new` digests (it held `old`); the ones it gave up are
     noted as removed, for readers catching up (changes_since decides what they mean)."""
-    dropped = set(old).difference(new)
-    await db.executemany(
-        "DELETE FROM device_ids WHERE account = ? AND digest = ?",
-        ((account, digest) for digest in dropped),
-    )
-    await db.executemany(
-        "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
-        ((account, digest) for digest in set(new).difference(old)),
-    )
+    await set_devices_of(db, ((account, old, new),), generation)
+
+
+async def set_devices_of(
+    db: aiosqlite.Connection,
+    changes: Iterable[tuple[str, Iterable[bytes], Iterable[bytes]]],
+    generation: int,
+) -> None:
+    """set_devices for any number of (account, old digests, new digests)."""
+    dropped: list[tuple[str, bytes]] = []
+    added: list[tuple[str, bytes]] = []
+    for account, old, new in changes:
+        held, wanted = set(old), set(new)
+        dropped.extend((account, digest) for digest in held - wanted)
+        added.extend((account, digest) for digest in wanted - held)
+    await db.executemany("DELETE FROM device_ids WHERE account = ? AND digest = ?", dropped)
+    await db.executemany("INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)", added)
     await db.executemany(
         "INSERT OR IGNORE INTO removed_devices (generation, digest) VALUES (?, ?)",
-        ((generation, digest) for digest in dropped),
+        ((generation, digest) for _, digest in dropped),
     )
 
 

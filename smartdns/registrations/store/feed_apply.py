@@ -153,21 +153,19 @@ async def _insert_fresh(
     """Accounts not stored before, without hostnames: nothing to take away, three inserts."""
     if not fresh:
         return
-    await db.executemany(
-        "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, 0, ?)",
-        ((account, value.version, generation) for account, value in fresh.items()),
+    await account_rows.upsert_accounts(
+        db, ((account, value.version, False, generation) for account, value in fresh.items())
     )
-    await db.executemany(
-        "INSERT OR IGNORE INTO entries (account, family, network, prefix_len) VALUES (?, ?, ?, ?)",
+    await account_rows.insert_entries_of(
+        db,
         (
-            (account, *account_rows.key(network))
+            (account, account_rows.key(network))
             for account, value in fresh.items()
             for network in value.networks
         ),
     )
-    await db.executemany(
-        "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
-        ((account, digest) for account, value in fresh.items() for digest in value.devices),
+    await account_rows.set_devices_of(
+        db, ((account, (), value.devices) for account, value in fresh.items()), generation
     )
     fresh.clear()
 
@@ -176,8 +174,9 @@ async def _replace_plain(
     db: aiosqlite.Connection, plain: dict[str, AccountValue], generation: int
 ) -> None:
     """Stored accounts (live or tombstone) taking a value without hostnames: what
-    account_rows.replace_account does one account at a time, done for all of them with a few
-    statements each. One that holds hostnames now takes the general path."""
+    account_rows.replace_account does one account at a time, done for all of them with the
+    same row functions, a few statements in all. One that holds hostnames now takes the
+    general path."""
     if not plain:
         return
     names = sorted(plain)
@@ -207,38 +206,21 @@ async def _replace_plain(
         for account, value in plain.items()
     }
     await db.executemany("DELETE FROM entries WHERE account = ?", ((name,) for name in plain))
-    await db.executemany(
-        "INSERT INTO accounts (account, version, deleted, generation) VALUES (?, ?, 0, ?)"
-        " ON CONFLICT (account) DO UPDATE SET version = excluded.version,"
-        " deleted = excluded.deleted, generation = excluded.generation",
-        ((account, value.version, generation) for account, value in plain.items()),
+    await account_rows.upsert_accounts(
+        db, ((account, value.version, False, generation) for account, value in plain.items())
     )
-    await db.executemany(
-        "INSERT OR IGNORE INTO entries (account, family, network, prefix_len) VALUES (?, ?, ?, ?)",
-        ((account, *key) for account, keys in new_entries.items() for key in keys),
+    await account_rows.insert_entries_of(
+        db, ((account, key) for account, keys in new_entries.items() for key in keys)
     )
     await account_rows.remember_removed(
         db,
         generation,
         {key for account, keys in new_entries.items() for key in old_entries[account] - keys},
     )
-    dropped = [
-        (account, digest)
-        for account, value in plain.items()
-        for digest in old_devices[account].difference(value.devices)
-    ]
-    await db.executemany("DELETE FROM device_ids WHERE account = ? AND digest = ?", dropped)
-    await db.executemany(
-        "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)",
-        (
-            (account, digest)
-            for account, value in plain.items()
-            for digest in set(value.devices).difference(old_devices[account])
-        ),
-    )
-    await db.executemany(
-        "INSERT OR IGNORE INTO removed_devices (generation, digest) VALUES (?, ?)",
-        ((generation, digest) for _, digest in dropped),
+    await account_rows.set_devices_of(
+        db,
+        ((account, old_devices[account], value.devices) for account, value in plain.items()),
+        generation,
     )
     plain.clear()
 
