@@ -57,12 +57,12 @@ from bench.tools import (
     encode_query,
     ensure_python_env,
     export_revision,
-    free_port,
     log,
     python_env,
     rss_kib,
     terminate_as_interrupt,
 )
+from tests.ports import free_port
 
 FIRST: Final = int(ipaddress.IPv4Address("127.0.1.1"))  # account i starts at FIRST + i
 FIXED_CLIENT: Final = "127.0.0.2"

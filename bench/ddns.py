@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dns.message
 import yaml
 
-from bench.tools import cpu_seconds, free_port, rss_kib, rss_kib_self
+from bench.tools import cpu_seconds, rss_kib, rss_kib_self
 from smartdns.config.model import DdnsConfig, HostPort, RegistrationsConfig, UpstreamConfig
 from smartdns.core.chain import LookupOutcome
 from smartdns.registrations.entries import Network
@@ -67,6 +67,7 @@ from smartdns.registrations.sources.ddns import HostnameRefresher
 from smartdns.upstream.forwarder import Forwarder
 from smartdns.upstream.lookup import HostnameLookup, forwarder_config
 from tests.e2e.harness import Server, base_config, merge
+from tests.ports import free_port
 
 SUFFIX = "bench.test"
 TICK_S = 0.01

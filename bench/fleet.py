@@ -68,12 +68,12 @@ from bench.tools import (
     cpu_seconds,
     encode_query,
     ensure_python_env,
-    free_port,
     log,
     python_env,
     rss_kib,
     terminate_as_interrupt,
 )
+from tests.ports import free_port
 
 BUCKET: Final = "bench"
 NODES: Final = 3

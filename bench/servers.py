@@ -40,7 +40,6 @@ from bench.tools import (
     Children,
     TlsFiles,
     descendants,
-    free_port,
     log,
     pinned,
     python_env,
@@ -49,6 +48,7 @@ from bench.tools import (
     wait_accepting,
     wait_answering,
 )
+from tests.ports import free_port
 
 PROBE_NAME: Final = "probe.netflix.com"  # answered locally by every server
 UNBOUND_OUTGOING_RANGE: Final = 512

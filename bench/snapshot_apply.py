@@ -63,12 +63,12 @@ from bench.tools import (
     encode_query,
     ensure_commands,
     ensure_python_env,
-    free_port,
     log,
     parse_dnsperf,
     python_env,
     terminate_as_interrupt,
 )
+from tests.ports import free_port
 
 if TYPE_CHECKING:
     from smartdns.config.model import RegistrationsConfig

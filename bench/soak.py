@@ -75,6 +75,7 @@ from bench.soak_load import (  # noqa: E402
 from bench.tools import PerfResult  # noqa: E402
 from tests.e2e.harness import base_config, merge  # noqa: E402
 from tests.fake_upstream import FakeUpstream  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 MAX_DURATION_S: Final = 3600
 MINUTE_S: Final = 60
@@ -371,7 +372,7 @@ def _soak(
         upstream.add("example.org", "A", ["example.org. 300 IN A 192.0.2.1"])
         for index in range(0, FORWARDED_NAMES, 2):  # the others get NXDOMAIN
             upstream.add(f"n{index}.soak.test", "A", [f"n{index}.soak.test. 30 IN A 192.0.2.2"])
-        port = tools.free_port()
+        port = free_port()
         config = _config(state, port, upstream.address, authority_port, args)
         config_path = state / "smartdns.yaml"
         config_path.write_text(yaml.safe_dump(config))

@@ -222,21 +222,6 @@ def pinned(cpus: str | None, command: Sequence[str]) -> list[str]:
     return ["taskset", "-c", cpus, *command] if cpus else list(command)
 
 
-def free_port() -> int:
-    """A port free for UDP and TCP on 127.0.0.1 at the time of asking."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
-
-
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The options every server-comparing script shares: what to measure and what to keep."""
     parser.add_argument(

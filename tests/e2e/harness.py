@@ -27,6 +27,8 @@ import dns.query
 import dns.rcode
 import yaml
 
+from tests.ports import free_port
+
 REGISTERED = "127.0.0.2"
 UNREGISTERED = "127.0.0.3"
 REGISTERED_V6 = "::1"
@@ -34,24 +36,6 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 15.0
 QUERY_TIMEOUT_S = 3.0
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A port free for UDP and TCP on 127.0.0.1 and ::1 at the time of asking."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        try:
-            with contextlib.ExitStack() as stack:
-                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                        sock = stack.enter_context(socket.socket(family, kind))
-                        sock.bind((host, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
 
 
 def write_token(state: Path) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e.harness import free_port
+from tests.ports import free_port
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0

@@ -35,9 +35,9 @@ from tests.e2e.harness import (
     Server,
     _env,
     base_config,
-    free_port,
     merge,
 )
+from tests.ports import free_port
 
 IP_TIMEOUT_S = 10.0
 

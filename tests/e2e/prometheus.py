@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from tests.e2e.harness import free_port
+from tests.ports import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"

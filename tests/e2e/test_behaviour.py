@@ -21,15 +21,9 @@ import yaml
 
 from tests.certificates import SERVER_NAME, write_pair
 from tests.e2e.doh_client import MEDIA_TYPE, H2Client
-from tests.e2e.harness import (
-    REGISTERED,
-    REGISTERED_V6,
-    UNREGISTERED,
-    Server,
-    free_port,
-    running_server,
-)
+from tests.e2e.harness import REGISTERED, REGISTERED_V6, UNREGISTERED, Server, running_server
 from tests.fake_upstream import FakeUpstream
+from tests.ports import free_port
 
 CASES: list[dict[str, Any]] = yaml.safe_load(
     (Path(__file__).parents[1] / "data" / "behaviour.yaml").read_text()

@@ -14,11 +14,12 @@ import dns.rcode
 import pytest
 
 from tests.certificates import SERVER_NAME, write_pair
-from tests.e2e.harness import UNREGISTERED, free_port, running_server
+from tests.e2e.harness import UNREGISTERED, running_server
 from tests.e2e.streams import framed, read_reply
 from tests.e2e.test_dot import DotServer, encrypted
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
+from tests.ports import free_port
 
 DEVICE_ID = "m4n8b2v6c0x4z8l2k6j0h4g8f2"
 CLI_EFFECT_S = 1.0

@@ -36,17 +36,11 @@ from tests.e2e.doh_client import (
     h1_request,
     tls_socket,
 )
-from tests.e2e.harness import (
-    QUERY_TIMEOUT_S,
-    REGISTERED,
-    UNREGISTERED,
-    Server,
-    free_port,
-    running_server,
-)
+from tests.e2e.harness import QUERY_TIMEOUT_S, REGISTERED, UNREGISTERED, Server, running_server
 from tests.e2e.streams import closed_after
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
+from tests.ports import free_port
 
 WAIT_S = 5.0
 UNBLOCK_A = ["198.51.100.10", "198.51.100.11"]

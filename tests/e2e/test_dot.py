@@ -32,7 +32,6 @@ from tests.e2e.harness import (
     UNREGISTERED,
     Server,
     base_config,
-    free_port,
     merge,
     run_cli,
     running_server,
@@ -40,6 +39,7 @@ from tests.e2e.harness import (
 from tests.e2e.streams import closed_after, framed, read_reply
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
+from tests.ports import free_port
 
 DEVICE_ID = "k3v9q2w8e7r6t5y4u3i2o1p0"  # registered only where a test says so
 WAIT_S = 5.0

@@ -25,8 +25,8 @@ from smartdns.registrations.feed_format import account_key
 from smartdns.registrations.sink import SinkUnavailable
 from smartdns.registrations.sources.feed_sink import BucketSink
 from smartdns.registrations.store import RegistrationStore
-from tests.e2e.harness import free_port
 from tests.e2e.nats import NatsCluster, nats_cluster
+from tests.ports import free_port
 
 LAB = RegistrationsConfig(public_only=False)
 BUCKET = "smartdns-sink-test"

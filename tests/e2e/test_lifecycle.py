@@ -13,8 +13,9 @@ import dns.rcode
 import pytest
 import yaml
 
-from tests.e2e.harness import UNREGISTERED, Server, base_config, free_port, run_cli, running_server
+from tests.e2e.harness import UNREGISTERED, Server, base_config, run_cli, running_server
 from tests.fake_upstream import FakeUpstream
+from tests.ports import free_port
 
 
 def _serve_once(config_path: Path) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.certificates import SERVER_NAME, write_pair
-from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, free_port, running_server
+from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, running_server
 from tests.e2e.nats import NatsCluster, nats_cluster
 from tests.e2e.prometheus import PROMTOOL, Prometheus, require_prometheus, running_prometheus
 from tests.e2e.test_fleet import wait_health
@@ -42,6 +42,7 @@ from tests.monitoring import (
     panel_queries,
     unknown_names,
 )
+from tests.ports import free_port
 
 SCRAPED_S = 20.0  # Prometheus scrapes the node (every 1 s) and has two samples for rate()
 FIRING_S = 30.0  # a change on the node shows as a firing alert (scrape + evaluation, 1 s each)

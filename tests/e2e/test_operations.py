@@ -18,8 +18,9 @@ import dns.rcode
 import pytest
 import yaml
 
-from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, free_port, running_server
+from tests.e2e.harness import REGISTERED, UNREGISTERED, Server, running_server
 from tests.fake_upstream import FakeUpstream
+from tests.ports import free_port
 
 EFFECT_DEADLINE_S = 1.0
 RESTART_DEADLINE_S = 10.0

@@ -17,10 +17,10 @@ from tests.e2e.harness import (
     UNREGISTERED,
     Server,
     base_config,
-    free_port,
     rcode_within,
     run_cli,
 )
+from tests.ports import free_port
 
 EFFECT_DEADLINE_S = 1.0
 
