@@ -71,16 +71,26 @@ class RemovedEntriesPruner(Component):
     """Forgets the entries writes took away once every DNS process has had KEEP_REMOVED_S to
     apply them, and all of them at start and at stop (no reader is behind then): the
     database never keeps an address for longer than that after its removal (SPEC 7). One
-    per node, in the process that owns the sync API; started before any DNS process loads."""
+    per node, in the process that owns the sync API; started before any DNS process loads.
+
+    The rounds in between write through the registration sink's connection, in turn with
+    the node's other writes. On a connection of their own they waited in SQLite's busy
+    handler for the write lock, which a steady stream of sync writes hardly ever leaves
+    free: up to its 5 s timeout ("database is locked"), holding the DNS side's connection
+    all the while, so the DNS side could not read the writes it was asked to confirm."""
 
     name = "removed-entry pruning"
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, sinks: SinkService) -> None:
         self._database = database
+        self._sinks = sinks
         self._task: asyncio.Task[None] | None = None
-        self._failures = WarnOnce(__name__, "cannot prune removed registration entries")
+        self._failures = WarnOnce(
+            __name__, "cannot prune removed registration entries; they are kept until it works"
+        )
 
     async def start(self, config: Config) -> None:
+        # No writer of this process runs yet: the sink starts later and stops earlier.
         await self._database.store.database.forget_removed()
         self._task = asyncio.get_running_loop().create_task(self._prune_periodically())
 
@@ -94,7 +104,9 @@ class RemovedEntriesPruner(Component):
         seen: deque[tuple[float, int]] = deque()  # (when, generation then), oldest first
         while True:
             await asyncio.sleep(PRUNE_INTERVAL_S)
-            store = self._database.store
+            store = self._sinks.running_store
+            if store is None:  # the sink is not started yet: nothing of this node writes
+                continue
             try:
                 now = loop.time()
                 seen.append((now, await store.readers.generation()))
@@ -103,7 +115,7 @@ class RemovedEntriesPruner(Component):
                     through = seen.popleft()[1]
                 if through is not None:
                     await store.database.forget_removed(through)
-            except SmartDNSError as error:  # the database is down: the next round retries
+            except SmartDNSError as error:  # the next round prunes through a later generation
                 self._failures.warn(type(error).__name__)
 
 
@@ -156,6 +168,12 @@ class SinkService(Component):
         """The connection `sink` writes through: read-your-writes reads go here too."""
         if self._store is None:
             raise RuntimeError("the registration sink is not started")
+        return self._store
+
+    @property
+    def running_store(self) -> RegistrationStore | None:
+        """`store` while started, else None: for the removed-entry pruner, which starts
+        before this component and stops after it."""
         return self._store
 
     @property

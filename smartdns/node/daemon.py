@@ -307,7 +307,7 @@ def _dns_process(config: Config, link: WorkerLink | None) -> Node:
             feed=sinks.feed_state,
         ),
     )
-    pruner = RemovedEntriesPruner(database)
+    pruner = RemovedEntriesPruner(database, sinks)
     components = [database, pruner, Watchdog(dns.are_up), *serving, sinks, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop)
 
@@ -334,7 +334,7 @@ def _main_process(config: Config) -> tuple[Node, Workers]:
             feed=sinks.feed_state,
         ),
     )
-    pruner = RemovedEntriesPruner(database)
+    pruner = RemovedEntriesPruner(database, sinks)
     components = [database, pruner, Watchdog(supervisor.all_ready), workers, sinks, ddns, sync]
     return Node(config, components, SystemdAnnouncer(), stop), workers
 

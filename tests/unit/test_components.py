@@ -42,12 +42,16 @@ async def database(tmp_path: Path) -> AsyncIterator[tuple[Database, Config]]:
     await database.stop()
 
 
+async def announce_nothing(generation: int, everything: bool) -> None:
+    """No DNS side to tell (the tests read the database)."""
+
+
 async def test_start_and_stop_forget_every_removed_entry(
     database: tuple[Database, Config],
 ) -> None:
     db, config = database
     path = config.database.path
-    pruner = RemovedEntriesPruner(db)
+    pruner = RemovedEntriesPruner(db, SinkService(announce_nothing))
     await pruner.start(config)
     assert removed_rows(path) == 0  # left by a writer while no node ran (the CLI, a crash)
     await db.store.accounts.put_account("moving", 3, [A])
@@ -66,21 +70,59 @@ async def test_a_removed_entry_is_forgotten_once_kept_long_enough(
     monkeypatch.setattr(components, "PRUNE_INTERVAL_S", 0.05)
     db, config = database
     path = config.database.path
-    pruner = RemovedEntriesPruner(db)
+    sinks = SinkService(announce_nothing)
+    pruner = RemovedEntriesPruner(db, sinks)
     await pruner.start(config)
+    await sinks.start(config)
     try:
-        await db.store.accounts.put_account("moving", 3, [A])
+        await sinks.sink.put_account("moving", 3, [A])
         assert removed_rows(path) == 1
-        for _ in range(100):  # the pruner runs in the background: up to 5 s
-            if removed_rows(path) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert removed_rows(path) == 0
+        await until_pruned(path)
         # A write's removals outlive it by KEEP_REMOVED_S, not by a round of the pruner.
-        await db.store.accounts.put_account("moving", 4, [B])
+        await sinks.sink.put_account("moving", 4, [B])
         assert removed_rows(path) == 1
     finally:
+        await sinks.stop()
         await pruner.stop()
+
+
+async def until_pruned(path: Path) -> None:
+    """Wait (up to 5 s) for the pruner, which runs in the background, to leave no row."""
+    for _ in range(100):
+        if removed_rows(path) == 0:
+            return
+        await asyncio.sleep(0.05)
+    assert removed_rows(path) == 0
+
+
+async def test_pruning_waits_for_the_writer_without_holding_up_the_dns_side(
+    database: tuple[Database, Config],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under a steady stream of sync writes a prune on a connection of its own waited in
+    SQLite's busy handler for the write lock (5 s, then "database is locked"), holding the
+    DNS side's connection, so the DNS side could not read the writes it had to confirm."""
+    monkeypatch.setattr(components, "KEEP_REMOVED_S", 0.0)
+    monkeypatch.setattr(components, "PRUNE_INTERVAL_S", 0.05)
+    db, config = database
+    path = config.database.path
+    sinks = SinkService(announce_nothing)
+    pruner = RemovedEntriesPruner(db, sinks)
+    await pruner.start(config)
+    await sinks.start(config)
+    try:
+        await sinks.sink.put_account("moving", 3, [A])
+        async with sinks.store.database.writing("a long write"):  # the writer is busy
+            for _ in range(10):  # several rounds of the pruner come due meanwhile
+                async with asyncio.timeout(1.0):  # SPEC 4: DNS applies a write within 1 s
+                    await db.store.readers.generation()
+                await asyncio.sleep(components.PRUNE_INTERVAL_S)
+        await until_pruned(path)  # once the writer is free, in turn with it
+    finally:
+        await sinks.stop()
+        await pruner.stop()
+    assert "cannot prune" not in caplog.text
 
 
 # --- the registration sink without a feed -----------------------------------------------------
