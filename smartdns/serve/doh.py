@@ -83,10 +83,11 @@ class DohConnection(StreamConnection):
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         now = self._loop.time()
         deadline_s = self._connections.idle_timeout_s
-        session: HttpSession
-        session = H2Session(now, deadline_s) if alpn == "h2" else H1Session(now, deadline_s)
-        self._session = session
-        self._write_out()
+        # Nothing is written yet: HTTP/2's server preface waits in the session's output for
+        # the first read (RFC 9113 §3.4 only asks that it be the first frame sent; the client
+        # sends its own without waiting), so it leaves in one TLS record and one send with the
+        # SETTINGS ack and the first response. The session's timer writes it otherwise.
+        self._session = H2Session(now, deadline_s) if alpn == "h2" else H1Session(now, deadline_s)
 
     def is_idle(self, now: float) -> bool:
         """No request in progress and nothing unsent."""

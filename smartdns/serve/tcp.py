@@ -22,6 +22,9 @@ from smartdns.serve.pipeline import Pipeline
 from smartdns.serve.stream import StreamConnection
 
 MAX_UNSENT_BYTES: Final = 256 * 1024  # a TCP client that never reads is disconnected
+# Replies ready at once are written together up to this size (a TLS record's payload at
+# most), so a flood of pipelined queries is still written, and bounded, as it is answered.
+WRITE_BATCH_BYTES: Final = 16 * 1024
 ACCEPT_BATCH: Final = 64  # connections accepted per readiness event, so UDP is not starved
 ACCEPT_RETRY_S: Final = 0.25  # pause after EMFILE and the like before accepting again
 
@@ -70,17 +73,30 @@ class TcpConnection(StreamConnection):
             self._process()
 
     def _process(self) -> None:
+        """Answer every complete message read; the answers ready at once leave in one write
+        (one TLS record and one send for a pipelined batch, not one per answer)."""
         framing = self._framing
         now = self._loop.time()
+        out = bytearray()
         read = False
         while True:
             message = framing.next_message(now)
             if not isinstance(message, bytes):
                 break
             read = True
-            self._dispatch(message)
-            if self._transport is None:
-                return
+            reply = self._dispatch(message)
+            if reply is not None:
+                out += len(reply).to_bytes(2, "big")
+                out += reply
+                if len(out) >= WRITE_BATCH_BYTES:
+                    self._write(out)  # the transport may keep it: never touched again
+                    out = bytearray()
+                    if self._transport is None:
+                        return  # aborted: the client does not read
+        if out:
+            self._write(out)
+        if self._transport is None:
+            return
         if read:
             self._connections.touch(self)
         if message is Stop.PAUSE:
@@ -99,19 +115,18 @@ class TcpConnection(StreamConnection):
             self._transport.resume_reading()
             self._process()
 
-    def _dispatch(self, packet: bytes) -> None:
+    def _dispatch(self, packet: bytes) -> bytes | None:
+        """The reply when it is ready now; a forwarded cache miss is written when it comes."""
         try:
             reply = self._pipeline.handle(packet, self._peer)
         except Exception as error:
             reply = self._pipeline.fail(packet, error, self._peer)
-        if reply is None:
-            return
-        if type(reply) is bytes:
-            self._write(reply)
-            return
+        if reply is None or type(reply) is bytes:
+            return reply
         assert not isinstance(reply, bytes)
         self._framing.answer_pending()
         self._spawn(self._write_later(packet, reply))
+        return None
 
     async def _write_later(self, packet: bytes, pending: Coroutine[Any, Any, bytes | None]) -> None:
         try:
@@ -121,16 +136,17 @@ class TcpConnection(StreamConnection):
         finally:
             self._framing.answer_finished()
         if reply is not None:
-            self._write(reply)
+            self._write(len(reply).to_bytes(2, "big") + reply)
         self._resume_reading()
 
     # ---- writing -------------------------------------------------------------------------
 
-    def _write(self, reply: bytes) -> None:
+    def _write(self, framed: bytes | bytearray) -> None:
+        """Send length-prefixed replies (RFC 1035 §4.2.2)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        transport.write(len(reply).to_bytes(2, "big") + reply)
+        transport.write(framed)
         if transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
             self.abort()  # a client that does not read its answers
             return

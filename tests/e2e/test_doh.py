@@ -22,6 +22,8 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import h2.config
+import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
@@ -37,7 +39,7 @@ from tests.e2e.doh_client import (
     tls_socket,
 )
 from tests.e2e.harness import QUERY_TIMEOUT_S, REGISTERED, UNREGISTERED, Server, running_server
-from tests.e2e.streams import closed_after
+from tests.e2e.streams import RecordCounter, closed_after
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 from tests.ports import free_port
@@ -467,6 +469,40 @@ def test_sigterm_drains_a_doh_query_in_flight(tmp_path: Path) -> None:
 
 
 IDLE_TIMEOUT_S = 2.0  # the harness's server.tcp_idle_timeout
+
+
+def test_the_server_preface_leaves_with_the_first_response(doh: DohServer) -> None:
+    """HTTP/2's server preface (SETTINGS) waits for the client's, then leaves with the SETTINGS
+    ack and the first response: one TLS record and one send for all of it."""
+    context = ssl.create_default_context(cafile=str(doh.pair.ca_file))
+    context.set_alpn_protocols(["h2"])
+    client = RecordCounter(doh.port, context, SERVER_NAME, REGISTERED)
+    try:
+        assert client.tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        headers = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", SERVER_NAME),
+            (":path", get_target(_wire("www.netflix.com"))),
+        ]
+        conn.send_headers(1, headers, end_stream=True)
+        client.send(conn.data_to_send())
+        events: list[h2.events.Event] = []
+        for _ in range(10):  # each read waits at most the socket's timeout
+            events += conn.receive_data(client.read())
+            if any(isinstance(event, h2.events.StreamEnded) for event in events):
+                break
+        assert [type(event) for event in events][:2] == [
+            h2.events.RemoteSettingsChanged,
+            h2.events.WindowUpdated,
+        ]
+        assert any(isinstance(event, h2.events.SettingsAcknowledged) for event in events)
+        assert any(isinstance(event, h2.events.StreamEnded) for event in events)
+        assert client.application_records() == 1
+    finally:
+        client.close()
 
 
 def test_an_idle_http2_connection_gets_goaway_after_the_idle_timeout(doh: DohServer) -> None:

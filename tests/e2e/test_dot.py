@@ -36,7 +36,7 @@ from tests.e2e.harness import (
     run_cli,
     running_server,
 )
-from tests.e2e.streams import closed_after, framed, read_reply
+from tests.e2e.streams import RecordCounter, closed_after, framed, read_reply, split_framed
 from tests.e2e.test_sync_api import call
 from tests.fake_upstream import FakeUpstream
 from tests.ports import free_port
@@ -228,6 +228,23 @@ def test_pipelined_queries_are_answered_out_of_order(
         first, second = read_reply(sock), read_reply(sock)
     assert (first.id, second.id) == (2, 1)  # the local answer did not wait for the upstream
     assert second.answer[0][0].to_text() == "192.0.2.1"
+
+
+def test_answers_ready_together_leave_in_one_tls_record(dot: DotServer) -> None:
+    """Pipelined queries read together and answered at once are written together: one TLS
+    record and one send, not one per answer."""
+    client = RecordCounter(dot.port, dot.context(), SERVER_NAME, REGISTERED)
+    try:
+        client.send(b"".join(framed("www.netflix.com", query_id=n) for n in (1, 2, 3)))
+        received = b""
+        for _ in range(10):  # each read waits at most the socket's timeout
+            received += client.read()
+            if len(split_framed(received)) == 3:
+                break
+        assert [reply.id for reply in split_framed(received)] == [1, 2, 3]
+        assert client.application_records() == 1
+    finally:
+        client.close()
 
 
 def test_an_idle_connection_is_closed_after_the_idle_timeout(dot: DotServer) -> None:
