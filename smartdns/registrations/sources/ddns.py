@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_LOOKUPS_PER_S: Final = 4000.0  # hostname lookups started per second (2+ queries each)
 LOOKUP_DEADLINE_S: Final = 10.0  # a lookup (A and AAAA, CNAME targets) that takes longer failed
-JITTER: Final = 0.1  # refreshes are spread over the last 10 % of the TTL
+JITTER: Final = 0.1  # refreshes are spread over the last 10 % of the TTL, never after it
 # A name's first answer (a registration, or every name after a start) is spread over the last
 # half: names looked up in one burst come due apart from their second lookup on, instead of
 # in the same burst again.
@@ -324,19 +324,25 @@ class HostnameRefresher:
         self.stats.lookups[resolution.outcome] += 1
         state = self._get(hostname)
         if state is not None and state.serial == serial:  # not removed (and added again)
-            self._finish(hostname, state, resolution, now)
+            self._finish(hostname, state, resolution, started, now)
 
-    def _finish(self, hostname: str, state: _Name, resolution: Resolution, now: float) -> None:
+    def _finish(
+        self, hostname: str, state: _Name, resolution: Resolution, started: float, now: float
+    ) -> None:
         """Apply one result (SPEC 3): a positive answer replaces the addresses; a failure adds
         what the half that answered found and keeps the rest through the grace; NXDOMAIN and
-        NODATA keep them through the grace. Past the grace only the answer counts."""
+        NODATA keep them through the grace. Past the grace only the answer counts.
+
+        An answer's TTL runs from when it was asked for (`started`), not from when it arrived
+        here: counted from its arrival, every refresh came the lookup's latency after the
+        TTL ran out, and more when the loop was busy. A failure backs off from `now`."""
         outcome = resolution.outcome
         within_grace = now < state.good_until
         if outcome is LookupOutcome.ADDRESSES:
             jitter = JITTER if state.answer else FIRST_JITTER
             state = self._accept(state, resolution.addresses)
             state = state._replace(failures=0, good_until=now + self._ddns.grace)
-            retry_at = now + self._spread(resolution.ttl, jitter)
+            retry_at = started + self._spread(resolution.ttl, jitter)
             self._commit(hostname, state, state.accepted, retry_at)
             return
         if outcome is LookupOutcome.FAILED:
@@ -354,7 +360,7 @@ class HostnameRefresher:
         state = state._replace(failures=0)
         ttl = resolution.ttl if resolution.ttl >= 0 else self._ddns.min_ttl
         kept = state.addresses if within_grace else ()
-        self._commit(hostname, state, kept, now + self._spread(ttl))
+        self._commit(hostname, state, kept, started + self._spread(ttl))
 
     def _expire(self, hostname: str, state: _Name) -> None:
         """The grace ended without a positive answer: withdraw, keep retrying on schedule.
@@ -425,12 +431,12 @@ def spread(
 ) -> float:
     """When to look up again: `base_s` clamped to [min_ttl, max_ttl], then the point at
     `fraction` (0..1, random) of its last `jitter` part, so names answered together come due
-    apart and never later than their TTL. At min_ttl the spread goes up instead (a lookup is
-    never sooner than min_ttl), by JITTER at most and never past max_ttl."""
+    apart and each is refreshed by the time its TTL runs out. At min_ttl too: the clamp
+    raises a shorter TTL to it, and the spread comes below it (by `jitter` at most), as it
+    comes below any TTL. Spread upwards there instead, a name with TTL min_ttl was refreshed
+    after its TTL had run out, by half the spread on average (+1.5 s at 30 s)."""
     base = min(max(base_s, min_ttl), max_ttl)
-    low = max(min_ttl, base * (1 - jitter))
-    high = base if base > low else min(max_ttl, base * (1 + JITTER))
-    return low + (high - low) * fraction
+    return base * (1 - jitter * (1 - fraction))
 
 
 def _order(packed: bytes) -> tuple[int, bytes]:
