@@ -4,10 +4,11 @@
     python3 bench/query_path.py                 # this tree
     python3 bench/query_path.py --tree /tmp/old # another checkout, e.g. `git worktree add`
 
-Each case is one packet handled again and again, best of `--repeat` runs: UDP answers from
-the packet cache (forwarded, unblock, refused), then TCP, which skips the packet cache and
-so measures parsing, policy and reply building (answer-cache hit, unblock, refused). Two
-trees measured one after the other on the same core compare well; on a shared machine
+Each case is one packet handled again and again, best of `--repeat` runs: UDP and then TCP
+answers (forwarded, unblock, refused). Since stream peers got a packet cache of their own
+(TCP, DoT, DoH), both are packet-cache hits; with `--tree` a checkout from before that, the
+TCP cases measure parsing, policy and reply building (answer-cache hit, unblock, refused).
+Two trees measured one after the other on the same core compare well; on a shared machine
 alternate them a few times and keep each case's minimum.
 """
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
             "udp packet-cache hit, forwarded": (forwarded, udp(REGISTERED)),
             "udp packet-cache hit, unblock": (unblock, udp(REGISTERED)),
             "udp packet-cache hit, refused": (unblock, udp(STRANGER)),
-            "tcp answer-cache hit": (forwarded, tcp(REGISTERED)),
+            "tcp forwarded": (forwarded, tcp(REGISTERED)),
             "tcp unblock": (unblock, tcp(REGISTERED)),
             "tcp refused": (unblock, tcp(STRANGER)),
         }

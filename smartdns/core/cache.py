@@ -215,14 +215,18 @@ class PacketHit(NamedTuple):
 class PacketCache:
     """Recent replies by the query's bytes after its ID (a packet cache, as dnsdist keeps):
     a repeated query skips parsing, policy and reply building and gets the stored reply with
-    its own ID. Kept per Settings (so a reload starts empty) and per authorization state
-    (the address itself is never part of a key); entries live until `until` (monotonic
-    seconds), when the answer's TTL countdown moves on. Bounded: when full, the oldest stored
-    entry makes room (insertion order, so a hit costs no bookkeeping)."""
+    its own ID. Kept per Settings (so a reload starts empty), per kind of transport and per
+    authorization state (the address itself is never part of a key); entries live until
+    `until` (monotonic seconds), when the answer's TTL countdown moves on. Bounded: when
+    full, the oldest stored entry makes room (insertion order, so a hit costs no
+    bookkeeping); a reply over MAX_REPLY_BYTES is not kept."""
 
     __slots__ = ("_replies",)
 
     MAX_ENTRIES: Final = 10_000
+    # UDP replies are truncated to edns_udp_size (at most 4096); a stream peer's may reach
+    # 64 KiB, and 10,000 of those would be 640 MB: such rare replies are built each time
+    MAX_REPLY_BYTES: Final = 4096
 
     def __init__(self) -> None:
         self._replies: dict[bytes, PacketHit] = {}
@@ -238,6 +242,8 @@ class PacketCache:
         return hit
 
     def put(self, key: bytes, until: float, outcome: Outcome, reply: bytes) -> None:
+        if len(reply) > self.MAX_REPLY_BYTES:
+            return
         replies = self._replies
         if replies.pop(key, None) is None and len(replies) >= self.MAX_ENTRIES:
             del replies[next(iter(replies))]

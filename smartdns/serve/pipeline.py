@@ -61,10 +61,20 @@ class Settings:
     forwarder: Forwarder
     cache: AnswerCache = field(default_factory=lambda: AnswerCache(CacheConfig()))
     limits: RateLimits = field(default_factory=lambda: RateLimits(RateLimitConfig()))
-    # replies to spoofable peers by query bytes, for authorized and for other sources; new
-    # with each reload
-    packets_authorized: PacketCache = field(default_factory=PacketCache)
-    packets_other: PacketCache = field(default_factory=PacketCache)
+    # replies by query bytes, one cache per kind of transport and authorization state (see
+    # packets_for); new with each reload
+    packets: tuple[PacketCache, ...] = field(
+        default_factory=lambda: tuple(PacketCache() for _ in range(6))
+    )
+
+    def packets_for(self, peer: Peer, authorized: bool) -> PacketCache:
+        """The packet cache for `peer`'s replies. The same query bytes get the same reply
+        only within one kind of transport and one authorization state: over UDP a reply is
+        truncated to the query's own limit and never padded; over TCP neither truncated nor
+        padded; over DoT and DoH never truncated, and padded when the query asks (RFC 8467).
+        Whether an authorized peer named a device ID or not changes nothing in a reply."""
+        kind = 0 if peer.spoofable else 4 if peer.encrypted else 2
+        return self.packets[kind + authorized]
 
 
 class Pipeline:
@@ -96,9 +106,11 @@ class Pipeline:
     def handle(self, packet: bytes, peer: Peer) -> Reply:
         """Reply bytes, None to send nothing, or a coroutine giving either (a cache miss).
 
-        In order: for a spoofable peer the client rate and the packet cache (a query seen
-        before: same bytes after the ID, same authorization state); then parsing; then
-        policy (SPEC 2's table); then the local answer, or the answer cache and upstream."""
+        In order: authorization; the rate limits (per address for a spoofable peer, per
+        device ID for one that named an ID); the packet cache (a query seen before: same
+        bytes after the ID, same authorization state, same kind of transport); then
+        parsing; then policy (SPEC 2's table); then the local answer, or the answer cache
+        and upstream."""
         settings = self.settings
         device = peer.device
         if device is None:
@@ -107,22 +119,20 @@ class Pipeline:
         else:  # SPEC 2a: by the ID alone; an unknown ID never falls back to the address
             authorized = self.clients.holds_device(device)
             self.metrics.authorizations[_BY_DEVICE if authorized else _NOT_AUTHORIZED] += 1
-        now = self._clock() if peer.spoofable or device is not None else 0.0  # for the limits
+        now = self._clock()
         admission = Admission.ALLOW
         if authorized and device is not None and not settings.limits.device.allow(device, now):
             admission = Admission.REFUSE  # a leaked ID cannot serve a crowd
-        elif peer.spoofable:
-            if authorized:
-                admission = settings.limits.client.check(peer.address, now)
-                if admission is Admission.DROP:
-                    return self._done(peer, Outcome.RATE_LIMITED, None)
-            if admission is Admission.ALLOW:
-                packets = settings.packets_authorized if authorized else settings.packets_other
-                hit = packets.get(packet[2:], now)
-                if hit is not None:  # the stored reply with this query's ID
-                    if hit.outcome is Outcome.FORWARD:
-                        settings.cache.hits += 1  # the answer cache would have answered it
-                    return self._send(peer, hit.outcome, packet[:2] + hit.reply, authorized, now)
+        elif peer.spoofable and authorized:
+            admission = settings.limits.client.check(peer.address, now)
+            if admission is Admission.DROP:
+                return self._done(peer, Outcome.RATE_LIMITED, None)
+        if admission is Admission.ALLOW:
+            hit = settings.packets_for(peer, authorized).get(packet[2:], now)
+            if hit is not None:  # the stored reply with this query's ID
+                if hit.outcome is Outcome.FORWARD:
+                    settings.cache.hits += 1  # the answer cache would have answered it
+                return self._send(peer, hit.outcome, packet[:2] + hit.reply, authorized, now)
         try:
             query = parse_query(packet)
         except WireError as error:
@@ -150,9 +160,8 @@ class Pipeline:
             assert zone is not None  # the local verdicts only come from a local name
             reply = settings.responder.local(query, verdict, zone, peer.reply_limit)
         outcome = _OUTCOME[verdict]
-        if peer.spoofable:  # local answers change only by reload
-            packets = settings.packets_authorized if authorized else settings.packets_other
-            packets.put(packet[2:], _FOREVER, outcome, reply)
+        # local answers change only by reload
+        settings.packets_for(peer, authorized).put(packet[2:], _FOREVER, outcome, reply)
         return self._send(peer, outcome, reply, authorized, now)
 
     def _done(self, peer: Peer, outcome: Outcome, reply: bytes | None) -> bytes | None:
@@ -188,10 +197,9 @@ class Pipeline:
             return self._resolve(query, key, settings, peer, authorized)
         records = settings.cache.records(entry, now)
         reply = self._reply(query, entry, records, settings, peer, authorized)
-        if peer.spoofable:
-            packets = settings.packets_authorized if authorized else settings.packets_other
-            second_ends = now + 1.0 - (now - entry.stored_at) % 1.0
-            packets.put(packet[2:], min(second_ends, entry.expires_at), Outcome.FORWARD, reply)
+        second_ends = now + 1.0 - (now - entry.stored_at) % 1.0
+        packets = settings.packets_for(peer, authorized)
+        packets.put(packet[2:], min(second_ends, entry.expires_at), Outcome.FORWARD, reply)
         return self._done(peer, Outcome.FORWARD, reply)
 
     async def _resolve(

@@ -202,3 +202,12 @@ def test_packet_cache_expires_and_evicts_the_oldest_when_full() -> None:
     assert packets.get((0).to_bytes(4), 0.0) is not None
     assert packets.get((2).to_bytes(4), 0.0) is not None
     assert packets.get(b"newest", 0.0) == (float("inf"), Outcome.REFUSE, b"n")
+
+
+def test_packet_cache_keeps_no_reply_over_its_size_bound() -> None:
+    """A stream peer's reply may reach 64 KiB: such replies are built each time, so 10,000
+    entries stay within ~40 MB."""
+    packets = PacketCache()
+    packets.put(b"big", float("inf"), Outcome.FORWARD, bytes(PacketCache.MAX_REPLY_BYTES + 1))
+    packets.put(b"fits", float("inf"), Outcome.FORWARD, bytes(PacketCache.MAX_REPLY_BYTES))
+    assert packets.get(b"big", 0.0) is None and packets.get(b"fits", 0.0) is not None

@@ -228,7 +228,7 @@ async def test_packet_cache_answers_repeats_with_their_own_id_and_current_ttl(
     one, two = _udp(pipeline, first.to_wire()), _udp(pipeline, again.to_wire())
     assert one is not None and two is not None and one[2:] == two[2:]
     assert dns.message.from_wire(two).id == again.id
-    assert len(pipeline.settings.packets_authorized) == 1
+    assert len(pipeline.settings.packets_for(udp_peer(CLIENT), True)) == 1
     hits = pipeline.settings.cache.hits
     clock.now += 1.0  # the countdown moved: the stored reply is not reused
     later = dns.message.from_wire(_udp(pipeline, first.to_wire()) or b"")
@@ -263,9 +263,9 @@ def test_reload_starts_with_an_empty_packet_cache_and_keeps_the_answer_cache(
     pipeline = _pipeline(up, Clock())
     pipeline.settings = build_settings(config)
     _udp(pipeline, dns.message.make_query("www.hulu.com", "A").to_wire(), "127.0.0.9")
-    assert len(pipeline.settings.packets_other) == 1
+    assert len(pipeline.settings.packets_for(udp_peer("127.0.0.9"), False)) == 1
     reloaded = build_settings(config, pipeline.settings)
-    assert len(reloaded.packets_other) == 0 and len(reloaded.packets_authorized) == 0
+    assert not any(len(packets) for packets in reloaded.packets)
     assert reloaded.cache is pipeline.settings.cache
 
 
@@ -395,3 +395,73 @@ def test_replies_are_padded_only_over_encrypted_transports(
         assert isinstance(reply, bytes)
         assert (len(reply) % 468 == 0) is padded
         assert dns.message.from_wire(reply).rcode() in (dns.rcode.NOERROR, dns.rcode.REFUSED)
+
+
+# ---- the packet cache of stream and encrypted peers -------------------------------------------
+
+
+def _stream(pipeline: Pipeline, wire: bytes, peer: Peer) -> dns.message.Message:
+    reply = pipeline.handle(wire, peer)
+    assert isinstance(reply, bytes)
+    return dns.message.from_wire(reply)
+
+
+@pytest.mark.parametrize("transport", [Transport.TCP, Transport.DOT, Transport.DOH])
+async def test_stream_peers_get_repeats_from_their_packet_cache_with_their_own_id(
+    up: FakeUpstream, transport: Transport
+) -> None:
+    clock = Clock()
+    pipeline = _pipeline(up, clock, "netflix.com")
+    await _ask(pipeline, "example.org")  # fills the answer cache
+    peer = stream_peer(CLIENT, transport)
+    packets = pipeline.settings.packets_for(peer, True)
+    for name in ("example.org", "www.netflix.com"):  # forwarded, local
+        first = dns.message.make_query(name, "A")
+        again = dns.message.make_query(name, "A")
+        again.id = first.id ^ 0xFFFF
+        one, two = (
+            _stream(pipeline, first.to_wire(), peer),
+            _stream(pipeline, again.to_wire(), peer),
+        )
+        assert two.id == again.id and one.answer == two.answer and one.answer
+    assert len(packets) == 2
+    assert len(pipeline.settings.packets_for(udp_peer(CLIENT), True)) == 0  # UDP's is apart
+    hits = pipeline.settings.cache.hits
+    clock.now += 1.0  # the countdown moved: the stored reply is not reused
+    later = _stream(pipeline, dns.message.make_query("example.org", "A").to_wire(), peer)
+    assert later.answer[0].ttl == 299 and pipeline.settings.cache.hits == hits + 1
+
+
+def test_padding_follows_each_querys_own_request_and_its_transport(up: FakeUpstream) -> None:
+    """The same question padded and not, over DoT and over TCP: every reply as if built for
+    it, though each was stored and then answered from the packet cache."""
+    pipeline = _pipeline(up, Clock(), "netflix.com")
+    padded = dns.message.make_query("www.netflix.com", "A", use_edns=0, pad=128).to_wire()
+    plain = dns.message.make_query("www.netflix.com", "A", use_edns=0).to_wire()
+    for _ in range(2):  # stored, then from the cache
+        for wire, transport, wanted in (
+            (padded, Transport.DOT, True),
+            (plain, Transport.DOT, False),
+            (padded, Transport.TCP, False),  # RFC 8467: cleartext replies are never padded
+        ):
+            reply = pipeline.handle(wire, stream_peer(CLIENT, transport))
+            assert isinstance(reply, bytes) and (len(reply) % 468 == 0) is wanted
+
+
+def test_a_cached_reply_never_outlives_the_device_id_that_authorized_it(up: FakeUpstream) -> None:
+    """Authorization comes before the packet cache: a withdrawn ID is refused, an ID over its
+    rate is refused, and the stranger's repeat is refused from the other cache."""
+    clock = Clock()
+    pipeline = _with_device(_limited(up, clock, client_qps=3, refused_qps=1), DEVICE)
+    wire = dns.message.make_query("www.netflix.com", "A").to_wire()
+    peer = stream_peer("127.0.0.9", Transport.DOH, DEVICE)
+    assert [_stream(pipeline, wire, peer).rcode() for _ in range(4)] == [dns.rcode.NOERROR] * 3 + [
+        dns.rcode.REFUSED
+    ]
+    clock.now += 1.0
+    assert _stream(pipeline, wire, peer).answer
+    pipeline.clients.apply([], [], devices_gone=[DEVICE])
+    withdrawn = _stream(pipeline, wire, peer)
+    assert withdrawn.rcode() == dns.rcode.REFUSED and not withdrawn.answer
+    stranger = _stream(pipeline, wire, stream_peer("127.0.0.9", Transport.DOH))
+    assert stranger.rcode() == dns.rcode.REFUSED and not stranger.answer
