@@ -28,6 +28,7 @@ from smartdns.node.metrics import (
 from smartdns.registrations.sources.feed import FeedState
 from smartdns.registrations.store import DatabaseError
 from smartdns.registrations.store.readers import Readers
+from smartdns.registrations.writer import NotInEffect
 
 PROBE_S: Final = 2.0  # a database probe for /healthz or /metrics
 APPLY_TIMEOUT_S: Final = 1.0  # SPEC 4: a worker confirms a write within a second
@@ -60,8 +61,11 @@ class QuerySide(Protocol):
 
 class ReadYourWrites:
     """The announcement of the node's writer (writer.Announce): a write returns once every DNS
-    process applied it (SPEC 4), or one failed to confirm in time (the applier counts that and
-    restarts it; the write is durable, so the failure is logged here, not raised)."""
+    process applied it (SPEC 4). A worker process that does not confirm in time is counted,
+    killed and gone when the applier returns (a new one loads everything before it answers),
+    so the write is in effect then too. When the DNS side in this process did not apply it
+    in time (`workers: 1`: nothing to restart), the applier raises: logged here, and raised
+    as NotInEffect (the sync API's 503), since a 200 would say what is not true yet."""
 
     def __init__(self, applier: Applier) -> None:
         self._applier = applier
@@ -75,6 +79,10 @@ class ReadYourWrites:
             await self._applier(generation, timeout_s)
         except (SmartDNSError, TimeoutError) as error:
             self._apply_errors.warn(type(error).__name__)
+            raise NotInEffect(
+                "stored, but not in DNS answers yet: repeat the write (it is a no-op that"
+                " answers 200 once the change is in effect)"
+            ) from None
 
 
 class NodeStatus:

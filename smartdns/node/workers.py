@@ -46,6 +46,7 @@ STATS_INTERVAL_S: Final = 1.0
 START_TIMEOUT_S: Final = 30.0
 RELOAD_TIMEOUT_S: Final = 15.0
 RESTART_DELAY_S: Final = 1.0
+KILLED_EXIT_S: Final = 5.0  # a worker killed for not confirming a change is gone within this
 MAX_CRASHES: Final = 5  # within CRASH_WINDOW_S: the slot is given up and reported
 CRASH_WINDOW_S: Final = 60.0
 _CACHE_FIELDS: Final = ("hits", "misses", "stale_served", "evictions", "entries")
@@ -381,13 +382,19 @@ class Supervisor:
         if not waiting:
             return
         await asyncio.wait(waiting.values(), timeout=timeout_s)
-        for index, future in waiting.items():
-            if not future.done():
-                self._restart_unconfirmed(self._slots[index], timeout_s)
+        silent = [self._slots[index] for index, future in waiting.items() if not future.done()]
+        for slot in silent:
+            self._restart_unconfirmed(slot, timeout_s)
+        # Returned only once they are gone: the caller's 200 says the write is in every answer,
+        # and a killed worker answers no more (its successor loads everything first).
+        dying = [slot.process.wait() for slot in silent if slot.process is not None]
+        if dying:
+            async with asyncio.timeout(KILLED_EXIT_S):
+                await asyncio.gather(*dying)
 
     def _restart_unconfirmed(self, slot: _Slot, timeout_s: float) -> None:
         if slot.restarting or slot.process is None or slot.process.returncode is not None:
-            return
+            return  # being killed already (for another write), or gone
         slot.restarting = True
         slot.unconfirmed += 1
         log.error(

@@ -60,6 +60,7 @@ class ClientsFollower:
         self._generation = generation  # every write up to it is applied (see _pending)
         self._publish = publish
         self._lock = asyncio.Lock()  # one reader of changes at a time
+        self._reading: asyncio.Task[None] | None = None  # the catch-up under way, shared
         # While a full load is due: writes at or below this generation (the snapshot's) are
         # not in the set yet; later ones are, applied on top of the older set.
         self._pending: int | None = None
@@ -94,12 +95,28 @@ class ClientsFollower:
                 await asyncio.shield(task)
 
     async def catch_up(self) -> None:
-        """Apply whatever changed since the generation applied. Raises DatabaseError."""
+        """Apply what changed since the generation applied, read by the catch-up under way
+        if there is one (it may have started before the caller's write: wait_applied looks
+        again). Concurrent writes share one read and one step instead of queueing one each
+        behind the others: under load each read is several thread hops of a busy loop.
+        Raises DatabaseError."""
+        reading = self._reading
+        if reading is None:
+            reading = self._reading = asyncio.get_running_loop().create_task(self._read())
+            reading.add_done_callback(self._read_done)
+        await asyncio.shield(reading)
+
+    async def _read(self) -> None:
         async with self._lock:
             changes = await self._store.readers.changes_since(self._generation)
             self._apply(self._clients, changes)
         if self._pending is not None and self._full_load is None:
             self._full_load = asyncio.get_running_loop().create_task(self._load_fully())
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._reading = None
+        if not task.cancelled():
+            task.exception()  # retrieved: its waiters, if any are left, got it too
 
     async def reload(self) -> None:
         """SIGHUP: read everything again, built aside and swapped in."""
@@ -150,8 +167,8 @@ class ClientsFollower:
                 self._errors.warn(type(error).__name__)
 
     async def close(self) -> None:
-        """Stop a full load in flight."""
-        task = self._full_load
-        if task is not None:
+        """Stop a full load and a catch-up in flight."""
+        tasks = [task for task in (self._full_load, self._reading) if task is not None]
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from typing import TypeVar
 
 from smartdns.config.model import RegistrationsConfig
+from smartdns.errors import SmartDNSError
 from smartdns.registrations.entries import Network, Snapshot, validate_account_id
 from smartdns.registrations.feed_follow import Position
 from smartdns.registrations.feed_format import FeedApplied, FeedChange
@@ -22,10 +23,16 @@ from smartdns.registrations.store import AccountRecord, RegistrationStore, Snaps
 
 # Called with the store's generation after a write that changed something, and whether that
 # write replaced everything (a snapshot: a full load, which may take seconds); returns once
-# the DNS side applied it, or gave up waiting. A source with no DNS side in its process (the
-# CLI) has none: the node's generation poll picks the change up.
+# the DNS side applied it, raises NotInEffect when it did not in time. A source with no DNS
+# side in its process (the CLI) has none: the node's generation poll picks the change up.
 Announce = Callable[[int, bool], Awaitable[None]]
 _T = TypeVar("_T")
+
+
+class NotInEffect(SmartDNSError):
+    """The write is stored (durable) but the DNS side did not confirm it in time, so it may
+    not be in DNS answers yet: the sync API answers 503, never a 200 that is not in effect.
+    The same write repeated waits for it again, and gets its 200 once it is in effect."""
 
 
 class RegistrationWriter:
@@ -37,19 +44,39 @@ class RegistrationWriter:
         self._store = store
         self._rules = rules
         self._announce = announce
+        # The latest write whose announcement failed: a repeat of a write (which changes
+        # nothing) waits for it, so its 200 too means in effect.
+        self._unconfirmed: int | None = None
 
     def reload(self, rules: RegistrationsConfig) -> None:
         self._rules = rules
 
-    async def _through(self, write: Awaitable[_T], everything: bool = False) -> _T:
-        """Await the store write, then announce it unless it changed nothing (a repeat).
-        Another coroutine's write may land in between: announcing a later generation too is
-        harmless, it covers this one."""
+    async def _through(
+        self, write: Awaitable[_T], everything: bool = False, *, promised: bool = True
+    ) -> _T:
+        """Await the store write, then announce it unless it changed nothing (a repeat) and
+        every write before it is confirmed. Another coroutine's write may land in between:
+        announcing a later generation too is harmless, it covers this one.
+
+        `promised`: the caller's success tells someone the write is in effect (the sync
+        API's 200), so NotInEffect is raised to it; the feed's follower and the DDNS
+        refresher promise nothing, and what they wrote is applied by the DNS side's poll."""
         before = self._store.database.generation_written
         result = await write
         written = self._store.database.generation_written
-        if self._announce is not None and written is not None and written != before:
+        if self._announce is None or written is None:
+            return result
+        if written == before and (self._unconfirmed is None or not promised):
+            return result
+        try:
             await self._announce(written, everything)
+        except NotInEffect:
+            if promised:
+                self._unconfirmed = max(written, self._unconfirmed or 0)
+                raise
+            return result
+        if self._unconfirmed is not None and written >= self._unconfirmed:
+            self._unconfirmed = None
         return result
 
     async def put_account(
@@ -91,14 +118,14 @@ class RegistrationWriter:
         """The registration feed's changes (feed.FeedSink), checked there against the rules,
         with the bucket revision they reach."""
         write = self._store.feed.apply_feed(changes, snapshot_version, position)
-        return await self._through(write)
+        return await self._through(write, promised=False)
 
     async def reconcile_feed(
         self, present: Set[str], snapshot_version: int | None, position: Position | None = None
     ) -> int:
         """Drop what the feed's bucket no longer holds (feed.FeedSink)."""
         write = self._store.feed.reconcile_feed(present, snapshot_version, position)
-        return await self._through(write)
+        return await self._through(write, promised=False)
 
     async def feed_position(self) -> tuple[Position | None, int]:
         """Where the feed resumes, and how many accounts are held (feed.FeedSink)."""
@@ -142,4 +169,4 @@ class RegistrationWriter:
     async def apply_resolved(self, changes: Mapping[str, Sequence[Network]]) -> None:
         """What registered hostnames now resolve to (the DDNS refresher's sink): stored, then
         announced like any write, so it is in DNS answers on every worker on return."""
-        await self._through(self._store.hostnames.put_resolved(changes))
+        await self._through(self._store.hostnames.put_resolved(changes), promised=False)

@@ -149,8 +149,9 @@ def test_put_delete_and_snapshot_are_in_every_workers_answers_at_their_200(
 
 
 def test_a_worker_that_does_not_confirm_is_counted_and_restarted(two_workers: Server) -> None:
-    """SPEC 4: the 200 goes out after a second anyway (the write is durable); the silent
-    worker is counted and replaced, and its successor answers from the database."""
+    """SPEC 4: the 200 goes out after a second anyway (the write is durable), once the silent
+    worker is gone (so every process still answering has the write); it is counted and
+    replaced, and its successor answers from the database."""
     server = two_workers
     assert server.process is not None
     children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
@@ -161,6 +162,7 @@ def test_a_worker_that_does_not_confirm_is_counted_and_restarted(two_workers: Se
         assert put(server, "acct-slow", 10, [UNREGISTERED])[0] == 200
         waited = time.monotonic() - started
         assert 0.9 < waited < 3.0, waited
+        assert stopped not in [int(pid) for pid in children.read_text().split()]  # reaped
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped, signal.SIGCONT)

@@ -180,6 +180,28 @@ async def test_a_write_is_applied_in_place_and_costs_what_it_touches(node: Node)
     await node.matches_a_full_load()
 
 
+async def test_concurrent_writes_are_confirmed_by_one_read(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writes of concurrent sync API requests wait together: one read of what changed
+    applies them all (each used to queue its own read behind the others')."""
+    for version in range(1, 9):
+        await node.store.accounts.put_account(f"a{version}", version, [POOL[version % 3]])
+    reads: list[int] = []
+    read = node.store.readers.changes_since
+
+    async def counted(generation: int) -> Changes:
+        reads.append(generation)
+        return await read(generation)
+
+    monkeypatch.setattr(node.store.readers, "changes_since", counted)
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(node.follower.wait_applied(g) for g in range(1, 9)))
+    assert reads == [0]
+    assert node.follower.clients.is_authorized("203.0.113.8")
+    await node.matches_a_full_load()
+
+
 async def test_a_prefix_two_accounts_hold_stays_until_both_let_go(node: Node) -> None:
     await node.store.accounts.put_account("a", 1, [POOL[0]])
     await node.store.accounts.put_account("b", 2, [POOL[0]])

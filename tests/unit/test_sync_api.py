@@ -91,6 +91,7 @@ class FakeNode:
         self.database: str = "ok"  # ok | error | hang
         self.cache: FakeCache | None = None
         self.applied: list[int] = []  # generations the sync API waited for
+        self.confirms = True  # False: the DNS side does not apply in time (workers: 1)
 
     def listeners_up(self) -> bool:
         return self.up
@@ -120,6 +121,8 @@ class FakeNode:
 
     async def apply(self, generation: int, timeout_s: float) -> None:
         self.applied.append(generation)
+        if not self.confirms:
+            raise TimeoutError
 
 
 def node_status(node: FakeNode, metrics: Metrics) -> NodeStatus:
@@ -315,6 +318,22 @@ async def test_put_get_delete_account(api: Api) -> None:
     status, body = await api.call("DELETE", "/v1/accounts/acct-1?version=6")
     assert (status, body) == (200, {"account": "acct-1", "version": 6, "existed": True})
     assert (await api.call("GET", "/v1/accounts/acct-1"))[0] == 404
+
+
+async def test_a_write_the_dns_side_did_not_apply_in_time_is_503_until_it_did(api: Api) -> None:
+    """SPEC 4: a 200 means in DNS answers. With `workers: 1` there is no worker to restart:
+    the write is stored, but was answered 200 all the same (the log said "stored but not
+    confirmed by the DNS side"), so the portal told its customer what was not true yet."""
+    api.node.confirms = False
+    status, body = await api.put("acct-1", 5, [ADDRESS])
+    assert status == 503 and "repeat the write" in body["error"]
+    assert (await api.call("GET", "/v1/accounts/acct-1"))[0] == 200  # stored all the same
+    assert (await api.put("acct-1", 5, [ADDRESS]))[0] == 503  # the repeat waits for it too
+    api.node.confirms = True
+    assert (await api.put("acct-1", 5, [ADDRESS]))[0] == 200  # now in effect
+    assert api.node.applied == [1, 1, 1]
+    assert (await api.put("acct-1", 5, [ADDRESS]))[0] == 200
+    assert api.node.applied == [1, 1, 1]  # confirmed: a repeat waits for nothing
 
 
 async def _generation(api: Api) -> int:

@@ -33,6 +33,7 @@ from smartdns.registrations.json_body import decode_account, decode_snapshot
 from smartdns.registrations.sink import RegistrationSink, SinkUnavailable
 from smartdns.registrations.store import DatabaseError
 from smartdns.registrations.store.readers import Readers
+from smartdns.registrations.writer import NotInEffect
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class SyncApi:
             response = _error_response(status, str(error), {})
         except StaleWriteError as error:
             response = _error_response(409, str(error), {})
-        except SinkUnavailable as error:
+        except (SinkUnavailable, NotInEffect) as error:
             response = _error_response(503, str(error), {})
         except DatabaseError as error:
             log.error("sync API: %s", error)
