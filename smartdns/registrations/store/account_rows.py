@@ -26,6 +26,11 @@ Held = tuple[Sequence[Key], Sequence[str], Sequence[bytes]]
 
 # An account's own digests are not a conflict; any other holder is live (tombstones hold none).
 _OTHER_HOLDER: Final = "SELECT 1 FROM device_ids WHERE digest = ? AND account != ? LIMIT 1"
+_HELD: Final = (
+    "SELECT 0, family, network, prefix_len FROM entries WHERE account = :account"
+    " UNION ALL SELECT 1, hostname, NULL, NULL FROM hostnames WHERE account = :account"
+    " UNION ALL SELECT 2, digest, NULL, NULL FROM device_ids WHERE account = :account"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +81,19 @@ async def insert_entries(db: aiosqlite.Connection, account: str, keys: Iterable[
 
 async def insert_entries_of(db: aiosqlite.Connection, rows: Iterable[tuple[str, Key]]) -> None:
     """(account, entry key) rows, for any number of accounts."""
-    await db.executemany(
+    await execute_many(
+        db,
         "INSERT OR IGNORE INTO entries (account, family, network, prefix_len) VALUES (?, ?, ?, ?)",
-        ((account, *key) for account, key in rows),
+        [(account, *key) for account, key in rows],
     )
+
+
+async def execute_many(db: aiosqlite.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`sql` for each of `rows`, and no statement at all for none: each statement is a hop to
+    the database thread, under the write lock, which a busy event loop makes milliseconds
+    (a sync write that moves an address gives up no device IDs, nor takes any)."""
+    if rows:
+        await db.executemany(sql, rows)
 
 
 async def upsert_account(
@@ -105,10 +119,11 @@ async def upsert_accounts(
 
 async def remember_removed(db: aiosqlite.Connection, generation: int, keys: Iterable[Key]) -> None:
     """Note entries this write took away, for readers catching up (changes_since)."""
-    await db.executemany(
+    await execute_many(
+        db,
         "INSERT OR IGNORE INTO removed (generation, family, network, prefix_len)"
         " VALUES (?, ?, ?, ?)",
-        ((generation, *key) for key in keys),
+        [(generation, *key) for key in keys],
     )
 
 
@@ -119,12 +134,14 @@ async def record(db: aiosqlite.Connection, account: str, version: int) -> Accoun
 
 
 async def held(db: aiosqlite.Connection, account: str) -> Held:
-    """What the account holds now: entry keys, hostnames and device digests, each sorted."""
-    return (
-        await entry_keys(db, account),
-        await hostnames(db, account),
-        await devices(db, account),
-    )
+    """What the account holds now: entry keys, hostnames and device digests, each sorted
+    (as entry_keys, hostnames and devices sort them: the database compares octets too). One
+    statement, not three: each is a hop to the database thread under the write lock."""
+    rows = await db.execute_fetchall(_HELD, {"account": account})
+    keys = sorted((int(row[1]), bytes(row[2]), int(row[3])) for row in rows if row[0] == 0)
+    names = sorted(str(row[1]) for row in rows if row[0] == 1)
+    digests = sorted(bytes(row[1]) for row in rows if row[0] == 2)
+    return keys, tuple(names), tuple(digests)
 
 
 async def devices(db: aiosqlite.Connection, account: str) -> tuple[bytes, ...]:
@@ -197,11 +214,14 @@ async def set_devices_of(
         held, wanted = set(old), set(new)
         dropped.extend((account, digest) for digest in held - wanted)
         added.extend((account, digest) for digest in wanted - held)
-    await db.executemany("DELETE FROM device_ids WHERE account = ? AND digest = ?", dropped)
-    await db.executemany("INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)", added)
-    await db.executemany(
+    await execute_many(db, "DELETE FROM device_ids WHERE account = ? AND digest = ?", dropped)
+    await execute_many(
+        db, "INSERT OR IGNORE INTO device_ids (account, digest) VALUES (?, ?)", added
+    )
+    await execute_many(
+        db,
         "INSERT OR IGNORE INTO removed_devices (generation, digest) VALUES (?, ?)",
-        ((generation, digest) for _, digest in dropped),
+        [(generation, digest) for _, digest in dropped],
     )
 
 
