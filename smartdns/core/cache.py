@@ -217,19 +217,24 @@ class PacketCache:
     a repeated query skips parsing, policy and reply building and gets the stored reply with
     its own ID. Kept per Settings (so a reload starts empty), per kind of transport and per
     authorization state (the address itself is never part of a key); entries live until
-    `until` (monotonic seconds), when the answer's TTL countdown moves on. Bounded: when
-    full, the oldest stored entry makes room (insertion order, so a hit costs no
-    bookkeeping); a reply over MAX_REPLY_BYTES is not kept."""
+    `until` (monotonic seconds), when the answer's TTL countdown moves on. Bounded in
+    entries and in octets: when full, the oldest stored entries make room (insertion order,
+    so a hit costs no bookkeeping); a reply over MAX_REPLY_BYTES is not kept."""
 
-    __slots__ = ("_replies",)
+    __slots__ = ("_bytes", "_replies")
 
     MAX_ENTRIES: Final = 10_000
-    # UDP replies are truncated to edns_udp_size (at most 4096); a stream peer's may reach
-    # 64 KiB, and 10,000 of those would be 640 MB: such rare replies are built each time
+    # Octets of keys and replies held. A worker has six caches (three kinds of transport,
+    # two authorization states): at most ~50 MB together, whatever the replies; 10,000
+    # usual ones (a few hundred octets with their key, padded ones about 600) fit in one.
+    MAX_BYTES: Final = 8 * 1024 * 1024
+    # A stream peer's reply may reach 64 KiB (UDP's are truncated to edns_udp_size, at most
+    # 4096): such rare replies are built each time rather than evict hundreds of others.
     MAX_REPLY_BYTES: Final = 4096
 
     def __init__(self) -> None:
         self._replies: dict[bytes, PacketHit] = {}
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._replies)
@@ -245,6 +250,12 @@ class PacketCache:
         if len(reply) > self.MAX_REPLY_BYTES:
             return
         replies = self._replies
-        if replies.pop(key, None) is None and len(replies) >= self.MAX_ENTRIES:
-            del replies[next(iter(replies))]
+        old = replies.pop(key, None)
+        if old is not None:
+            self._bytes -= len(key) + len(old.reply)
+        size = len(key) + len(reply) - 2
+        while replies and (len(replies) >= self.MAX_ENTRIES or self._bytes + size > self.MAX_BYTES):
+            oldest = next(iter(replies))
+            self._bytes -= len(oldest) + len(replies.pop(oldest).reply)
         replies[key] = PacketHit(until, outcome, reply[2:])  # (re)stored at the young end
+        self._bytes += size

@@ -205,9 +205,22 @@ def test_packet_cache_expires_and_evicts_the_oldest_when_full() -> None:
 
 
 def test_packet_cache_keeps_no_reply_over_its_size_bound() -> None:
-    """A stream peer's reply may reach 64 KiB: such replies are built each time, so 10,000
-    entries stay within ~40 MB."""
+    """A stream peer's reply may reach 64 KiB: such replies are built each time."""
     packets = PacketCache()
     packets.put(b"big", float("inf"), Outcome.FORWARD, bytes(PacketCache.MAX_REPLY_BYTES + 1))
     packets.put(b"fits", float("inf"), Outcome.FORWARD, bytes(PacketCache.MAX_REPLY_BYTES))
     assert packets.get(b"big", 0.0) is None and packets.get(b"fits", 0.0) is not None
+
+
+def test_packet_cache_holds_its_octet_budget_by_dropping_the_oldest() -> None:
+    packets = PacketCache()
+    reply = bytes(PacketCache.MAX_REPLY_BYTES)
+    room = PacketCache.MAX_BYTES // (4 + len(reply) - 2)  # 4-octet keys, replies after the ID
+    for index in range(room + 10):
+        packets.put(index.to_bytes(4), float("inf"), Outcome.FORWARD, reply)
+    assert len(packets) == room
+    assert packets.get((9).to_bytes(4), 0.0) is None  # the ten oldest made room
+    assert packets.get((10).to_bytes(4), 0.0) is not None
+    for _ in range(3):  # storing the same key again takes no more room
+        packets.put((room + 9).to_bytes(4), float("inf"), Outcome.FORWARD, reply)
+    assert packets.get((10).to_bytes(4), 0.0) is not None and len(packets) == room
