@@ -101,7 +101,10 @@ class ClientsFollower:
         behind the others: under load each read is several thread hops of a busy loop.
         Raises DatabaseError."""
         reading = self._reading
-        if reading is None:
+        # A read that has ended is not joined, though its done callback may not have run yet:
+        # awaiting it returns at once, and a waiter it did not satisfy would spin on it
+        # without ever yielding to the loop.
+        if reading is None or reading.done():
             reading = self._reading = asyncio.get_running_loop().create_task(self._read())
             reading.add_done_callback(self._read_done)
         await asyncio.shield(reading)
@@ -114,7 +117,8 @@ class ClientsFollower:
             self._full_load = asyncio.get_running_loop().create_task(self._load_fully())
 
     def _read_done(self, task: asyncio.Task[None]) -> None:
-        self._reading = None
+        if self._reading is task:
+            self._reading = None
         if not task.cancelled():
             task.exception()  # retrieved: its waiters, if any are left, got it too
 

@@ -202,6 +202,44 @@ async def test_concurrent_writes_are_confirmed_by_one_read(
     await node.matches_a_full_load()
 
 
+@pytest.mark.timeout(10)  # the defect spun the loop: no asyncio timeout could fire
+async def test_a_write_the_ended_read_missed_is_read_again(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter that runs after the shared read ended but before its end was noticed (its
+    done callback comes later in the loop's queue) starts a new read. It joined the ended
+    one instead, which returned at once without covering its write, again and again: the
+    loop spun and the node answered nothing (bench/soak.py under load)."""
+    await node.store.accounts.put_account("a", 1, [POOL[0]])
+    looked, gate, ending = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    read = node.store.readers.changes_since
+    reads: list[int] = []
+
+    async def held_back(generation: int) -> Changes:
+        reads.append(generation)
+        changes = await read(generation)
+        if len(reads) == 1:  # the first read: it ends after the second write
+            looked.set()
+            await gate.wait()
+            ending.set()  # wakes the second waiter ahead of the read's done callback
+        return changes
+
+    async def second_waiter() -> None:
+        await ending.wait()
+        await node.follower.wait_applied(2)
+
+    monkeypatch.setattr(node.store.readers, "changes_since", held_back)
+    first = asyncio.create_task(node.follower.wait_applied(1))
+    async with asyncio.timeout(5):
+        await looked.wait()
+    await node.store.accounts.put_account("b", 2, [POOL[2]])
+    second = asyncio.create_task(second_waiter())
+    gate.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(first, second)
+    assert node.follower.clients.is_authorized("203.0.113.8")
+
+
 async def test_a_prefix_two_accounts_hold_stays_until_both_let_go(node: Node) -> None:
     await node.store.accounts.put_account("a", 1, [POOL[0]])
     await node.store.accounts.put_account("b", 2, [POOL[0]])
