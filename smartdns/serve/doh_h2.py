@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
+from smartdns.core.wire import new_tuple
 from smartdns.serve.doh_request import (
     MAX_BODY_BYTES,
     PAYLOAD_TOO_LARGE,
@@ -444,7 +445,8 @@ class H2Session:
         self._windows[stream_id] = self._initial_window
         if flags & _END_STREAM:
             self._last_active = now
-            out.append((stream_id, HttpRequest(method, target, content_type, b"")))
+            request = new_tuple(HttpRequest, (method, target, content_type, b"", 0))
+            out.append((stream_id, request))
             return
         incoming = _Incoming(method, target, content_type, now)
         self._incoming[stream_id] = incoming
