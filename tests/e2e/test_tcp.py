@@ -64,8 +64,10 @@ def test_idle_connection_is_closed_after_the_idle_timeout(server: Server) -> Non
     with _connect(server) as sock:
         sock.sendall(framed())
         assert read_reply(sock).answer
+        answered = time.monotonic()  # the idle time runs from here, not from the checks below
         _others_answered(server)
-        took = closed_after(sock, IDLE_TIMEOUT_S + 3)
+        closed_after(sock, IDLE_TIMEOUT_S + 3)
+        took = time.monotonic() - answered
     assert IDLE_TIMEOUT_S - 0.7 <= took <= IDLE_TIMEOUT_S + 1.5
 
 
@@ -130,7 +132,9 @@ def test_unreadable_message_with_sound_framing_keeps_the_connection(server: Serv
 def test_connection_cap_sheds_idle_connections_first(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    override = {"server": {"tcp_max_connections": 3}}
+    # idle timeout out of the way: only shedding closes a connection here, however long a
+    # busy machine takes between the steps
+    override = {"server": {"tcp_max_connections": 3, "tcp_idle_timeout": 30}}
     with running_server(tmp_path, upstream.address, override) as server:
         idle = [_connect(server) for _ in range(3)]
         for sock in idle:
@@ -141,14 +145,14 @@ def test_connection_cap_sheds_idle_connections_first(
             with _connect(server) as newcomer:
                 newcomer.sendall(framed())
                 assert read_reply(newcomer).answer
-                assert closed_after(idle[0], 1.0) < 1.0
+                assert closed_after(idle[0], WAIT_S) < WAIT_S
                 # now make every connection busy: a message under way
                 busy = [idle[1], idle[2], newcomer]
                 for sock in busy:
                     sock.sendall(framed()[:5])
                 with _connect(server) as refused:
                     refused.sendall(framed())
-                    assert closed_after(refused, 1.0) < 1.0
+                    assert closed_after(refused, WAIT_S) < WAIT_S
                 assert server.query("www.netflix.com").answer  # UDP keeps answering
                 for sock in busy:
                     assert not _is_closed(sock)
@@ -169,7 +173,7 @@ def test_connection_cap_spares_new_connections_until_their_first_query(
             # both are new and have sent nothing yet: the newcomer is turned away, not them
             with _connect(server) as newcomer:
                 newcomer.sendall(framed())
-                assert closed_after(newcomer, 1.0) < 1.0
+                assert closed_after(newcomer, WAIT_S) < WAIT_S
             answered.sendall(framed(query_id=1))
             assert read_reply(answered).id == 1
             time.sleep(FIRST_QUERY_GRACE_S)
@@ -177,7 +181,7 @@ def test_connection_cap_spares_new_connections_until_their_first_query(
             with _connect(server) as late:
                 late.sendall(framed(query_id=2))
                 assert read_reply(late).id == 2
-            assert closed_after(silent, 1.0) < 1.0
+            assert closed_after(silent, WAIT_S) < WAIT_S
             assert not _is_closed(answered)
         finally:
             silent.close()
