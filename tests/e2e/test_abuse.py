@@ -23,6 +23,7 @@ OTHER_REGISTERED = "127.0.0.4"
 FLOOD_SOURCES = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(200)]
 FLOOD_SECONDS = 2.0
 SETTLE_S = 0.5  # replies still on their way after the last send
+REPLY_BUFFER_BYTES = 1 << 20
 
 
 @pytest.fixture
@@ -35,9 +36,14 @@ def limited(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Server]:
 
 
 def _sockets(sources: list[str]) -> list[socket.socket]:
+    """One UDP socket per source, with room for every reply until `_collect` reads them: the
+    default buffer holds 256 small datagrams, and a client over its rate gets about 230 replies
+    to its 400 queries, more when a busy server spreads them over a longer time (the kernel
+    caps the size at net.core.rmem_max: 512 datagrams at Linux's default)."""
     sockets = []
     for source in sources:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REPLY_BUFFER_BYTES)
         sock.bind((source, 0))
         sock.setblocking(False)
         sockets.append(sock)
