@@ -17,7 +17,7 @@ import aiosqlite
 
 from smartdns.errors import StaleWriteError
 from smartdns.registrations.entries import Network
-from smartdns.registrations.store.database import scalar
+from smartdns.registrations.store.database import DatabaseError, scalar
 from smartdns.registrations.store.schema import HOST_PREFIX
 
 Key = tuple[int, bytes, int]  # family, network, prefix_len
@@ -26,6 +26,10 @@ Held = tuple[Sequence[Key], Sequence[str], Sequence[bytes]]
 
 # An account's own digests are not a conflict; any other holder is live (tombstones hold none).
 _OTHER_HOLDER: Final = "SELECT 1 FROM device_ids WHERE digest = ? AND account != ? LIMIT 1"
+_ROW_AND_SNAPSHOT: Final = (
+    "SELECT (SELECT value FROM meta WHERE key = 'snapshot_version'), a.version, a.deleted"
+    " FROM (SELECT 1) LEFT JOIN accounts AS a ON a.account = ?"
+)
 _HELD: Final = (
     "SELECT 0, family, network, prefix_len FROM entries WHERE account = :account"
     " UNION ALL SELECT 1, hostname, NULL, NULL FROM hostnames WHERE account = :account"
@@ -64,6 +68,19 @@ async def account_row(db: aiosqlite.Connection, account: str) -> tuple[int, bool
     if not rows:
         return None
     return int(rows[0][0]), not rows[0][1]
+
+
+async def row_and_snapshot(
+    db: aiosqlite.Connection, account: str
+) -> tuple[tuple[int, bool] | None, int]:
+    """account_row and the node's snapshot_version, what the version rule weighs a write
+    against (versions.check_write), in one statement: one hop fewer under the write lock."""
+    rows = await db.execute_fetchall(_ROW_AND_SNAPSHOT, (account,))
+    snapshot_version, version, deleted = next(iter(rows))
+    if snapshot_version is None:
+        raise DatabaseError("registrations database: meta key snapshot_version is missing")
+    row = None if version is None else (int(version), not deleted)
+    return row, int(snapshot_version)
 
 
 async def entry_keys(db: aiosqlite.Connection, account: str) -> list[Key]:

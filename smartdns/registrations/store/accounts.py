@@ -74,11 +74,10 @@ class AccountWrites:
         names = sorted(set(hostnames))
         digests = sorted(set(devices))
         async with self._database.writing("put account") as db:
-            row = await account_rows.account_row(db, account)
+            row, snapshot_version = await account_rows.row_and_snapshot(db, account)
             old = await account_rows.held(db, account)
             same = [list(held) for held in old] == [wanted, names, digests]
             repeat = row == (version, True) and same
-            snapshot_version = await meta(db, "snapshot_version")
             if check_write(version, row, repeat=repeat, snapshot_version=snapshot_version):
                 return await account_rows.record(db, account, version)
             await account_rows.raise_if_held(db, account, devices)
@@ -98,8 +97,7 @@ class AccountWrites:
         """
         validate_account_id(account)
         async with self._database.writing("delete account") as db:
-            row = await account_rows.account_row(db, account)
-            snapshot_version = await meta(db, "snapshot_version")
+            row, snapshot_version = await account_rows.row_and_snapshot(db, account)
             if check_write(
                 version, row, repeat=row == (version, False), snapshot_version=snapshot_version
             ):
