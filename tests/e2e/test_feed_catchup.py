@@ -46,6 +46,10 @@ LARGE = 200_000
 LARGE_WRITES = 3_000
 CATCH_UP_S = 120.0  # a 200,000-key catch-up on a loaded 2-core machine, with room
 READ_BACK_S = 120.0
+# The large test's hang guard in place of the suite's 120 s (pyproject): it took 52 s in a
+# whole e2e run and 65 s alone next to two busy processes, CPU-bound (import, catch-up,
+# read-back), so a machine twice as busy would have passed it; its own waits bound each phase.
+LARGE_TIMEOUT_S = 600
 
 
 @pytest.fixture
@@ -172,6 +176,7 @@ async def test_a_slow_consumer_is_provoked_and_the_copy_still_converges(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(LARGE_TIMEOUT_S)
 async def test_a_large_bucket_caught_up_under_writes_equals_the_bucket(
     single: NatsCluster,
 ) -> None:
