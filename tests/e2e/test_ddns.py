@@ -74,10 +74,8 @@ def test_hostname_authorizes_what_it_resolves_to_and_follows_changes(
     rcode_within(server, FIRST, dns.rcode.NOERROR, DEADLINE_S)
     assert refused(server, SECOND)
 
-    moved_at = time.monotonic()
     authority.set_addresses(HOME, [SECOND], ttl=TTL)
     rcode_within(server, SECOND, dns.rcode.NOERROR, TTL + 1 + 0.5)
-    assert time.monotonic() - moved_at <= TTL + 1 + 0.5
     assert refused(server, FIRST)  # swapped in one write: the old one is gone as well
 
     status, metrics = call(server, "GET", "/metrics", token=None)
