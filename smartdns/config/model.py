@@ -129,7 +129,7 @@ class DdnsConfig:
     # Who resolves registered hostnames; port defaults to 53. The loader fills in
     # upstream.servers when the key is left out, so a loaded Config never has this empty.
     resolvers: tuple[HostPort, ...] = ()
-    min_ttl: int = 30  # seconds; a lower TTL counts as this (at least 1)
+    min_ttl: int = 30  # seconds; re-resolve no sooner than this (at least 1)
     max_ttl: int = 300  # seconds; and no later than this (at least min_ttl)
     grace: int = 86_400  # seconds the last good addresses are kept while lookups fail
     max_concurrent: int = 64  # lookups in flight

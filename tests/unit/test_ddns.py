@@ -154,9 +154,9 @@ async def started(rig: Rig) -> AsyncIterator[Rig]:
         (60, 54, 60),  # inside the range: the last 10 % of the TTL
         (300, 270, 300),
         (1000, 270, 300),  # clamped to max_ttl
-        (0, 27, 30),  # clamped to min_ttl, and its last 10 % like any TTL's
-        (30, 27, 30),
-        (32, 28.8, 32),
+        (0, 30, 33),  # clamped to min_ttl: spread upwards, never sooner than min_ttl
+        (30, 30, 33),
+        (32, 30, 32),  # just above min_ttl: what is left of the last 10 %
     ],
 )
 def test_spread_stays_in_ttl_window(base: float, low: float, high: float) -> None:
@@ -167,16 +167,15 @@ def test_spread_stays_in_ttl_window(base: float, low: float, high: float) -> Non
 
 @pytest.mark.parametrize(
     ("base", "low", "high"),
-    [(60, 30, 60), (300, 150, 300), (40, 20, 40), (10, 15, 30)],
+    [(60, 30, 60), (300, 150, 300), (40, 30, 40), (10, 30, 33)],
 )
 def test_first_answers_spread_over_half_the_ttl(base: float, low: float, high: float) -> None:
     assert spread(base, 30, 300, 0.0, FIRST_JITTER) == pytest.approx(low)
     assert spread(base, 30, 300, 1.0, FIRST_JITTER) == pytest.approx(high)
 
 
-def test_spread_is_never_past_the_clamped_ttl() -> None:
-    assert spread(10, 60, 60, 0.7) == pytest.approx(60 * (1 - 0.3 * JITTER))
-    assert spread(10, 60, 60, 1.0) == 60
+def test_spread_without_room_is_exact() -> None:
+    assert spread(10, 60, 60, 0.7) == 60
     assert JITTER == 0.1
 
 
@@ -210,7 +209,7 @@ async def test_record_change_new_delivered_with_old_removed_within_ttl(rig: Rig)
 @pytest.mark.parametrize(
     ("record_ttl", "max_ttl", "low", "high"),
     [
-        (0, 5, 0.9, 1.0),  # min_ttl (1 s) however low the TTL, less its jitter
+        (0, 5, 1.0, 1.1),  # no lookup before min_ttl (1 s), however low the TTL
         (3600, 2, 1.8, 2.0),  # one within max_ttl, however high the TTL
     ],
 )
@@ -224,14 +223,14 @@ async def test_refresh_interval_is_the_ttl_clamped(
     async with started(rig):
         assert await asyncio.to_thread(authority.wait_for_count, HOME, 6, WAIT_S)  # 3 lookups
     first, *rest = authority.intervals  # the first answer's spread is wider (FIRST_JITTER)
-    assert high * (1 - FIRST_JITTER) <= first <= high + 0.5
+    assert min(low, 1.0) <= first <= high + 0.5
     assert rest and all(low <= interval <= high + 0.5 for interval in rest)
 
 
-async def test_a_name_is_refreshed_by_the_time_its_ttl_runs_out(authority: FakeAuthority) -> None:
-    """At min_ttl too, and however long the lookup took: the TTL runs from the question. (The
-    spread went up from min_ttl, and counted from the answer's arrival: the authority saw each
-    refresh up to 10 % plus the lookup's latency after the TTL had run out.)"""
+async def test_the_ttl_runs_from_the_question_not_the_answer(authority: FakeAuthority) -> None:
+    """However long the lookup took, the next one asks when the TTL (clamped, spread) has run
+    from the last question. (Counted from the answer's arrival, the lookup's latency came on
+    top of every interval.)"""
     rig = make_rig(authority, min_ttl=1, max_ttl=5)
     authority.delay_s = 0.15  # the lookup's latency (the forwarder gives up after 0.2 s)
     authority.intervals = []
@@ -240,7 +239,7 @@ async def test_a_name_is_refreshed_by_the_time_its_ttl_runs_out(authority: FakeA
     async with started(rig):
         assert await asyncio.to_thread(authority.wait_for_count, HOME, 10, WAIT_S)  # 5 lookups
     _first, *rest = authority.intervals  # the first answer's spread is wider (FIRST_JITTER)
-    assert rest and all(0.9 <= interval <= 1.0 + 0.05 for interval in rest)
+    assert rest and all(1.0 <= interval <= 1.1 + 0.05 for interval in rest)
 
 
 async def test_cname_chain_followed_and_refreshed(rig: Rig) -> None:
@@ -282,9 +281,9 @@ async def test_failures_back_off(authority: FakeAuthority) -> None:
     async with started(rig) as _:
         assert await asyncio.to_thread(authority.wait_for_count, HOME, 8, WAIT_S)
     first, second, third = authority.intervals[:3]
-    # the 0.2 s timeout, then min_ttl, then doubling (each spread over its last 10 %),
-    # capped at max_ttl
-    assert 0.9 + 0.2 <= first <= 1.0 + 0.2 + 0.4
+    # the 0.2 s timeout, then min_ttl (spread upwards), then doubling (spread over its last
+    # 10 %), capped at max_ttl
+    assert 1.0 + 0.2 <= first <= 1.1 + 0.2 + 0.4
     assert 1.8 + 0.2 <= second <= 2.0 + 0.2 + 0.4
     assert 3.6 + 0.2 <= third <= 4.0 + 0.2 + 0.4
 

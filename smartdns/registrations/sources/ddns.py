@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_LOOKUPS_PER_S: Final = 4000.0  # hostname lookups started per second (2+ queries each)
 LOOKUP_DEADLINE_S: Final = 10.0  # a lookup (A and AAAA, CNAME targets) that takes longer failed
-JITTER: Final = 0.1  # refreshes are spread over the last 10 % of the TTL, never after it
+JITTER: Final = 0.1  # refreshes are spread over the last 10 % of the TTL (above min_ttl)
 # A name's first answer (a registration, or every name after a start) is spread over the last
 # half: names looked up in one burst come due apart from their second lookup on, instead of
 # in the same burst again.
@@ -431,12 +431,13 @@ def spread(
 ) -> float:
     """When to look up again: `base_s` clamped to [min_ttl, max_ttl], then the point at
     `fraction` (0..1, random) of its last `jitter` part, so names answered together come due
-    apart and each is refreshed by the time its TTL runs out. At min_ttl too: the clamp
-    raises a shorter TTL to it, and the spread comes below it (by `jitter` at most), as it
-    comes below any TTL. Spread upwards there instead, a name with TTL min_ttl was refreshed
-    after its TTL had run out, by half the spread on average (+1.5 s at 30 s)."""
+    apart and each is refreshed by the time its TTL runs out. Never sooner than min_ttl
+    (SPEC 3: the operator's floor on lookups): at min_ttl the spread goes up instead, by
+    JITTER at most and never past max_ttl."""
     base = min(max(base_s, min_ttl), max_ttl)
-    return base * (1 - jitter * (1 - fraction))
+    low = max(min_ttl, base * (1 - jitter))
+    high = base if base > low else min(max_ttl, base * (1 + JITTER))
+    return low + (high - low) * fraction
 
 
 def _order(packed: bytes) -> tuple[int, bytes]:
