@@ -134,7 +134,9 @@ async def _write_one(store: RegistrationStore, version: int, step: tuple[str, st
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(steps=st.lists(_write, max_size=25), keep=st.sampled_from([1, 3, 65_536]))
 def test_incremental_apply_equals_a_full_rebuild(
