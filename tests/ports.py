@@ -21,16 +21,23 @@ _LOWEST = 10_000  # below: well-known and registered services that may be instal
 _handed_out: set[int] = set()
 
 
-def _candidates() -> range:
-    """Ports the kernel does not hand out on its own: below the ephemeral range, or above it
-    when the range starts too low to leave room."""
+def _ephemeral_range() -> tuple[int, int]:
     try:
         low, high = (int(part) for part in _EPHEMERAL_RANGE.read_text().split())
     except (OSError, ValueError):
-        low, high = 32_768, 60_999  # Linux's default
+        return 32_768, 60_999  # Linux's default
+    return low, high
+
+
+def candidates(low: int, high: int) -> range:
+    """Ports the kernel does not hand out on its own, given its ephemeral range [low, high]:
+    below it, or above it when it starts too low to leave room; when it leaves room on
+    neither side, every port from _LOWEST (the bind check then does all the work)."""
     if low - _LOWEST >= 2_000:
         return range(_LOWEST, low)
-    return range(high + 1, 65_536)
+    if 65_535 - high >= 2_000:
+        return range(high + 1, 65_536)
+    return range(_LOWEST, 65_536)
 
 
 def _free_everywhere(port: int) -> bool:
@@ -49,10 +56,10 @@ def _free_everywhere(port: int) -> bool:
 def free_port() -> int:
     """A port free for UDP and TCP on 127.0.0.1 and ::1, outside the ephemeral range, and not
     given out before by this process."""
-    candidates = _candidates()
-    start = random.randrange(len(candidates))
-    for offset in range(len(candidates)):
-        port = candidates[(start + offset) % len(candidates)]
+    ports = candidates(*_ephemeral_range())
+    start = random.randrange(len(ports))
+    for offset in range(len(ports)):
+        port = ports[(start + offset) % len(ports)]
         if port not in _handed_out and _free_everywhere(port):
             _handed_out.add(port)
             return port
